@@ -1,0 +1,106 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper, section 2.1; V3 paper, section 2.1.1).
+
+Dimension legend
+  B batch, S query tokens, T key tokens, H heads, D hidden_size
+  Q q_lora_rank, C kv_lora_rank (the cached latent), R qk_rope_head_dim (decoupled RoPE key, shared by heads)
+  N qk_nope_head_dim, V v_head_dim
+
+Keys and values come from one latent per token: c = kv_a_layernorm(kv_a_proj(x)[:C]) of width C, plus a
+roped key k_pe = rope(kv_a_proj(x)[C:]) of width R that all heads share. Two ways to attend:
+
+* full path (training, prefill without cache): expand c with kv_b_proj into per-head K_nope (N) and V (V).
+* absorbed path (decode over the cache): never expand. Fold kv_b_proj's key half W_UK into the query,
+  q_lat = q_nope @ W_UK (H, C), attend over [c ; k_pe] as a single shared key/value head of width C+R
+  (multi-query attention in latent space), then fold the value half W_UV into the output. The cache holds
+  C+R numbers per token per layer (576 for V3) instead of H*(N+R+V) (40,960).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.q_lora_rank, self.kv_lora_rank = cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        H, D = self.n_heads, cfg.hidden_size
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
+
+    def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.unflatten(-1, (self.n_heads, self.qk_dim))  # (B, S, H, N+R)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache stores per token: normed latent c (B, S, C) and roped shared key k_pe (B, S, R)."""
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.kv_a_layernorm(c), apply_rope(k_pe, cos, sin)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        write_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, S, D); cos/sin: (B, S, R/2) for the tokens' positions.
+
+        Without `cache`: full path, causal over the S tokens (or `attn_mask`, bool (B, 1, S, S), True = attend).
+        With `cache` = (c_cache (B, T, C), pe_cache (B, T, R)): the new latents are written in place at
+        `write_index` (B, S) slots, then the absorbed path attends over all T slots under `attn_mask`
+        (bool (B, 1, S, T)), which the caller builds (it knows which slots are live).
+        """
+        q_nope, q_pe = self._query(x, cos, sin)
+        c, k_pe = self.latent(x, cos, sin)
+        if cache is None:
+            return self._full(q_nope, q_pe, c, k_pe, attn_mask)
+        c_cache, pe_cache = cache
+        idx = write_index[..., None]
+        c_cache.scatter_(1, idx.expand(-1, -1, c.shape[-1]), c.to(c_cache.dtype))
+        pe_cache.scatter_(1, idx.expand(-1, -1, k_pe.shape[-1]), k_pe.to(pe_cache.dtype))
+        return self._absorbed(q_nope, q_pe, c_cache, pe_cache, attn_mask)
+
+    def _full(self, q_nope, q_pe, c, k_pe, attn_mask):
+        B, S, H, _ = q_nope.shape
+        kv = self.kv_b_proj(c).unflatten(-1, (H, self.nope_dim + self.v_dim))  # (B, S, H, N+V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, N+R)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)  # (B, H, S, V)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _absorbed(self, q_nope, q_pe, c_cache, pe_cache, attn_mask):
+        H, C = self.n_heads, self.kv_lora_rank
+        w = self.kv_b_proj.weight.unflatten(0, (H, self.nope_dim + self.v_dim))  # (H, N+V, C)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
+        q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # (B, S, H, C)
+        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, C+R)
+        kv = torch.cat([c_cache, pe_cache], dim=-1).to(q.dtype)[:, None]  # (B, 1, T, C+R), one shared head
+        # The value is the latent itself; one head broadcast to H query heads (MQA in latent space).
+        out = F.scaled_dot_product_attention(
+            q, kv, kv[..., :C], attn_mask=attn_mask, scale=self.softmax_scale, enable_gqa=True)  # (B, H, S, C)
+        out = torch.einsum("bhsc,hvc->bshv", out, w_uv)  # (B, S, H, V)
+        return self.o_proj(out.flatten(2))
