@@ -134,8 +134,12 @@ class MoE(KeepFP32Buffers):
         order = flat.argsort(stable=True)
         token_of = order // self.top_k  # (T*K,) source token of each sorted row
         y = self.experts(xt[token_of], counts, self.impl)  # (T*K, D), rows sorted by expert
-        y = y * w.flatten()[order, None].to(y.dtype)
-        out = torch.zeros_like(xt).index_add_(0, token_of, y)
+        # Undo the sort. It is a permutation, so no two rows collide: deterministic, unlike a scatter-add
+        # whose atomics sum in a different order each run on GPU (and flip later routing decisions in bf16).
+        unsorted = torch.empty_like(y)
+        unsorted[order] = y
+        y = unsorted.view(-1, self.top_k, shape[-1]) * w[..., None].to(y.dtype)  # (T, K, D)
+        out = y.sum(1, dtype=torch.float32).to(xt.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xt)
         self.balance_loss = None
