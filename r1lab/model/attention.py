@@ -61,25 +61,23 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: torch.Tensor | None = None,
         write_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: (B, S, D); cos/sin: (B, S, R/2) for the tokens' positions.
 
         Without `cache`: full path, causal over the S tokens (or `attn_mask`, bool (B, 1, S, S), True = attend).
-        With `cache` = (c_cache (B, T, C), pe_cache (B, T, R)): the new latents are written in place at
-        `write_index` (B, S) slots, then the absorbed path attends over all T slots under `attn_mask`
+        With `cache` (B, T, C+R) holding [latent ; k_pe] per slot: the new tokens' entries are written in place
+        at `write_index` (B, S) slots, then the absorbed path attends over all T slots under `attn_mask`
         (bool (B, 1, S, T)), which the caller builds (it knows which slots are live).
         """
         q_nope, q_pe = self._query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
         if cache is None:
             return self._full(q_nope, q_pe, c, k_pe, attn_mask)
-        c_cache, pe_cache = cache
-        idx = write_index[..., None]
-        c_cache.scatter_(1, idx.expand(-1, -1, c.shape[-1]), c.to(c_cache.dtype))
-        pe_cache.scatter_(1, idx.expand(-1, -1, k_pe.shape[-1]), k_pe.to(pe_cache.dtype))
-        return self._absorbed(q_nope, q_pe, c_cache, pe_cache, attn_mask)
+        new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # (B, S, C+R)
+        cache.scatter_(1, write_index[..., None].expand(-1, -1, new.shape[-1]), new)
+        return self._absorbed(q_nope, q_pe, cache, attn_mask)
 
     def _full(self, q_nope, q_pe, c, k_pe, attn_mask):
         B, S, H, _ = q_nope.shape
@@ -92,15 +90,20 @@ class MLA(nn.Module):
             attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)  # (B, H, S, V)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
-    def _absorbed(self, q_nope, q_pe, c_cache, pe_cache, attn_mask):
+    def _absorbed(self, q_nope, q_pe, cache, attn_mask):
         H, C = self.n_heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.unflatten(0, (H, self.nope_dim + self.v_dim))  # (H, N+V, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # (B, S, H, C)
-        q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # (B, H, S, C+R)
-        kv = torch.cat([c_cache, pe_cache], dim=-1).to(q.dtype)[:, None]  # (B, 1, T, C+R), one shared head
-        # The value is the latent itself; one head broadcast to H query heads (MQA in latent space).
-        out = F.scaled_dot_product_attention(
-            q, kv, kv[..., :C], attn_mask=attn_mask, scale=self.softmax_scale, enable_gqa=True)  # (B, H, S, C)
+        B, S = q_lat.shape[:2]
+        q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2)  # (B, S*H, C+R): heads fold into rows
+        kv = cache.to(q.dtype)  # (B, T, C+R): one key shared by all heads (MQA in latent space)
+        # Plain batched matmuls, not SDPA with enable_gqa: that would materialise K per head (H x the cache).
+        scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, S*H, T)
+        if attn_mask is not None:  # (B, 1, S, T) -> one row per (query, head)
+            mask = attn_mask[:, 0, :, None, :].expand(B, S, H, -1).flatten(1, 2)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(q.dtype)
+        out = torch.bmm(probs, kv[..., :C]).unflatten(1, (S, H)).transpose(1, 2)  # (B, H, S, C): value = latent
         out = torch.einsum("bhsc,hvc->bshv", out, w_uv)  # (B, S, H, V)
         return self.o_proj(out.flatten(2))

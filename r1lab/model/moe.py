@@ -129,7 +129,9 @@ class MoE(KeepFP32Buffers):
         xt = x.reshape(-1, shape[-1])  # (T, D)
         w, idx, scores = self.gate(xt)
         flat = idx.flatten()  # (T*K,) expert of each (token, slot)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        # scatter_add, not bincount: bincount's output size depends on the data and syncs with the device.
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         self.expert_load += counts.to(self.expert_load.dtype).detach()
         order = flat.argsort(stable=True)
         token_of = order // self.top_k  # (T*K,) source token of each sorted row

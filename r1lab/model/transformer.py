@@ -79,7 +79,7 @@ class Transformer(KeepFP32Buffers):
         positions: torch.Tensor | None = None,
         *,
         attn_mask: torch.Tensor | None = None,
-        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cache: list[torch.Tensor] | None = None,
         write_index: torch.Tensor | None = None,
         return_mtp: bool = False,
         return_hidden: bool = False,
@@ -87,8 +87,8 @@ class Transformer(KeepFP32Buffers):
         """input_ids (B, S) -> logits (B, S, vocab) in the compute dtype.
 
         positions (B, S): token positions (default 0..S-1). attn_mask: bool, True = may attend; (B, 1, S, S)
-        without cache (default causal), (B, 1, S, T) with one. cache: per layer (latent (B, T, C), k_pe (B, T, R))
-        buffers, written at `write_index` (B, S) (default: = positions); see MLA.forward.
+        without cache (default causal), (B, 1, S, T) with one. cache: per layer a (B, T, kv_lora_rank +
+        qk_rope_head_dim) buffer of [latent ; k_pe], written at `write_index` (B, S) (default: = positions).
         return_mtp: also return a list of MTP logits, depth k at position i predicting token i+1+k
             (positions whose future tokens are past the end see a zero embedding; mask them in the loss).
         return_hidden: return the final hidden states (normed, (B, S, D)) instead of logits.
@@ -120,12 +120,12 @@ class Transformer(KeepFP32Buffers):
 
     # ------------------------------------------------------------------ latent cache
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Empty MLA latent cache: per layer (latent (B, T, kv_lora_rank), k_pe (B, T, qk_rope_head_dim))."""
+                  device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Empty MLA latent cache: per layer one (B, T, kv_lora_rank + qk_rope_head_dim) buffer holding the
+        normed latent and the roped shared key of each token, side by side (what decode attends over)."""
         cfg, dtype, device = self.config, dtype or self.dtype, device or self.device
-        return [(torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device),
-                 torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device))
-                for _ in range(cfg.num_hidden_layers)]
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return [torch.zeros(batch, max_len, width, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
     @staticmethod
     def cache_mask(positions: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -1,0 +1,268 @@
+"""Batched generation over the MLA latent cache, with continuous batching.
+
+The cache is a pool of `max_batch` slots, each holding `max_seq_len` positions of (latent, roped key) per
+layer: 576 numbers per token per layer for DeepSeek-V3, never expanded K/V. A request's sequences take free
+slots; every decode step runs all slots at once with static shapes (one token each, the absorbed attention
+path), so the step can be captured as a CUDA graph; finished sequences free their slot and waiting ones are
+prefilled into it between steps. The `n` samples of one prompt share one prefill: its cache rows are copied.
+
+Per step the host reads back one token (and log-prob) per slot: that copy is the loop's only synchronisation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import sample
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 turn those filters off."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 256
+    stop: list[str] | str | None = None  # stop strings: the text is cut before the first one
+    stop_token_ids: list[int] | None = None  # in addition to the end-of-sequence token
+    ignore_eos: bool = False
+    n: int = 1  # samples per prompt (they share one prefill)
+    seed: int | None = None  # None: a fresh random seed; sample i of a prompt uses seed + i
+    logprobs: bool = False  # return the fp32 log-prob of each sampled token
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [("temperature", self.temperature >= 0, "must be >= 0"),
+                  ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+                  ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+                  ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+                  ("n", self.n >= 1, "must be >= 1")]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name} {why} (got {getattr(self, name)!r})")
+
+
+@dataclass
+class Completion:
+    """One generated sample. token_ids include the stop token that ended it, if any; text does not."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens)
+    logprobs: list[float] | None
+    prompt_tokens: int
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    params: SamplingParams
+    prompt_index: int
+    sample_index: int
+    seed: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    slot: int = -1
+    finish_reason: str | None = None
+    stop_text_at: int | None = None
+
+
+class Engine:
+    """Generation for one model: `Engine(model, tokenizer).generate(prompts, SamplingParams(...))`.
+
+    max_batch: slots decoded together; max_seq_len: positions per slot (prompt + generated);
+    cuda_graph: capture the decode step (default: on for CUDA models).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch: int = 32, max_seq_len: int | None = None,
+                 cuda_graph: bool | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        cfg = model.config
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
+        if self.max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+        self.device = model.device
+        self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        B, dev = max_batch, self.device
+        self.cache = model.new_cache(B, self.max_seq_len)
+        # Static per-slot state read by the decode step.
+        self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.active = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(B, device=dev)
+        self.top_p = torch.ones(B, device=dev)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
+        self.seeds = torch.zeros(B, dtype=torch.long, device=dev)
+        self.slots: list[_Seq | None] = [None] * B
+        self.waiting: deque[list[_Seq]] = deque()  # groups of n samples of one prompt
+        self._graphs: dict[bool, tuple] = {}
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
+        """Generate for each prompt (token-id lists, or strings when the engine has a tokenizer).
+
+        Returns one Completion per prompt and sample, ordered by prompt then sample.
+        on_token(prompt_index, sample_index, token_id) is called as tokens are produced (for streaming).
+        """
+        params = params or SamplingParams()
+        seqs = [s for i, p in enumerate(prompts) for s in self.add_request(p, params, prompt_index=i)]
+        while self.has_work():
+            for s, t in self.step():
+                if on_token is not None:
+                    on_token(s.prompt_index, s.sample_index, t)
+        return [self._completion(s) for s in seqs]
+
+    def add_request(self, prompt, params: SamplingParams, prompt_index: int = 0) -> list[_Seq]:
+        """Queue one prompt's n samples; they are admitted when slots are free."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs an Engine with a tokenizer; pass token ids instead")
+            prompt = self.tokenizer.encode(prompt)
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError(f"prompt {prompt_index} is empty")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt {prompt_index} has token ids outside [0, {vocab})")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt {prompt_index}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} "
+                             f"exceed the engine's max_seq_len {self.max_seq_len}")
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        group = [_Seq(prompt, params, prompt_index, i, (seed + i) & 0x7FFFFFFF) for i in range(params.n)]
+        self.waiting.append(group)
+        return group
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[_Seq, int]]:
+        """Admit waiting prompts into free slots (prefill), then one decode step for every running sequence.
+        Returns the (sequence, token) pairs produced."""
+        produced = self._admit()
+        running = [s for s in self.slots if s is not None]
+        if running:
+            filter_top = any(s.params.top_p < 1 or s.params.top_k > 0 for s in running)
+            nxt, lp = self._decode(filter_top)
+            nxt, lp = nxt.tolist(), lp.tolist()  # the one host sync per step
+            for s in running:
+                produced.append((s, nxt[s.slot]))
+                self._append(s, nxt[s.slot], lp[s.slot])
+        return produced
+
+    # ------------------------------------------------------------------ internals
+    def _admit(self) -> list[tuple[_Seq, int]]:
+        produced = []
+        while self.waiting and self.slots.count(None) >= len(self.waiting[0]):
+            group = self.waiting.popleft()
+            free = [i for i, s in enumerate(self.slots) if s is None][: len(group)]
+            L, first = len(group[0].prompt), free[0]
+            ids = torch.tensor([group[0].prompt], device=self.device)
+            pos = torch.arange(L, device=self.device)[None]
+            view = [c[first:first + 1] for c in self.cache]
+            logits = self.model(ids, pos, cache=view, attn_mask=self.model.cache_mask(pos, self.max_seq_len))[0, -1]
+            for slot in free[1:]:  # the other samples reuse the prefill
+                for c in self.cache:
+                    c[slot, :L].copy_(c[first, :L])
+            p = group[0].params
+            n = len(group)
+            dev = self.device
+            tokens, lps = sample(logits[None].expand(n, -1), torch.full((n,), p.temperature, device=dev),
+                                 torch.full((n,), p.top_p, device=dev), torch.full((n,), p.top_k, device=dev),
+                                 torch.tensor([s.seed for s in group], device=dev), torch.full((n,), L, device=dev),
+                                 filter_top=p.top_p < 1 or p.top_k > 0)
+            for s, slot, t, lp in zip(group, free, tokens.tolist(), lps.tolist()):
+                s.slot = slot
+                self.slots[slot] = s
+                produced.append((s, t))
+                self._set_slot(slot, t, L, p, s.seed)
+                self._append(s, t, lp)
+        return produced
+
+    def _set_slot(self, slot: int, token: int, position: int, p: SamplingParams, seed: int) -> None:
+        self.tok[slot, 0] = token
+        self.pos[slot, 0] = position
+        self.active[slot, 0] = 1
+        self.temperature[slot] = p.temperature
+        self.top_p[slot] = p.top_p
+        self.top_k[slot] = p.top_k
+        self.seeds[slot] = seed
+
+    def _append(self, s: _Seq, token: int, logprob: float) -> None:
+        s.tokens.append(token)
+        s.logprobs.append(logprob)
+        p = s.params
+        if (token == self.eos_id and not p.ignore_eos) or (p.stop_token_ids and token in p.stop_token_ids):
+            s.finish_reason = "stop"
+        elif p.stop and self.tokenizer is not None and self._hits_stop_string(s):
+            s.finish_reason = "stop"
+        elif len(s.tokens) >= p.max_tokens:
+            s.finish_reason = "length"
+        if s.finish_reason is not None and s.slot >= 0 and self.slots[s.slot] is s:
+            self.slots[s.slot] = None
+            self.active[s.slot, 0] = 0
+            self.pos[s.slot, 0] = 0  # idle slots keep decoding harmlessly at position 0
+
+    def _hits_stop_string(self, s: _Seq) -> bool:
+        longest = max(len(x) for x in s.params.stop)
+        tail = self.tokenizer.decode(s.tokens[-(longest + 4):])
+        return any(x in tail for x in s.params.stop)
+
+    def _decode_eager(self, filter_top: bool):
+        logits = self.model(self.tok, self.pos, cache=self.cache,
+                            attn_mask=self.model.cache_mask(self.pos, self.max_seq_len))[:, -1]
+        nxt, lp = sample(logits, self.temperature, self.top_p, self.top_k, self.seeds, self.pos[:, 0] + 1, filter_top)
+        # advance running slots on the device, so the next step needs no host-built inputs
+        self.tok.copy_(nxt[:, None])
+        self.pos.add_(self.active)
+        return nxt, lp
+
+    def _decode(self, filter_top: bool):
+        if not self.cuda_graph:
+            return self._decode_eager(filter_top)
+        if filter_top not in self._graphs:
+            self._graphs[filter_top] = self._capture(filter_top)
+        graph, out = self._graphs[filter_top]
+        graph.replay()
+        return out
+
+    def _capture(self, filter_top: bool):
+        """Record the decode step as a CUDA graph over the static slot buffers."""
+        saved = [t.clone() for t in (self.tok, self.pos)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                self._decode_eager(filter_top)
+        torch.cuda.current_stream().wait_stream(side)
+        self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._decode_eager(filter_top)
+        self.tok.copy_(saved[0]), self.pos.copy_(saved[1])  # capture ran nothing, but be explicit
+        return graph, out
+
+    def _completion(self, s: _Seq) -> Completion:
+        text = None
+        if self.tokenizer is not None:
+            body = s.tokens[:-1] if s.tokens and (s.tokens[-1] == self.eos_id or s.tokens[-1] in
+                                                  (s.params.stop_token_ids or [])) and s.finish_reason == "stop" \
+                else s.tokens
+            text = self.tokenizer.decode(body)
+            if s.params.stop:
+                cuts = [text.find(x) for x in s.params.stop if x in text]
+                if cuts:
+                    text = text[: min(cuts)]
+        return Completion(s.prompt_index, s.sample_index, list(s.tokens), text, s.finish_reason or "length",
+                          list(s.logprobs) if s.params.logprobs else None, len(s.prompt))

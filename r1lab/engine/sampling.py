@@ -1,0 +1,55 @@
+"""Token sampling with per-sequence seeds and no generator state.
+
+Randomness comes from a counter-based hash of (seed, position, token id), so a sequence's samples depend only
+on its own seed and position, not on what else shares the batch, and the step has static shapes and no
+host synchronisation (it can be captured in a CUDA graph). Sampling uses the exponential race: the argmax of
+p_i / E_i with E_i ~ Exp(1) is distributed as p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (xor-shift-multiply) on int64 tensors holding values in [0, 2^32)."""
+    x = x & _MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B,) seeds, (B,) positions -> (B, vocab) uniforms in (0, 1), a pure function of its inputs."""
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _hash32(_hash32(seeds[:, None] * 0x9E3779B1 + positions[:, None]) ^ (tok * 0x85EBCA6B))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           seeds: torch.Tensor, positions: torch.Tensor, filter_top: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row.
+
+    logits (B, V) any dtype; temperature, top_p (B,) float (temperature 0 = greedy); top_k (B,) long (0 = off);
+    seeds, positions (B,) long. filter_top=False skips the top-p/top-k sort when no row uses them.
+    Returns tokens (B,) and their log-probabilities (B,) in fp32 under the temperature-scaled distribution
+    before top-p/top-k truncation (what a policy-gradient trainer recomputes from the same logits).
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    logp = torch.log_softmax(logits / t[:, None], dim=-1)
+    masked = logp
+    if filter_top:
+        sorted_lp, order = logp.sort(dim=-1, descending=True)
+        probs = sorted_lp.exp()
+        rank = torch.arange(logp.shape[-1], device=logp.device)
+        # keep a token if the mass strictly before it is < top_p (the top token always survives)
+        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+        drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
+        masked = torch.full_like(logp, float("-inf")).scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    race = masked - torch.log(-torch.log(uniform_noise(seeds, positions, logp.shape[-1])))  # log(p / E)
+    tokens = torch.where(greedy, logits.argmax(-1), race.argmax(-1))
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]

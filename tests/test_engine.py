@@ -1,0 +1,169 @@
+"""The engine against its slow twins: full forward passes without cache, one-by-one generation,
+transformers' greedy generate, and the sampling distribution it claims."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from r1lab import Engine, SamplingParams, Transformer, get_preset, load_tokenizer, save_pretrained
+from r1lab.engine.sampling import sample
+
+VOCAB = 320
+
+
+def tiny(vocab=VOCAB, seed=0):
+    torch.manual_seed(seed)
+    m = Transformer(get_preset("tiny").replace(vocab_size=vocab, eos_token_id=vocab - 1)).init_weights(seed=seed)
+    with torch.no_grad():  # a peakier output distribution than N(0, 0.02) gives, so greedy paths are stable
+        m.lm_head.weight.mul_(30)
+    return m.eval()
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n):
+    """Step-by-step argmax of full forward passes, no cache."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_equals_full_forward_argmax():
+    m = tiny()
+    eng = Engine(m, max_batch=4, max_seq_len=64)
+    ps = prompts([5, 11, 3])
+    outs = eng.generate(ps, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        assert o.token_ids == reference_greedy(m, p, 12)
+        assert o.finish_reason == "length" and o.prompt_tokens == len(p)
+
+
+def test_logprobs_equal_full_forward_recomputation():
+    m = tiny()
+    eng = Engine(m, max_batch=4, max_seq_len=64)
+    ps = prompts([7, 4])
+    outs = eng.generate(ps, SamplingParams(temperature=0.7, max_tokens=10, seed=3, logprobs=True, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            logits = m(torch.tensor([p + o.token_ids]))[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits / 0.7, -1).gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        # fp32; the cached path sums in another order: observed ~1e-6
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
+
+
+def test_ragged_batch_equals_one_by_one_and_seeds_reproduce():
+    m = tiny()
+    ps = prompts([9, 2, 14, 5, 6])
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=11, ignore_eos=True)
+    together = Engine(m, max_batch=8, max_seq_len=64).generate(ps, params)
+    alone = [Engine(m, max_batch=1, max_seq_len=64).generate([p], params)[0] for p in ps]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    again = Engine(m, max_batch=8, max_seq_len=64).generate(ps, params)
+    assert [o.token_ids for o in again] == [o.token_ids for o in together]
+    other = Engine(m, max_batch=8, max_seq_len=64).generate(ps, SamplingParams(
+        temperature=1.0, top_p=0.9, top_k=50, max_tokens=8, seed=12, ignore_eos=True))
+    assert [o.token_ids for o in other] != [o.token_ids for o in together]
+
+
+def test_continuous_batching_with_fewer_slots_than_sequences():
+    m = tiny()
+    ps = prompts([3, 8, 4, 12, 6, 2, 9])
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    big = Engine(m, max_batch=8, max_seq_len=64).generate(ps, params)
+    small_engine = Engine(m, max_batch=2, max_seq_len=64)
+    small = small_engine.generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in small] == [o.token_ids for o in big]
+    assert not small_engine.has_work() and small_engine.slots == [None, None]
+
+
+def test_n_samples_share_prefill_and_match_separate_requests():
+    m = tiny()
+    (p,) = prompts([10])
+    params = SamplingParams(temperature=1.0, max_tokens=7, n=4, seed=100, ignore_eos=True)
+    outs = Engine(m, max_batch=4, max_seq_len=64).generate([p], params)
+    assert [o.sample_index for o in outs] == [0, 1, 2, 3]
+    for o in outs:
+        single = Engine(m, max_batch=1, max_seq_len=64).generate([p], SamplingParams(
+            temperature=1.0, max_tokens=7, seed=100 + o.sample_index, ignore_eos=True))[0]
+        assert o.token_ids == single.token_ids
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+
+
+def test_stop_token_and_max_tokens():
+    m = tiny()
+    (p,) = prompts([6])
+    free = Engine(m, max_batch=1, max_seq_len=64).generate([p], SamplingParams(temperature=0, max_tokens=10,
+                                                                              ignore_eos=True))[0]
+    stop_at = free.token_ids[3]
+    first = free.token_ids.index(stop_at)
+    o = Engine(m, max_batch=1, max_seq_len=64).generate([p], SamplingParams(
+        temperature=0, max_tokens=10, stop_token_ids=[stop_at], ignore_eos=True))[0]
+    assert o.token_ids == free.token_ids[: first + 1] and o.finish_reason == "stop"
+    assert len(free.token_ids) == 10 and free.finish_reason == "length"
+
+
+def test_stop_strings_with_the_real_tokenizer():
+    tok = load_tokenizer()
+    m = tiny(vocab=tok.vocab_size)
+    eng = Engine(m, tok, max_batch=2, max_seq_len=64)
+    free = eng.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    assert free.text == tok.decode(free.token_ids)
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 2]
+    assert stop
+    o = eng.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12, stop=stop, ignore_eos=True))[0]
+    assert o.finish_reason == "stop"
+    assert o.text == free.text[: free.text.find(stop)]
+    assert stop in tok.decode(o.token_ids) and stop not in tok.decode(o.token_ids[:-1])
+
+
+def test_bad_requests_are_clear_errors():
+    eng = Engine(tiny(), max_batch=1, max_seq_len=16)
+    with pytest.raises(ValueError, match="exceed the engine's max_seq_len 16"):
+        eng.generate([[1] * 10], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="outside"):
+        eng.generate([[VOCAB + 5]], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.generate(["text"], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_greedy_equals_transformers_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    m = tiny()
+    save_pretrained(m, tmp_path / "ck", tokenizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    ps = prompts([8, 8])
+    ours = Engine(m, max_batch=2, max_seq_len=64).generate(ps, SamplingParams(temperature=0, max_tokens=10,
+                                                                             ignore_eos=True))
+    ref = hf.generate(torch.tensor(ps), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert [o.token_ids for o in ours] == ref[:, 8:].tolist()
+
+
+def test_sampler_frequencies_match_the_distribution():
+    """Exponential-race sampling over 20k independent (seed, position) draws vs the softmax, 6 tokens."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20000
+    toks, lps = sample(logits.expand(n, -1), torch.ones(n), torch.ones(n), torch.zeros(n, dtype=torch.long),
+                       torch.arange(n), torch.full((n,), 5))
+    p = torch.softmax(logits, -1)
+    freq = torch.bincount(toks, minlength=6).float() / n
+    assert (freq - p).abs().max() < 4 * math.sqrt(p.max() * (1 - p.max()) / n)  # 4 sigma
+    assert torch.allclose(lps, torch.log(p)[toks], atol=1e-6)
+    # top-k 2 and top-p 0.8 restrict the support
+    toks_k, _ = sample(logits.expand(n, -1), torch.ones(n), torch.ones(n), torch.full((n,), 2), torch.arange(n),
+                       torch.zeros(n, dtype=torch.long))
+    assert set(toks_k.tolist()) == {0, 1}
+    keep = int((torch.cumsum(p, 0) - p < 0.8).sum())  # tokens whose preceding mass is below 0.8
+    toks_p, _ = sample(logits.expand(n, -1), torch.ones(n), torch.full((n,), 0.8), torch.zeros(n, dtype=torch.long),
+                       torch.arange(n), torch.zeros(n, dtype=torch.long))
+    assert set(toks_p.tolist()) == set(range(keep))
