@@ -100,6 +100,106 @@ def cmd_init(args) -> None:
     print(f"wrote a randomly initialised {args.preset} model to {out}")
 
 
+def _load_for_generation(args):
+    from .checkpoint import load_pretrained
+    from .engine import Engine
+    from .tokenizer import load_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = load_pretrained(args.model, device=device, dtype=dtype)
+    tok = load_tokenizer(args.model)
+    return Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len), tok
+
+
+class _Streamer:
+    """Prints the text of one sample as tokens arrive (holding back incomplete UTF-8 characters)."""
+
+    def __init__(self, tok, out=sys.stdout, style=None):
+        self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+        self.style = style  # callable(text) -> styled text, or None
+
+    def __call__(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        new, self.shown = text[self.shown:], len(text)
+        if new:
+            self.out.write(self.style(new) if self.style else new)
+            self.out.flush()
+
+
+def _params(args, n=None):
+    from .engine import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          n=n or args.n, seed=args.seed)
+
+
+def cmd_generate(args) -> None:
+    eng, tok = _load_for_generation(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    ids = tok.encode(prompt)
+    if args.n == 1:  # stream the single sample
+        stream = _Streamer(tok)
+        (out,) = eng.generate([ids], _params(args), on_token=lambda p, s, t: stream(t))
+        print(f"\n[{out.finish_reason}, {len(out.token_ids)} tokens]")
+        return
+    for out in eng.generate([ids], _params(args)):
+        print(f"--- sample {out.sample_index} [{out.finish_reason}, {len(out.token_ids)} tokens]\n{out.text}")
+
+
+def cmd_chat(args) -> None:
+    from .tokenizer import THINK_END
+
+    eng, tok = _load_for_generation(args)
+    args.n = 1
+    dim = (lambda t: f"\033[2m{t}\033[0m") if sys.stdout.isatty() else None
+    history: list[dict] = []
+    print("r1lab chat: type a message, /reset to clear the history, Ctrl-D to quit.")
+    while True:
+        try:
+            line = input("\n> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": line})
+        ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+        state = {"thinking": True}
+        think_stream, answer_stream = _Streamer(tok, style=dim), _Streamer(tok)
+
+        def on_token(p, s, t):  # reasoning (up to </think>) dimmed, the answer plain
+            if state["thinking"]:
+                think_stream(t)
+                if THINK_END in tok.decode(think_stream.ids):
+                    state["thinking"] = False
+            else:
+                answer_stream(t)
+
+        (out,) = eng.generate([ids], _params(args, n=1), on_token=on_token)
+        history.append({"role": "assistant", "content": out.text})
+        print()
+
+
+def _add_sampling_flags(p) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder (HF layout, with tokenizer)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (default: 0.6)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + generation positions per sequence (default: the model's, at most 4096)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .model.config import PRESETS
 
@@ -122,6 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, metavar="DIR", help="folder to write (replaced if it exists)")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     init.set_defaults(fn=cmd_init)
+
+    gen = sub.add_parser("generate", help="generate from a prompt, streaming the text",
+                         description="Generate from a prompt with the inference engine, streaming the text.")
+    _add_sampling_flags(gen)
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the R1 chat template as a user turn")
+    gen.add_argument("--n", type=int, default=1, help="samples (default: 1; more than 1 prints them at the end)")
+    gen.set_defaults(fn=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive terminal chat (reasoning dimmed, answer plain)",
+                          description="Chat with a model in the terminal, keeping the conversation history.")
+    _add_sampling_flags(chat)
+    chat.set_defaults(fn=cmd_chat, n=1)
     return p
 
 

@@ -70,3 +70,31 @@ def test_errors_are_one_line_and_nonzero(args, message):
     assert out.returncode != 0
     assert message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_generate_streams_the_engine_output(tmp_path):
+    import torch
+
+    from r1lab import Engine, SamplingParams, load_tokenizer
+
+    assert r1lab("init", "--preset", "tiny", "--out", str(tmp_path / "ck"), "--seed", "3").returncode == 0
+    args = ("generate", "--model", str(tmp_path / "ck"), "--prompt", "Hello", "--max-tokens", "12",
+            "--temperature", "0", "--device", "cpu")
+    out = r1lab(*args)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == r1lab(*args).stdout  # greedy: the same text twice
+    tok = load_tokenizer(tmp_path / "ck")
+    model = load_pretrained(tmp_path / "ck", dtype=torch.float32)
+    ref = Engine(model, tok, max_batch=1, max_seq_len=64).generate(
+        [tok.encode("Hello")], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert out.stdout.startswith(tok.decode(ref.token_ids, skip_special_tokens=True))
+    assert f"[{ref.finish_reason}, {len(ref.token_ids)} tokens]" in out.stdout
+
+
+def test_chat_keeps_history_and_exits_on_eof(tmp_path):
+    assert r1lab("init", "--preset", "tiny", "--out", str(tmp_path / "ck")).returncode == 0
+    out = subprocess.run([sys.executable, "-m", "r1lab.cli", "chat", "--model", str(tmp_path / "ck"), "--max-tokens",
+                          "4", "--device", "cpu"], input="hi\n/reset\nagain\n", capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("> ") == 4  # three inputs answered or handled, then EOF at the fourth prompt
