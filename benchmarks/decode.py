@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--hf-new-tokens", type=int, default=None,
                     help="tokens for transformers' run (default: --new-tokens); its rate is per token either way")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step (then graph it)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -63,9 +64,19 @@ def main():
     g = torch.Generator().manual_seed(0)
     for B in args.batches:
         prompts = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt_len), generator=g)
-        eng = Engine(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens)
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-        eng.generate(prompts[:, :8].tolist(), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # capture
+        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        compiled = args.compile
+        try:
+            eng = Engine(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens, compile=compiled)
+            tc = time.perf_counter()
+            eng.generate(prompts[:, :8].tolist(), warm)  # compile and capture
+            compile_s = time.perf_counter() - tc
+        except Exception as e:  # report and fall back to the eager step, graphed
+            print(f"compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            compiled, compile_s = False, None
+            eng = Engine(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens)
+            eng.generate(prompts[:, :8].tolist(), warm)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -84,7 +95,7 @@ def main():
         step_rate = (steps - 1) / (t2 - t1)
         bw = weight_bytes_per_step(cfg, B) * step_rate
         cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
-        run = {"batch": B, "r1lab_tokens_per_s": ours_tps, "r1lab_decode_steps_per_s": step_rate,
+        run = {"batch": B, "compiled": compiled, "warmup_s": compile_s, "r1lab_tokens_per_s": ours_tps, "r1lab_decode_steps_per_s": step_rate,
                "r1lab_prefill_s": t1 - t0, "r1lab_bandwidth_TBps": bw / 1e12, "bandwidth_fraction": bw / COPY_BW,
                "cache_bytes": cache_bytes,
                "cache_bytes_per_token": cache_bytes / (B * (args.prompt_len + args.new_tokens))}

@@ -65,6 +65,9 @@ def test_ragged_batch_equals_one_by_one_and_seeds_reproduce():
     together = Engine(m, max_batch=8, max_seq_len=64).generate(ps, params)
     alone = [Engine(m, max_batch=1, max_seq_len=64).generate([p], params)[0] for p in ps]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    # a small prefill budget splits admission into several batched prefills: same result
+    split = Engine(m, max_batch=8, max_seq_len=64, prefill_tokens=10).generate(ps, params)
+    assert [o.token_ids for o in split] == [o.token_ids for o in alone]
     again = Engine(m, max_batch=8, max_seq_len=64).generate(ps, params)
     assert [o.token_ids for o in again] == [o.token_ids for o in together]
     other = Engine(m, max_batch=8, max_seq_len=64).generate(ps, SamplingParams(

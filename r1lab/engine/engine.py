@@ -12,6 +12,7 @@ Per step the host reads back one token (and log-prob) per slot: that copy is the
 from __future__ import annotations
 
 import random
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -79,11 +80,13 @@ class Engine:
     """Generation for one model: `Engine(model, tokenizer).generate(prompts, SamplingParams(...))`.
 
     max_batch: slots decoded together; max_seq_len: positions per slot (prompt + generated);
-    cuda_graph: capture the decode step (default: on for CUDA models).
+    cuda_graph: capture the decode step (default: on for CUDA models); compile: torch.compile the model's
+    decode forward first (fuses its small kernels; ~30 s once per engine; default: on for CUDA models, and a
+    failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens per prefill batch.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, max_seq_len: int | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, compile: bool | None = None, prefill_tokens: int = 16384):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -107,6 +110,12 @@ class Engine:
         self.slots: list[_Seq | None] = [None] * B
         self.waiting: deque[list[_Seq]] = deque()  # groups of n samples of one prompt
         self._graphs: dict[bool, tuple] = {}
+        self.prefill_tokens = prefill_tokens
+        # Only the model is compiled: inductor's Triton codegen rejects the sampler's 64-bit hash arithmetic,
+        # and the sampler is a handful of kernels the CUDA graph replays anyway.
+        compile = self.device.type == "cuda" if compile is None else compile
+        self._forward_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._step_fn = self._decode_eager
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
@@ -163,26 +172,41 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _admit(self) -> list[tuple[_Seq, int]]:
-        produced = []
-        while self.waiting and self.slots.count(None) >= len(self.waiting[0]):
+        """Move waiting prompts into free slots: one batched prefill of all that fit, right-padded, on the full
+        attention path, writing each prompt's latents into its first slot; its other samples copy them."""
+        groups, free = [], [i for i, s in enumerate(self.slots) if s is None]
+        budget = self.prefill_tokens
+        while self.waiting and len(self.waiting[0]) <= len(free) and (
+                not groups or budget >= len(self.waiting[0][0].prompt)):
             group = self.waiting.popleft()
-            free = [i for i, s in enumerate(self.slots) if s is None][: len(group)]
-            L, first = len(group[0].prompt), free[0]
-            ids = torch.tensor([group[0].prompt], device=self.device)
-            pos = torch.arange(L, device=self.device)[None]
-            view = [c[first:first + 1] for c in self.cache]
-            logits = self.model(ids, pos, cache=view, attn_mask=self.model.cache_mask(pos, self.max_seq_len))[0, -1]
-            for slot in free[1:]:  # the other samples reuse the prefill
+            groups.append((group, free[: len(group)]))
+            free = free[len(group):]
+            budget -= len(group[0].prompt)
+        if not groups:
+            return []
+        dev = self.device
+        lens = [len(g[0].prompt) for g, _ in groups]
+        P = max(lens)
+        ids = torch.zeros(len(groups), P, dtype=torch.long)
+        for i, (g, _) in enumerate(groups):
+            ids[i, : lens[i]] = torch.tensor(g[0].prompt)
+        pos = torch.arange(P, device=dev).expand(len(groups), P)
+        rows = torch.tensor([slots[0] for _, slots in groups], device=dev)
+        # Pad positions write junk past a prompt's end; decoding overwrites slot p before any query sees it.
+        h = self.model(ids.to(dev), pos, cache=self.cache, cache_rows=rows, prefill=True, return_hidden=True)
+        last = torch.tensor(lens, device=dev) - 1
+        logits = self.model.lm_head(h[torch.arange(len(groups), device=dev), last])  # (G, V)
+        produced = []
+        for gi, (group, slots) in enumerate(groups):
+            L, p, n = lens[gi], group[0].params, len(group)
+            for slot in slots[1:]:  # the other samples reuse the prefill
                 for c in self.cache:
-                    c[slot, :L].copy_(c[first, :L])
-            p = group[0].params
-            n = len(group)
-            dev = self.device
-            tokens, lps = sample(logits[None].expand(n, -1), torch.full((n,), p.temperature, device=dev),
+                    c[slot, :L].copy_(c[slots[0], :L])
+            tokens, lps = sample(logits[gi][None].expand(n, -1), torch.full((n,), p.temperature, device=dev),
                                  torch.full((n,), p.top_p, device=dev), torch.full((n,), p.top_k, device=dev),
                                  torch.tensor([s.seed for s in group], device=dev), torch.full((n,), L, device=dev),
                                  filter_top=p.top_p < 1 or p.top_k > 0)
-            for s, slot, t, lp in zip(group, free, tokens.tolist(), lps.tolist()):
+            for s, slot, t, lp in zip(group, slots, tokens.tolist(), lps.tolist()):
                 s.slot = slot
                 self.slots[slot] = s
                 produced.append((s, t))
@@ -219,9 +243,11 @@ class Engine:
         tail = self.tokenizer.decode(s.tokens[-(longest + 4):])
         return any(x in tail for x in s.params.stop)
 
+    def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tok, pos, cache=self.cache, attn_mask=self.model.cache_mask(pos, self.max_seq_len))[:, -1]
+
     def _decode_eager(self, filter_top: bool):
-        logits = self.model(self.tok, self.pos, cache=self.cache,
-                            attn_mask=self.model.cache_mask(self.pos, self.max_seq_len))[:, -1]
+        logits = self._forward_fn(self.tok, self.pos)
         nxt, lp = sample(logits, self.temperature, self.top_p, self.top_k, self.seeds, self.pos[:, 0] + 1, filter_top)
         # advance running slots on the device, so the next step needs no host-built inputs
         self.tok.copy_(nxt[:, None])
@@ -230,9 +256,16 @@ class Engine:
 
     def _decode(self, filter_top: bool):
         if not self.cuda_graph:
-            return self._decode_eager(filter_top)
+            return self._step_fn(filter_top)
         if filter_top not in self._graphs:
-            self._graphs[filter_top] = self._capture(filter_top)
+            try:
+                self._graphs[filter_top] = self._capture(filter_top)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
+                if self._forward_fn == self._forward:
+                    raise
+                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}); running it eagerly")
+                self._forward_fn = self._forward
+                self._graphs[filter_top] = self._capture(filter_top)
         graph, out = self._graphs[filter_top]
         graph.replay()
         return out
@@ -243,13 +276,13 @@ class Engine:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm up kernels and allocator outside the graph
-                self._decode_eager(filter_top)
+            for _ in range(3):  # warm up (and compile) outside the graph
+                self._step_fn(filter_top)
         torch.cuda.current_stream().wait_stream(side)
         self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = self._decode_eager(filter_top)
+            out = self._step_fn(filter_top)
         self.tok.copy_(saved[0]), self.pos.copy_(saved[1])  # capture ran nothing, but be explicit
         return graph, out
 

@@ -63,21 +63,29 @@ class MLA(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: torch.Tensor | None = None,
         write_index: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> torch.Tensor:
         """x: (B, S, D); cos/sin: (B, S, R/2) for the tokens' positions.
 
         Without `cache`: full path, causal over the S tokens (or `attn_mask`, bool (B, 1, S, S), True = attend).
-        With `cache` (B, T, C+R) holding [latent ; k_pe] per slot: the new tokens' entries are written in place
-        at `write_index` (B, S) slots, then the absorbed path attends over all T slots under `attn_mask`
-        (bool (B, 1, S, T)), which the caller builds (it knows which slots are live).
+        With `cache` (rows, T, C+R) holding [latent ; k_pe] per slot: the new tokens' entries are written in
+        place at positions `write_index` (B, S) of cache rows `cache_rows` (B,) (default: row b for batch row b).
+        Then either `prefill`: the S tokens are a sequence's whole context, so attend among them on the full
+        path (compute-efficient for long prompts); or the absorbed path over all T slots of the rows under
+        `attn_mask` (bool (B, 1, S, T)), which the caller builds (it knows which slots are live).
         """
         q_nope, q_pe = self._query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
-        if cache is None:
-            return self._full(q_nope, q_pe, c, k_pe, attn_mask)
-        new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # (B, S, C+R)
-        cache.scatter_(1, write_index[..., None].expand(-1, -1, new.shape[-1]), new)
-        return self._absorbed(q_nope, q_pe, cache, attn_mask)
+        if cache is not None:
+            new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # (B, S, C+R)
+            if cache_rows is None:
+                cache.scatter_(1, write_index[..., None].expand(-1, -1, new.shape[-1]), new)
+            else:
+                cache[cache_rows[:, None], write_index] = new
+            if not prefill:
+                return self._absorbed(q_nope, q_pe, cache, attn_mask)
+        return self._full(q_nope, q_pe, c, k_pe, attn_mask)
 
     def _full(self, q_nope, q_pe, c, k_pe, attn_mask):
         B, S, H, _ = q_nope.shape

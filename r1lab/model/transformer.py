@@ -24,8 +24,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, write_index=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, write_index)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, write_index=None, cache_rows=None, prefill=False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, write_index, cache_rows, prefill)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -81,6 +81,8 @@ class Transformer(KeepFP32Buffers):
         attn_mask: torch.Tensor | None = None,
         cache: list[torch.Tensor] | None = None,
         write_index: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
+        prefill: bool = False,
         return_mtp: bool = False,
         return_hidden: bool = False,
     ):
@@ -88,7 +90,9 @@ class Transformer(KeepFP32Buffers):
 
         positions (B, S): token positions (default 0..S-1). attn_mask: bool, True = may attend; (B, 1, S, S)
         without cache (default causal), (B, 1, S, T) with one. cache: per layer a (B, T, kv_lora_rank +
-        qk_rope_head_dim) buffer of [latent ; k_pe], written at `write_index` (B, S) (default: = positions).
+        qk_rope_head_dim) buffer of [latent ; k_pe], written at `write_index` (B, S) (default: = positions) of
+        rows `cache_rows` (B,) (default: batch row b -> cache row b). prefill: the tokens are their sequences'
+        whole context (right-padded); attend on the full path while filling the cache.
         return_mtp: also return a list of MTP logits, depth k at position i predicting token i+1+k
             (positions whose future tokens are past the end see a zero embedding; mask them in the loss).
         return_hidden: return the final hidden states (normed, (B, S, D)) instead of logits.
@@ -101,7 +105,7 @@ class Transformer(KeepFP32Buffers):
             write_index = positions
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], write_index)
+            h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], write_index, cache_rows, prefill)
         h = self.model.norm(h)
         out = h if return_hidden else self.lm_head(h)
         if not return_mtp:
