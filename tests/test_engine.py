@@ -170,3 +170,30 @@ def test_sampler_frequencies_match_the_distribution():
     toks_p, _ = sample(logits.expand(n, -1), torch.ones(n), torch.full((n,), 0.8), torch.zeros(n, dtype=torch.long),
                        torch.arange(n), torch.zeros(n, dtype=torch.long))
     assert set(toks_p.tolist()) == set(range(keep))
+
+
+def test_abort_frees_slots_and_queue():
+    m = tiny()
+    eng = Engine(m, max_batch=2, max_seq_len=64)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    a = eng.add_request(prompts([4])[0], params)
+    b = eng.add_request(prompts([5])[0], params)
+    c = eng.add_request(prompts([6])[0], params)  # waits: both slots are taken
+    eng.step()
+    assert eng.slots.count(None) == 0 and len(eng.waiting) == 1
+    eng.abort(a + c)
+    assert eng.slots.count(None) == 1 and not eng.waiting
+    while eng.has_work():
+        eng.step()
+    assert a[0].finish_reason == "abort" and c[0].finish_reason == "abort" and not c[0].tokens
+    assert len(b[0].tokens) == 20 and b[0].finish_reason == "length"
+
+
+def test_cache_bytes_match_r1lab_info():
+    """The engine allocates exactly `r1lab info`'s latent bytes per token, per slot position (bf16)."""
+    from r1lab.cli import model_summary
+
+    m = tiny().to(torch.bfloat16)
+    eng = Engine(m, max_batch=3, max_seq_len=40)
+    allocated = sum(c.numel() * c.element_size() for c in eng.cache)
+    assert allocated == 3 * 40 * model_summary(m.config)["kv_cache_bytes_per_token_mla_bf16"]

@@ -57,7 +57,7 @@ class Completion:
     sample_index: int
     token_ids: list[int]
     text: str | None
-    finish_reason: str  # "stop" (stop token or string) or "length" (max_tokens)
+    finish_reason: str  # "stop" (stop token or string), "length" (max_tokens) or "abort" (Engine.abort)
     logprobs: list[float] | None
     prompt_tokens: int
 
@@ -152,6 +152,15 @@ class Engine:
         self.waiting.append(group)
         return group
 
+    def abort(self, seqs: list[_Seq]) -> None:
+        """Stop sequences (e.g. their client disconnected): free their slots or drop them from the queue."""
+        for s in seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+            if s.slot >= 0 and self.slots[s.slot] is s:
+                self._free(s.slot)
+        self.waiting = deque(kept for g in self.waiting if (kept := [s for s in g if s.finish_reason is None]))
+
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
@@ -234,9 +243,12 @@ class Engine:
         elif len(s.tokens) >= p.max_tokens:
             s.finish_reason = "length"
         if s.finish_reason is not None and s.slot >= 0 and self.slots[s.slot] is s:
-            self.slots[s.slot] = None
-            self.active[s.slot, 0] = 0
-            self.pos[s.slot, 0] = 0  # idle slots keep decoding harmlessly at position 0
+            self._free(s.slot)
+
+    def _free(self, slot: int) -> None:
+        self.slots[slot] = None
+        self.active[slot, 0] = 0
+        self.pos[slot, 0] = 0  # idle slots keep decoding harmlessly at position 0
 
     def _hits_stop_string(self, s: _Seq) -> bool:
         longest = max(len(x) for x in s.params.stop)
