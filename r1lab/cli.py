@@ -235,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Chat with a model in the terminal, keeping the conversation history.")
     _add_sampling_flags(chat)
     chat.set_defaults(fn=cmd_chat, n=1)
+
+    from .eval import add_parser as add_eval_parser
+    add_eval_parser(sub)
     return p
 
 

@@ -130,7 +130,7 @@ class Engine:
             for s, t in self.step():
                 if on_token is not None:
                     on_token(s.prompt_index, s.sample_index, t)
-        return [self._completion(s) for s in seqs]
+        return [self.completion(s) for s in seqs]
 
     def add_request(self, prompt, params: SamplingParams, prompt_index: int = 0) -> list[_Seq]:
         """Queue one prompt's n samples; they are admitted when slots are free."""
@@ -298,7 +298,8 @@ class Engine:
         self.tok.copy_(saved[0]), self.pos.copy_(saved[1])  # capture ran nothing, but be explicit
         return graph, out
 
-    def _completion(self, s: _Seq) -> Completion:
+    def completion(self, s: _Seq) -> Completion:
+        """The Completion of a sequence returned by add_request (final once its finish_reason is set)."""
         text = None
         if self.tokenizer is not None:
             body = s.tokens[:-1] if s.tokens and (s.tokens[-1] == self.eos_id or s.tokens[-1] in

@@ -142,7 +142,7 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(f"no benchmark data folder: looked in {looked}; {_how_to_point()}")
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """``(where, row)`` per non-blank line; ``where`` is ``file:line`` for error messages."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -195,7 +195,7 @@ def load_benchmark(name: str, split: str | None = None, data_dir: str | os.PathL
     candidates, explicit = _candidate_dirs(data_dir)
     path = next((folder / file_name for folder in candidates if (folder / file_name).is_file()), None)
     if path is not None:
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     elif not explicit and _has_datasets():
         rows = _read_hub(name, split)
     else:
