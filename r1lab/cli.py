@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(fn=cmd_chat, n=1)
 
     from .eval import add_parser as add_eval_parser
+    from .train.cli import add_parsers as add_train_parsers
+    add_train_parsers(sub)
     add_eval_parser(sub)
     return p
 

@@ -42,7 +42,8 @@ class Gate(KeepFP32Buffers):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinity of every token to every expert, (T, E), fp32 (the router is kept in fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            logits = F.linear(x.float(), self.weight.float())
         return logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,11 +17,12 @@ instead (only when no folder was named explicitly; this path needs the network a
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..data import read_jsonl  # the one JSONL reader: file:line errors
 
 __all__ = ["BENCHMARKS", "DATA_DIR_ENV", "Problem", "find_data_dir", "load_benchmark"]
 
@@ -140,22 +141,6 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
             return folder.resolve()
     looked = ", ".join(str(c.resolve()) for c in candidates)
     raise FileNotFoundError(f"no benchmark data folder: looked in {looked}; {_how_to_point()}")
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` per non-blank line; ``where`` is ``file:line`` for error messages."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
 
 
 def _read_hub(name: str, split: str) -> Iterator[tuple[str, dict]]:

@@ -1,0 +1,149 @@
+"""Training throughput: r1lab's training step against transformers' DeepseekV3ForCausalLM, same config, same run.
+
+    python benchmarks/train.py --preset bench-moe-1b --batch 4 --seq 2048 --out train.json
+
+Both train the same randomly initialised weights on the same random tokens (plain causal attention, loss on
+every position), bf16 matmuls with fp32 master weights, fused AdamW, gradient clipping at 1.0.
+  r1lab:        `Trainer.train_step` (bf16 weights + fp32 master copies, grouped-GEMM experts, fp32 router,
+                aux-loss-free bias update every step).
+  transformers: the recipe of its Trainer with bf16=True: fp32 weights under torch.autocast(bfloat16), fused
+                AdamW on them, `labels=input_ids`.
+Printed and written: tokens/s (input tokens per second), MFU by `train_flops_per_token` (6 x the matmul weights
+a token passes through, output head included, embedding lookup excluded, + causal attention), MFU by the
+issue's convention (6 x all active parameters, embedding included: 6 x 378M for bench-moe-1b), the ratio,
+peak memory and the first step's loss of each (same weights and tokens, so they should agree to bf16 noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+
+import torch
+
+from r1lab import Transformer, get_preset, save_pretrained
+from r1lab.data import Sequences
+from r1lab.train.loop import Trainer, peak_flops, train_flops_per_token
+from r1lab.train.recipe import Recipe
+
+
+def timed(step, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Seconds per step after `warmup` steps, and the losses of all steps."""
+    losses = [step() for _ in range(warmup)]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps, losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench-moe-1b", help="model preset (default: bench-moe-1b)")
+    ap.add_argument("--batch", type=int, default=4, help="sequences per step (default: 4)")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default: 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3; more with --compile)")
+    ap.add_argument("--compile", action="store_true", help="r1lab: train.compile = true (torch.compile the model)")
+    ap.add_argument("--checkpointing", action="store_true", help="r1lab: activation checkpointing on")
+    ap.add_argument("--hf-experts", default=None,
+                    help="transformers' experts_implementation (e.g. eager, grouped_mm; default: its default)")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--out", default=None, help="write results as JSON here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    cfg = get_preset(args.preset)
+    B, S = args.batch, args.seq
+
+    r = Recipe.defaults("pretrain")
+    r.run.device, r.run.dtype, r.run.out = "cuda", "bfloat16", tempfile.mkdtemp(prefix="r1lab-bench-")
+    r.train.batch_size, r.data.seq_len, r.data.attention = B, S, "causal"
+    r.train.compile, r.train.activation_checkpointing = args.compile, args.checkpointing
+    r.optim.lr, r.optim.warmup_steps, r.optim.schedule = 1e-4, 0, "constant"
+    r.moe.mtp_weight, r.moe.balance_alpha = 0.0, 0.0
+    r.log.tensorboard = False
+
+    g = torch.Generator().manual_seed(0)
+    n_batches = args.warmup + args.steps
+    tokens = torch.randint(0, cfg.vocab_size, (n_batches * B, S + 1), generator=g, dtype=torch.int32)
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, 0] = True
+    data = Sequences(tokens, starts, torch.ones_like(starts))
+    batches = [data.batch(range(i * B, (i + 1) * B), dev, "causal") for i in range(n_batches)]
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=dev).init_weights(seed=0)
+    weights = tempfile.mkdtemp(prefix="r1lab-bench-weights-")
+    if not args.no_hf:
+        save_pretrained(model, weights, tokenizer=False)  # fp32: transformers starts from the same weights
+
+    peak = peak_flops(dev)
+    fpt = train_flops_per_token(cfg, S)
+    issue_fpt = 6 * cfg.num_params(active=True)  # the issue's convention: 6 x 378M for bench-moe-1b
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset, "batch": B,
+           "seq": S, "steps": args.steps, "peak_tflops": peak / 1e12 if peak else None,
+           "flops_per_token": fpt, "flops_per_token_issue_convention": issue_fpt,
+           "r1lab_compile": args.compile, "r1lab_activation_checkpointing": args.checkpointing}
+
+    def report(name, dt, losses):
+        tps = B * S / dt
+        res[f"{name}_tokens_per_s"] = tps
+        res[f"{name}_step_s"] = dt
+        res[f"{name}_mfu"] = tps * fpt / peak if peak else None
+        res[f"{name}_mfu_issue_convention"] = tps * issue_fpt / peak if peak else None
+        res[f"{name}_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        res[f"{name}_first_loss"] = losses[0]
+        mfu = (f", MFU {res[f'{name}_mfu']:.1%} ({res[f'{name}_mfu_issue_convention']:.1%} by 6 x all active)"
+               if peak else "")
+        print(f"{name:>12}: {tps:,.0f} tokens/s{mfu}, {dt * 1e3:.1f} ms/step, "
+              f"peak {res[f'{name}_peak_mem_gb']:.1f} GB, first loss {losses[0]:.4f}", flush=True)
+
+    # ---- r1lab
+    torch.cuda.reset_peak_memory_stats()
+    trainer = Trainer(r, model, data, kind="pretrain", dtype=torch.bfloat16, quiet=True)
+    it = iter(batches)
+    dt, losses = timed(lambda: trainer.train_step([next(it)])["loss"], args.warmup, args.steps)
+    report("r1lab", dt, losses)
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    # ---- transformers
+    if not args.no_hf:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        kw = {"experts_implementation": args.hf_experts} if args.hf_experts else {}
+        hf = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, **kw).to(dev).train()
+        res["hf_experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
+        res["hf_attn_implementation"] = getattr(hf.config, "_attn_implementation", None)
+        res["transformers"] = transformers.__version__
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        torch.cuda.reset_peak_memory_stats()
+        it = iter(batches)
+
+        def hf_step():
+            x = next(it).input_ids
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = hf(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+        dt, losses = timed(hf_step, args.warmup, args.steps)
+        report("transformers", dt, losses)
+        res["speedup"] = res["r1lab_tokens_per_s"] / res["transformers_tokens_per_s"]
+        print(f"r1lab / transformers: {res['speedup']:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Command-line adapters: `r1lab pretrain` and `r1lab sft` (register with `add_parsers(subparsers)`).
+
+    r1lab pretrain --recipe recipes/pretrain-tiny.toml --optim.lr 1e-3 --train.steps 200
+    r1lab pretrain --resume runs/pretrain-tiny          # continue a stopped run where it left off
+
+Standalone until wired into r1lab.cli: `python -m r1lab.train.cli pretrain ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+from .recipe import Recipe, add_recipe_arguments, load_recipe, overrides_from_args
+
+DESCRIPTIONS = {
+    "pretrain": ("train a model on plain text (next-token prediction, packed documents)",
+                 "Pretrain (or continue pretraining) on .txt / JSONL {\"text\"} / {\"input_ids\"} files, packed into "
+                 "fixed-length rows with document boundaries respected."),
+    "sft": ("supervised fine-tuning on chat data (loss on the final assistant turn, reasoning included)",
+            "Fine-tune on JSONL conversations ({\"messages\": [...]} or {\"prompt\", \"response\"}) rendered with the "
+            "R1 chat template; the loss covers the final assistant reply only, its <think> block included."),
+}
+
+EPILOG = """\
+Every recipe key above can be set in the TOML file ([table] key = value) or here as --table.key VALUE
+(kebab- or snake_case). Precedence: defaults < --recipe file < command line. Lists on the command line are
+comma-separated, tables are JSON. Paths (data.train, data.tokenizer, model.init) in a recipe file are
+relative to the file, on the command line (and run.out everywhere) to the working directory.
+
+--resume continues from the newest checkpoint of a run folder (or a given checkpoint folder) with the recipe
+stored in the checkpoint; options given here still override it (e.g. --train.steps to extend the run).
+Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C quits at once.
+"""
+
+
+def add_parsers(subparsers) -> None:
+    """Register the `pretrain` and `sft` subcommands on an argparse subparsers object."""
+    for kind, (short, long) in DESCRIPTIONS.items():
+        p = subparsers.add_parser(kind, help=short, description=textwrap.fill(long, 110), epilog=EPILOG,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
+        p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                       help="continue from the newest checkpoint in DIR (a run folder or a checkpoint folder); "
+                            "without DIR, in run.out")
+        p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+        add_recipe_arguments(p, kind)
+        p.set_defaults(fn=cmd_train, kind=kind)
+
+
+def resolve(args, kind: str) -> tuple[Recipe, Path | None]:
+    """The recipe to run and the checkpoint to resume from (None for a fresh run)."""
+    from . import state
+
+    overrides = overrides_from_args(args)
+    if args.resume is None:
+        return load_recipe(args.recipe, kind, overrides), None
+    where = Path(args.resume) if args.resume else Path(load_recipe(args.recipe, kind, overrides).run.out)
+    ck = state.find_checkpoint(where)
+    saved_kind = _saved_kind(ck)
+    if saved_kind != kind:
+        raise ValueError(f"{ck} is a checkpoint of `r1lab {saved_kind}`, not `r1lab {kind}`")
+    recipe = load_recipe(ck / "recipe.toml", kind, overrides)
+    if "run.out" not in overrides:
+        recipe.run.out = str(ck.parent.parent)  # the run folder the checkpoint lives in
+    return recipe, ck
+
+
+def _saved_kind(ck: Path) -> str:
+    import json
+
+    try:
+        return json.loads((ck / "meta.json").read_text()).get("kind", "pretrain")
+    except (OSError, ValueError):
+        return "pretrain"
+
+
+def cmd_train(args) -> None:
+    from .loop import NonFiniteLoss
+
+    kind = args.kind
+    recipe, resume = resolve(args, kind)
+    if args.print_recipe:
+        print(recipe.to_toml(), end="")
+        return
+    if kind == "pretrain":
+        from .pretrain import run
+    else:
+        from .sft import run
+    try:
+        run(recipe, resume)
+    except NonFiniteLoss as e:
+        print(f"r1lab {kind}: stopped: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except KeyboardInterrupt as e:
+        print(f"r1lab {kind}: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="r1lab", description="r1lab trainers")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parsers(sub)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, OSError, tomllib.TOMLDecodeError) as e:
+        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,531 @@
+"""The one training loop: pretraining and SFT (and later stages) differ only in the data they feed it.
+
+One optimizer step = `train.grad_accum` micro-batches: forward, loss (next-token cross-entropy over the target
+tokens of the whole step, + lambda x the MTP loss, + the sequence-wise balance loss), backward; then gradient
+clipping, AdamW, the aux-loss-free router-bias update (DeepSeek-V3 section 2.1.2, once per step, from the
+tokens each expert received during the step) and the learning-rate schedule.
+
+Precision (the README's policy): the model's weights are in the compute dtype (bfloat16 on CUDA), so the
+matmuls and the grouped-GEMM experts run in bf16 while the model's router, norms' statistics, RoPE and the
+correction bias stay fp32 as the model defines them; AdamW updates fp32 master copies of the weights
+(`MasterWeights`), which are copied back after each step; gradients of micro-batches accumulate in fp32. On
+the CPU everything is fp32 and the master weights are the model's own; runs there are bitwise deterministic
+(same seed and thread count, same losses; `--resume` after a kill gives the losses of an uninterrupted run).
+On the GPU they are not: atomics in some backward kernels sum in a varying order.
+
+MFU counts 6 FLOPs per parameter per token for the matmul weights a token passes through, plus attention
+(`train_flops_per_token`), against the accelerator's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import load_pretrained, save_pretrained
+from ..data import IGNORE, Batch, BatchOrder, Sequences
+from ..model.config import ModelConfig, get_preset
+from ..model.moe import MoE
+from ..model.transformer import Transformer
+from . import state as ckpt
+from .recipe import Recipe
+
+# Dense bf16 tensor-core peak (no sparsity, SXM parts), TFLOP/s, matched against torch.cuda.get_device_name();
+# anything else: set log.peak_tflops.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm of a step was NaN or infinite (the run stops; nothing was updated)."""
+
+
+# ---------------------------------------------------------------------- FLOPs and MFU (the one place)
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) -> float:
+    """Training FLOPs per token: forward + backward = 3 x forward.
+
+    Matmuls: 6 x N, where N counts the weights one token multiplies with: `num_params(active=True,
+    embeddings=False)` (attention, the dense MLPs, the shared + num_experts_per_tok routed experts, the router)
+    plus the output head (vocab x hidden). The input embedding is excluded: it is a row lookup, not a matmul.
+    Norm weights are in N too (a rounding error). MTP depths add their block, projection and a second pass
+    through the head.
+    Attention: per layer and token, QK^T and PV over on average seq_len/2 keys (causal) for H heads:
+    2 x H x (qk_head_dim + v_head_dim) x seq_len/2 FLOPs forward, x3 for training. Packed documents under the
+    document mask do less work than this; the count is the causal one either way (MFU, not useful-work
+    accounting), and activation-checkpointing recomputation is not counted.
+    """
+    head = cfg.vocab_size * cfg.hidden_size
+    n = cfg.num_params(active=True, embeddings=False) + head
+    layers = cfg.num_hidden_layers
+    if mtp_depth:
+        n += (cfg.num_params(active=True, embeddings=False, mtp=True)
+              - cfg.num_params(active=True, embeddings=False)) * mtp_depth // max(cfg.num_nextn_predict_layers, 1)
+        n += head * mtp_depth
+        layers += mtp_depth
+    attn = 3 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    return 6.0 * n + attn
+
+
+def peak_flops(device: torch.device, tflops: float = 0.0) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`: the given TFLOP/s, a known GPU's, or None (no MFU)."""
+    if tflops:
+        return tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------- applied to an unmodified model
+def apply_activation_checkpointing(model: Transformer) -> Transformer:
+    """Recompute every decoder block's activations (main layers and MTP blocks) during the backward pass.
+
+    Applied from outside: each block's `forward` is replaced on the instance, so parameter names (and
+    checkpoints) do not change. A MoE layer counts its routed tokens in `expert_load` and stores its balance
+    loss during forward; the recomputation puts both back, so loads are counted once.
+    """
+    blocks = list(model.model.layers) + [m.block for m in model.mtp]
+    for block in blocks:
+        if getattr(block, "_r1lab_checkpointed", False):
+            continue
+        inner, moe = block.forward, block.mlp if isinstance(block.mlp, MoE) else None
+
+        def forward(*args, _inner=inner, _moe=moe, **kwargs):
+            calls = 0
+
+            def run(*a, **k):
+                nonlocal calls
+                calls += 1
+                if calls == 1 or _moe is None:
+                    return _inner(*a, **k)
+                load, bal = _moe.expert_load.clone(), _moe.balance_loss  # recomputation: undo its side effects
+                try:
+                    return _inner(*a, **k)
+                finally:  # also when torch stops the recomputation early (by raising) once it has what it needs
+                    _moe.expert_load.copy_(load)
+                    _moe.balance_loss = bal
+
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        block._r1lab_checkpointed = True
+    return model
+
+
+class MasterWeights:
+    """fp32 master copies of a low-precision model's parameters, which the optimizer updates.
+
+    For an fp32 model the masters are the parameters themselves and every method is (almost) a no-op.
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32):
+        """Take the (fp32) model's weights as the masters, then cast the model to `dtype`."""
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.named]
+        self.separate = dtype != torch.float32
+        self.master = ([p.detach().float().clone().requires_grad_(True) for p in self.params]
+                       if self.separate else self.params)
+        self._grad_buffers: dict[int, torch.Tensor] = {}
+        model.to(dtype)  # in place: the Parameter objects stay, their data changes dtype
+
+    @torch.no_grad()
+    def accumulate_grads(self) -> None:
+        """After a micro-batch's backward: add the model's gradients into the fp32 master gradients (kept in
+        buffers reused from step to step). A weight that got no gradient keeps grad None, so AdamW skips it as
+        it would in fp32 (an unused MTP module is not decayed)."""
+        if not self.separate:
+            return
+        fresh, acc = ([], []), ([], [])
+        for p, m in zip(self.params, self.master):
+            if p.grad is not None:
+                if m.grad is None:
+                    m.grad = self._grad_buffers.setdefault(id(m), torch.empty_like(m))
+                    fresh[0].append(m.grad), fresh[1].append(p.grad)
+                else:
+                    acc[0].append(m.grad), acc[1].append(p.grad)
+                p.grad = None
+        if fresh[0]:
+            torch._foreach_copy_(*fresh)  # one launch per dtype/device group instead of one per tensor
+        if acc[0]:
+            torch._foreach_add_(*acc)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        if self.separate:
+            torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self) -> None:
+        for t in self.master + self.params:
+            t.grad = None
+
+    def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with fp32 master weights in place of the parameters."""
+        sd = model.state_dict()
+        for (n, _), m in zip(self.named, self.master):
+            sd[n] = m.detach()
+        return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(sd)
+        if self.separate:
+            for (n, _), m in zip(self.named, self.master):
+                m.copy_(sd[n])
+
+
+def lr_factor(step: int, recipe: Recipe) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup over warmup_steps, then
+    constant or a cosine from 1 down to min_lr_ratio at the last step."""
+    o, total = recipe.optim, recipe.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps - 1))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------- building
+def resolve_device(recipe: Recipe) -> tuple[torch.device, torch.dtype]:
+    name = recipe.run.device
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device={name!r} but CUDA is not available")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[recipe.run.dtype]
+    return device, dtype
+
+
+def build_model(recipe: Recipe, device: torch.device) -> Transformer:
+    """The recipe's model in fp32 on `device`: model.init's weights, or model.preset (+ model.config)
+    initialised with run.seed."""
+    if recipe.model.init:
+        return load_pretrained(recipe.model.init, device=device, dtype=torch.float32)
+    cfg = get_preset(recipe.model.preset)
+    try:
+        cfg = cfg.replace(**recipe.model.config)
+    except TypeError as e:
+        raise ValueError(f"recipe: model.config: {e}") from None
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model.to_empty(device=device).init_weights(seed=recipe.run.seed)
+
+
+# ---------------------------------------------------------------------- the loop
+class Trainer:
+    """Trains `model` (fp32, on its device) on `data` as `recipe` says, logging and checkpointing in run.out.
+
+    `train_step(batches)` is one optimizer step on given micro-batches (what the benchmark times);
+    `fit(resume=None)` runs the whole recipe.
+    """
+
+    def __init__(self, recipe: Recipe, model: Transformer, data: Sequences | None = None, tokenizer=None,
+                 kind: str = "pretrain", dtype: torch.dtype | None = None, quiet: bool = False):
+        self.recipe, self.data, self.tokenizer, self.kind, self.quiet = recipe, data, tokenizer, kind, quiet
+        self.device = model.device
+        self.dtype = dtype or torch.float32
+        self.run_dir = Path(recipe.run.out)
+        self.model = model
+        self.master = MasterWeights(model, self.dtype)
+        cfg = model.config
+        self.mtp_depth = len(model.mtp) if recipe.moe.mtp_weight > 0 else 0
+        if recipe.moe.mtp_weight > 0 and not len(model.mtp):
+            self._note(f"moe.mtp_weight={recipe.moe.mtp_weight} ignored: the model has no MTP module")
+        model.set_balance_alpha(recipe.moe.balance_alpha)
+        if recipe.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.forward = torch.compile(model) if recipe.train.compile else model
+        o = recipe.optim
+        decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() >= 2]
+        no_decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() < 2]
+        fused = self.device.type in ("cuda", "cpu")  # one kernel per step over all tensors
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.recipe))
+        self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batches consumed (the data position)
+        if data is not None:
+            self.order = BatchOrder(len(data), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
+        seq_len = data.seq_len if data is not None else cfg.max_position_embeddings
+        self.flops_per_token = train_flops_per_token(cfg, seq_len, self.mtp_depth)
+        self.peak = peak_flops(self.device, recipe.log.peak_tflops)
+        self._stop: str | None = None
+        self._tb = None
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches: list[Batch]) -> dict[str, Any]:
+        """Forward/backward over the micro-batches, then clip, AdamW, router-bias update, schedule. Returns the
+        step's metrics. Raises NonFiniteLoss (before any update) when train.on_nonfinite is "stop"."""
+        r, model = self.recipe, self.model
+        t0 = time.perf_counter()
+        model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        n_tok = torch.stack([(b.labels != IGNORE).sum() for b in batches]).sum()
+        denom = n_tok.clamp(min=1).float()
+        mtp_labels = [b.mtp_labels(self.mtp_depth) for b in batches] if self.mtp_depth else None
+        if self.mtp_depth:
+            mtp_denoms = [torch.stack([(m[k] != IGNORE).sum() for m in mtp_labels]).sum().clamp(min=1).float()
+                          for k in range(self.mtp_depth)]
+        zero = torch.zeros((), device=self.device)
+        ce_sum, mtp_sum, bal_sum = zero.clone(), zero.clone(), zero.clone()
+        for i, b in enumerate(batches):
+            out = self.forward(b.input_ids, b.positions, attn_mask=b.attn_mask, return_mtp=bool(self.mtp_depth))
+            logits, mtp_logits = out if self.mtp_depth else (out, [])
+            # fp32 loss (precision policy); summed here, divided by the step's target count so that accumulated
+            # micro-batches give the gradient of one large batch
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), b.labels.flatten(), ignore_index=IGNORE, reduction="sum")
+            loss = ce / denom
+            for k, ml in enumerate(mtp_logits):  # V3 eq. 25: lambda / D x sum over depths of the mean CE
+                mce = F.cross_entropy(ml.flatten(0, 1).float(), mtp_labels[i][k].flatten(), ignore_index=IGNORE,
+                                      reduction="sum") / mtp_denoms[k]
+                loss = loss + r.moe.mtp_weight / self.mtp_depth * mce
+                mtp_sum += mce.detach()
+            bal = model.balance_loss()
+            if bal is not None:  # already x alpha; averaged over the micro-batches
+                loss = loss + bal / len(batches)
+                bal_sum += bal.detach() / len(batches)
+            loss.backward()
+            ce_sum += ce.detach()
+            self.master.accumulate_grads()
+        clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+        stats = [ce_sum / denom, n_tok.float(), gnorm.float(), mtp_sum / max(self.mtp_depth, 1), bal_sum]
+        n_moe = len(model.moe_layers())
+        if n_moe:  # per MoE layer: max load / mean load and the tokens counted, over this step's micro-batches
+            load = model.expert_load()  # (layers, E)
+            stats += [load.max(1).values / load.mean(1).clamp(min=1e-9), load.sum(1)]
+        values = torch.cat([t.reshape(-1).float() for t in stats]).tolist()  # the step's one host sync
+        loss_v, n_tok_v, gnorm_v, mtp_v, bal_v = values[:5]
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        if finite:
+            self.optimizer.step()
+            self.master.copy_to_model()
+        self.master.zero_grad()
+        model.update_router_bias(r.moe.bias_gamma if finite else 0.0)  # also restarts the load counters
+        if not finite and r.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm_v}")
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        n_in = sum(b.input_ids.numel() for b in batches)
+        rec = {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "target_tokens": int(n_tok_v),
+               "tokens_per_s": n_in / dt, "step_time_s": dt,
+               "mfu": n_in / dt * self.flops_per_token / self.peak if self.peak else None,
+               "peak_mem_gb": peak_memory_gb(self.device)}
+        if self.mtp_depth:
+            rec["mtp_loss"] = mtp_v
+        if r.moe.balance_alpha > 0:
+            rec["balance_loss"] = bal_v
+        if n_moe:  # None for a layer that saw no tokens (an MTP block while the MTP loss is off)
+            ratio, counted = values[5:5 + n_moe], values[5 + n_moe:]
+            rec["moe_max_over_mean"] = [round(x, 4) if c > 0 else None for x, c in zip(ratio, counted)]
+        if not finite:
+            rec["skipped"] = True
+        return rec
+
+    # ------------------------------------------------------------------ the run
+    def next_batches(self) -> list[Batch]:
+        out = []
+        for _ in range(self.recipe.train.grad_accum):
+            out.append(self.data.batch(self.order.rows(self.micro), self.device, self.recipe.data.attention))
+            self.micro += 1
+        return out
+
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Run (or continue, from a checkpoint folder or a run folder) until train.steps. Returns the last step's
+        metrics. Ctrl-C / SIGTERM: finish the step, save a checkpoint, raise KeyboardInterrupt."""
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume is not None:
+            path = self.load(resume)
+            self._note(f"resumed from {path} at step {self.step}")
+            for gone in ckpt.remove_after(self.run_dir, self.step):
+                self._note(f"deleted {gone}: it is newer than the checkpoint this run continues from")
+            keep = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= self.step]
+            metrics_path.write_text("".join(keep))
+        else:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                                 f"or choose another run.out")
+            metrics_path.write_text("")
+        ckpt.remove_partial(self.run_dir)
+        (self.run_dir / "recipe.toml").write_text(r.to_toml())
+        self._open_tensorboard()
+        last: dict[str, Any] = {}
+        saved_at = self.step if resume is not None else -1
+        from tqdm import tqdm
+
+        bar = tqdm(total=r.train.steps, initial=self.step, desc=self.kind, unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not sys.stderr.isatty())
+        old_handlers = self._install_signal_handlers()
+        self._t_start, self._first_step = time.perf_counter(), self.step
+        try:
+            with open(metrics_path, "a") as mf:
+                while self.step < r.train.steps:
+                    batches = self.next_batches()
+                    try:
+                        rec = self.train_step(batches)
+                    except NonFiniteLoss as e:
+                        mf.write(json.dumps({"step": self.step + 1, "nonfinite": str(e)}) + "\n")
+                        last_ckpt = ckpt.list_checkpoints(self.run_dir)
+                        where = (f"the last good checkpoint is {last_ckpt[-1]}" if last_ckpt
+                                 else "no checkpoint was written yet")
+                        raise NonFiniteLoss(f"step {self.step + 1}: non-finite {e}; stopped, {where} (set "
+                                            f"train.on_nonfinite = \"skip\" to skip such steps)") from None
+                    self.step += 1
+                    rec = {"step": self.step, **rec}
+                    last = rec
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    self._log(rec, bar)
+                    bar.update(1)
+                    if self._stop or (r.ckpt.every and self.step % r.ckpt.every == 0):
+                        self.save()
+                        saved_at = self.step
+                    if self._stop:
+                        bar.close()
+                        raise KeyboardInterrupt(f"{self._stop} at step {self.step}: checkpoint saved in "
+                                                f"{ckpt.list_checkpoints(self.run_dir)[-1]}; continue with --resume")
+            if saved_at != self.step:
+                self.save()
+            if r.ckpt.export:
+                out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
+                self._note(f"exported the model to {out}")
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+            if self._tb is not None:
+                self._tb.close()
+        return last
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "data_position": self.micro, "kind": self.kind,
+                "model": self.master.state_dict(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "recipe": self.recipe.to_dict()}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.recipe.to_toml(),
+                                    self.recipe.ckpt.keep, meta={"kind": self.kind})
+
+    def load(self, path: str | Path) -> Path:
+        path = ckpt.find_checkpoint(path)
+        st = ckpt.load_checkpoint(path)
+        self.master.load_state_dict(self.model, st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.step, self.micro = st["step"], st["data_position"]
+        ckpt.set_rng_state(st["rng"])
+        for m in self.model.moe_layers():
+            m.expert_load.zero_()
+        return path
+
+    # ------------------------------------------------------------------ logging
+    def _note(self, text: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+            tqdm.write(f"[{self.kind}] {text}")
+
+    def _log(self, rec: dict[str, Any], bar) -> None:
+        moe = [x for x in rec.get("moe_max_over_mean") or [] if x is not None]
+        bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:,.0f} tok/s"
+                            + (f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""), refresh=False)
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(k, v, rec["step"])
+            if moe:
+                self._tb.add_scalar("moe_max_over_mean_max", max(moe), rec["step"])
+        every = self.recipe.log.every
+        if self.quiet or not every or (rec["step"] % every and rec["step"] != self.recipe.train.steps):
+            return
+        done = rec["step"] - self._first_step  # steps of this session, for the ETA
+        eta = (self.recipe.train.steps - rec["step"]) * (time.perf_counter() - self._t_start) / max(done, 1)
+        parts = [f"step {rec['step']}/{self.recipe.train.steps}", f"loss {rec['loss']:.4f}"]
+        if "mtp_loss" in rec:
+            parts.append(f"mtp {rec['mtp_loss']:.4f}")
+        parts += [f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+        if rec["mfu"] is not None:
+            parts.append(f"mfu {rec['mfu']:.1%}")
+        parts.append(f"mem {rec['peak_mem_gb']:.2f} GB")
+        if moe:
+            parts.append(f"moe max/mean {max(moe):.2f}")
+        parts.append(f"eta {_hms(eta)}")
+        if rec.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
+        from tqdm import tqdm
+        tqdm.write(" | ".join(parts))
+
+    def _open_tensorboard(self) -> None:
+        if not self.recipe.log.tensorboard or self.quiet:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._stop:  # a second Ctrl-C: stop now, without a checkpoint
+                raise KeyboardInterrupt
+            self._stop = signal.Signals(signum).name
+            self._note(f"{self._stop}: finishing step {self.step + 1}, then saving a checkpoint "
+                       f"(press Ctrl-C again to quit without one)")
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _restore_signal_handlers(self, old) -> None:
+        for s, h in (old or {}).items():
+            signal.signal(s, h)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of the run so far: allocated on the GPU, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True) if path.is_file() else []
+
+
+def run_recipe(recipe: Recipe, kind: str, build_data, resume: str | Path | None = None, quiet: bool = False) -> dict:
+    """Shared body of `r1lab pretrain` / `r1lab sft`: device, seed, model, data (`build_data(recipe, model)` ->
+    (Sequences, tokenizer)), then `Trainer.fit`."""
+    device, dtype = resolve_device(recipe)
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe, device)
+    if recipe.data.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={recipe.data.seq_len} is longer than the model's context "
+                         f"(max_position_embeddings={model.config.max_position_embeddings})")
+    data, tokenizer = build_data(recipe, model)
+    trainer = Trainer(recipe, model, data, tokenizer, kind=kind, dtype=dtype, quiet=quiet)
+    stats = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in data.stats.items())
+    trainer._note(f"{len(data):,} rows of {data.seq_len} tokens: {stats}")
+    return trainer.fit(resume)

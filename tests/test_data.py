@@ -1,0 +1,207 @@
+"""Training data: packing and document boundaries, SFT loss masks token by token, file:line errors."""
+
+import json
+
+import pytest
+import torch
+
+from r1lab import Transformer, get_preset, load_tokenizer
+from r1lab.data import (IGNORE, BatchOrder, make_batch, pack, pretrain_sequences, render_sft, row_messages,
+                        sft_sequences)
+from r1lab.tokenizer import THINK_START
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------------- pretraining
+def test_pretrain_rows_boundaries_positions_and_mask(tmp_path, tok):
+    docs = [list(range(10, 15)), list(range(20, 31)), list(range(40, 43)), list(range(50, 59))]  # 5, 11, 3, 9 tokens
+    f = write_jsonl(tmp_path / "ids.jsonl", [{"input_ids": d} for d in docs])
+    seq = pretrain_sequences([f], tok, seq_len=8, vocab_size=64)
+    flat = [t for d in docs for t in d]
+    assert len(seq) == (len(flat) - 1) // 8 == 3 and seq.stats["tokens"] == 28
+    doc_of = [i for i, d in enumerate(docs) for _ in d]
+    b = seq.batch(range(len(seq)), attention="document")
+    for r in range(len(seq)):
+        for i in range(8):
+            g = r * 8 + i  # global index of input token i of row r
+            assert b.input_ids[r, i] == flat[g]
+            # the label is the next token unless that one opens another document
+            want = flat[g + 1] if doc_of[g + 1] == doc_of[g] else IGNORE
+            assert b.labels[r, i] == want, (r, i)
+            # positions restart at every document and at the row start (a continued document)
+            first = max(r * 8, next(k for k in range(len(flat)) if doc_of[k] == doc_of[g]))
+            assert b.positions[r, i] == g - first
+            for j in range(8):  # attends exactly to earlier tokens of the same document within the row
+                assert b.attn_mask[r, 0, i, j] == (j <= i and doc_of[r * 8 + j] == doc_of[g])
+    # every token after the first document start is predicted exactly once, except the document starts
+    labels = [int(x) for x in b.labels.flatten() if x != IGNORE]
+    assert labels == [flat[k] for k in range(1, 25) if doc_of[k] == doc_of[k - 1]]
+    causal = seq.batch([0], attention="causal")
+    assert causal.attn_mask is None and causal.positions is None and torch.equal(causal.labels, b.labels[:1])
+
+
+def test_document_mask_equals_separate_documents():
+    """A packed row under the document mask gives each document the logits it gets alone (fp32: ~1e-6)."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny").replace(vocab_size=64, num_nextn_predict_layers=0)
+    model = Transformer(cfg).init_weights(seed=0).eval()
+    docs = [torch.randint(0, 64, (n,)) for n in (7, 12, 5)]
+    row = torch.cat(docs)
+    starts = torch.zeros(len(row) + 1, dtype=torch.bool)
+    starts[[0, 7, 19, 24]] = True  # the last one opens the padding slot
+    tokens = torch.cat([row, torch.tensor([0])])
+    b = make_batch(tokens[None], starts[None], torch.ones_like(starts)[None], "document")
+    with torch.no_grad():
+        packed = model(b.input_ids, b.positions, attn_mask=b.attn_mask)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+        leaky = model(b.input_ids)[0]  # plain causal over the row: later documents see earlier ones
+    assert (packed - alone).abs().max() < 1e-4
+    assert (leaky[7:] - alone[7:]).abs().max() > 1e-3
+
+
+def test_pretrain_text_is_tokenized_with_bos_and_eos(tmp_path, tok):
+    f = tmp_path / "corpus.txt"
+    f.write_text("First document.\n\nSecond one, a bit longer than the first.\n\n\n")
+    seq = pretrain_sequences([f], tok, seq_len=4, vocab_size=tok.vocab_size, separator="\n\n")
+    flat = seq.tokens[:, :-1].flatten().tolist() + [int(seq.tokens[-1, -1])]
+    a, b = tok.encode("First document."), tok.encode("Second one, a bit longer than the first.")
+    want = [tok.bos_id, *a, tok.eos_id, tok.bos_id, *b, tok.eos_id]
+    assert flat == want[:len(flat)]
+    assert seq.stats["documents"] == 2 and seq.stats["empty_documents"] == 1
+
+
+# ---------------------------------------------------------------------- SFT
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "<think>\nTwo plus two.\n</think>\n\n4"},
+    {"role": "user", "content": "And 3*3?"},
+    {"role": "assistant", "content": "<think>\nThree threes are nine.\n</think>\n\nIt is **9**."},
+]
+
+
+def test_sft_mask_token_by_token(tok):
+    ids, tgt = render_sft(CONV, tok)
+    # The prompt part is exactly the official template's rendering with the generation prompt ...
+    prompt = tok.apply_chat_template(CONV[:-1], add_generation_prompt=True)
+    n_prompt = len(tok.encode(prompt))
+    assert ids[:n_prompt] == tok.encode(prompt) and tok.decode(ids[:n_prompt]) == prompt
+    # ... which is the template's rendering of the whole conversation up to the final reply
+    assert tok.apply_chat_template(CONV).startswith(prompt)
+    # The targets are the final reply, reasoning included, and EOS: every token of it, nothing else.
+    assert tgt == [False] * n_prompt + [True] * (len(ids) - n_prompt)
+    reply = [i for i, t in zip(ids, tgt) if t]
+    assert tok.decode(reply) == CONV[-1]["content"] + tok.eos_token
+    assert reply[0] == tok.think_start_id and tok.think_end_id in reply and reply[-1] == tok.eos_id
+    assert ids[n_prompt - 1] == tok.encode("<｜Assistant｜>")[0]
+    # History: the earlier reply's reasoning is gone (as at inference), its answer and EOS are context only.
+    text = tok.decode(ids)
+    assert "Two plus two." not in text and text.count(THINK_START) == 1
+    assert tok.decode(ids[:n_prompt]).endswith("4" + tok.eos_token + "<｜User｜>And 3*3?<｜Assistant｜>")
+
+
+def test_sft_packed_labels_are_exactly_the_replies(tmp_path, tok):
+    rows = [{"messages": CONV}, {"prompt": "Hi", "response": "<think>\nGreet.\n</think>\n\nHello!"},
+            {"prompt": "x" * 3, "response": "y", "system": "s"}]
+    f = write_jsonl(tmp_path / "sft.jsonl", rows)
+    seq = sft_sequences([f], tok, seq_len=128)
+    assert len(seq) == 1 and seq.stats["conversations"] == 3  # all three fit one row
+    b = seq.batch([0], attention="document")
+    got_inputs = b.input_ids[0].tolist()
+    labels = b.labels[0].tolist()
+    pos = 0
+    for r in rows:  # packed in file order within the row
+        ids, tgt = render_sft(row_messages(r), tok)
+        assert got_inputs[pos:pos + len(ids) - 1] == ids[:-1]
+        for i in range(len(ids) - 1):  # token by token: label = next token iff that token is a target
+            assert labels[pos + i] == (ids[i + 1] if tgt[i + 1] else IGNORE)
+            assert b.positions[0, pos + i] == i
+        pos += len(ids)
+    assert all(x == IGNORE for x in labels[pos - 1:])  # the padding is never predicted
+    # prompt/response rows render like the equivalent messages
+    assert render_sft(row_messages(rows[1]), tok) == render_sft(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": rows[1]["response"]}], tok)
+
+
+def test_sft_too_long_skip_counts_and_error_names_line(tmp_path, tok):
+    rows = [{"prompt": "short", "response": "ok"}, {"prompt": "long " * 200, "response": "ok"}]
+    f = write_jsonl(tmp_path / "sft.jsonl", rows)
+    seq = sft_sequences([f], tok, seq_len=64, too_long="skip")
+    assert seq.stats["skipped_too_long"] == 1 and seq.stats["conversations"] == 1
+    with pytest.raises(ValueError, match=rf"{f}:2: conversation of \d+ tokens is longer than seq_len \+ 1 = 65"):
+        sft_sequences([f], tok, seq_len=64, too_long="error")
+    with pytest.raises(ValueError, match="all 1 conversations are longer"):
+        sft_sequences([write_jsonl(tmp_path / "l.jsonl", rows[1:])], tok, seq_len=64)
+
+
+def test_pack_best_fit_decreasing():
+    lengths = [5, 3, 8, 2, 6, 4]
+    bins = pack(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(6))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 3  # 28 tokens in bins of 10: 3 is optimal here (8+2, 6+4, 5+3)
+
+
+def test_batch_order_is_a_pure_function_of_position():
+    a, b = BatchOrder(7, 3, seed=1), BatchOrder(7, 3, seed=1)
+    seq = [a.rows(k) for k in range(6)]
+    assert [b.rows(k) for k in (5, 0, 3)] == [seq[5], seq[0], seq[3]]  # any order, same answer
+    flat = [i for rows in seq for i in rows]
+    assert sorted(flat[:7]) == list(range(7)) and sorted(flat[7:14]) == list(range(7))  # epochs cover all rows
+    assert flat[:7] != flat[7:14]  # reshuffled per epoch
+    assert [BatchOrder(7, 3, shuffle=False).rows(k) for k in range(2)] == [[0, 1, 2], [3, 4, 5]]
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "ok"', r"not valid JSON"),
+    ('["a list"]', r"expected a JSON object, got list"),
+    ('{"txt": "typo"}', r"expected a 'text' string or an 'input_ids' list, found keys \['txt'\]"),
+    ('{"text": 5}', r"'text' must be a string, got int"),
+    ('{"input_ids": [1, "2"]}', r"'input_ids' must be a list of integers"),
+    ('{"input_ids": [1, 64]}', r"token id 64 is outside the model's vocabulary \[0, 64\)"),
+])
+def test_pretrain_bad_row_names_file_and_line(tmp_path, tok, line, message):
+    f = write_jsonl(tmp_path / "bad.jsonl", ['{"input_ids": [1, 2, 3]}', "", line])
+    with pytest.raises(ValueError, match=rf"{f}:3: {message}"):
+        pretrain_sequences([f], tok, seq_len=2, vocab_size=64)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, r"the last message must be the assistant reply"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, r"messages\[0\].*has no 'content'"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"messages\[0\] has role 'robot'"),
+    ({"prompt": "p"}, r"expected 'messages' or 'prompt' \+ 'response'"),
+    ({"prompt": "p", "response": 3}, r"'response' must be a string"),
+    ({"messages": []}, r"'messages' must be a non-empty list"),
+])
+def test_sft_bad_row_names_file_and_line(tmp_path, tok, row, message):
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "response": "b"}, row])
+    with pytest.raises(ValueError, match=rf"{f}:2: {message}"):
+        sft_sequences([f], tok, seq_len=64)
+
+
+def test_empty_and_missing_data_are_clear_errors(tmp_path, tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"0 tokens in 0 documents .* fewer than seq_len \+ 1 = 9"):
+        pretrain_sequences([empty], tok, seq_len=8, vocab_size=64)
+    with pytest.raises(ValueError, match="no SFT training data.*no rows"):
+        sft_sequences([empty], tok, seq_len=8)
+    with pytest.raises(ValueError, match="set data.train"):
+        pretrain_sequences([], tok, seq_len=8, vocab_size=64)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        pretrain_sequences([tmp_path / "nope.jsonl"], tok, seq_len=8, vocab_size=64)
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello")
+    with pytest.raises(ValueError, match="model's vocabulary has 64"):
+        pretrain_sequences([txt], tok, seq_len=2, vocab_size=64)
