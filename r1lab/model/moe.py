@@ -33,6 +33,7 @@ class Gate(KeepFP32Buffers):
         self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
         self.method, self.scoring = cfg.topk_method, cfg.scoring_func
         self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+
         self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
         if self.method == "noaux_tc":
             # fp32 always: bias updates of size gamma=1e-3 vanish in bf16 next to scores near 1.
@@ -52,12 +53,20 @@ class Gate(KeepFP32Buffers):
         choice = s if self.e_score_correction_bias is None else s + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:
             grouped = choice.unflatten(-1, (self.n_group, -1))  # (T, G, E/G)
+            m1 = grouped.amax(dim=-1)  # (T, G)
             if self.method == "noaux_tc":
-                group_score = grouped.topk(2, dim=-1).values.sum(-1)  # (T, G)
+                # sum of each group's top-2 scores, with max-reductions the compiler fuses (no top-k kernel):
+                # the second best is the max of the rest, or the max again when it occurs twice.
+                is_max = grouped == m1[..., None]
+                m2 = grouped.masked_fill(is_max, float("-inf")).amax(dim=-1)
+                group_score = m1 + torch.where(is_max.sum(-1) > 1, m1, m2)
             else:
-                group_score = grouped.amax(dim=-1)
-            keep = group_score.topk(self.topk_group, dim=-1).indices
-            mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # True = drop
+                group_score = m1
+            # keep the topk_group best groups: those with fewer than topk_group better ones (ties by index)
+            g, idx_g = group_score[:, :, None], torch.arange(self.n_group, device=x.device)
+            earlier = idx_g[None, :] < idx_g[:, None]  # [i, j]: group j comes before group i
+            better = (group_score[:, None, :] > g) | ((group_score[:, None, :] == g) & earlier)
+            mask = better.sum(-1) >= self.topk_group  # (T, G), True = drop
             fill = float("-inf") if self.method == "noaux_tc" else 0.0
             choice = grouped.masked_fill(mask[..., None], fill).flatten(1)
         idx = choice.topk(self.top_k, dim=-1).indices  # (T, K)
@@ -135,14 +144,20 @@ class MoE(KeepFP32Buffers):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         self.expert_load += counts.to(self.expert_load.dtype).detach()
-        order = flat.argsort(stable=True)
-        token_of = order // self.top_k  # (T*K,) source token of each sorted row
-        y = self.experts(xt[token_of], counts, self.impl)  # (T*K, D), rows sorted by expert
-        # Undo the sort. It is a permutation, so no two rows collide: deterministic, unlike a scatter-add
-        # whose atomics sum in a different order each run on GPU (and flip later routing decisions in bf16).
-        unsorted = torch.empty_like(y)
-        unsorted[order] = y
-        y = unsorted.view(-1, self.top_k, shape[-1]) * w[..., None].to(y.dtype)  # (T, K, D)
+        # dest[r]: the row's place when rows are grouped by expert (stable), as the grouped GEMM wants them.
+        if flat.numel() <= 1024:  # decode-sized: a counting sort the compiler fuses, no sort kernel
+            onehot = flat[:, None] == torch.arange(self.n_experts, device=flat.device)  # (T*K, E)
+            rank = (onehot.long().cumsum(0) * onehot).sum(1) - 1  # earlier rows with the same expert
+            dest = (counts.cumsum(0) - counts)[flat] + rank
+        else:
+            order = flat.argsort(stable=True)
+            dest = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        x_sorted = torch.empty(flat.numel(), shape[-1], dtype=xt.dtype, device=xt.device)
+        x_sorted[dest] = xt.repeat_interleave(self.top_k, dim=0)
+        y = self.experts(x_sorted, counts, self.impl)[dest]  # (T*K, D), back in (token, slot) order
+        # Gathering back by a permutation is deterministic, unlike a scatter-add whose atomics sum in a
+        # different order each run on GPU (and flip later routing decisions in bf16).
+        y = y.view(-1, self.top_k, shape[-1]) * w[..., None].to(y.dtype)  # (T, K, D)
         out = y.sum(1, dtype=torch.float32).to(xt.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(xt)
