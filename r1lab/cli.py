@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval import add_parser as add_eval_parser
     from .train.cli import add_parsers as add_train_parsers
+    from .train.grpo import add_parsers as add_grpo_parsers
     add_train_parsers(sub)
+    add_grpo_parsers(sub)
     add_eval_parser(sub)
     return p
 

@@ -17,7 +17,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 KINDS = ("pretrain", "sft")
 
@@ -133,6 +133,9 @@ KIND_DEFAULTS = {
 
 @dataclass
 class Recipe:
+    # Tables a recipe has; a trainer with its own table (GRPO) subclasses and extends this.
+    sections: ClassVar[dict[str, type]] = SECTIONS
+
     run: Run = field(default_factory=Run)
     model: Model = field(default_factory=Model)
     data: Data = field(default_factory=Data)
@@ -162,8 +165,8 @@ class Recipe:
         """Set keys from a nested dict {table: {key: value}}; `where` names the source in errors. Relative data
         paths are resolved against `base` when given."""
         for sec, table in d.items():
-            if sec not in SECTIONS:
-                raise ValueError(f"{where}: unknown table [{sec}]; tables are {', '.join(SECTIONS)}")
+            if sec not in self.sections:
+                raise ValueError(f"{where}: unknown table [{sec}]; tables are {', '.join(self.sections)}")
             if not isinstance(table, dict):
                 raise ValueError(f"{where}: [{sec}] must be a table of keys, got {table!r}")
             for key, value in table.items():
@@ -171,10 +174,10 @@ class Recipe:
 
     def set(self, dotted: str, value: Any, where: str = "recipe", base: Path | None = None) -> None:
         sec, _, key = dotted.partition(".")
-        obj = getattr(self, sec, None) if sec in SECTIONS else None
-        names = {f.name: f for f in dataclasses.fields(SECTIONS[sec])} if obj is not None else {}
+        obj = getattr(self, sec, None) if sec in self.sections else None
+        names = {f.name: f for f in dataclasses.fields(self.sections[sec])} if obj is not None else {}
         if key not in names:
-            known = ", ".join(names) if names else ", ".join(SECTIONS)
+            known = ", ".join(names) if names else ", ".join(self.sections)
             raise ValueError(f"{where}: unknown key {dotted!r}; known: {known}")
         f = names[key]
         value = _coerce(value, type(f.default) if f.default is not dataclasses.MISSING else type(f.default_factory()),
@@ -276,18 +279,18 @@ def load_recipe(path: str | Path | None, kind: str, overrides: dict[str, Any] | 
 
 
 # ---------------------------------------------------------------------- command line
-def add_recipe_arguments(p: argparse.ArgumentParser, kind: str) -> None:
+def add_recipe_arguments(p: argparse.ArgumentParser, kind: str, recipe_cls: type[Recipe] = Recipe) -> None:
     """One `--table.key` option per recipe key (kebab-case; the snake_case spelling is accepted too), documented
     with its default for `kind`. Unset options stay absent from the namespace (argparse.SUPPRESS)."""
-    defaults = Recipe.defaults(kind)
-    for sec, cls in SECTIONS.items():
+    defaults = recipe_cls.defaults(kind)
+    for sec, cls in recipe_cls.sections.items():
         g = p.add_argument_group(f"[{sec}]")
         for f in dataclasses.fields(cls):
             dflt = getattr(getattr(defaults, sec), f.name)
             shown = _toml_value(dflt) if not isinstance(dflt, str) else repr(dflt)
             choices = f.metadata.get("choices")
             help_text = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "") + f" (default: {shown})"
-            metavar = {bool: "BOOL", int: "N", float: "X", list: "PATHS", dict: "JSON"}.get(type(dflt), "TEXT")
+            metavar = {bool: "BOOL", int: "N", float: "X", list: "LIST", dict: "JSON"}.get(type(dflt), "TEXT")
             dest = f"recipe:{sec}.{f.name}"
             g.add_argument(f"--{sec}.{f.name.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS,
                            metavar=metavar, help=help_text.replace("%", "%%"))

@@ -1,0 +1,747 @@
+"""`r1lab grpo`: Group Relative Policy Optimization with verifiable rewards (DeepSeekMath section 4.1,
+DeepSeek-R1 section 2.2), with the DAPO and Dr. GRPO variants as options.
+
+One step:
+  1. rollouts: `grpo.prompts_per_step` prompts, `grpo.group_size` (G) samples each, from the engine running
+     on the policy's own weights (no copy: the optimizer writes them in place, see `MasterWeights`); the
+     engine returns each sampled token's fp32 log-prob under the temperature-scaled policy, which are the
+     "old" log-probs of the importance ratio.
+  2. rewards (r1lab.rewards, weighted), then group-relative advantages, the same for every token of a sample:
+        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)      grpo.scale_rewards = "group" (GRPO)
+        A_i =  r_i - mean(r_group)                              grpo.scale_rewards = "none"  (Dr. GRPO)
+     With grpo.dynamic_sampling, groups whose rewards are all equal (A = 0, no signal) are dropped and more
+     prompts are sampled to refill the batch (DAPO section 3.2), at most grpo.max_resample extra rounds.
+  3. `grpo.mu` passes over the rollout batch, each in mini-batches of grpo.mini_batch_size sequences, one
+     optimizer update per mini-batch, minimising per token
+        -( min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) - beta KL_k3 ),   rho = exp(logp - logp_old)
+        KL_k3 = exp(ref - logp) - (ref - logp) - 1     (unbiased, always >= 0; DeepSeekMath eq. 4)
+     aggregated per sequence then averaged (grpo.loss_agg = "sequence", GRPO), over all tokens of the
+     mini-batch ("token", DAPO), or summed and divided by sequences x max_tokens ("constant", Dr. GRPO).
+     beta = 0 builds no reference model at all; grpo.ref_sync_every copies the policy into the reference.
+
+Prompt styles (grpo.prompt_style):
+  r1-zero  the R1 paper's Table 1 template, plain text. Our choice: the prompt ends with "Assistant: <think>"
+           (the paper's ends with "Assistant:"), so every sample starts reasoning at once; the rewards know the
+           block is open (r1lab.rewards.opened_think). The model answers in <answer> </answer>.
+  chat     the R1 chat template (`apply_chat_template(..., add_generation_prompt=True)`), optionally with
+           "<think>\\n" appended (grpo.open_think), as DeepSeek's later templates do.
+  raw      the row's prompt text as it is (already formatted).
+
+Logged per step (terminal + metrics.jsonl): reward and each reward's mean, accuracy, pass@G, response
+lengths, share truncated, KL, clip fraction, entropy, share of zero-variance groups, generation vs training
+seconds, tokens/s; `grpo.log_samples` completions per step go to samples.jsonl. Checkpoints and resume as in
+the training loop: the prompt order is a pure function of the position and the sampling seeds of the step, so
+a resumed run sees the prompts (and, on the CPU, the samples) the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..data import BatchOrder, read_jsonl
+from ..engine import Engine, SamplingParams
+from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
+from . import state as ckpt
+from .loop import Trainer, _read_lines, build_model, resolve_device
+from .recipe import SECTIONS, Recipe, add_recipe_arguments
+
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+    "assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+    "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {question} Assistant: <think>")
+
+
+# ====================================================================== the math (pure functions)
+def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+    """rewards (groups, G) -> advantages (groups, G). scale "group": divide by the group's standard deviation
+    (unbiased, as torch.std / TRL) + eps; "none": only subtract the mean (Dr. GRPO). A group of equal rewards
+    gets zeros either way."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centered
+    if scale != "group":
+        raise ValueError(f"scale must be 'group' or 'none', got {scale!r}")
+    return centered / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token unbiased estimator of KL(pi || pi_ref) from samples of pi (Schulman's k3):
+    exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps_low: float,
+                      eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token with DAPO's separate bounds. logp, old_logp (B, L); adv (B,) or
+    (B, L). Returns (objective to maximise (B, L), bool (B, L): the clipped branch was taken, i.e. the token
+    gets no gradient)."""
+    adv = adv[:, None] if adv.dim() == 1 else adv
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    return torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Reduce a (B, L) per-token loss over the valid tokens `mask` to a scalar.
+    sequence: mean over each sequence's tokens, then over sequences (GRPO, each sample weighs the same);
+    token: sum over all tokens / their number (DAPO, each token weighs the same);
+    constant: sum / (B x max_tokens) (Dr. GRPO: no length normalisation at all)."""
+    m = mask.to(per_token.dtype)
+    if mode == "sequence":
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    if mode == "token":
+        return (per_token * m).sum() / m.sum().clamp(min=1)
+    if mode == "constant":
+        return (per_token * m).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
+    raise ValueError(f"loss aggregation must be sequence, token or constant, got {mode!r}")
+
+
+def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
+                        forward=None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Log-probs of each completion token under `model` at `temperature` (fp32), as the engine computes them.
+
+    Returns logp (B, L) and mask (B, L) (L = longest completion; padding is 0 / False) and, when asked, the
+    per-token entropy (B, L) of the temperature-scaled distribution (no gradient).
+    Only the completion positions go through the output head: (B, L, vocab), not (B, S, vocab).
+    """
+    forward = forward or model
+    dev = model.device
+    B = len(prompts)
+    full = [p + c for p, c in zip(prompts, completions)]
+    S = max(len(f) for f in full) - 1
+    ids = torch.zeros(B, S, dtype=torch.long)
+    for i, f in enumerate(full):
+        ids[i, : len(f) - 1] = torch.tensor(f[:-1])  # right padding: causal attention never looks at it
+    L = max(len(c) for c in completions)
+    lens = torch.tensor([len(c) for c in completions])
+    starts = torch.tensor([len(p) - 1 for p in prompts])  # input index whose output predicts completion[0]
+    idx = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
+    mask = torch.arange(L)[None] < lens[:, None]
+    targets = torch.zeros(B, L, dtype=torch.long)
+    for i, c in enumerate(completions):
+        targets[i, : len(c)] = torch.tensor(c)
+    h = forward(ids.to(dev), return_hidden=True)  # (B, S, D)
+    h = h.gather(1, idx.to(dev)[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
+    logits = model.lm_head(h).float() / temperature  # fp32 (precision policy)
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, L, V)
+    logp = logp_all.gather(-1, targets.to(dev)[..., None])[..., 0]
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+    mask = mask.to(dev)
+    return logp * mask, mask, ent
+
+
+# ====================================================================== the recipe
+def _key(default, help, choices=None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class GRPO:
+    task: str = _key("", "prompts from a task instead of data.train: addition-N (synthetic, N digits), gsm8k, "
+                     "math500, aime24, amc23")
+    task_split: str = _key("train", "split of the task")
+    task_size: int = _key(10000, "synthetic tasks: problems to draw (seeded by run.seed); benchmarks: 0 = all")
+    prompt_style: str = _key("r1-zero", "r1-zero: the R1-Zero plain-text template ending in 'Assistant: <think>'; "
+                             "chat: the R1 chat template; raw: the prompt text as given", ("r1-zero", "chat", "raw"))
+    system: str = _key("", "chat style: system prompt")
+    open_think: bool = _key(False, "chat style: end the prompt with '<think>\\n' (as later R1 templates do)")
+    prompts_per_step: int = _key(16, "prompts (groups) per rollout batch")
+    group_size: int = _key(8, "G: samples per prompt")
+    max_tokens: int = _key(256, "longest completion in tokens (EOS included)")
+    temperature: float = _key(1.0, "sampling temperature (the loss uses the same temperature)")
+    top_p: float = _key(1.0, "nucleus sampling (1 = off; the importance ratio ignores the truncation)")
+    mu: int = _key(1, "optimisation passes over each rollout batch (DeepSeekMath's mu)")
+    mini_batch_size: int = _key(0, "sequences per optimizer update; 0 = the whole rollout batch (one update per "
+                                "pass); train.batch_size is the sequences per forward/backward micro-batch")
+    eps_low: float = _key(0.2, "ratio clip below: 1 - eps_low")
+    eps_high: float = _key(0.2, "ratio clip above: 1 + eps_high (DAPO clip-higher: 0.28)")
+    beta: float = _key(0.001, "KL coefficient (R1: 0.001); 0 = no KL and no reference model")
+    ref_sync_every: int = _key(0, "copy the policy into the reference every this many steps; 0 = never")
+    scale_rewards: str = _key("group", "group: (r - mean) / (std + 1e-4); none: r - mean (Dr. GRPO)",
+                              ("group", "none"))
+    loss_agg: str = _key("sequence", "sequence: mean per sequence, then over sequences (GRPO); token: over all "
+                         "tokens (DAPO); constant: sum / (sequences x max_tokens) (Dr. GRPO)",
+                         ("sequence", "token", "constant"))
+    dynamic_sampling: bool = _key(False, "drop groups whose rewards are all equal and sample more prompts (DAPO)")
+    max_resample: int = _key(3, "dynamic sampling: extra rollout rounds per step at most")
+    rewards: list = _key(["accuracy=1.0", "format=0.5"], "rewards as name=weight (accuracy, format, language) or "
+                         "module:function=weight for your own (TRL signature)")
+    overlong_buffer: int = _key(0, "DAPO soft overlong penalty over the last this many tokens (weight 1); 0 = off")
+    max_batch: int = _key(0, "engine slots (sequences decoded together); 0 = prompts_per_step x group_size")
+    log_samples: int = _key(2, "completions per step written to samples.jsonl")
+
+
+GRPO_DEFAULTS = {("run", "out"): "runs/grpo", ("optim", "lr"): 1e-6, ("optim", "weight_decay"): 0.0,
+                 ("optim", "warmup_steps"): 0, ("optim", "schedule"): "constant", ("optim", "beta2"): 0.99,
+                 ("moe", "mtp_weight"): 0.0, ("moe", "bias_gamma"): 0.0, ("train", "batch_size"): 16,
+                 ("ckpt", "every"): 50}
+
+
+@dataclass
+class GRPORecipe(Recipe):
+    """The training recipe ([run] [model] [data] [optim] [train] [moe] [ckpt] [log]) plus a [grpo] table.
+    Used here: data.train (JSONL prompt files), data.tokenizer, data.shuffle; train.steps (GRPO steps),
+    train.batch_size (sequences per micro-batch), train.compile, train.activation_checkpointing."""
+
+    sections: ClassVar[dict[str, type]] = {**SECTIONS, "grpo": GRPO}
+
+    grpo: GRPO = field(default_factory=GRPO)
+
+    @classmethod
+    def defaults(cls, kind: str = "grpo") -> "GRPORecipe":
+        r = cls()
+        for (sec, key), value in GRPO_DEFAULTS.items():
+            setattr(getattr(r, sec), key, value)
+        return r
+
+    def validate(self) -> None:
+        super().validate()
+        g = self.grpo
+        for k in ("prompts_per_step", "max_tokens", "mu"):
+            if getattr(g, k) < 1:
+                raise ValueError(f"recipe: grpo.{k} must be >= 1 (got {getattr(g, k)})")
+        if g.group_size < 2:
+            raise ValueError(f"recipe: grpo.group_size must be >= 2: advantages compare samples of a group "
+                             f"(got {g.group_size})")
+        for k in ("mini_batch_size", "eps_low", "eps_high", "beta", "ref_sync_every", "max_resample",
+                  "overlong_buffer", "max_batch", "log_samples", "task_size"):
+            if getattr(g, k) < 0:
+                raise ValueError(f"recipe: grpo.{k} must be >= 0 (got {getattr(g, k)})")
+        if g.eps_low >= 1:
+            raise ValueError(f"recipe: grpo.eps_low must be < 1 (got {g.eps_low})")
+        if g.temperature <= 0:
+            raise ValueError(f"recipe: grpo.temperature must be > 0: the policy's log-probs need a sampling "
+                             f"distribution (got {g.temperature})")
+        if not g.task and not self.data.train:
+            raise ValueError("recipe: give prompts with grpo.task or data.train (JSONL files)")
+
+
+def load_grpo_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
+    """Defaults, then the TOML file, then `overrides` {"grpo.beta": "0", ...} (as load_recipe for the others)."""
+    import tomllib
+
+    r = GRPORecipe.defaults()
+    if path is not None:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"recipe {str(path)!r} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        r.update(d, str(path), base=path.resolve().parent)
+    for k, v in (overrides or {}).items():
+        r.set(k, v, "command line", base=Path.cwd())
+    r.validate()
+    return r
+
+
+# ====================================================================== prompts
+def load_prompt_rows(recipe: GRPORecipe) -> list[dict]:
+    """Prompt rows {"prompt" or "messages", "answer", ...} from grpo.task or the data.train JSONL files.
+    A bad row raises ValueError naming file:line."""
+    g = recipe.grpo
+    if g.task:
+        if g.task.startswith("addition-"):
+            from ..tasks.synthetic import Addition
+
+            try:
+                task = Addition(digits=int(g.task.removeprefix("addition-")))
+            except ValueError as e:
+                raise ValueError(f"grpo.task {g.task!r}: {e}") from None
+            probs = task.problems(g.task_size, g.task_split, recipe.run.seed)
+        else:
+            from ..tasks import load_benchmark
+
+            probs = load_benchmark(g.task, g.task_split, limit=g.task_size or None)
+        return [{"prompt": p.question, "answer": p.answer, "id": p.id} for p in probs]
+    rows = []
+    for path in recipe.data.train:
+        for where, row in read_jsonl(path):
+            if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
+                raise ValueError(f"{where}: a GRPO row needs 'prompt' (a string) or 'messages' (a list), found "
+                                 f"keys {sorted(row)}")
+            if "answer" in row and not isinstance(row["answer"], (str, int, float)):
+                raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(row['answer']).__name__}")
+            rows.append({**row, "where": where})
+    if not rows:
+        raise ValueError(f"data.train {recipe.data.train}: no prompt rows")
+    return rows
+
+
+def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_think: bool = False) -> str:
+    """The prompt text the policy continues, in `style` (see the module docstring)."""
+    if style == "chat":
+        msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+        if system and not any(m.get("role") == "system" for m in msgs):
+            msgs = [{"role": "system", "content": system}] + msgs
+        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        return text + "<think>\n" if open_think else text
+    question = row.get("prompt")
+    if question is None:  # messages in r1-zero / raw style: the last user turn
+        question = next(m["content"] for m in reversed(row["messages"]) if m.get("role") == "user")
+    if style == "raw":
+        return question
+    if style == "r1-zero":
+        q = question.strip()
+        return R1_ZERO_TEMPLATE.format(question=q if q[-1:] in ".?!" else q + ".")
+    raise ValueError(f"unknown prompt style {style!r}")
+
+
+# ====================================================================== the trainer
+@dataclass
+class Rollout:
+    """One rollout batch, groups of G consecutive samples."""
+    rows: list[dict]  # one per sample
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    completions: list[str]
+    completion_ids: list[list[int]]
+    old_logp: list[list[float]]
+    finish: list[str]
+    rewards: torch.Tensor  # (N,) weighted total
+    per_reward: dict[str, list]
+
+    def select(self, groups: list[int], G: int) -> "Rollout":
+        idx = [g * G + j for g in groups for j in range(G)]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Rollout(pick(self.rows), pick(self.prompts), pick(self.prompt_ids), pick(self.completions),
+                       pick(self.completion_ids), pick(self.old_logp), pick(self.finish), self.rewards[idx],
+                       {k: pick(v) for k, v in self.per_reward.items()})
+
+    @staticmethod
+    def cat(parts: list["Rollout"]) -> "Rollout":
+        f = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return Rollout(f("rows"), f("prompts"), f("prompt_ids"), f("completions"), f("completion_ids"),
+                       f("old_logp"), f("finish"), torch.cat([p.rewards for p in parts]),
+                       {k: [x for p in parts for x in p.per_reward[k]] for k in parts[0].per_reward})
+
+
+class GRPOTrainer(Trainer):
+    """GRPO on `model` (fp32 on its device) with prompt `rows`; reuses the training loop's master weights,
+    AdamW, schedule, checkpoints and signal handling. `grpo_step()` is one step (what the benchmark times);
+    `fit(resume=None)` runs the recipe."""
+
+    def __init__(self, recipe: GRPORecipe, model, tokenizer, rows: list[dict], dtype: torch.dtype | None = None,
+                 quiet: bool = False, rewards: list[WeightedReward] | None = None):
+        super().__init__(recipe, model, None, tokenizer, kind="grpo", dtype=dtype, quiet=quiet)
+        g = recipe.grpo
+        self.g, self.rows = g, rows
+        self.rewards = rewards if rewards is not None else load_rewards(g.rewards)
+        if g.overlong_buffer:
+            self.rewards.append(WeightedReward("overlong", overlong_penalty(g.max_tokens, g.overlong_buffer), 1.0))
+        self.prompt_text = [render_prompt(r, g.prompt_style, tokenizer, g.system, g.open_think) for r in rows]
+        self.prompt_ids = [tokenizer.encode(t) for t in self.prompt_text]
+        longest = max(len(p) for p in self.prompt_ids)
+        limit = model.config.max_position_embeddings
+        if longest + g.max_tokens > limit:
+            where = rows[max(range(len(rows)), key=lambda i: len(self.prompt_ids[i]))].get("where", "a prompt")
+            raise ValueError(f"{where}: {longest} prompt tokens + grpo.max_tokens {g.max_tokens} exceed the model's "
+                             f"{limit} positions")
+        self.order = BatchOrder(len(rows), g.prompts_per_step, recipe.run.seed, recipe.data.shuffle)
+        # The reference: a frozen copy in the compute dtype, none at all when beta = 0.
+        self.ref = None
+        if g.beta > 0:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        # Built after MasterWeights cast the model: the engine (and its CUDA graph) sees the final tensors,
+        # which the optimizer then updates in place.
+        slots = g.max_batch or g.prompts_per_step * g.group_size
+        self.engine = Engine(model, tokenizer, max_batch=max(slots, g.group_size),
+                             max_seq_len=min(limit, longest + g.max_tokens))
+
+    # ------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def rollout(self, position: int) -> Rollout:
+        """Sample G completions for the prompts of rollout position `position` and score them. The seeds are a
+        function of (run.seed, position), so a resumed run draws the same samples (CPU)."""
+        g, eng = self.g, self.engine
+        self.model.eval()
+        idx = self.order.rows(position)
+        base = (self.recipe.run.seed * 1_000_003 + position * 7919) * 4096
+        seqs = []
+        for k, i in enumerate(idx):
+            params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, n=g.group_size,
+                                    seed=(base + k * g.group_size) & 0x7FFFFFFF, logprobs=True)
+            seqs += eng.add_request(self.prompt_ids[i], params, prompt_index=k)
+        while eng.has_work():
+            eng.step()
+        outs = [eng.completion(s) for s in seqs]
+        for m in self.model.moe_layers():  # rollouts must not steer the router-bias update
+            m.expert_load.zero_()
+        rows = [self.rows[idx[o.prompt_index]] for o in outs]
+        prompts = [self.prompt_text[idx[o.prompt_index]] for o in outs]
+        completions = [o.text for o in outs]
+        fields = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r}
+                  if k not in ("prompt", "messages", "where")}
+        fields["completion_ids"] = [o.token_ids for o in outs]
+        total, per = combine(self.rewards, prompts, completions, **fields)
+        return Rollout(rows, prompts, [self.prompt_ids[idx[o.prompt_index]] for o in outs], completions,
+                       [o.token_ids for o in outs], [o.logprobs for o in outs], [o.finish_reason for o in outs],
+                       torch.tensor(total, dtype=torch.float32), per)
+
+    # ------------------------------------------------------------------ one GRPO step
+    def grpo_step(self) -> dict[str, Any]:
+        g, G = self.g, self.g.group_size
+        t0 = time.perf_counter()
+        parts, kept, sampled, zero_var = [], [], 0, 0
+        rounds = 0
+        while True:
+            ro = self.rollout(self.micro)
+            self.micro += 1
+            rounds += 1
+            parts.append(ro)
+            r = ro.rewards.view(-1, G)
+            ok = (r.max(1).values != r.min(1).values).tolist()
+            sampled += len(ok)
+            zero_var += ok.count(False)
+            keep = [i for i, x in enumerate(ok) if x] if g.dynamic_sampling else list(range(len(ok)))
+            kept.append(ro.select(keep, G))
+            if not g.dynamic_sampling or sum(len(k.rows) for k in kept) >= g.prompts_per_step * G \
+                    or rounds > g.max_resample:
+                break
+        allr = Rollout.cat(parts)
+        batch = Rollout.cat(kept)
+        if len(batch.rows) > g.prompts_per_step * G:
+            batch = batch.select(list(range(g.prompts_per_step)), G)
+        gen_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        train = self._optimise(batch) if batch.rows else {"loss": None, "kl": None, "clip_frac": None,
+                                                         "entropy": None, "grad_norm": None, "updates": 0}
+        if self.ref is not None and g.ref_sync_every and (self.step + 1) % g.ref_sync_every == 0:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.ref.parameters()), list(self.model.parameters()))
+        lr = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # a step whose groups were all dropped made no update; the schedule moves on
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        train_s = time.perf_counter() - t1
+        return self._metrics(allr, batch, sampled, zero_var, gen_s, train_s, lr, train, rounds)
+
+    def _optimise(self, b: Rollout) -> dict[str, Any]:
+        """mu passes of mini-batch updates over a rollout batch; returns the first pass's statistics."""
+        g, G, model = self.g, self.g.group_size, self.model
+        adv = group_advantages(b.rewards.view(-1, G), g.scale_rewards).view(-1).to(self.device)
+        N = len(b.rows)
+        mb = g.mini_batch_size or N
+        micro = max(1, self.recipe.train.batch_size)
+        old = [torch.tensor(x, dtype=torch.float32) for x in b.old_logp]
+        ref_logp = None
+        if self.ref is not None:  # once per rollout batch; the reference does not move within it
+            ref_logp = []
+            with torch.no_grad():
+                for s in range(0, N, micro):
+                    lp, _, _ = completion_logprobs(self.ref, b.prompt_ids[s:s + micro], b.completion_ids[s:s + micro],
+                                                   g.temperature)
+                    ref_logp += [lp[i, : len(c)] for i, c in enumerate(b.completion_ids[s:s + micro])]
+        model.train()
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        n_tok_total = sum(len(c) for c in b.completion_ids)
+        updates = 0
+        for p in range(g.mu):
+            for s0 in range(0, N, mb):
+                rows = list(range(s0, min(N, s0 + mb)))
+                lens = [len(b.completion_ids[i]) for i in rows]
+                denom = {"sequence": len(rows), "token": sum(lens), "constant": len(rows) * g.max_tokens}[g.loss_agg]
+                for m0 in range(0, len(rows), micro):
+                    ids = rows[m0:m0 + micro]
+                    logp, mask, ent = completion_logprobs(model, [b.prompt_ids[i] for i in ids],
+                                                          [b.completion_ids[i] for i in ids], g.temperature,
+                                                          self.forward, with_entropy=p == 0)
+                    L = logp.shape[1]
+                    old_lp = torch.zeros(len(ids), L, device=self.device)
+                    for j, i in enumerate(ids):
+                        old_lp[j, : len(old[i])] = old[i].to(self.device)
+                    obj, clipped = clipped_surrogate(logp, old_lp, adv[ids], g.eps_low, g.eps_high)
+                    per_tok = -obj
+                    if ref_logp is not None:
+                        ref = torch.zeros(len(ids), L, device=self.device)
+                        for j, i in enumerate(ids):
+                            ref[j, : lens[i - s0]] = ref_logp[i]
+                        kl = k3_kl(logp, ref)
+                        per_tok = per_tok + g.beta * kl
+                    mf = mask.float()
+                    if g.loss_agg == "sequence":  # each sequence's mean, summed; / sequences of the mini-batch
+                        loss = ((per_tok * mf).sum(1) / mf.sum(1).clamp(min=1)).sum() / denom
+                    else:
+                        loss = (per_tok * mf).sum() / denom
+                    loss.backward()
+                    self.master.accumulate_grads()
+                    if p == 0:
+                        stats["loss"] += loss.item() * denom / (N if g.loss_agg == "sequence" else
+                                                                n_tok_total if g.loss_agg == "token" else
+                                                                N * g.max_tokens)
+                        stats["clip_frac"] += (clipped & mask).sum().item() / n_tok_total
+                        stats["entropy"] += (ent * mf).sum().item() / n_tok_total
+                        if ref_logp is not None:
+                            stats["kl"] += (kl.detach() * mf).sum().item() / n_tok_total
+                clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+                if p == 0:
+                    stats["grad_norm"] = max(stats["grad_norm"], float(gnorm))
+                if math.isfinite(float(gnorm)):
+                    self.optimizer.step()
+                    self.master.copy_to_model()
+                self.master.zero_grad()
+                model.update_router_bias(self.recipe.moe.bias_gamma)
+                updates += 1
+        if ref_logp is None:
+            stats["kl"] = None
+        stats["updates"] = updates
+        return stats
+
+    def _metrics(self, allr: Rollout, batch: Rollout, sampled: int, zero_var: int, gen_s: float, train_s: float,
+                 lr: float, train: dict, rounds: int) -> dict[str, Any]:
+        G = self.g.group_size
+        lens = [len(c) for c in allr.completion_ids]
+        rec: dict[str, Any] = {"reward": allr.rewards.mean().item()}
+        for name, vals in allr.per_reward.items():
+            v = [x for x in vals if x is not None]
+            rec[f"reward/{name}"] = sum(v) / len(v) if v else None
+        if "accuracy" in allr.per_reward:
+            acc = [x or 0.0 for x in allr.per_reward["accuracy"]]
+            rec["accuracy"] = sum(acc) / len(acc)
+            rec[f"pass@{G}"] = sum(max(acc[i:i + G]) for i in range(0, len(acc), G)) / (len(acc) // G)
+        rec.update({"response_len_mean": sum(lens) / len(lens), "response_len_max": max(lens),
+                    "truncated": allr.finish.count("length") / len(lens),
+                    "kl": train["kl"], "clip_frac": train["clip_frac"], "entropy": train["entropy"],
+                    "loss": train["loss"], "grad_norm": train["grad_norm"], "lr": lr,
+                    "zero_var_groups": zero_var / sampled, "groups_sampled": sampled,
+                    "groups_trained": len(batch.rows) // G, "updates": train["updates"],
+                    "gen_s": gen_s, "train_s": train_s, "gen_tokens_per_s": sum(lens) / max(gen_s, 1e-9),
+                    "train_tokens_per_s": sum(len(c) + len(p) for c, p in zip(batch.completion_ids, batch.prompt_ids))
+                    * self.g.mu / max(train_s, 1e-9)})
+        self._last_rollout = allr
+        return rec
+
+    # ------------------------------------------------------------------ the run
+    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
+        """Run (or continue) until train.steps; returns the last step's metrics."""
+        r = self.recipe
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path, samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
+        if resume is not None:
+            path = self.load(resume)
+            self._note(f"resumed from {path} at step {self.step}")
+            for gone in ckpt.remove_after(self.run_dir, self.step):
+                self._note(f"deleted {gone}: it is newer than the checkpoint this run continues from")
+            for p in (metrics_path, samples_path):
+                p.write_text("".join(ln for ln in _read_lines(p) if json.loads(ln)["step"] <= self.step))
+        else:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                                 f"or choose another run.out")
+            metrics_path.write_text("")
+            samples_path.write_text("")
+        ckpt.remove_partial(self.run_dir)
+        (self.run_dir / "recipe.toml").write_text(r.to_toml())
+        from tqdm import tqdm
+
+        bar = tqdm(total=r.train.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not sys.stderr.isatty())
+        old_handlers = self._install_signal_handlers()
+        saved_at, last = (self.step if resume is not None else -1), {}
+        try:
+            with open(metrics_path, "a") as mf, open(samples_path, "a") as sf:
+                while self.step < r.train.steps:
+                    rec = self.grpo_step()
+                    self.step += 1
+                    last = rec = {"step": self.step, **rec}
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                    ro = self._last_rollout
+                    for i in range(min(self.g.log_samples, len(ro.rows))):
+                        sf.write(json.dumps({"step": self.step, "prompt": ro.prompts[i], "completion": ro.completions[i],
+                                             "answer": ro.rows[i].get("answer"), "reward": ro.rewards[i].item(),
+                                             **{k: v[i] for k, v in ro.per_reward.items()}}) + "\n")
+                    sf.flush()
+                    self._log_grpo(rec, bar)
+                    bar.update(1)
+                    if self._stop or (r.ckpt.every and self.step % r.ckpt.every == 0):
+                        self.save()
+                        saved_at = self.step
+                    if self._stop:
+                        raise KeyboardInterrupt(f"{self._stop} at step {self.step}: checkpoint saved in "
+                                                f"{ckpt.list_checkpoints(self.run_dir)[-1]}; continue with --resume")
+            if saved_at != self.step:
+                self.save()
+            if r.ckpt.export:
+                from ..checkpoint import save_pretrained
+
+                out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
+                self._note(f"exported the model to {out}")
+        finally:
+            bar.close()
+            self._restore_signal_handlers(old_handlers)
+        return last
+
+    def state_dict(self) -> dict[str, Any]:
+        st = super().state_dict()
+        if self.ref is not None and self.g.ref_sync_every:  # a refreshed reference is not the initial model
+            st["reference"] = {k: v.detach().to("cpu", copy=True) for k, v in self.ref.state_dict().items()}
+        return st
+
+    def load(self, path: str | Path) -> Path:
+        path = super().load(path)
+        if self.ref is not None and self.g.ref_sync_every:
+            st = ckpt.load_checkpoint(path)
+            if "reference" in st:
+                self.ref.load_state_dict(st["reference"])
+        return path
+
+    def _log_grpo(self, rec: dict[str, Any], bar) -> None:
+        def f(k, fmt):
+            return "-" if rec.get(k) is None else format(rec[k], fmt)
+
+        bar.set_postfix_str(f"reward {rec['reward']:.3f} acc {f('accuracy', '.3f')}", refresh=False)
+        every = self.recipe.log.every
+        if self.quiet or not every or (rec["step"] % every and rec["step"] != self.recipe.train.steps):
+            return
+        from tqdm import tqdm
+
+        tqdm.write(" | ".join([
+            f"step {rec['step']}/{self.recipe.train.steps}", f"reward {rec['reward']:.3f}",
+            f"acc {f('accuracy', '.3f')}", f"pass@{self.g.group_size} {f(f'pass@{self.g.group_size}', '.2f')}",
+            f"len {rec['response_len_mean']:.0f}/{rec['response_len_max']}", f"trunc {rec['truncated']:.0%}",
+            f"kl {f('kl', '.4f')}", f"clip {f('clip_frac', '.3f')}", f"ent {f('entropy', '.3f')}",
+            f"zero-var {rec['zero_var_groups']:.0%}", f"gen {rec['gen_s']:.1f}s train {rec['train_s']:.1f}s",
+            f"{rec['gen_tokens_per_s']:,.0f} tok/s"]))
+
+
+# ====================================================================== evaluation
+@torch.no_grad()
+def evaluate(engine: Engine, prompts: list[list[int]], answers: list[str], prompt_texts: list[str] | None = None,
+             samples: int = 1, temperature: float = 1.0, max_tokens: int = 16, seed: int = 12345) -> float:
+    """Mean accuracy (pass@1 averaged over `samples`) of the engine's model on prompts with reference answers,
+    graded by the accuracy reward (extract_answer + math_equal). temperature 0 is greedy."""
+    from ..rewards import accuracy_reward
+
+    engine.model.eval()
+    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens, n=samples,
+                                                   seed=seed))
+    texts = prompt_texts or [""] * len(prompts)
+    acc = accuracy_reward([texts[o.prompt_index] for o in outs], [o.text for o in outs],
+                          answer=[answers[o.prompt_index] for o in outs])
+    return sum(acc) / len(acc)
+
+
+# ====================================================================== running a recipe
+def run(recipe: GRPORecipe, resume=None, quiet: bool = False) -> dict:
+    """`r1lab grpo`: device, seed, policy, tokenizer, prompts, then GRPOTrainer.fit."""
+    from .pretrain import load_data_tokenizer
+
+    device, dtype = resolve_device(recipe)
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe, device)
+    tok = load_data_tokenizer(recipe)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary only "
+                         f"{model.config.vocab_size}")
+    rows = load_prompt_rows(recipe)
+    trainer = GRPOTrainer(recipe, model, tok, rows, dtype=dtype, quiet=quiet)
+    trainer._note(f"{len(rows):,} prompts, {recipe.grpo.prompts_per_step} x G={recipe.grpo.group_size} per step, "
+                  f"rewards {', '.join(f'{w.name}={w.weight:g}' for w in trainer.rewards)}")
+    return trainer.fit(resume)
+
+
+# ====================================================================== command line
+DESCRIPTION = ("Reinforcement learning with verifiable rewards (GRPO, as in DeepSeek-R1; DAPO and Dr. GRPO "
+               "variants by option). Rollouts come from the r1lab engine on the policy's own weights.")
+EPILOG = """\
+Every recipe key can be set in the TOML file ([table] key = value) or here as --table.key VALUE (kebab- or
+snake_case); --reward adds a reward (repeatable): --reward my_module:my_fn=0.5. Precedence: defaults <
+--recipe file < command line. --resume continues from the newest checkpoint of a run folder with the recipe
+stored in it, on the same prompts the uninterrupted run would have seen.
+"""
+
+
+def add_parsers(subparsers) -> None:
+    """Register `grpo` on an argparse subparsers object."""
+    import argparse
+    import textwrap
+
+    p = subparsers.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO)",
+                              description=textwrap.fill(DESCRIPTION, 110), epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest checkpoint in DIR (a run folder or checkpoint); without DIR, run.out")
+    p.add_argument("--reward", action="append", default=[], metavar="SPEC",
+                   help="add a reward: name=weight or module:function=weight (repeatable; added to grpo.rewards)")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+    add_recipe_arguments(p, "grpo", GRPORecipe)
+    p.set_defaults(fn=cmd_grpo)
+
+
+def resolve(args) -> tuple[GRPORecipe, Path | None]:
+    from .recipe import overrides_from_args
+
+    overrides = overrides_from_args(args)
+    if args.resume is None:
+        recipe, ck = load_grpo_recipe(args.recipe, overrides), None
+    else:
+        where = Path(args.resume) if args.resume else Path(load_grpo_recipe(args.recipe, overrides).run.out)
+        ck = ckpt.find_checkpoint(where)
+        meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
+        if meta.get("kind") != "grpo":
+            raise ValueError(f"{ck} is a checkpoint of `r1lab {meta.get('kind', 'pretrain')}`, not `r1lab grpo`")
+        recipe = load_grpo_recipe(ck / "recipe.toml", overrides)
+        if "run.out" not in overrides:
+            recipe.run.out = str(ck.parent.parent)
+    if args.reward:
+        recipe.grpo.rewards = list(recipe.grpo.rewards) + list(args.reward)
+    load_rewards(recipe.grpo.rewards)  # fail now, with the spec named, not after loading the model
+    return recipe, ck
+
+
+def cmd_grpo(args) -> None:
+    recipe, resume = resolve(args)
+    if args.print_recipe:
+        print(recipe.to_toml(), end="")
+        return
+    try:
+        run(recipe, resume)
+    except KeyboardInterrupt as e:
+        print("r1lab grpo: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="r1lab", description="r1lab grpo")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parsers(sub)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
