@@ -240,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.cli import add_parsers as add_train_parsers
     from .train.grpo import add_parsers as add_grpo_parsers
     add_train_parsers(sub)
+    from .serve import add_parser as add_serve_parser
     add_grpo_parsers(sub)
     add_eval_parser(sub)
+    add_serve_parser(sub)
     return p
 
 
