@@ -236,12 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(chat)
     chat.set_defaults(fn=cmd_chat, n=1)
 
+    # Each stage's command lives beside its code.
     from .eval import add_parser as add_eval_parser
+    from .serve import add_parser as add_serve_parser
     from .train.cli import add_parsers as add_train_parsers
     from .train.grpo import add_parsers as add_grpo_parsers
+    from .train.reward_model import add_parsers as add_rm_parsers
     add_train_parsers(sub)
-    from .serve import add_parser as add_serve_parser
     add_grpo_parsers(sub)
+    add_rm_parsers(sub)
     add_eval_parser(sub)
     add_serve_parser(sub)
     return p

@@ -151,7 +151,10 @@ class WeightedReward:
 
 def parse_reward(spec: str) -> WeightedReward:
     """`name[=weight]` for a built-in reward or `module:function[=weight]` (weight default 1.0) for a user's.
-    Errors name the spec and what failed."""
+    Errors name the spec and what failed. `rm:PATH[=weight][,scope=answer|full]` scores with a reward model."""
+    if spec.strip().startswith("rm:"):
+        from .train.reward_model import parse_rm_reward
+        return parse_rm_reward(spec)
     text, _, w = spec.partition("=")
     text = text.strip()
     try:

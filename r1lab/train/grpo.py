@@ -349,6 +349,11 @@ class GRPOTrainer(Trainer):
         g = recipe.grpo
         self.g, self.rows = g, rows
         self.rewards = rewards if rewards is not None else load_rewards(g.rewards)
+        # Mixed prompt sets (R1's final stage): each row gets its rewards (`reward_names`, or rule-based rewards
+        # where there is an answer and reward models where there is none).
+        from .reward_model import check_row_rewards, route_rewards
+        check_row_rewards(rows, self.rewards)
+        self.rewards = route_rewards(self.rewards)
         if g.overlong_buffer:
             self.rewards.append(WeightedReward("overlong", overlong_penalty(g.max_tokens, g.overlong_buffer), 1.0))
         self.prompt_text = [render_prompt(r, g.prompt_style, tokenizer, g.system, g.open_think) for r in rows]

@@ -1,0 +1,676 @@
+"""`r1lab rm`: a Bradley-Terry reward model, and its use as a GRPO reward (DeepSeek-R1 section 2.3.4, "RL for
+all scenarios": rule-based rewards for reasoning prompts, learned reward models for open-ended ones).
+
+The model is the r1lab Transformer with a scalar head `score_head` (Linear(D, 1)) on the final normed hidden
+state of each sequence's last token (the EOS appended to every response). Trained on pairwise JSONL rows
+`{"prompt" or "messages", "chosen", "rejected"}` with the Bradley-Terry loss (Ouyang et al. 2022, eq. 1)
+        loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))
+averaged over the pairs of an optimizer step. A sequence is the prompt rendered by the chat template (with
+the generation prompt) + the response text + EOS, exactly as SFT renders the final turn. rm.scope = "answer"
+trains on the text after `</think>` only (the helpfulness model of the R1 paper), "full" on the whole
+response (the harmlessness model).
+
+Training reuses the one loop's pieces (`Trainer`: MasterWeights, AdamW, schedule, clipping, checkpoints and
+exact resume, metrics.jsonl, Ctrl-C); only the step (`RewardTrainer.train_step`) differs. Every rm.eval_every
+steps and at the end, pairwise accuracy and loss on a held-out split (rm.eval_fraction of the pairs, seeded)
+go to metrics.jsonl. The exported folder (run.out/final) is `save_reward_model`'s: the transformer in the HF
+layout (save_pretrained, tokenizer included), the head in `reward_head/score.safetensors`, and `reward_model.json`
+(scope, max_len); `load_reward_model(path)` reads it back.
+
+As a GRPO reward: `rm:PATH[=weight][,scope=answer|full][,name=NAME][,batch_size=N][,device=D]` builds a TRL-
+signature function scoring (prompt, completion) in batches on the reward model's device (loaded on first
+use). Group normalisation happens in GRPO's advantages, like for every reward. `route_rewards` makes the
+rewards of a mixed prompt set apply only to their rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..data import read_jsonl
+from ..tokenizer import split_reasoning
+from .loop import Trainer, build_model, peak_memory_gb, resolve_device
+from .recipe import SECTIONS, Recipe, add_recipe_arguments
+
+HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
+MARKER_FILE = "reward_model.json"
+SCOPES = ("full", "answer")
+
+
+# ====================================================================== the math
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """-log sigmoid(r_chosen - r_rejected) per pair (fp32), mean or sum over pairs. logsigmoid is the stable
+    form: for a margin of -100 it gives 100, where log(sigmoid(.)) gives inf."""
+    per = -F.logsigmoid(r_chosen.float() - r_rejected.float())
+    return per.mean() if reduction == "mean" else per.sum() if reduction == "sum" else per
+
+
+def add_score_head(model, seed: int = 0) -> torch.nn.Linear:
+    """Attach `score_head` = Linear(hidden, 1) (fp32, on the model's device) to a Transformer, as a submodule,
+    so the loop's MasterWeights, AdamW, checkpoints and resume cover it unchanged. Initialised with
+    std 1/sqrt(D + 1) (InstructGPT's reward head) and zero bias, so initial scores are O(1)."""
+    D = model.config.hidden_size
+    head = torch.nn.Linear(D, 1, device=model.device)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, D, generator=g) / math.sqrt(D + 1))
+        head.bias.zero_()
+    model.score_head = head.to(model.dtype)
+    return model.score_head
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids (B, S) long, right-padded with `pad_id`, and lengths (B,). Right padding is safe
+    under causal attention: the last real token never attends to the padding after it."""
+    S = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+def last_token_scores(model, ids: torch.Tensor, lengths: torch.Tensor, forward=None) -> torch.Tensor:
+    """Scores (B,) fp32: score_head on the final normed hidden state of each row's last real token."""
+    forward = forward or model
+    h = forward(ids.to(model.device), return_hidden=True)  # (B, S, D)
+    last = h[torch.arange(len(ids), device=h.device), (lengths - 1).to(h.device)]  # (B, D)
+    return model.score_head(last).float().squeeze(-1)
+
+
+# ====================================================================== data
+def pair_prompt(row: dict) -> list[dict]:
+    """The conversation before the response: [{"role": "user", "content": prompt}] or the row's messages
+    (which must not end with an assistant turn: chosen/rejected are that turn)."""
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("'messages' must be a non-empty list of {'role', 'content'} objects")
+        if isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            raise ValueError("'messages' must end before the assistant reply: 'chosen' and 'rejected' are that reply")
+        return msgs
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, got {type(row['prompt']).__name__}")
+        return [{"role": "user", "content": row["prompt"]}]
+    raise ValueError(f"expected 'prompt' or 'messages' with 'chosen' and 'rejected', found keys {sorted(row)}")
+
+
+def scoped(response: str, scope: str, started_in_prompt: bool = False) -> str:
+    """The part of a response a reward model of `scope` sees: all of it, or the text after `</think>`
+    (empty when the reasoning never finished)."""
+    if scope == "full":
+        return response
+    if scope != "answer":
+        raise ValueError(f"scope must be 'full' or 'answer', got {scope!r}")
+    return split_reasoning(response, started_in_prompt=started_in_prompt)[1]
+
+
+def encode_response(tokenizer, prompt_text: str, response: str, max_len: int) -> list[int]:
+    """prompt ids + response ids + EOS, cut from the left to max_len tokens (the end, which is scored, stays)."""
+    ids = tokenizer.encode(prompt_text) + tokenizer.encode(response) + [tokenizer.eos_id]
+    return ids[-max_len:]
+
+
+@dataclass
+class Pairs:
+    """Tokenized preference pairs (each sequence ends with EOS) and where each came from."""
+
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    where: list[str]
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def subset(self, idx: Sequence[int]) -> "Pairs":
+        return Pairs([self.chosen[i] for i in idx], [self.rejected[i] for i in idx], [self.where[i] for i in idx])
+
+
+def read_pairs(paths: Sequence[str | Path], tokenizer, max_len: int, scope: str = "full",
+               too_long: str = "skip") -> Pairs:
+    """Read pairwise JSONL files. Bad rows raise ValueError naming file:line; a pair with a sequence over
+    max_len tokens is skipped (and counted) or an error (too_long="error")."""
+    if not paths:
+        raise ValueError("no training data: set data.train to JSONL files of {prompt|messages, chosen, rejected}")
+    out, skipped = Pairs([], [], []), 0
+    for path in paths:
+        for where, row in read_jsonl(path):
+            try:
+                msgs = pair_prompt(row)
+                for k in ("chosen", "rejected"):
+                    if k not in row:
+                        raise ValueError(f"missing {k!r} (a pair needs 'chosen' and 'rejected' responses)")
+                    if not isinstance(row[k], str):
+                        raise ValueError(f"{k!r} must be a string, got {type(row[k]).__name__}")
+                prompt = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            c, r = (tokenizer.encode(prompt) + tokenizer.encode(scoped(row[k], scope)) + [tokenizer.eos_id]
+                    for k in ("chosen", "rejected"))
+            if max(len(c), len(r)) > max_len:
+                if too_long == "error":
+                    raise ValueError(f"{where}: a response of {max(len(c), len(r))} tokens (prompt included) is "
+                                     f"longer than data.seq_len = {max_len}; raise it or set data.too_long = \"skip\"")
+                skipped += 1
+                continue
+            out.chosen.append(c), out.rejected.append(r), out.where.append(where)
+    if not out.chosen:
+        raise ValueError(f"no preference pairs in {', '.join(map(str, paths))}"
+                         + (f": all {skipped} are longer than data.seq_len = {max_len}" if skipped else ""))
+    out.stats = {"pairs": len(out), "skipped_too_long": skipped}
+    return out
+
+
+def split_pairs(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs | None]:
+    """(train, held-out): a seeded random `fraction` of the pairs held out (at least one when > 0)."""
+    if fraction <= 0:
+        return pairs, None
+    idx = list(range(len(pairs)))
+    random.Random(seed).shuffle(idx)
+    n = max(1, round(len(pairs) * fraction))
+    if n >= len(pairs):
+        raise ValueError(f"rm.eval_fraction = {fraction} leaves no training pairs out of {len(pairs)}")
+    return pairs.subset(sorted(idx[n:])), pairs.subset(sorted(idx[:n]))
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: Pairs, batch_size: int = 32) -> dict[str, float]:
+    """Pairwise accuracy (share with r_chosen > r_rejected; a tie counts as wrong) and mean Bradley-Terry loss."""
+    was = model.training
+    model.eval()
+    rc, rr = [], []
+    for s in range(0, len(pairs), batch_size):
+        c, r = pairs.chosen[s:s + batch_size], pairs.rejected[s:s + batch_size]
+        ids, lens = pad_right(c + r)
+        sc = last_token_scores(model, ids, lens)
+        rc.append(sc[: len(c)]), rr.append(sc[len(c):])
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    model.train(was)
+    for m in model.moe_layers():  # evaluation must not steer the router-bias update
+        m.expert_load.zero_()
+    return {"eval_accuracy": (rc > rr).float().mean().item(), "eval_loss": bradley_terry_loss(rc, rr).item(),
+            "eval_margin": (rc - rr).mean().item()}
+
+
+# ====================================================================== the recipe
+def _key(default, help, choices=None):
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RM:
+    scope: str = _key("full", "what the model scores: the whole response, or only the text after </think> "
+                      "(the R1 helpfulness model)", SCOPES)
+    eval_fraction: float = _key(0.1, "share of the pairs held out for pairwise accuracy and loss (seeded by "
+                                "run.seed); 0 = no held-out split")
+    eval_every: int = _key(50, "evaluate on the held-out split every this many steps (and at the end); 0 = only "
+                           "at the end")
+    eval_batch_size: int = _key(32, "pairs per forward pass when evaluating")
+
+
+RM_DEFAULTS = {("run", "out"): "runs/rm", ("optim", "lr"): 1e-5, ("optim", "weight_decay"): 0.0,
+               ("moe", "mtp_weight"): 0.0, ("data", "seq_len"): 1024}
+
+
+@dataclass
+class RMRecipe(Recipe):
+    """The training recipe plus an [rm] table. Used: data.train (pairwise JSONL), data.seq_len (longest
+    sequence, prompt + response + EOS), data.too_long, data.shuffle, data.tokenizer; train.batch_size counts
+    pairs per micro-batch (2 x that many sequences per forward)."""
+
+    sections: ClassVar[dict[str, type]] = {**SECTIONS, "rm": RM}
+
+    rm: RM = field(default_factory=RM)
+
+    @classmethod
+    def defaults(cls, kind: str = "rm") -> "RMRecipe":
+        r = cls()
+        for (sec, key), value in RM_DEFAULTS.items():
+            setattr(getattr(r, sec), key, value)
+        return r
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.rm.eval_fraction < 1:
+            raise ValueError(f"recipe: rm.eval_fraction must be in [0, 1) (got {self.rm.eval_fraction})")
+        if self.rm.eval_every < 0 or self.rm.eval_batch_size < 1:
+            raise ValueError("recipe: rm.eval_every must be >= 0 and rm.eval_batch_size >= 1")
+
+
+def load_rm_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RMRecipe:
+    """Defaults, then the TOML file, then `overrides` {"rm.scope": "answer", ...}."""
+    import tomllib
+
+    r = RMRecipe.defaults()
+    if path is not None:
+        path = Path(path)
+        try:
+            with open(path, "rb") as f:
+                d = tomllib.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"recipe {str(path)!r} not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
+        r.update(d, str(path), base=path.resolve().parent)
+    for k, v in (overrides or {}).items():
+        r.set(k, v, "command line", base=Path.cwd())
+    r.validate()
+    return r
+
+
+# ====================================================================== the trainer
+class RewardTrainer(Trainer):
+    """The training loop with the Bradley-Terry step: each micro-batch is train.batch_size pairs, chosen and
+    rejected in one forward pass of 2 x batch_size right-padded sequences."""
+
+    def __init__(self, recipe: RMRecipe, model, train: Pairs, held_out: Pairs | None, tokenizer=None,
+                 dtype: torch.dtype | None = None, quiet: bool = False):
+        if not hasattr(model, "score_head"):
+            add_score_head(model, recipe.run.seed)
+        # an object without `save` (a test's tokenizer) cannot go into the exported folder
+        saveable = tokenizer if tokenizer is None or hasattr(tokenizer, "save") else False
+        super().__init__(recipe, model, None, saveable, kind="rm", dtype=dtype, quiet=quiet)
+        from ..data import BatchOrder
+
+        self.pairs, self.held_out = train, held_out
+        self.order = BatchOrder(len(train), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
+        self.max_len = recipe.data.seq_len
+
+    def next_batches(self) -> list[list[int]]:
+        out = []
+        for _ in range(self.recipe.train.grad_accum):
+            out.append(self.order.rows(self.micro))
+            self.micro += 1
+        return out
+
+    def train_step(self, batches: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over micro-batches of pair indices: mean Bradley-Terry loss over the step's pairs
+        (+ the MoE balance loss), backward, clip, AdamW, router-bias update, schedule. Adds held-out metrics
+        every rm.eval_every steps."""
+        r, model = self.recipe, self.model
+        t0 = time.perf_counter()
+        model.train()
+        lr = self.optimizer.param_groups[0]["lr"]
+        n_pairs = sum(len(b) for b in batches)
+        loss_sum, correct, n_tok = 0.0, 0, 0
+        for rows in batches:
+            c, rj = [self.pairs.chosen[i] for i in rows], [self.pairs.rejected[i] for i in rows]
+            ids, lens = pad_right(c + rj)
+            scores = last_token_scores(model, ids, lens, self.forward)
+            rc, rr = scores[: len(rows)], scores[len(rows):]
+            loss = bradley_terry_loss(rc, rr, "sum") / n_pairs  # accumulated micro-batches = one large batch
+            bal = model.balance_loss()
+            if bal is not None:
+                loss = loss + bal / len(batches)
+            loss.backward()
+            self.master.accumulate_grads()
+            loss_sum += bradley_terry_loss(rc.detach(), rr.detach(), "sum").item()
+            correct += int((rc > rr).sum())
+            n_tok += int(lens.sum())
+        clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
+        gnorm = float(torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip))
+        loss_v = loss_sum / n_pairs
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm)
+        if finite:
+            self.optimizer.step()
+            self.master.copy_to_model()
+        self.master.zero_grad()
+        model.update_router_bias(r.moe.bias_gamma if finite else 0.0)
+        if not finite and r.train.on_nonfinite == "stop":
+            from .loop import NonFiniteLoss
+
+            raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm}")
+        self.scheduler.step()
+        dt = time.perf_counter() - t0
+        rec = {"loss": loss_v, "accuracy": correct / n_pairs, "lr": lr, "grad_norm": gnorm, "pairs": n_pairs,
+               "tokens_per_s": n_tok / dt, "step_time_s": dt, "mfu": None,
+               "peak_mem_gb": peak_memory_gb(self.device)}
+        if not finite:
+            rec["skipped"] = True
+        step = self.step + 1  # the step this one becomes
+        e = r.rm.eval_every
+        if self.held_out is not None and (step == r.train.steps or (e and step % e == 0)):
+            rec.update(evaluate_pairs(model, self.held_out, r.rm.eval_batch_size))
+            self._note(f"step {step}: held-out pairwise accuracy {rec['eval_accuracy']:.3f}, "
+                       f"loss {rec['eval_loss']:.4f} ({len(self.held_out)} pairs)")
+        return rec
+
+    def fit(self, resume=None) -> dict[str, Any]:
+        """Trainer.fit, then the export as a reward-model folder (run.out/final) when ckpt.export."""
+        last = super().fit(resume)
+        if self.recipe.ckpt.export:  # Trainer.fit wrote the transformer with the head inside; rewrite it
+            save_reward_model(self.model, self.run_dir / "final", self.tokenizer, self.recipe.rm.scope,
+                              self.max_len)
+        return last
+
+
+def run(recipe: RMRecipe, resume=None, quiet: bool = False, tokenizer=None) -> dict:
+    """`r1lab rm`: device, seed, model (+ head), tokenizer, pairs and held-out split, then RewardTrainer.fit.
+    `tokenizer`: any object with encode / eos_id / apply_chat_template (tests use a character-level one)."""
+    from .pretrain import load_data_tokenizer
+
+    device, dtype = resolve_device(recipe)
+    torch.manual_seed(recipe.run.seed)
+    model = build_model(recipe, device)
+    tok = tokenizer or load_data_tokenizer(recipe)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary only "
+                         f"{model.config.vocab_size}")
+    if recipe.data.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len={recipe.data.seq_len} is longer than the model's context "
+                         f"(max_position_embeddings={model.config.max_position_embeddings})")
+    pairs = read_pairs(recipe.data.train, tok, recipe.data.seq_len, recipe.rm.scope, recipe.data.too_long)
+    train, held = split_pairs(pairs, recipe.rm.eval_fraction, recipe.run.seed)
+    trainer = RewardTrainer(recipe, model, train, held, tok, dtype=dtype, quiet=quiet)
+    trainer._note(f"{len(train):,} training pairs, {len(held) if held else 0:,} held out "
+                  f"({pairs.stats['skipped_too_long']} skipped as too long), scope {recipe.rm.scope}")
+    return trainer.fit(resume)
+
+
+# ====================================================================== saving and loading
+def save_reward_model(model, path: str | Path, tokenizer=None, scope: str = "full", max_len: int = 0) -> Path:
+    """Write the reward model folder: the transformer via save_pretrained (HF layout, loads in transformers
+    as a causal LM), `reward_head/score.safetensors` (score.weight (1, D), score.bias (1,)) and `reward_model.json`.
+    tokenizer: an r1lab Tokenizer to save, None (the DeepSeek one when the vocab matches) or False; an object
+    without `save` (a test's) is not saved."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import save_pretrained
+
+    head = model.score_head
+    del model.score_head  # save_pretrained writes the transformer's own tensors only
+    try:
+        tok = tokenizer if tokenizer is None or tokenizer is False or hasattr(tokenizer, "save") else False
+        out = save_pretrained(model, path, tokenizer=tok)
+    finally:
+        model.score_head = head
+    (out / HEAD_FILE).parent.mkdir(exist_ok=True)
+    save_file({"score.weight": head.weight.detach().float().cpu().contiguous(),
+               "score.bias": head.bias.detach().float().cpu().contiguous()}, str(out / HEAD_FILE))
+    (out / MARKER_FILE).write_text(json.dumps({"type": "r1lab-reward-model", "head": HEAD_FILE, "scope": scope,
+                                               "max_len": max_len or model.config.max_position_embeddings},
+                                              indent=2) + "\n")
+    return out
+
+
+def is_reward_model(path: str | Path) -> bool:
+    return (Path(path) / MARKER_FILE).is_file()
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """A saved reward model folder -> (Transformer with `score_head`, info dict {scope, max_len, ...}).
+    Raises ValueError naming the folder when it is not a reward model."""
+    from safetensors.torch import load_file
+
+    from ..checkpoint import load_pretrained
+
+    path = Path(path)
+    if not is_reward_model(path):
+        raise ValueError(f"{path}: not a reward model folder (no {MARKER_FILE}; train one with `r1lab rm`)")
+    info = json.loads((path / MARKER_FILE).read_text())
+    model = load_pretrained(path, device=device, dtype=dtype)
+    sd = load_file(str(path / info.get("head", HEAD_FILE)))
+    D = model.config.hidden_size
+    if tuple(sd["score.weight"].shape) != (1, D):
+        raise ValueError(f"{path / HEAD_FILE}: score.weight has shape {tuple(sd['score.weight'].shape)}, the model "
+                         f"needs (1, {D})")
+    head = torch.nn.Linear(D, 1, device=model.device, dtype=model.dtype)
+    with torch.no_grad():
+        head.weight.copy_(sd["score.weight"]), head.bias.copy_(sd["score.bias"])
+    model.score_head = head
+    model.eval()
+    return model, info
+
+
+# ====================================================================== the GRPO reward
+class RewardModelReward:
+    """A TRL-signature reward scoring (prompt, completion) with a reward model, in batches on its device.
+
+    `source` is a reward model folder (loaded on the first call, with its tokenizer unless one is given) or a
+    (model, info) pair. scope None = the scope the model was trained with. The prompt is the text the policy
+    was given (GRPO's rendered prompt); with scope "answer" an open `<think>` at its end is dropped and only
+    the text after `</think>` is appended, so the reasoning never reaches the reward model."""
+
+    def __init__(self, source, scope: str | None = None, tokenizer=None, batch_size: int = 16,
+                 device: str | torch.device | None = None):
+        self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
+        self.device = device
+        self._scope = scope
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"reward model scope must be 'full' or 'answer', got {scope!r}")
+        self.model, self.info = (source if isinstance(source, tuple) else (None, None))
+
+    def _load(self):
+        if self.model is None:
+            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model, self.info = load_reward_model(self.source, device=dev,
+                                                      dtype=torch.bfloat16 if str(dev).startswith("cuda") else None)
+        if self.tokenizer is None:
+            from ..tokenizer import load_tokenizer
+
+            folder = Path(self.source) if not isinstance(self.source, tuple) else None
+            self.tokenizer = load_tokenizer(folder if folder and (folder / "tokenizer.json").is_file() else None)
+
+    @property
+    def scope(self) -> str:
+        return self._scope or (self.info or {}).get("scope", "full")
+
+    def texts(self, prompt: str, completion: str) -> tuple[str, str]:
+        """(prompt text, response text) the reward model scores for one sample."""
+        from ..rewards import opened_think
+
+        opened = opened_think(prompt)
+        if self.scope == "answer":
+            if opened:
+                prompt = prompt[: prompt.rfind("<think>")]
+            return prompt, scoped(completion, "answer", started_in_prompt=opened)
+        return prompt, completion
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
+        self._load()
+        max_len = min(int(self.info.get("max_len") or 1 << 30), self.model.config.max_position_embeddings)
+        seqs = [encode_response(self.tokenizer, *self.texts(p, c), max_len) for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+        scores = [0.0] * len(seqs)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            ids, lens = pad_right([seqs[i] for i in idx])
+            for i, v in zip(idx, last_token_scores(self.model, ids, lens).tolist()):
+                scores[i] = v
+        for m in self.model.moe_layers():
+            m.expert_load.zero_()
+        out.extend(scores)
+        return out
+
+
+def parse_rm_reward(spec: str):
+    """`rm:PATH[=weight][,scope=answer|full][,name=NAME][,batch_size=N][,device=D]` -> WeightedReward.
+    The folder is checked now and loaded on the first call. The name defaults to `rm:PATH`."""
+    from ..rewards import WeightedReward
+
+    body = spec.strip().removeprefix("rm:")
+    head, *opts = body.split(",")
+    path, eq, w = head.rpartition("=") if "=" in head else (head, "", "")
+    try:
+        weight = float(w) if eq and w.strip() else 1.0
+    except ValueError:
+        raise ValueError(f"reward {spec!r}: weight {w!r} is not a number (write rm:PATH=0.5)") from None
+    kw: dict[str, Any] = {}
+    name = f"rm:{path.strip()}"
+    for o in opts:
+        k, _, v = o.partition("=")
+        k, v = k.strip(), v.strip()
+        if k == "scope":
+            if v not in SCOPES:
+                raise ValueError(f"reward {spec!r}: scope must be full or answer, got {v!r}")
+            kw["scope"] = v
+        elif k == "name":
+            name = v
+        elif k == "batch_size":
+            kw["batch_size"] = int(v)
+        elif k == "device":
+            kw["device"] = v
+        else:
+            raise ValueError(f"reward {spec!r}: unknown option {k!r}; options are scope, name, batch_size, device")
+    if not is_reward_model(path.strip()):
+        raise ValueError(f"reward {spec!r}: {path.strip()!r} is not a reward model folder (no {MARKER_FILE}; "
+                         f"train one with `r1lab rm`)")
+    return WeightedReward(name, RewardModelReward(path.strip(), **kw), weight)
+
+
+# ====================================================================== mixed prompt sets
+def is_rm_reward(r) -> bool:
+    return isinstance(r.fn, RewardModelReward) or r.name.startswith("rm")
+
+
+def applicable(row_rewards, answer, name: str, is_rm: bool, any_rm: bool) -> bool:
+    """Whether reward `name` applies to a row. A row's `reward_names` list decides when given (not `rewards`:
+    that name would collide with `combine`'s first argument when GRPO passes row fields as keywords); otherwise a
+    row with an `answer` is a reasoning prompt (every reward but the reward models) and one without is
+    open-ended (only the reward models; every reward when no reward model is configured)."""
+    if row_rewards is not None:
+        return name in row_rewards
+    if answer is not None:
+        return not is_rm
+    return is_rm or not any_rm
+
+
+def route_rewards(rewards: Sequence, field: str = "reward_names") -> list:
+    """Wrap each WeightedReward so it returns None (left out, as `combine` treats it) for the rows it does not
+    apply to (`applicable`), and runs only on the rows it does (a reward model scores nothing it need not)."""
+    from ..rewards import WeightedReward
+
+    any_rm = any(is_rm_reward(r) for r in rewards)
+    out = []
+    for r in rewards:
+        def fn(prompts, completions, _r=r, _rm=is_rm_reward(r), **fields):
+            n = len(completions)
+            sel, ans = fields.get(field) or [None] * n, fields.get("answer") or [None] * n
+            keep = [i for i in range(n) if applicable(sel[i], ans[i], _r.name, _rm, any_rm)]
+            vals: list = [None] * n
+            if keep:
+                sub = {k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n else v for k, v in fields.items()}
+                got = list(_r.fn(prompts=[prompts[i] for i in keep], completions=[completions[i] for i in keep], **sub))
+                if len(got) != len(keep):
+                    raise ValueError(f"reward {_r.name!r} returned {len(got)} values for {len(keep)} completions")
+                for i, v in zip(keep, got):
+                    vals[i] = v
+            return vals
+
+        out.append(WeightedReward(r.name, fn, r.weight))
+    return out
+
+
+def check_row_rewards(rows: Sequence[dict], rewards: Sequence, field: str = "reward_names") -> None:
+    """Each row's `reward_names` list must be a list of configured reward names; errors name the row (file:line)."""
+    names = {r.name for r in rewards}
+    for row in rows:
+        sel = row.get(field)
+        if sel is None:
+            continue
+        where = row.get("where", "a prompt row")
+        if not isinstance(sel, list) or not all(isinstance(s, str) for s in sel):
+            raise ValueError(f"{where}: {field!r} must be a list of reward names, got {sel!r}")
+        unknown = [s for s in sel if s not in names]
+        if unknown:
+            raise ValueError(f"{where}: {field!r} names {', '.join(unknown)}, which this run does not have; "
+                             f"its rewards are {', '.join(sorted(names))}")
+
+
+# ====================================================================== command line
+DESCRIPTION = ("Train a Bradley-Terry reward model on pairwise preferences (JSONL {prompt|messages, chosen, "
+               "rejected}): the transformer with a scalar head on the last token, initialised from model.init "
+               "or a preset; held-out pairwise accuracy in metrics.jsonl; run.out/final loads with "
+               "load_reward_model and serves GRPO as --reward rm:PATH=weight,scope=answer.")
+EPILOG = """\
+Every recipe key can be set in the TOML file ([table] key = value) or here as --table.key VALUE (kebab- or
+snake_case). Precedence: defaults < --recipe file < command line. --resume continues from the newest
+checkpoint of a run folder with the recipe stored in it.
+"""
+
+
+def add_parsers(subparsers) -> None:
+    """Register `rm` on an argparse subparsers object."""
+    import argparse
+    import textwrap
+
+    p = subparsers.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry)",
+                              description=textwrap.fill(DESCRIPTION, 110), epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest checkpoint in DIR (a run folder or checkpoint); without DIR, run.out")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+    add_recipe_arguments(p, "rm", RMRecipe)
+    p.set_defaults(fn=cmd_rm)
+
+
+def resolve(args) -> tuple[RMRecipe, Path | None]:
+    from . import state as ckpt
+    from .recipe import overrides_from_args
+
+    overrides = overrides_from_args(args)
+    if args.resume is None:
+        return load_rm_recipe(args.recipe, overrides), None
+    where = Path(args.resume) if args.resume else Path(load_rm_recipe(args.recipe, overrides).run.out)
+    ck = ckpt.find_checkpoint(where)
+    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
+    if meta.get("kind") != "rm":
+        raise ValueError(f"{ck} is a checkpoint of `r1lab {meta.get('kind', 'pretrain')}`, not `r1lab rm`")
+    recipe = load_rm_recipe(ck / "recipe.toml", overrides)
+    if "run.out" not in overrides:
+        recipe.run.out = str(ck.parent.parent)
+    return recipe, ck
+
+
+def cmd_rm(args) -> None:
+    from .loop import NonFiniteLoss
+
+    recipe, resume = resolve(args)
+    if args.print_recipe:
+        print(recipe.to_toml(), end="")
+        return
+    try:
+        run(recipe, resume)
+    except NonFiniteLoss as e:
+        print(f"r1lab rm: stopped: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except KeyboardInterrupt as e:
+        print("r1lab rm: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="r1lab", description="r1lab rm")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_parsers(sub)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
