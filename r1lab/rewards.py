@@ -147,6 +147,7 @@ class WeightedReward:
     name: str
     fn: RewardFn
     weight: float
+    user: bool = False  # a user's `module:function`: called with TRL's conversational format for chat prompts
 
 
 def parse_reward(spec: str) -> WeightedReward:
@@ -178,7 +179,7 @@ def parse_reward(spec: str) -> WeightedReward:
                          f"attribute {fn_name!r}")
     if not callable(fn):
         raise ValueError(f"reward {spec!r}: {mod_name}.{fn_name} is not callable")
-    return WeightedReward(fn_name, fn, weight)
+    return WeightedReward(fn_name, fn, weight, user=True)
 
 
 def load_rewards(specs: Sequence[str]) -> list[WeightedReward]:
@@ -191,12 +192,23 @@ def load_rewards(specs: Sequence[str]) -> list[WeightedReward]:
 
 
 def combine(rewards: Sequence[WeightedReward], prompts: Sequence[str], completions: Sequence[str],
+            conversations: Sequence[list[dict]] | None = None,
             **row_fields) -> tuple[list[float], dict[str, list[float | None]]]:
     """Run every reward; return the weighted total per sample (a None counts as absent: 0 contribution) and
-    each reward's raw values by name."""
+    each reward's raw values by name.
+
+    conversations: the rows' chat messages when the prompts are conversations. Users' reward functions then get
+    what TRL gives them for a conversational dataset (prompts as message lists, each completion as
+    `[{"role": "assistant", "content": text}]`), so functions written for TRL work unchanged; built-in
+    rewards always get the rendered prompt and the completion text.
+    """
     per: dict[str, list[float | None]] = {}
+    chat_completions = [[{"role": "assistant", "content": c}] for c in completions] if conversations else None
     for r in rewards:
-        vals = list(r.fn(prompts=list(prompts), completions=list(completions), **row_fields))
+        if r.user and conversations:
+            vals = list(r.fn(prompts=list(conversations), completions=chat_completions, **row_fields))
+        else:
+            vals = list(r.fn(prompts=list(prompts), completions=list(completions), **row_fields))
         if len(vals) != len(completions):
             raise ValueError(f"reward {r.name!r} returned {len(vals)} values for {len(completions)} completions")
         per[r.name] = [None if v is None else float(v) for v in vals]

@@ -106,3 +106,22 @@ def test_user_rewards_by_module_function_with_clear_errors(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="more than once"):
         load_rewards(["format", "format=2"])
     sys.modules.pop("my_rewards", None)
+
+
+def test_user_rewards_get_trl_conversational_format_for_chat_prompts(tmp_path, monkeypatch):
+    """A reward written for TRL's conversational datasets reads completion[0]["content"]; built-ins get text."""
+    (tmp_path / "trl_style.py").write_text(
+        "def says_four(prompts, completions, **kw):\n"
+        "    assert isinstance(prompts[0], list) and prompts[0][-1]['role'] == 'user'\n"
+        "    return [1.0 if '4' in c[0]['content'] else 0.0 for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from r1lab.rewards import combine, load_rewards
+
+    rewards = load_rewards(["trl_style:says_four=1", "accuracy=1"])
+    conversations = [[{"role": "user", "content": "2+2?"}]] * 2
+    completions = ["<think>2+2</think><answer>4</answer>", "<think>hm</think><answer>5</answer>"]
+    total, per = combine(rewards, ["rendered prompt"] * 2, completions, conversations, answer=["4", "4"])
+    assert per["says_four"] == [1.0, 0.0] and per["accuracy"] == [1.0, 0.0] and total == [2.0, 0.0]
+    # without conversations (R1-Zero plain-text prompts) the same function would get strings, as in TRL
+    plain = load_rewards(["accuracy=1"])
+    assert combine(plain, ["p"] * 2, completions, None, answer=["4", "4"])[0] == [1.0, 0.0]

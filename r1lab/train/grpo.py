@@ -400,7 +400,9 @@ class GRPOTrainer(Trainer):
         fields = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r}
                   if k not in ("prompt", "messages", "where")}
         fields["completion_ids"] = [o.token_ids for o in outs]
-        total, per = combine(self.rewards, prompts, completions, **fields)
+        chats = [r.get("messages") for r in rows]
+        conversations = chats if all(chats) and self.g.prompt_style == "chat" else None
+        total, per = combine(self.rewards, prompts, completions, conversations, **fields)
         return Rollout(rows, prompts, [self.prompt_ids[idx[o.prompt_index]] for o in outs], completions,
                        [o.token_ids for o in outs], [o.logprobs for o in outs], [o.finish_reason for o in outs],
                        torch.tensor(total, dtype=torch.float32), per)

@@ -574,7 +574,7 @@ def route_rewards(rewards: Sequence, field: str = "reward_names") -> list:
                     vals[i] = v
             return vals
 
-        out.append(WeightedReward(r.name, fn, r.weight))
+        out.append(WeightedReward(r.name, fn, r.weight, user=r.user))
     return out
 
 
