@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Each stage's command lives beside its code.
     from .eval import add_parser as add_eval_parser
+    from .plan import add_parser as add_plan_parser
     from .serve import add_parser as add_serve_parser
     from .train.cli import add_parsers as add_train_parsers
     from .train.grpo import add_parsers as add_grpo_parsers
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_rm_parsers(sub)
     add_eval_parser(sub)
     add_serve_parser(sub)
+    add_plan_parser(sub)
     return p
 
 
