@@ -33,8 +33,8 @@ def free_port() -> int:
 
 def start_server(model: str, port: int, max_batch: int = 32, api_key: str | None = None,
                  extra: list[str] | None = None, timeout: float = 120) -> subprocess.Popen:
-    """Start `python -m r1lab.serve` and wait until /health answers; raises with its output if it dies."""
-    cmd = [sys.executable, "-m", "r1lab.serve", "--model", model, "--port", str(port), "--max-batch", str(max_batch)]
+    """Start `r1lab serve` (as `python -m r1lab.cli serve`) and wait until /health answers; raises with its output if it dies."""
+    cmd = [sys.executable, "-m", "r1lab.cli", "serve", "--model", model, "--port", str(port), "--max-batch", str(max_batch)]
     if api_key:
         cmd += ["--api-key", api_key]
     log = tempfile.TemporaryFile("w+")  # a file, not a pipe: a pipe nobody reads would block the server

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import asdict, dataclass
 
 from .model.config import ModelConfig, get_preset

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from r1lab.cli import main
 from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, group_advantages, k3_kl,
-                              load_grpo_recipe, load_prompt_rows, main, render_prompt)
+                              load_grpo_recipe, load_prompt_rows, render_prompt)
 from test_grpo_learning import CharTokenizer, tiny_model
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "grpo-tiny.toml")

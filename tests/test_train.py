@@ -16,7 +16,7 @@ import torch
 from r1lab import load_pretrained
 from r1lab.data import IGNORE, Sequences
 from r1lab.train import state
-from r1lab.train.cli import main as cli_main
+from r1lab.cli import main as cli_main
 from r1lab.train.loop import NonFiniteLoss, Trainer, build_model, train_flops_per_token
 from r1lab.train.recipe import load_recipe
 
@@ -134,7 +134,7 @@ def reference(tmp_path_factory):
 
 def run_until_checkpoint(args, out: Path, sig: int) -> subprocess.Popen:
     """Start training in a subprocess and send it `sig` once its first checkpoint exists."""
-    proc = subprocess.Popen([sys.executable, "-m", "r1lab.train.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "r1lab.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=SUBPROCESS_ENV)
     deadline = time.time() + 120
     while not state.list_checkpoints(out):
@@ -176,7 +176,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(reference, tmp_path):
 
 CRASH_SCRIPT = """
 import os, signal, sys, torch
-from r1lab.train.cli import main
+from r1lab.cli import main
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     if "step-00000006" in str(f):  # the second checkpoint: write part of it, then die like kill -9

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from r1lab.train.cli import main
+from r1lab.cli import main
 from r1lab.train.recipe import SECTIONS, Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ def printed(capsys, *args) -> dict:
 
 @pytest.mark.parametrize("kind", ["pretrain", "sft"])
 def test_help_documents_every_key(kind):
-    out = subprocess.run([sys.executable, "-m", "r1lab.train.cli", kind, "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "r1lab.cli", kind, "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())  # argparse wraps lines

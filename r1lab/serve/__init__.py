@@ -1,13 +1,12 @@
 """`r1lab serve`: an OpenAI-compatible server (chat and text completions, streamed or not, reasoning apart
 from the answer) over the engine's continuous batching, with a chat page at `/`.
 
-Needs the `serve` extra (FastAPI, uvicorn). Run it as `r1lab serve --model DIR` or `python -m r1lab.serve`.
+Needs the `serve` extra (FastAPI, uvicorn). Run it as `r1lab serve --model DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,17 +42,3 @@ def cmd_serve(args) -> None:
         raise ValueError(f"--max-batch must be >= 1 (got {args.max_batch})")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m r1lab.serve ...`: the same flags as `r1lab serve`."""
-    parser = argparse.ArgumentParser(prog="python -m r1lab.serve")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"r1lab serve: error: {e}", file=sys.stderr)
-        return 2
-    return 0

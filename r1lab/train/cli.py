@@ -2,8 +2,6 @@
 
     r1lab pretrain --recipe recipes/pretrain-tiny.toml --optim.lr 1e-3 --train.steps 200
     r1lab pretrain --resume runs/pretrain-tiny          # continue a stopped run where it left off
-
-Standalone until wired into r1lab.cli: `python -m r1lab.train.cli pretrain ...`.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 from .recipe import Recipe, add_recipe_arguments, load_recipe, overrides_from_args
@@ -98,20 +95,3 @@ def cmd_train(args) -> None:
     except KeyboardInterrupt as e:
         print(f"r1lab {kind}: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
         raise SystemExit(130) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="r1lab", description="r1lab trainers")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_parsers(sub)
-    args = p.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, OSError, tomllib.TOMLDecodeError) as e:
-        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

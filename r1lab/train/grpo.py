@@ -53,7 +53,7 @@ from ..engine import Engine, SamplingParams
 from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
 from . import state as ckpt
 from .loop import Trainer, _read_lines, build_model, resolve_device
-from .recipe import SECTIONS, Recipe, add_recipe_arguments
+from .recipe import SECTIONS, Recipe, add_recipe_arguments, load_recipe
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -238,23 +238,7 @@ class GRPORecipe(Recipe):
 
 def load_grpo_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
     """Defaults, then the TOML file, then `overrides` {"grpo.beta": "0", ...} (as load_recipe for the others)."""
-    import tomllib
-
-    r = GRPORecipe.defaults()
-    if path is not None:
-        path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                d = tomllib.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"recipe {str(path)!r} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
-        r.update(d, str(path), base=path.resolve().parent)
-    for k, v in (overrides or {}).items():
-        r.set(k, v, "command line", base=Path.cwd())
-    r.validate()
-    return r
+    return load_recipe(path, "grpo", overrides, GRPORecipe)
 
 
 # ====================================================================== prompts
@@ -733,22 +717,3 @@ def cmd_grpo(args) -> None:
     except KeyboardInterrupt as e:
         print("r1lab grpo: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
         raise SystemExit(130) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="r1lab", description="r1lab grpo")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_parsers(sub)
-    args = p.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -259,9 +259,11 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def load_recipe(path: str | Path | None, kind: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Defaults for `kind`, then the TOML file (if any), then `overrides` {"optim.lr": "3e-4", ...}."""
-    r = Recipe.defaults(kind)
+def load_recipe(path: str | Path | None, kind: str, overrides: dict[str, Any] | None = None,
+                recipe_cls: type[Recipe] = Recipe) -> Recipe:
+    """Defaults for `kind`, then the TOML file (if any), then `overrides` {"optim.lr": "3e-4", ...}.
+    recipe_cls: a Recipe subclass with more tables (GRPO's, the reward model's)."""
+    r = recipe_cls.defaults(kind)
     if path is not None:
         path = Path(path)
         try:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from ..data import read_jsonl
 from ..tokenizer import split_reasoning
 from .loop import Trainer, build_model, peak_memory_gb, resolve_device
-from .recipe import SECTIONS, Recipe, add_recipe_arguments
+from .recipe import SECTIONS, Recipe, add_recipe_arguments, load_recipe
 
 HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
 MARKER_FILE = "reward_model.json"
@@ -254,23 +254,7 @@ class RMRecipe(Recipe):
 
 def load_rm_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RMRecipe:
     """Defaults, then the TOML file, then `overrides` {"rm.scope": "answer", ...}."""
-    import tomllib
-
-    r = RMRecipe.defaults()
-    if path is not None:
-        path = Path(path)
-        try:
-            with open(path, "rb") as f:
-                d = tomllib.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"recipe {str(path)!r} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
-        r.update(d, str(path), base=path.resolve().parent)
-    for k, v in (overrides or {}).items():
-        r.set(k, v, "command line", base=Path.cwd())
-    r.validate()
-    return r
+    return load_recipe(path, "rm", overrides, RMRecipe)
 
 
 # ====================================================================== the trainer
@@ -655,22 +639,3 @@ def cmd_rm(args) -> None:
     except KeyboardInterrupt as e:
         print("r1lab rm: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
         raise SystemExit(130) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="r1lab", description="r1lab rm")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_parsers(sub)
-    args = p.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"r1lab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
