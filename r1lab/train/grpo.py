@@ -203,16 +203,11 @@ class GRPORecipe(Recipe):
     Used here: data.train (JSONL prompt files), data.tokenizer, data.shuffle; train.steps (GRPO steps),
     train.batch_size (sequences per micro-batch), train.compile, train.activation_checkpointing."""
 
+    kind_defaults: ClassVar[dict[str, dict]] = {"grpo": GRPO_DEFAULTS}
+    default_kind: ClassVar[str | None] = "grpo"
     sections: ClassVar[dict[str, type]] = {**SECTIONS, "grpo": GRPO}
 
     grpo: GRPO = field(default_factory=GRPO)
-
-    @classmethod
-    def defaults(cls, kind: str = "grpo") -> "GRPORecipe":
-        r = cls()
-        for (sec, key), value in GRPO_DEFAULTS.items():
-            setattr(getattr(r, sec), key, value)
-        return r
 
     def validate(self) -> None:
         super().validate()

@@ -135,6 +135,9 @@ KIND_DEFAULTS = {
 class Recipe:
     # Tables a recipe has; a trainer with its own table (GRPO) subclasses and extends this.
     sections: ClassVar[dict[str, type]] = SECTIONS
+    # Per-trainer defaults that differ from the tables' own, {kind: {(table, key): value}}.
+    kind_defaults: ClassVar[dict[str, dict]] = KIND_DEFAULTS
+    default_kind: ClassVar[str | None] = None
 
     run: Run = field(default_factory=Run)
     model: Model = field(default_factory=Model)
@@ -146,9 +149,9 @@ class Recipe:
     log: Log = field(default_factory=Log)
 
     @classmethod
-    def defaults(cls, kind: str) -> "Recipe":
+    def defaults(cls, kind: str | None = None) -> "Recipe":
         r = cls()
-        for (sec, key), value in KIND_DEFAULTS[kind].items():
+        for (sec, key), value in cls.kind_defaults[kind or cls.default_kind].items():
             setattr(getattr(r, sec), key, value)
         return r
 

@@ -233,16 +233,11 @@ class RMRecipe(Recipe):
     sequence, prompt + response + EOS), data.too_long, data.shuffle, data.tokenizer; train.batch_size counts
     pairs per micro-batch (2 x that many sequences per forward)."""
 
+    kind_defaults: ClassVar[dict[str, dict]] = {"rm": RM_DEFAULTS}
+    default_kind: ClassVar[str | None] = "rm"
     sections: ClassVar[dict[str, type]] = {**SECTIONS, "rm": RM}
 
     rm: RM = field(default_factory=RM)
-
-    @classmethod
-    def defaults(cls, kind: str = "rm") -> "RMRecipe":
-        r = cls()
-        for (sec, key), value in RM_DEFAULTS.items():
-            setattr(getattr(r, sec), key, value)
-        return r
 
     def validate(self) -> None:
         super().validate()
