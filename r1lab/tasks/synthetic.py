@@ -8,17 +8,32 @@ Difficulty is the number of digits of each operand. The split is a property of t
 a pair is in the test split when a hash of (digits, a, b) falls in the test fraction, so every train and test
 draw, whatever its seed, is disjoint from the other split. The verifier is `r1lab.math_equal` through
 `Problem.answer` (an integer string), or `Addition.verify` directly.
+
+More tasks in the same style (seeded `problems(n, split, seed)`, split by a hash of the instance, exact
+`verify(problem, extracted_answer) -> bool`, and `solution(problem) -> str`, a short worked chain of thought
+ending with "The answer is X." that `r1lab.grading.extract_answer` reads back; `Problem.solution` holds it):
+
+- `Arithmetic(digits, ops=("+", "-", "*"), n_operands=2)`: an expression with usual precedence, integer answer;
+- `Countdown(n_numbers, max_target)`: reach the target from the given numbers with + - * / and parentheses,
+  each number at most once; the answer is an expression, checked by a small parser (never `eval`) with exact
+  fractions. Only solvable instances are generated (the target is built from a random expression);
+- `LinearEquation(max_coef)`: solve `a*x + b = c` for the integer x.
+
+`TASKS` maps names to the classes and `load_task(name, split, n, seed, **knobs)` draws problems.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass
+from fractions import Fraction
 
+from ..grading import math_equal
 from .benchmarks import Problem
 
-__all__ = ["Addition"]
+__all__ = ["TASKS", "Addition", "Arithmetic", "Countdown", "LinearEquation", "load_task", "parse_expression"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,397 @@ class Addition:
         return out
 
     @staticmethod
+    def solution(problem: Problem) -> str:
+        """A worked column addition, ending with the answer."""
+        a, b = problem.meta["a"], problem.meta["b"]
+        da, db = str(a)[::-1], str(b)[::-1]
+        steps, carry = [], 0
+        for i in range(max(len(da), len(db))):
+            x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+            t = x + y + carry
+            steps.append(f"{x} + {y}" + (f" + carry {carry}" if carry else "") + f" = {t}, write {t % 10}"
+                         + (", carry 1." if t >= 10 else "."))
+            carry = t // 10
+        if carry:
+            steps.append("Write the final carry 1.")
+        return f"Add {a} and {b} digit by digit from the right. " + " ".join(steps) + f" The answer is {a + b}."
+
+    @staticmethod
     def verify(problem: Problem, answer: str | None) -> bool:
         """Exact check of an extracted answer (an integer, surrounding spaces ignored)."""
         return answer is not None and answer.strip() == problem.answer
+
+
+# ====================================================================== shared helpers
+def _hash_split(key: str, test_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "test" if h / 2**64 < test_fraction else "train"
+
+
+def _check_common(split: str, test_fraction: float, cls: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"{cls} split must be 'train' or 'test', got {split!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"{cls}.test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _draw(n: int, split: str, seed: int, name: str, make, split_of) -> list[Problem]:
+    """`n` problems: `make(rng)` -> (key, question, answer, meta) or None, kept when `split_of(key) == split`."""
+    rng = random.Random(f"{name}:{split}:{seed}")
+    out: list[Problem] = []
+    tries, limit = 0, 1000 * n + 100_000
+    while len(out) < n:
+        tries += 1
+        if tries > limit:
+            raise ValueError(f"{name}: could not draw {n} {split} problems (too few instances for these knobs)")
+        made = make(rng)
+        if made is None:
+            continue
+        key, question, answer, meta = made
+        if split_of(key) != split:
+            continue
+        out.append(Problem(id=f"{name}/{split}/{seed}/{len(out)}", question=question, answer=answer, meta=meta))
+    return out
+
+
+def _numeric_answer(answer: str | None) -> str | None:
+    """An extracted answer without a leading `x =` and surrounding spaces, or None."""
+    if answer is None or not isinstance(answer, str):
+        return None
+    a = answer.strip()
+    if len(a) > 2 and a[0] in "xX" and a[1:].lstrip().startswith("="):
+        a = a[1:].lstrip()[1:].strip()
+    return a or None
+
+
+# ====================================================================== a safe expression parser
+class _ParseError(ValueError):
+    pass
+
+
+_MAX_EXPR_CHARS = 200
+_MAX_DEPTH = 50
+
+
+def _tokens(text: str) -> list[str]:
+    text = text.replace("×", "*").replace("÷", "/").replace("\\times", "*").replace("\\div", "/")
+    text = text.replace("\\cdot", "*").replace("−", "-")
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c.isspace():
+            i += 1
+        elif c in "+-*/()":
+            out.append(c)
+            i += 1
+        elif c in "0123456789":
+            j = i
+            while j < len(text) and text[j] in "0123456789":
+                j += 1
+            out.append(text[i:j])
+            i = j
+        else:
+            raise _ParseError(f"unexpected character {c!r}")
+    return out
+
+
+def parse_expression(text: str) -> tuple[Fraction, list[int]]:
+    """Value (exact) and the integer literals of an expression over non-negative integers, + - * / and
+    parentheses, usual precedence, no unary operators. Raises ValueError on anything else (or division by 0).
+    Never evaluates code: a recursive-descent parser with a length and nesting limit."""
+    if not isinstance(text, str) or len(text) > _MAX_EXPR_CHARS:
+        raise _ParseError("not a string or too long")
+    toks, pos, literals = _tokens(text), 0, []
+
+    def peek() -> str | None:
+        return toks[pos] if pos < len(toks) else None
+
+    def expr(depth: int) -> Fraction:
+        nonlocal pos
+        v = term(depth)
+        while peek() in ("+", "-"):
+            op = toks[pos]
+            pos += 1
+            r = term(depth)
+            v = v + r if op == "+" else v - r
+        return v
+
+    def term(depth: int) -> Fraction:
+        nonlocal pos
+        v = atom(depth)
+        while peek() in ("*", "/"):
+            op = toks[pos]
+            pos += 1
+            r = atom(depth)
+            if op == "*":
+                v = v * r
+            elif r == 0:
+                raise _ParseError("division by zero")
+            else:
+                v = v / r
+        return v
+
+    def atom(depth: int) -> Fraction:
+        nonlocal pos
+        if depth > _MAX_DEPTH:
+            raise _ParseError("nested too deeply")
+        t = peek()
+        if t is None:
+            raise _ParseError("unexpected end")
+        if t == "(":
+            pos += 1
+            v = expr(depth + 1)
+            if peek() != ")":
+                raise _ParseError("missing )")
+            pos += 1
+            return v
+        if t.isdigit():
+            pos += 1
+            literals.append(int(t))
+            return Fraction(int(t))
+        raise _ParseError(f"unexpected {t!r}")
+
+    value = expr(0)
+    if pos != len(toks):
+        raise _ParseError(f"unexpected {toks[pos]!r}")
+    return value, literals
+
+
+def _reduce_steps(operands: list[int], ops: list[str]) -> tuple[list[str], int]:
+    """Steps of evaluating `o0 op0 o1 op1 ...` (* before + -, then left to right) and the value."""
+    vals, ops, steps = list(operands), list(ops), []
+    for pass_ops in (("*",), ("+", "-")):
+        i = 0
+        while i < len(ops):
+            if ops[i] in pass_ops:
+                a, b, op = vals[i], vals[i + 1], ops[i]
+                r = a * b if op == "*" else a + b if op == "+" else a - b
+                steps.append(f"{a} {op} {b} = {r}.")
+                vals[i : i + 2] = [r]
+                del ops[i]
+            else:
+                i += 1
+    return steps, vals[0]
+
+
+# ====================================================================== arithmetic
+@dataclass(frozen=True)
+class Arithmetic:
+    """`n_operands` numbers of `digits` digits joined by operators from `ops` (usual precedence)."""
+
+    digits: int = 3
+    ops: tuple[str, ...] = ("+", "-", "*")
+    n_operands: int = 2
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits <= 18:
+            raise ValueError(f"Arithmetic.digits must be in [1, 18], got {self.digits}")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        if not self.ops or any(o not in ("+", "-", "*") for o in self.ops):
+            raise ValueError(f"Arithmetic.ops must be a non-empty subset of + - *, got {self.ops}")
+        if not 2 <= self.n_operands <= 10:
+            raise ValueError(f"Arithmetic.n_operands must be in [2, 10], got {self.n_operands}")
+        _check_common("train", self.test_fraction, "Arithmetic")
+
+    @property
+    def name(self) -> str:
+        return f"arithmetic-{self.digits}-{self.n_operands}-{''.join(self.ops)}"
+
+    def split_of(self, expression: str) -> str:
+        return _hash_split(f"arithmetic:{expression}", self.test_fraction)
+
+    def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        _check_common(split, self.test_fraction, "Arithmetic")
+        lo, hi = (0 if self.digits == 1 else 10 ** (self.digits - 1)), 10**self.digits - 1
+
+        def make(rng: random.Random):
+            nums = [rng.randint(lo, hi) for _ in range(self.n_operands)]
+            ops = [rng.choice(self.ops) for _ in range(self.n_operands - 1)]
+            expression = " ".join([str(nums[0])] + [f"{o} {x}" for o, x in zip(ops, nums[1:])])
+            _, value = _reduce_steps(nums, ops)
+            return expression, f"What is {expression}?", str(value), {"operands": nums, "ops": ops,
+                                                                     "expression": expression}
+
+        probs = _draw(n, split, seed, self.name, make, self.split_of)
+        for p in probs:
+            p.solution = self.solution(p)
+        return probs
+
+    @staticmethod
+    def verify(problem: Problem, answer: str | None) -> bool:
+        a = _numeric_answer(answer)
+        return a is not None and math_equal(a, problem.answer)
+
+    @staticmethod
+    def solution(problem: Problem) -> str:
+        steps, value = _reduce_steps(problem.meta["operands"], problem.meta["ops"])
+        head = "Multiplication comes before addition and subtraction; then go left to right. "
+        if "*" not in problem.meta["ops"]:
+            head = "Go left to right. "
+        return f"Compute {problem.meta['expression']}. " + head + " ".join(steps) + f" The answer is {value}."
+
+
+# ====================================================================== countdown
+@dataclass(frozen=True)
+class Countdown:
+    """Reach a target in [1, max_target] from `n_numbers` numbers in [1, max_number] with + - * / and
+    parentheses, each number at most once. The answer is an expression; `Problem.answer` is one solution."""
+
+    n_numbers: int = 4
+    max_target: int = 100
+    max_number: int = 10
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_numbers <= 8:
+            raise ValueError(f"Countdown.n_numbers must be in [2, 8], got {self.n_numbers}")
+        if self.max_target < 1 or self.max_number < 1:
+            raise ValueError("Countdown.max_target and max_number must be >= 1")
+        _check_common("train", self.test_fraction, "Countdown")
+
+    @property
+    def name(self) -> str:
+        return f"countdown-{self.n_numbers}-{self.max_target}-{self.max_number}"
+
+    def split_of(self, numbers, target: int) -> str:
+        return _hash_split(f"countdown:{sorted(numbers)}:{target}", self.test_fraction)
+
+    def _split_key(self, key) -> str:
+        return self.split_of(key[0], key[1])
+
+    def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        _check_common(split, self.test_fraction, "Countdown")
+
+        def make(rng: random.Random):
+            nums = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
+            # combine random pairs until one value is left: (value, expression text, is_atom)
+            items = [(Fraction(x), str(x), True) for x in nums]
+            steps = []
+            while len(items) > 1:
+                i, j = rng.sample(range(len(items)), 2)
+                (a, ea, aa), (b, eb, ab) = items[i], items[j]
+                choices = ["+", "*"] + (["-"] if a > b else []) + (["/"] if b > 1 and a % b == 0 else [])
+                op = rng.choice(choices)
+                v = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op]
+                steps.append(f"{a} {op} {b} = {v}.")
+                wrap = lambda e, atom: e if atom else f"({e})"  # noqa: E731
+                items = [it for k, it in enumerate(items) if k not in (i, j)] + [(v, f"{wrap(ea, aa)} {op} {wrap(eb, ab)}", False)]
+            target, expression, _ = items[0]
+            if target.denominator != 1 or not 1 <= target <= self.max_target:
+                return None
+            target = int(target)
+            question = (f"Using the numbers {', '.join(map(str, nums))}, each at most once, and + - * / with "
+                        f"parentheses, make {target}.")
+            return ((nums, target), question, expression,
+                    {"numbers": nums, "target": target, "expression": expression, "steps": steps})
+
+        probs = _draw(n, split, seed, self.name, make, self._split_key)
+        for p in probs:
+            p.solution = self.solution(p)
+        return probs
+
+    @staticmethod
+    def verify(problem: Problem, answer: str | None) -> bool:
+        """True when `answer` is an expression over the given numbers (each at most once) equal to the target;
+        an optional trailing `= target` is allowed. Never raises."""
+        try:
+            if not isinstance(answer, str):
+                return False
+            target = problem.meta["target"]
+            parts = answer.split("=")
+            if len(parts) > 2:
+                return False
+            if len(parts) == 2:
+                rhs_value, rhs_literals = parse_expression(parts[1])
+                if len(rhs_literals) != 1 or rhs_value != target:
+                    return False
+            value, literals = parse_expression(parts[0])
+            if not literals or Counter(literals) - Counter(problem.meta["numbers"]):
+                return False
+            return value == target
+        except (ValueError, ZeroDivisionError, RecursionError, KeyError, TypeError):
+            return False
+
+    @staticmethod
+    def solution(problem: Problem) -> str:
+        m = problem.meta
+        return (f"We need {m['target']} from {', '.join(map(str, m['numbers']))}. " + " ".join(m["steps"])
+                + f" That reaches {m['target']}. The answer is {m['expression']}.")
+
+
+# ====================================================================== linear equations
+def _linear_lhs(a: int, b: int) -> str:
+    ax = "x" if a == 1 else "-x" if a == -1 else f"{a}x"
+    return ax if b == 0 else f"{ax} + {b}" if b > 0 else f"{ax} - {-b}"
+
+
+@dataclass(frozen=True)
+class LinearEquation:
+    """`a*x + b = c` with a, b, x in [-max_coef, max_coef] (a != 0): the answer is the integer x."""
+
+    max_coef: int = 10
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_coef <= 10**9:
+            raise ValueError(f"LinearEquation.max_coef must be in [1, 1e9], got {self.max_coef}")
+        _check_common("train", self.test_fraction, "LinearEquation")
+
+    @property
+    def name(self) -> str:
+        return f"linear-{self.max_coef}"
+
+    def split_of(self, a: int, b: int, c: int) -> str:
+        return _hash_split(f"linear:{a}:{b}:{c}", self.test_fraction)
+
+    def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        _check_common(split, self.test_fraction, "LinearEquation")
+        m = self.max_coef
+
+        def make(rng: random.Random):
+            a = rng.randint(1, m) * rng.choice((1, -1))
+            b, x = rng.randint(-m, m), rng.randint(-m, m)
+            c = a * x + b
+            return ((a, b, c), f"Solve for x: {_linear_lhs(a, b)} = {c}.", str(x),
+                    {"a": a, "b": b, "c": c, "x": x})
+
+        probs = _draw(n, split, seed, self.name, make, lambda k: self.split_of(*k))
+        for p in probs:
+            p.solution = self.solution(p)
+        return probs
+
+    @staticmethod
+    def verify(problem: Problem, answer: str | None) -> bool:
+        a = _numeric_answer(answer)
+        return a is not None and math_equal(a, problem.answer)
+
+    @staticmethod
+    def solution(problem: Problem) -> str:
+        a, b, c, x = (problem.meta[k] for k in ("a", "b", "c", "x"))
+        steps = [f"Solve {_linear_lhs(a, b)} = {c}."]
+        if b > 0:
+            steps.append(f"Subtract {b} from both sides: {_linear_lhs(a, 0)} = {c} - {b} = {c - b}.")
+        elif b < 0:
+            steps.append(f"Add {-b} to both sides: {_linear_lhs(a, 0)} = {c} + {-b} = {c - b}.")
+        if a != 1:
+            steps.append(f"Divide both sides by {a}: x = {c - b} / {a} = {x}.")
+        par = lambda v: f"({v})" if v < 0 else str(v)  # noqa: E731
+        steps.append(f"Check: {a} * {par(x)} + {par(b)} = {c}. The answer is {x}.")
+        return " ".join(steps)
+
+
+# ====================================================================== registry
+TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation}
+
+
+def load_task(name: str, split: str = "train", n: int = 100, seed: int = 0, **knobs) -> list[Problem]:
+    """`n` problems of task `name` (a key of TASKS) built with `knobs`, drawn from `split` with `seed`."""
+    if name not in TASKS:
+        raise ValueError(f"unknown synthetic task {name!r}; known: {', '.join(TASKS)}")
+    task = TASKS[name](**knobs)
+    probs = task.problems(n, split, seed)
+    for p in probs:
+        if p.solution is None:
+            p.solution = task.solution(p)
+    return probs

@@ -1,0 +1,106 @@
+"""The synthetic reasoning tasks: arithmetic, countdown, linear equations (and the registry over them)."""
+
+import pytest
+
+from r1lab.grading import extract_answer, math_equal
+from r1lab.tasks.synthetic import TASKS, Arithmetic, Countdown, LinearEquation, load_task, parse_expression
+
+SMALL = {"addition": {"digits": 1}, "arithmetic": {"digits": 1, "n_operands": 2},
+         "countdown": {"n_numbers": 3, "max_target": 30, "max_number": 6}, "linear": {"max_coef": 3}}
+
+
+def _key(p):
+    return p.question
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_same_seed_same_problems_other_seed_other_problems(name):
+    a = load_task(name, "train", 40, seed=1)
+    b = load_task(name, "train", 40, seed=1)
+    assert [(p.question, p.answer, p.solution) for p in a] == [(p.question, p.answer, p.solution) for p in b]
+    assert [p.question for p in a] != [p.question for p in load_task(name, "train", 40, seed=2)]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_test_disjoint_whatever_the_seeds(name):
+    knobs = SMALL[name]  # small instance spaces, so collisions would show
+    train = {_key(p) for s in range(3) for p in load_task(name, "train", 150, seed=s, **knobs)}
+    test = {_key(p) for s in range(3) for p in load_task(name, "test", 60, seed=s, **knobs)}
+    assert train and test and not train & test
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_worked_solutions_verify_through_the_grader(name):
+    task_cls = TASKS[name]
+    for split in ("train", "test"):
+        for p in load_task(name, split, 100, seed=3):
+            assert p.solution and p.solution.rstrip().endswith(".")
+            got = extract_answer(p.solution)
+            assert task_cls.verify(p, got), (p.solution, got)
+            assert task_cls.verify(p, extract_answer(f"<think>{p.solution}</think><answer>{p.answer}</answer>"))
+
+
+def test_knobs_change_difficulty():
+    p = Arithmetic(digits=4, ops=("*",), n_operands=3).problems(20, "train", 0)
+    assert all(len(q.meta["operands"]) == 3 and all(1000 <= x <= 9999 for x in q.meta["operands"]) for q in p)
+    assert all(int(q.answer) == q.meta["operands"][0] * q.meta["operands"][1] * q.meta["operands"][2] for q in p)
+    c = Countdown(n_numbers=5, max_target=50).problems(20, "train", 0)
+    assert all(len(q.meta["numbers"]) == 5 and 1 <= q.meta["target"] <= 50 for q in c)
+    with pytest.raises(ValueError):
+        Arithmetic(ops=("/",))
+
+
+def test_arithmetic_precedence_and_numeric_equivalence():
+    p = Arithmetic(digits=2, n_operands=3).problems(200, "train", 0)
+    for q in p:
+        value, _ = parse_expression(q.meta["expression"])
+        assert value == int(q.answer)
+    q = p[0]
+    assert Arithmetic.verify(q, f" {q.answer}.0 ") and not Arithmetic.verify(q, str(int(q.answer) + 1))
+    assert not Arithmetic.verify(q, None)
+
+
+def test_every_countdown_instance_is_solvable():
+    for knobs in ({}, {"n_numbers": 2, "max_target": 20}, {"n_numbers": 6, "max_target": 500, "max_number": 25}):
+        for split in ("train", "test"):
+            for p in Countdown(**knobs).problems(100, split, seed=7):
+                assert Countdown.verify(p, p.answer)
+                assert Countdown.verify(p, p.meta["expression"] + f" = {p.meta['target']}")
+                value, literals = parse_expression(p.answer)
+                assert value == p.meta["target"] and sorted(literals) == sorted(p.meta["numbers"])
+
+
+def _countdown(numbers, target):
+    from r1lab.tasks.benchmarks import Problem
+
+    return Problem(id="t", question="", answer="", meta={"numbers": numbers, "target": target})
+
+
+def test_countdown_verifier_rejects_bad_answers():
+    p = _countdown([3, 5, 2, 7], 16)
+    assert Countdown.verify(p, "(3 + 5) * 2") and Countdown.verify(p, "(3+5)*2 = 16") and Countdown.verify(p, "7*2+5-3")
+    assert Countdown.verify(p, "(7 + 5 + 3 + 2) - 1 * 1") is False  # 1 is not given
+    assert not Countdown.verify(p, "(3 + 5) * 3 - 8")  # wrong numbers
+    assert not Countdown.verify(p, "(5 + 5 + 3) + 3")  # reused numbers
+    assert not Countdown.verify(p, "3 + 5 + 2")  # wrong target
+    assert not Countdown.verify(p, "(3 + 5) * 2 = 17")
+    assert not Countdown.verify(p, "16") and not Countdown.verify(p, "")
+    assert Countdown.verify(_countdown([6, 4, 3], 8), "6 / 3 * 4") and not Countdown.verify(_countdown([6, 4], 1), "6/4")
+    assert not Countdown.verify(_countdown([4, 0], 1), "4 / 0")
+    for evil in ("__import__('os')", "__import__('os').system('true')", "3**5", "-3+19", "(" * 5000 + "3" + ")" * 5000,
+                 "(" * 60 + "3" + ")" * 60, "2 ++ 3", "(3 + 5) * 2)", "((3 + 5) * 2", "3 5", None, 16, "1e2", "2.0*8"):
+        assert Countdown.verify(p, evil) is False
+
+
+def test_linear_answers_are_integers_and_solve_the_equation():
+    for q in LinearEquation(max_coef=20).problems(200, "test", 5):
+        x = int(q.answer)
+        a, b, c = q.meta["a"], q.meta["b"], q.meta["c"]
+        assert a != 0 and a * x + b == c and str(x) == q.answer
+        assert LinearEquation.verify(q, q.answer) and LinearEquation.verify(q, f"x = {x}")
+        assert math_equal(f"{x}.0", q.answer) and not LinearEquation.verify(q, str(x + 1))
+
+
+def test_registry_rejects_unknown_task():
+    with pytest.raises(ValueError):
+        load_task("nope")
