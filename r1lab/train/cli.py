@@ -34,33 +34,43 @@ Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C quits a
 """
 
 
+def add_trainer_parser(subparsers, kind: str, help: str, description: str, run: str,
+                       recipe_cls: type[Recipe] = Recipe, epilog: str = EPILOG, prepare=None) -> argparse.ArgumentParser:
+    """Register one trainer's subcommand: --recipe, --resume, --print-recipe and every recipe key.
+
+    run: "module:function" called as run(recipe, resume_checkpoint) (imported only when the command runs);
+    prepare: optional callable(recipe, args) for the command's own flags (GRPO's --reward)."""
+    p = subparsers.add_parser(kind, help=help, description=textwrap.fill(description, 110), epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                   help="continue from the newest checkpoint in DIR (a run folder or a checkpoint folder); "
+                        "without DIR, in run.out")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
+    add_recipe_arguments(p, kind, recipe_cls)
+    p.set_defaults(fn=cmd_train, kind=kind, recipe_cls=recipe_cls, run=run, prepare=prepare)
+    return p
+
+
 def add_parsers(subparsers) -> None:
     """Register the `pretrain` and `sft` subcommands on an argparse subparsers object."""
     for kind, (short, long) in DESCRIPTIONS.items():
-        p = subparsers.add_parser(kind, help=short, description=textwrap.fill(long, 110), epilog=EPILOG,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
-        p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                       help="continue from the newest checkpoint in DIR (a run folder or a checkpoint folder); "
-                            "without DIR, in run.out")
-        p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
-        add_recipe_arguments(p, kind)
-        p.set_defaults(fn=cmd_train, kind=kind)
+        add_trainer_parser(subparsers, kind, short, long, run=f"r1lab.train.{kind}:run")
 
 
-def resolve(args, kind: str) -> tuple[Recipe, Path | None]:
+def resolve(args, kind: str, recipe_cls: type[Recipe] = Recipe) -> tuple[Recipe, Path | None]:
     """The recipe to run and the checkpoint to resume from (None for a fresh run)."""
     from . import state
 
     overrides = overrides_from_args(args)
     if args.resume is None:
-        return load_recipe(args.recipe, kind, overrides), None
-    where = Path(args.resume) if args.resume else Path(load_recipe(args.recipe, kind, overrides).run.out)
+        return load_recipe(args.recipe, kind, overrides, recipe_cls), None
+    where = Path(args.resume) if args.resume else Path(load_recipe(args.recipe, kind, overrides, recipe_cls).run.out)
     ck = state.find_checkpoint(where)
     saved_kind = _saved_kind(ck)
     if saved_kind != kind:
         raise ValueError(f"{ck} is a checkpoint of `r1lab {saved_kind}`, not `r1lab {kind}`")
-    recipe = load_recipe(ck / "recipe.toml", kind, overrides)
+    recipe = load_recipe(ck / "recipe.toml", kind, overrides, recipe_cls)
     if "run.out" not in overrides:
         recipe.run.out = str(ck.parent.parent)  # the run folder the checkpoint lives in
     return recipe, ck
@@ -76,17 +86,19 @@ def _saved_kind(ck: Path) -> str:
 
 
 def cmd_train(args) -> None:
+    import importlib
+
     from .loop import NonFiniteLoss
 
     kind = args.kind
-    recipe, resume = resolve(args, kind)
+    recipe, resume = resolve(args, kind, args.recipe_cls)
+    if args.prepare is not None:
+        args.prepare(recipe, args)
     if args.print_recipe:
         print(recipe.to_toml(), end="")
         return
-    if kind == "pretrain":
-        from .pretrain import run
-    else:
-        from .sft import run
+    module, _, fn = args.run.partition(":")
+    run = getattr(importlib.import_module(module), fn)
     try:
         run(recipe, resume)
     except NonFiniteLoss as e:

@@ -53,7 +53,7 @@ from ..engine import Engine, SamplingParams
 from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
 from . import state as ckpt
 from .loop import Trainer, _read_lines, build_model, resolve_device
-from .recipe import SECTIONS, Recipe, add_recipe_arguments, load_recipe
+from .recipe import SECTIONS, Recipe, load_recipe
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -665,50 +665,15 @@ stored in it, on the same prompts the uninterrupted run would have seen.
 
 def add_parsers(subparsers) -> None:
     """Register `grpo` on an argparse subparsers object."""
-    import argparse
-    import textwrap
+    from .cli import add_trainer_parser
 
-    p = subparsers.add_parser("grpo", help="reinforcement learning with verifiable rewards (GRPO)",
-                              description=textwrap.fill(DESCRIPTION, 110), epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue from the newest checkpoint in DIR (a run folder or checkpoint); without DIR, run.out")
+    p = add_trainer_parser(subparsers, "grpo", "reinforcement learning with verifiable rewards (GRPO)", DESCRIPTION,
+                           run="r1lab.train.grpo:run", recipe_cls=GRPORecipe, epilog=EPILOG, prepare=_add_rewards)
     p.add_argument("--reward", action="append", default=[], metavar="SPEC",
                    help="add a reward: name=weight or module:function=weight (repeatable; added to grpo.rewards)")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
-    add_recipe_arguments(p, "grpo", GRPORecipe)
-    p.set_defaults(fn=cmd_grpo)
 
 
-def resolve(args) -> tuple[GRPORecipe, Path | None]:
-    from .recipe import overrides_from_args
-
-    overrides = overrides_from_args(args)
-    if args.resume is None:
-        recipe, ck = load_grpo_recipe(args.recipe, overrides), None
-    else:
-        where = Path(args.resume) if args.resume else Path(load_grpo_recipe(args.recipe, overrides).run.out)
-        ck = ckpt.find_checkpoint(where)
-        meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
-        if meta.get("kind") != "grpo":
-            raise ValueError(f"{ck} is a checkpoint of `r1lab {meta.get('kind', 'pretrain')}`, not `r1lab grpo`")
-        recipe = load_grpo_recipe(ck / "recipe.toml", overrides)
-        if "run.out" not in overrides:
-            recipe.run.out = str(ck.parent.parent)
+def _add_rewards(recipe: GRPORecipe, args) -> None:
     if args.reward:
         recipe.grpo.rewards = list(recipe.grpo.rewards) + list(args.reward)
     load_rewards(recipe.grpo.rewards)  # fail now, with the spec named, not after loading the model
-    return recipe, ck
-
-
-def cmd_grpo(args) -> None:
-    recipe, resume = resolve(args)
-    if args.print_recipe:
-        print(recipe.to_toml(), end="")
-        return
-    try:
-        run(recipe, resume)
-    except KeyboardInterrupt as e:
-        print("r1lab grpo: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
-        raise SystemExit(130) from None

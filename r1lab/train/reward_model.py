@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from ..data import read_jsonl
 from ..tokenizer import split_reasoning
 from .loop import Trainer, build_model, peak_memory_gb, resolve_device
-from .recipe import SECTIONS, Recipe, add_recipe_arguments, load_recipe
+from .recipe import SECTIONS, Recipe, load_recipe
 
 HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
 MARKER_FILE = "reward_model.json"
@@ -587,50 +586,7 @@ checkpoint of a run folder with the recipe stored in it.
 
 def add_parsers(subparsers) -> None:
     """Register `rm` on an argparse subparsers object."""
-    import argparse
-    import textwrap
+    from .cli import add_trainer_parser
 
-    p = subparsers.add_parser("rm", help="train a reward model on preference pairs (Bradley-Terry)",
-                              description=textwrap.fill(DESCRIPTION, 110), epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", metavar="TOML", help="recipe file (default: built-in defaults only)")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
-                   help="continue from the newest checkpoint in DIR (a run folder or checkpoint); without DIR, run.out")
-    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe as TOML and exit")
-    add_recipe_arguments(p, "rm", RMRecipe)
-    p.set_defaults(fn=cmd_rm)
-
-
-def resolve(args) -> tuple[RMRecipe, Path | None]:
-    from . import state as ckpt
-    from .recipe import overrides_from_args
-
-    overrides = overrides_from_args(args)
-    if args.resume is None:
-        return load_rm_recipe(args.recipe, overrides), None
-    where = Path(args.resume) if args.resume else Path(load_rm_recipe(args.recipe, overrides).run.out)
-    ck = ckpt.find_checkpoint(where)
-    meta = json.loads((ck / "meta.json").read_text()) if (ck / "meta.json").is_file() else {}
-    if meta.get("kind") != "rm":
-        raise ValueError(f"{ck} is a checkpoint of `r1lab {meta.get('kind', 'pretrain')}`, not `r1lab rm`")
-    recipe = load_rm_recipe(ck / "recipe.toml", overrides)
-    if "run.out" not in overrides:
-        recipe.run.out = str(ck.parent.parent)
-    return recipe, ck
-
-
-def cmd_rm(args) -> None:
-    from .loop import NonFiniteLoss
-
-    recipe, resume = resolve(args)
-    if args.print_recipe:
-        print(recipe.to_toml(), end="")
-        return
-    try:
-        run(recipe, resume)
-    except NonFiniteLoss as e:
-        print(f"r1lab rm: stopped: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except KeyboardInterrupt as e:
-        print("r1lab rm: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
-        raise SystemExit(130) from None
+    add_trainer_parser(subparsers, "rm", "train a reward model on preference pairs (Bradley-Terry)", DESCRIPTION,
+                       run="r1lab.train.reward_model:run", recipe_cls=RMRecipe, epilog=EPILOG)
