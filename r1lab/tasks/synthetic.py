@@ -106,8 +106,9 @@ def _check_common(split: str, test_fraction: float, cls: str) -> None:
         raise ValueError(f"{cls}.test_fraction must be in (0, 1), got {test_fraction}")
 
 
-def _draw(n: int, split: str, seed: int, name: str, make, split_of) -> list[Problem]:
-    """`n` problems: `make(rng)` -> (key, question, answer, meta) or None, kept when `split_of(key) == split`."""
+def _draw(n: int, split: str, seed: int, name: str, make, split_of, solution=None) -> list[Problem]:
+    """`n` problems: `make(rng)` -> (key, question, answer, meta) or None, kept when `split_of(key) == split`;
+    `solution(problem)`, when given, fills in the worked solution."""
     rng = random.Random(f"{name}:{split}:{seed}")
     out: list[Problem] = []
     tries, limit = 0, 1000 * n + 100_000
@@ -122,7 +123,15 @@ def _draw(n: int, split: str, seed: int, name: str, make, split_of) -> list[Prob
         if split_of(key) != split:
             continue
         out.append(Problem(id=f"{name}/{split}/{seed}/{len(out)}", question=question, answer=answer, meta=meta))
+        if solution is not None:
+            out[-1].solution = solution(out[-1])
     return out
+
+
+def _verify_number(problem: Problem, answer: str | None) -> bool:
+    """A numeric answer (a leading `x =` allowed) equal to the reference by `math_equal`."""
+    a = _numeric_answer(answer)
+    return a is not None and math_equal(a, problem.answer)
 
 
 def _numeric_answer(answer: str | None) -> str | None:
@@ -284,15 +293,9 @@ class Arithmetic:
             return expression, f"What is {expression}?", str(value), {"operands": nums, "ops": ops,
                                                                      "expression": expression}
 
-        probs = _draw(n, split, seed, self.name, make, self.split_of)
-        for p in probs:
-            p.solution = self.solution(p)
-        return probs
+        return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
 
-    @staticmethod
-    def verify(problem: Problem, answer: str | None) -> bool:
-        a = _numeric_answer(answer)
-        return a is not None and math_equal(a, problem.answer)
+    verify = staticmethod(_verify_number)
 
     @staticmethod
     def solution(problem: Problem) -> str:
@@ -357,10 +360,7 @@ class Countdown:
             return ((nums, target), question, expression,
                     {"numbers": nums, "target": target, "expression": expression, "steps": steps})
 
-        probs = _draw(n, split, seed, self.name, make, self._split_key)
-        for p in probs:
-            p.solution = self.solution(p)
-        return probs
+        return _draw(n, split, seed, self.name, make, self._split_key, solution=self.solution)
 
     @staticmethod
     def verify(problem: Problem, answer: str | None) -> bool:
@@ -427,15 +427,9 @@ class LinearEquation:
             return ((a, b, c), f"Solve for x: {_linear_lhs(a, b)} = {c}.", str(x),
                     {"a": a, "b": b, "c": c, "x": x})
 
-        probs = _draw(n, split, seed, self.name, make, lambda k: self.split_of(*k))
-        for p in probs:
-            p.solution = self.solution(p)
-        return probs
+        return _draw(n, split, seed, self.name, make, lambda k: self.split_of(*k), solution=self.solution)
 
-    @staticmethod
-    def verify(problem: Problem, answer: str | None) -> bool:
-        a = _numeric_answer(answer)
-        return a is not None and math_equal(a, problem.answer)
+    verify = staticmethod(_verify_number)
 
     @staticmethod
     def solution(problem: Problem) -> str:
