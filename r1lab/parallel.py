@@ -3,9 +3,15 @@
     init_distributed()                      process group from torchrun's environment variables
     make_meshes(ep)                         a 1-D data-parallel mesh over all ranks, and a 2-D (edp, ep) mesh
     apply_expert_parallel(model, mesh2d)    routed experts split over the EP group, tokens sent by all-to-all
+    apply_activation_checkpointing(model)   recompute each block's activations in the backward pass
     apply_fsdp(model, dp_mesh, ...)         FSDP2 `fully_shard` per block, then the root
-    apply_activation_checkpointing(model)   r1lab.train.loop's (re-exported, not duplicated)
-    ShardedSampler                          each rank's share of a dataset, by rank
+    parallelize(model, ep, ...)             the three above, in that order (what the trainers call)
+    shard(items, rank, world)               each rank's share of a batch
+    clip_grad_norm_(params, max_norm)       the global gradient norm over every rank's shards
+    full_tensors / copy_full_weights / unsharded_copy / full_state_dict
+                                            the sharded model gathered, one tensor at a time
+    checkpoint_state / load_checkpoint_state / load_full_state
+                                            distributed checkpoints (DCP) that resume on any number of ranks
 
 Expert parallelism (DeepSeek-V3 paper, section 3.2; torchtitan's layout): EP runs inside data parallelism. The
 world of dp ranks is split as (edp, ep): each EP group of `ep` ranks holds the E routed experts of every MoE
@@ -18,11 +24,15 @@ local slices and its `forward` by one that wraps the exchange around the origina
 Gradients: the non-expert weights' gradients are averaged over dp by FSDP. An expert's gradient arrives already
 summed over its EP group (the backward all-to-all brings back every token it saw), so it is divided by the full
 dp (FSDP's divide factor on the experts' own unit over edp): the same mean as one process over the batch.
+
+Every gradient element therefore lives on exactly one rank (FSDP shards the rest over dp, the experts over edp
+within their EP slice), which is what `clip_grad_norm_` and the checkpoints rely on.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
 import torch
@@ -30,20 +40,22 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils.checkpoint import checkpoint
 
 from .model.moe import Experts, MoE
 from .model.transformer import Transformer
-from .train.loop import apply_activation_checkpointing  # noqa: F401  (one implementation; re-exported)
 
 
 # ---------------------------------------------------------------------- process group and meshes
-def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+def init_distributed(device_type: str | None = None, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
-    NCCL on CUDA (one GPU per local rank), gloo on the CPU. Returns (rank, world_size, device). Without
-    torchrun's variables it returns (0, 1, device) and starts no group, so scripts run unchanged on one process.
+    NCCL on CUDA (one GPU per local rank, made the current device), gloo on the CPU; device_type picks one
+    (default: CUDA when available). Returns (rank, world_size, device). Without torchrun's variables it returns
+    (0, 1, device) and starts no group, so scripts run unchanged on one process.
     """
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and device_type != "cpu"
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
@@ -54,6 +66,16 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=device if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank() -> int:
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the group; 1 without one (a plain `python` or `r1lab` run)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def make_meshes(ep: int = 1, device_type: str | None = None) -> tuple[DeviceMesh, DeviceMesh]:
@@ -130,6 +152,11 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     """
     group, ep, r = ep_mesh.get_group("ep"), ep_mesh.size(1), ep_mesh.get_local_rank("ep")
     dp = ep_mesh.size()
+    # For checkpoints: expert rows are split over "ep" first (contiguous slices), then FSDP splits each slice
+    # over "edp". A DTensor sharded on dim 0 over a mesh ordered (ep, edp) describes exactly that layout, so
+    # DCP can reshard it; building the transposed mesh creates its process groups (collective, once).
+    ckpt_mesh = ep_mesh["ep"] if ep == dp else DeviceMesh(ep_mesh.device_type, ep_mesh.mesh.T.contiguous(),
+                                                            mesh_dim_names=("ep", "edp"))
     for moe in _moe_modules(model):
         ex = moe.experts
         E = ex.gate_proj.shape[0]
@@ -142,6 +169,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         ex.forward = lambda x, counts, impl="auto", _ex=ex: _ep_forward(_ex, group, x, counts, impl)
         ex._r1lab_ep = (ep, r, dp)
         ex._r1lab_ep_mesh = ep_mesh["ep"]
+        ex._r1lab_ckpt_mesh = ckpt_mesh
     return model
 
 
@@ -151,8 +179,12 @@ def all_reduce_expert_load(model: nn.Module, group=None) -> None:
     Call it before `model.update_router_bias(gamma)`: the aux-loss-free bias is a buffer FSDP does not
     synchronise, and it must move by the load of the global batch, identically on every rank.
     """
-    for m in _moe_modules(model):
-        dist.all_reduce(m.expert_load, group=group)
+    layers = _moe_modules(model)
+    if layers:  # one collective for all layers
+        load = torch.stack([m.expert_load for m in layers])
+        dist.all_reduce(load, group=group)
+        for m, row in zip(layers, load):
+            m.expert_load.copy_(row)
 
 
 def _moe_modules(model: nn.Module) -> list[MoE]:
@@ -162,6 +194,44 @@ def _moe_modules(model: nn.Module) -> list[MoE]:
 def _ep_experts(model: nn.Module) -> dict[str, Experts]:
     """Qualified name prefix ("model.layers.1.mlp.experts.") -> expert-parallel Experts module."""
     return {name + ".": m for name, m in model.named_modules() if getattr(m, "_r1lab_ep", None) is not None}
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+def apply_activation_checkpointing(model: Transformer) -> Transformer:
+    """Recompute every decoder block's activations (main layers and MTP blocks) during the backward pass.
+
+    Applied from outside: each block's `forward` is replaced on the instance, so parameter names (and
+    checkpoints) do not change. A MoE layer counts its routed tokens in `expert_load` and stores its balance
+    loss during forward; the recomputation puts both back, so loads are counted once.
+    """
+    blocks = list(model.model.layers) + [m.block for m in model.mtp]
+    for block in blocks:
+        if getattr(block, "_r1lab_checkpointed", False):
+            continue
+        inner, moe = block.forward, block.mlp if isinstance(block.mlp, MoE) else None
+
+        def forward(*args, _inner=inner, _moe=moe, **kwargs):
+            calls = 0
+
+            def run(*a, **k):
+                nonlocal calls
+                calls += 1
+                if calls == 1 or _moe is None:
+                    return _inner(*a, **k)
+                load, bal = _moe.expert_load.clone(), _moe.balance_loss  # recomputation: undo its side effects
+                try:
+                    return _inner(*a, **k)
+                finally:  # also when torch stops the recomputation early (by raising) once it has what it needs
+                    _moe.expert_load.copy_(load)
+                    _moe.balance_loss = bal
+
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        block._r1lab_checkpointed = True
+    return model
 
 
 # ---------------------------------------------------------------------- FSDP2
@@ -200,35 +270,56 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, ep_mesh: DeviceMesh | No
     return model
 
 
+def parallelize(model: Transformer, ep: int = 1, activation_checkpointing: bool = False,
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> Transformer:
+    """Expert parallelism (when ep > 1), activation checkpointing (when asked), then FSDP2, over every rank of
+    the process group: the order torchtitan uses, so the recomputation repeats the all-to-alls on every rank
+    alike and FSDP wraps the final modules. `model` must be the same full fp32 model on every rank."""
+    dp_mesh, ep_mesh = make_meshes(ep, model.device.type)
+    if ep > 1:
+        apply_expert_parallel(model, ep_mesh)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return apply_fsdp(model, dp_mesh, ep_mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+
+
 # ---------------------------------------------------------------------- data
-class ShardedSampler:
-    """Indices 0..n-1 dealt to ranks: rank r gets r, r + world, r + 2 world, ... of a (seeded) permutation.
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Rank `rank`'s 1/world of a batch (rows of a micro-batch, prompts of a GRPO step): items rank, rank + world,
+    ..., so that the ranks together see exactly the batch one process would (and in GRPO each rank's i-th
+    mini-batch holds its part of one process's i-th). The batch must divide evenly: every rank then does the
+    same work, and a loss normalised by the global count equals the one-process loss."""
+    if len(items) % world:
+        raise ValueError(f"a batch of {len(items)} does not split evenly over {world} ranks")
+    return list(items[rank::world])
 
-    Every rank sees n // world items per epoch (the tail that does not divide is dropped, so all ranks take the
-    same number of steps). `set_epoch(e)` reshuffles with seed + e, identically on every rank.
+
+# ---------------------------------------------------------------------- gradient clipping
+@torch.no_grad()
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` so that their global 2-norm is at most max_norm; returns the norm.
+
+    One process: torch.nn.utils.clip_grad_norm_ itself. Sharded: torch's version cannot mix DTensors of
+    different meshes (the experts' "edp" and the rest's "dp") and would miss the other EP ranks' experts. But
+    every gradient element lives on exactly one rank (module docstring), so the squared norm is the sum over
+    ranks of the local shards' squared norms: one all-reduce.
     """
-
-    def __init__(self, n: int, rank: int, world: int, shuffle: bool = True, seed: int = 0):
-        if not 0 <= rank < world:
-            raise ValueError(f"ShardedSampler: rank {rank} outside 0..{world - 1}")
-        self.n, self.rank, self.world, self.shuffle, self.seed, self.epoch = n, rank, world, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n // self.world
-
-    def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        else:
-            order = list(range(self.n))
-        order = order[: len(self) * self.world]
-        return iter(order[self.rank::self.world])
+    if world_size() == 1:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    grads = [g for g in grads if g.numel()]  # uneven FSDP shards can be empty on some ranks
+    device = grads[0].device if grads else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum() if grads else \
+        torch.zeros((), device=device)
+    dist.all_reduce(sq)
+    total = sq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's: no scaling when the norm is below max_norm
+    if grads:
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return total
 
 
-# ---------------------------------------------------------------------- checkpoints and export
+# ---------------------------------------------------------------------- the full model, gathered
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -236,54 +327,83 @@ def _expert_keys(model: nn.Module) -> dict[str, Experts]:
     return {prefix + w: ex for prefix, ex in _ep_experts(model).items() for w in _EXPERT_WEIGHTS}
 
 
+def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every entry of a parallelized model's state dict, gathered one at a time on this
+    rank's device (collective: every rank must exhaust the iterator). FSDP shards are all-gathered over their
+    mesh, expert-parallel slices over their EP group; plain entries (buffers) are the same on every rank."""
+    experts = _expert_keys(model)
+    for key, t in model.state_dict().items():
+        t = t.full_tensor() if isinstance(t, DTensor) else t
+        if key in experts:
+            ex = experts[key]
+            parts = [torch.empty_like(t) for _ in range(ex._r1lab_ep[0])]
+            dist.all_gather(parts, t.contiguous(), group=ex._r1lab_ep_mesh.get_group())
+            t = torch.cat(parts)
+        yield key, t
+
+
+@torch.no_grad()
+def copy_full_weights(model: nn.Module, into: nn.Module | None) -> None:
+    """Copy a parallelized model's full weights (and buffers) into a plain model of the same architecture, in
+    place (its tensors keep their storage, so an engine's CUDA graph over them stays valid). Collective:
+    every rank calls it; `into` may be None on ranks that only take part."""
+    dst = into.state_dict() if into is not None else None
+    for key, t in full_tensors(model):
+        if dst is not None:
+            dst[key].copy_(t)
+
+
+def unsharded_copy(model: Transformer, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                   on_every_rank: bool = True) -> Transformer | None:
+    """A plain Transformer holding a parallelized model's full weights, on `device` in `dtype` (collective).
+    With on_every_rank=False only rank 0 gets one (the others return None): what exporting needs."""
+    into = None
+    if on_every_rank or rank() == 0:
+        with torch.device("meta"):
+            into = Transformer(model.config)
+        into = into.to_empty(device=device).init_buffers()
+    copy_full_weights(model, into)
+    return into.to(dtype) if into is not None else None
+
+
 def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict[str, torch.Tensor]:
     """The whole model's state dict, unsharded (collective: call it on every rank).
 
     cpu_offload (default): rank 0 gets CPU tensors and the other ranks an empty dict, so no GPU ever holds the
-    whole model; without it every rank gets the full tensors on its device. FSDP's shards are gathered by
-    torch's `get_model_state_dict`, expert-parallel slices by an all-gather over their EP group, one layer at a
-    time. Export to the HF layout from a sharded run: `model_1 = Transformer(cfg)` on rank 0,
-    `model_1.load_state_dict(full_state_dict(model))`, `r1lab.save_pretrained(model_1, dir)`.
+    whole model; without it every rank gets the full tensors on its device.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.tensor import DTensor
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
-    keep = not cpu_offload or dist.get_rank() == 0
-    for key, ex in _expert_keys(model).items():
-        t = getattr(ex, key.rsplit(".", 1)[1]).detach()
-        t = t.full_tensor() if isinstance(t, DTensor) else t  # this EP rank's experts, gathered over edp
-        parts = [torch.empty_like(t) for _ in range(ex._r1lab_ep[0])]
-        dist.all_gather(parts, t.contiguous(), group=ex._r1lab_ep_mesh.get_group())
+    keep = not cpu_offload or rank() == 0
+    sd = {}
+    for key, t in full_tensors(model):
         if keep:
-            sd[key] = torch.cat(parts).cpu() if cpu_offload else torch.cat(parts)
+            sd[key] = t.cpu() if cpu_offload else t
     return sd
 
 
+# ---------------------------------------------------------------------- distributed checkpoints
 def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """{"model": ..., "optim": ...} for `torch.distributed.checkpoint.save/load`, resumable on any world size.
 
-    FSDP parameters are DTensors already; expert-parallel slices (plain tensors, different on every EP rank)
-    and their AdamW moments are presented as DTensors sharded on dim 0 over the EP mesh, so DCP knows their
-    global shape and reshards them to any world size (a plain one-process model included). After `dcp.load`
-    call `load_checkpoint_state(model, optimizer, state)`, which copies them back. Not yet supported: EP with
-    ep < world size (experts also sharded by FSDP over edp).
+    FSDP parameters are DTensors already; expert-parallel slices (plain tensors, different on every EP rank,
+    or FSDP DTensors over "edp" that only know their own slice) and their AdamW moments are presented as
+    DTensors of the full expert tensor, sharded on dim 0 over (ep, edp), so DCP knows their global shape and
+    reshards them to any world size (a plain one-process model included). Optimizer entries are keyed by
+    parameter name. After `dcp.load` call `load_checkpoint_state(model, optimizer, state)`, which copies them
+    back.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    from torch.distributed.tensor import DTensor, Shard
 
     msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
     for key, ex in _expert_keys(model).items():
-        if ex._r1lab_ep[2] != ex._r1lab_ep[0]:
-            raise NotImplementedError("checkpoints of expert parallelism with experts also sharded by FSDP "
-                                      "(ep < world size) are not supported yet; use ep = world size")
+        mesh, rows = ex._r1lab_ckpt_mesh, getattr(ex, key.rsplit(".", 1)[1]).shape  # this EP rank's (E/ep, ...)
+        full = torch.Size((ex._r1lab_ep[0] * rows[0], *rows[1:]))
 
         def wrap(t):
             if not torch.is_tensor(t) or not t.dim():  # AdamW's step count: the same on every rank
                 return t
-            if isinstance(t, DTensor):  # FSDP's unit over a 1-rank "edp" mesh: the local tensor is the slice
-                t = t.to_local()
-            return DTensor.from_local(t, ex._r1lab_ep_mesh, [Shard(0)], run_check=False)
+            local = t.to_local() if isinstance(t, DTensor) else t  # FSDP's shard of this EP rank's slice
+            return DTensor.from_local(local, mesh, [Shard(0)] * mesh.ndim, run_check=False, shape=full,
+                                      stride=torch.empty(full, device="meta").stride())
         msd[key] = wrap(msd[key])
         if osd is not None and key in osd["state"]:
             osd["state"][key] = {k: wrap(v) for k, v in osd["state"][key].items()}
@@ -293,7 +413,6 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None =
 def load_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict) -> None:
     """Put a `checkpoint_state` dict that `dcp.load` filled back into the model (and optimizer)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
-    from torch.distributed.tensor import DTensor
 
     keys = _expert_keys(model)
     msd, osd = dict(state["model"]), state.get("optim")
@@ -313,3 +432,24 @@ def load_checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | N
                     osd["state"][k] = raw_o["state"][k]
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=msd,
                    optim_state_dict=osd if osd is not None else {})
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dict, osd: dict) -> None:
+    """Load full (unsharded) model and optimizer state, optimizer entries keyed by parameter name (a
+    one-process checkpoint), into a parallelized model: every rank takes its EP slice of the experts and its
+    FSDP shards of everything. Every rank passes the same full dicts."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    msd, osd = dict(msd), {**osd, "state": dict(osd["state"])}
+    for key, ex in _expert_keys(model).items():
+        ep, r, _ = ex._r1lab_ep
+
+        def slice_(t):  # this EP rank's experts: rows r*E/ep ... (r+1)*E/ep - 1
+            return t.chunk(ep)[r] if torch.is_tensor(t) and t.dim() else t
+        msd[key] = slice_(msd[key])
+        if key in osd["state"]:
+            osd["state"][key] = {k: slice_(v) for k, v in osd["state"][key].items()}
+    set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))
+    # not strict: a parameter that never had a gradient (the MTP module's while its loss is off) has no AdamW state
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True, strict=False))

@@ -1,4 +1,4 @@
-"""Distributed vs single process, on the CPU: gloo, 2 processes on the loopback interface.
+"""Distributed vs single process, on the CPU: gloo, 2 processes (4 for one checkpoint) on the loopback interface.
 
 Every test spawns its ranks with torch.multiprocessing (bounded by a deadline; the processes are killed when it
 passes), the ranks write their results with torch.save, and the parent compares them with one process.
@@ -153,8 +153,8 @@ def test_expert_parallel_moe_equals_local(tmp_path):
 
 # ---------------------------------------------------------------------- FSDP (and FSDP + EP) training
 def _train_worker(rank, world, out_dir, ep, ac, steps):
-    from r1lab.parallel import (ShardedSampler, all_reduce_expert_load, apply_activation_checkpointing,
-                                apply_expert_parallel, apply_fsdp, full_state_dict, make_meshes)
+    from r1lab.parallel import (all_reduce_expert_load, apply_activation_checkpointing, apply_expert_parallel,
+                                apply_fsdp, full_state_dict, make_meshes, shard)
 
     model, data = make_model(), make_data()
     dp_mesh, ep_mesh = make_meshes(ep=ep, device_type="cpu")
@@ -164,7 +164,7 @@ def _train_worker(rank, world, out_dir, ep, ac, steps):
         apply_activation_checkpointing(model)
     apply_fsdp(model, dp_mesh, ep_mesh)
     opt = make_opt(model, "sgd")
-    batch = data[list(ShardedSampler(len(data), rank, world, shuffle=False))]
+    batch = data[shard(range(len(data)), rank, world)]
     losses = []
     for _ in range(steps):
         loss = loss_of(model, batch)
@@ -209,12 +209,13 @@ def _dcp_worker(rank, world, ckpt_dir, out_dir, mode, steps):
     """mode 'save': train `steps` from scratch and save; 'load': load, then train `steps` more."""
     import torch.distributed.checkpoint as dcp
 
-    from r1lab.parallel import (ShardedSampler, apply_expert_parallel, apply_fsdp, checkpoint_state,
-                                load_checkpoint_state, make_meshes)
+    from r1lab.parallel import (apply_expert_parallel, apply_fsdp, checkpoint_state, load_checkpoint_state,
+                                make_meshes, shard)
 
     model, data = make_model(seed=0 if mode == "save" else 123), make_data()  # 'load' starts from other weights
-    if world > 1:  # FSDP + expert parallelism over both ranks; the 1-rank side is a plain model
-        dp_mesh, ep_mesh = make_meshes(ep=world, device_type="cpu")
+    if world > 1:  # FSDP + expert parallelism over 2 ranks (on 4, each expert also FSDP-sharded over its 2
+        # replicas); the 1-rank side is a plain model
+        dp_mesh, ep_mesh = make_meshes(ep=2, device_type="cpu")
         apply_expert_parallel(model, ep_mesh)
         apply_fsdp(model, dp_mesh, ep_mesh)
     opt = make_opt(model, "adamw")
@@ -222,7 +223,7 @@ def _dcp_worker(rank, world, ckpt_dir, out_dir, mode, steps):
         state = checkpoint_state(model, opt)
         dcp.load(state, checkpoint_id=ckpt_dir)
         load_checkpoint_state(model, opt, state)
-    batch = data[list(ShardedSampler(len(data), rank, world, shuffle=False))]
+    batch = data[shard(range(len(data)), rank, world)]
     losses = []
     for _ in range(steps):
         loss = loss_of(model, batch)
@@ -237,7 +238,7 @@ def _dcp_worker(rank, world, ckpt_dir, out_dir, mode, steps):
     torch.save(losses, f"{out_dir}/{mode}-{rank}.pt")
 
 
-@pytest.mark.parametrize("save_world,load_world", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+@pytest.mark.parametrize("save_world,load_world", [(2, 1), (1, 2), (4, 2)], ids=["2to1", "1to2", "4to2"])
 def test_dcp_checkpoint_resumes_on_other_world_size(tmp_path, save_world, load_world):
     ckpt = str(tmp_path / "ckpt")
     run_ranks(_dcp_worker, save_world, ckpt, str(tmp_path), "save", 2)
@@ -250,15 +251,11 @@ def test_dcp_checkpoint_resumes_on_other_world_size(tmp_path, save_world, load_w
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-5, atol=0)
 
 
-def test_sharded_sampler_partitions_by_rank():
-    from r1lab.parallel import ShardedSampler
+def test_shard_deals_a_batch_to_ranks():
+    from r1lab.parallel import shard
 
-    shards = [list(ShardedSampler(10, r, 3, seed=5)) for r in range(3)]
-    assert all(len(x) == 3 for x in shards)  # 10 // 3 each: every rank takes the same number of steps
-    flat = sum(shards, [])
-    assert len(set(flat)) == 9 and set(flat) <= set(range(10))  # disjoint
-    again = ShardedSampler(10, 1, 3, seed=5)
-    assert list(again) == shards[1]
-    again.set_epoch(1)
-    assert list(again) != shards[1]  # reshuffled per epoch, identically on every rank
-    assert list(ShardedSampler(4, 1, 2, shuffle=False)) == [1, 3]
+    shards = [shard(list(range(12)), r, 3) for r in range(3)]
+    assert shards == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]  # disjoint, together the whole batch
+    assert shard(range(4), 1, 2) == [1, 3]
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        shard(list(range(10)), 0, 3)  # unequal shares would leave ranks waiting for each other

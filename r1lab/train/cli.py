@@ -2,6 +2,7 @@
 
     r1lab pretrain --recipe recipes/pretrain-tiny.toml --optim.lr 1e-3 --train.steps 200
     r1lab pretrain --resume runs/pretrain-tiny          # continue a stopped run where it left off
+    torchrun --nproc-per-node 8 -m r1lab.cli pretrain --recipe ... --parallel.ep 8    # on 8 GPUs
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ relative to the file, on the command line (and run.out everywhere) to the workin
 --resume continues from the newest checkpoint of a run folder (or a given checkpoint folder) with the recipe
 stored in the checkpoint; options given here still override it (e.g. --train.steps to extend the run).
 Ctrl-C finishes the current step and saves a checkpoint; a second Ctrl-C quits at once.
+
+Under torchrun (torchrun --nproc-per-node N -m r1lab.cli COMMAND ...) the model is sharded with FSDP2 (and
+expert parallelism with --parallel.ep), batch sizes are split over the ranks, rank 0 logs, and checkpoints
+are sharded; --resume works with any number of ranks, one process included.
 """
+
+# The trainers that run under torchrun (the others refuse rather than train N copies side by side).
+DISTRIBUTED = ("pretrain", "sft", "grpo", "rm")
 
 
 def add_trainer_parser(subparsers, kind: str, help: str, description: str, run: str,
@@ -87,6 +95,9 @@ def _saved_kind(ck: Path) -> str:
 
 def cmd_train(args) -> None:
     import importlib
+    import os
+
+    import torch.distributed as dist
 
     from .loop import NonFiniteLoss
 
@@ -97,13 +108,22 @@ def cmd_train(args) -> None:
     if args.print_recipe:
         print(recipe.to_toml(), end="")
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and kind not in DISTRIBUTED:
+        raise ValueError(f"`r1lab {kind}` does not run under torchrun yet; run it as one process")
     module, _, fn = args.run.partition(":")
     run = getattr(importlib.import_module(module), fn)
+    joined = dist.is_initialized()  # a caller's process group stays; one the trainer joined is left at the end
+    main = os.environ.get("RANK", "0") == "0"  # every rank stops alike: one report is enough
     try:
         run(recipe, resume)
     except NonFiniteLoss as e:
-        print(f"r1lab {kind}: stopped: {e}", file=sys.stderr)
+        if main:
+            print(f"r1lab {kind}: stopped: {e}", file=sys.stderr)
         raise SystemExit(3) from None
     except KeyboardInterrupt as e:
-        print(f"r1lab {kind}: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
+        if main:
+            print(f"r1lab {kind}: interrupted" + (f": {e}" if str(e) else " (no checkpoint saved)"), file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        if not joined and dist.is_initialized():
+            dist.destroy_process_group()

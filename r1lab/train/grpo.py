@@ -3,7 +3,8 @@ DeepSeek-R1 section 2.2), with the DAPO and Dr. GRPO variants as options.
 
 One step:
   1. rollouts: `grpo.prompts_per_step` prompts, `grpo.group_size` (G) samples each, from the engine running
-     on the policy's own weights (no copy: the optimizer writes them in place, see `MasterWeights`); the
+     on the policy's own weights (no copy: the optimizer writes them in place, see `MasterWeights`; under
+     torchrun each rank samples its share of the prompts on a full copy, see `GRPOTrainer`); the
      engine returns each sampled token's fp32 log-prob under the temperature-scaled policy, which are the
      "old" log-probs of the importance ratio.
   2. rewards (r1lab.rewards, weighted), then group-relative advantages, the same for every token of a sample:
@@ -47,12 +48,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 
+from .. import parallel
 from ..data import BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
 from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
 from . import state as ckpt
-from .loop import Trainer, _read_lines, build_model, resolve_device
+from .loop import Trainer, build_model, setup
 from .recipe import SECTIONS, Recipe, load_recipe
 
 R1_ZERO_TEMPLATE = (
@@ -165,14 +168,16 @@ class GRPO:
                              "chat: the R1 chat template; raw: the prompt text as given", ("r1-zero", "chat", "raw"))
     system: str = _key("", "chat style: system prompt")
     open_think: bool = _key(False, "chat style: end the prompt with '<think>\\n' (as later R1 templates do)")
-    prompts_per_step: int = _key(16, "prompts (groups) per rollout batch")
+    prompts_per_step: int = _key(16, "prompts (groups) per rollout batch (under torchrun: over all ranks, each "
+                                 "sampling an equal share)")
     group_size: int = _key(8, "G: samples per prompt")
     max_tokens: int = _key(256, "longest completion in tokens (EOS included)")
     temperature: float = _key(1.0, "sampling temperature (the loss uses the same temperature)")
     top_p: float = _key(1.0, "nucleus sampling (1 = off; the importance ratio ignores the truncation)")
     mu: int = _key(1, "optimisation passes over each rollout batch (DeepSeekMath's mu)")
-    mini_batch_size: int = _key(0, "sequences per optimizer update; 0 = the whole rollout batch (one update per "
-                                "pass); train.batch_size is the sequences per forward/backward micro-batch")
+    mini_batch_size: int = _key(0, "sequences per optimizer update (over all ranks); 0 = the whole rollout batch "
+                                "(one update per pass); train.batch_size is the sequences per forward/backward "
+                                "micro-batch")
     eps_low: float = _key(0.2, "ratio clip below: 1 - eps_low")
     eps_high: float = _key(0.2, "ratio clip above: 1 + eps_high (DAPO clip-higher: 0.28)")
     beta: float = _key(0.001, "KL coefficient (R1: 0.001); 0 = no KL and no reference model")
@@ -187,7 +192,8 @@ class GRPO:
     rewards: list = _key(["accuracy=1.0", "format=0.5"], "rewards as name=weight (accuracy, format, language) or "
                          "module:function=weight for your own (TRL signature)")
     overlong_buffer: int = _key(0, "DAPO soft overlong penalty over the last this many tokens (weight 1); 0 = off")
-    max_batch: int = _key(0, "engine slots (sequences decoded together); 0 = prompts_per_step x group_size")
+    max_batch: int = _key(0, "engine slots (sequences decoded together, per rank); 0 = prompts_per_step x "
+                          "group_size (under torchrun: this rank's share of them)")
     log_samples: int = _key(2, "completions per step written to samples.jsonl")
 
 
@@ -320,12 +326,23 @@ class Rollout:
 class GRPOTrainer(Trainer):
     """GRPO on `model` (fp32 on its device) with prompt `rows`; reuses the training loop's master weights,
     AdamW, schedule, checkpoints and signal handling. `grpo_step()` is one step (what the benchmark times);
-    `fit(resume=None)` runs the recipe."""
+    `fit(resume=None)` runs the recipe.
+
+    Under torchrun the policy is parallelized as in `Trainer`, and each rank takes 1/world of every step's
+    prompts (a prompt's G samples stay on its rank), samples them, scores them and computes their advantages;
+    FSDP synchronises the gradients, and the logged numbers are gathered over all ranks. Rollouts run on a
+    plain full copy of the policy in the compute dtype (`parallel.unsharded_copy`), refreshed at the start of
+    each step, rather than through the FSDP modules: there every decode step would be collective (FSDP's
+    all-gathers, EP's all-to-alls) while the ranks sample different lengths, and unsharded parameters are
+    re-allocated at each gather, under an engine's CUDA graph. The reference model is such a copy too."""
 
     def __init__(self, recipe: GRPORecipe, model, tokenizer, rows: list[dict], dtype: torch.dtype | None = None,
                  quiet: bool = False, rewards: list[WeightedReward] | None = None):
+        g, world = recipe.grpo, parallel.world_size()
+        for key, n in (("prompts_per_step", g.prompts_per_step), ("mini_batch_size", g.mini_batch_size)):
+            if n % world:
+                raise ValueError(f"grpo.{key}={n} must be a multiple of the {world} ranks: each takes an equal share")
         super().__init__(recipe, model, None, tokenizer, kind="grpo", dtype=dtype, quiet=quiet)
-        g = recipe.grpo
         self.g, self.rows = g, rows
         self.rewards = rewards if rewards is not None else load_rewards(g.rewards)
         # Mixed prompt sets (R1's final stage): each row gets its rewards (`reward_names`, or rule-based rewards
@@ -344,34 +361,39 @@ class GRPOTrainer(Trainer):
             raise ValueError(f"{where}: {longest} prompt tokens + grpo.max_tokens {g.max_tokens} exceed the model's "
                              f"{limit} positions")
         self.order = BatchOrder(len(rows), g.prompts_per_step, recipe.run.seed, recipe.data.shuffle)
+        self.share = g.prompts_per_step // self.world  # prompts (groups) this rank samples per rollout
         # The reference: a frozen copy in the compute dtype, none at all when beta = 0.
         self.ref = None
         if g.beta > 0:
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+            ref = copy.deepcopy(model) if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
+            self.ref = ref.eval().requires_grad_(False)
         # Built after MasterWeights cast the model: the engine (and its CUDA graph) sees the final tensors,
-        # which the optimizer then updates in place.
-        slots = g.max_batch or g.prompts_per_step * g.group_size
-        self.engine = Engine(model, tokenizer, max_batch=max(slots, g.group_size),
+        # which the optimizer then updates in place (under torchrun: which each step copies into).
+        policy = model if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
+        slots = g.max_batch or self.share * g.group_size
+        self.engine = Engine(policy, tokenizer, max_batch=max(slots, g.group_size),
                              max_seq_len=min(limit, longest + g.max_tokens))
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
     def rollout(self, position: int) -> Rollout:
-        """Sample G completions for the prompts of rollout position `position` and score them. The seeds are a
-        function of (run.seed, position), so a resumed run draws the same samples (CPU)."""
+        """Sample G completions for this rank's prompts of rollout position `position` and score them. The seeds
+        are a function of (run.seed, position, the prompt's place in the step), so a resumed run draws the same
+        samples (CPU), and so does a run on another number of ranks."""
         g, eng = self.g, self.engine
-        self.model.eval()
+        eng.model.eval()
         idx = self.order.rows(position)
+        mine = range(len(idx)) if self.world == 1 else parallel.shard(range(len(idx)), self.rank, self.world)
         base = (self.recipe.run.seed * 1_000_003 + position * 7919) * 4096
         seqs = []
-        for k, i in enumerate(idx):
+        for k in mine:
             params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens, n=g.group_size,
                                     seed=(base + k * g.group_size) & 0x7FFFFFFF, logprobs=True)
-            seqs += eng.add_request(self.prompt_ids[i], params, prompt_index=k)
+            seqs += eng.add_request(self.prompt_ids[idx[k]], params, prompt_index=k)
         while eng.has_work():
             eng.step()
         outs = [eng.completion(s) for s in seqs]
-        for m in self.model.moe_layers():  # rollouts must not steer the router-bias update
+        for m in eng.model.moe_layers():  # rollouts must not steer the router-bias update
             m.expert_load.zero_()
         rows = [self.rows[idx[o.prompt_index]] for o in outs]
         prompts = [self.prompt_text[idx[o.prompt_index]] for o in outs]
@@ -390,6 +412,8 @@ class GRPOTrainer(Trainer):
     def grpo_step(self) -> dict[str, Any]:
         g, G = self.g, self.g.group_size
         t0 = time.perf_counter()
+        if self.world > 1:  # the rollout copy takes the policy's current weights (collective)
+            parallel.copy_full_weights(self.model, self.engine.model)
         parts, kept, sampled, zero_var = [], [], 0, 0
         rounds = 0
         while True:
@@ -403,20 +427,24 @@ class GRPOTrainer(Trainer):
             zero_var += ok.count(False)
             keep = [i for i, x in enumerate(ok) if x] if g.dynamic_sampling else list(range(len(ok)))
             kept.append(ro.select(keep, G))
-            if not g.dynamic_sampling or sum(len(k.rows) for k in kept) >= g.prompts_per_step * G \
-                    or rounds > g.max_resample:
+            done = (not g.dynamic_sampling or sum(len(k.rows) for k in kept) >= self.share * G
+                    or rounds > g.max_resample)
+            if self._ranks_with(done) == self.world:  # the rollout position is shared: all ranks sample alike
                 break
         allr = Rollout.cat(parts)
         batch = Rollout.cat(kept)
-        if len(batch.rows) > g.prompts_per_step * G:
-            batch = batch.select(list(range(g.prompts_per_step)), G)
+        if len(batch.rows) > self.share * G:
+            batch = batch.select(list(range(self.share)), G)
         gen_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        train = self._optimise(batch) if batch.rows else {"loss": None, "kl": None, "clip_frac": None,
-                                                         "entropy": None, "grad_norm": None, "updates": 0}
+        train = self._optimise(batch) if self._ranks_with(bool(batch.rows)) else {
+            "loss": None, "kl": None, "clip_frac": None, "entropy": None, "grad_norm": None, "updates": 0}
         if self.ref is not None and g.ref_sync_every and (self.step + 1) % g.ref_sync_every == 0:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.ref.parameters()), list(self.model.parameters()))
+            if self.world == 1:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(self.ref.parameters()), list(self.model.parameters()))
+            else:
+                parallel.copy_full_weights(self.model, self.ref)
         lr = self.optimizer.param_groups[0]["lr"]
         with warnings.catch_warnings():  # a step whose groups were all dropped made no update; the schedule moves on
             warnings.simplefilter("ignore", UserWarning)
@@ -426,13 +454,50 @@ class GRPOTrainer(Trainer):
         train_s = time.perf_counter() - t1
         return self._metrics(allr, batch, sampled, zero_var, gen_s, train_s, lr, train, rounds)
 
+    def _counts(self, values: list[int]) -> list[int]:
+        """Integer counts summed over all ranks; themselves on one process."""
+        if self.world == 1:
+            return values
+        return [int(x) for x in self._sum_over_ranks(torch.tensor(values, device=self.device)).tolist()]
+
+    def _ranks_with(self, flag: bool) -> int:
+        """How many ranks have `flag` set (collective); 0 or 1 on one process."""
+        return self._counts([int(flag)])[0]
+
+    def _plan(self, N: int) -> list[list[list[int]]]:
+        """One pass over N rollout rows: the optimizer updates (grpo.mini_batch_size sequences over all ranks,
+        each rank its share), each a list of micro-batches of row indices (train.batch_size sequences over all
+        ranks). Under torchrun every rank must run as many forward/backward passes and updates as the others
+        (FSDP's collectives pair up across ranks), but dynamic sampling can leave ranks with different numbers
+        of rows: shorter plans are padded with empty micro-batches, which run a pass with zero loss."""
+        mb = self.g.mini_batch_size // self.world or N
+        micro = max(1, self.recipe.train.batch_size // self.world)
+        updates = [list(range(s, min(N, s + mb))) for s in range(0, N, mb)] if N else []
+        plan = [[rows[m:m + micro] for m in range(0, len(rows), micro)] for rows in updates]
+        if self.world > 1:
+            n = torch.tensor([len(plan)], device=self.device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            plan += [[] for _ in range(int(n) - len(plan))]
+            widths = torch.tensor([len(u) for u in plan], device=self.device)
+            dist.all_reduce(widths, op=dist.ReduceOp.MAX)
+            plan = [u + [[] for _ in range(w - len(u))] for u, w in zip(plan, widths.tolist())]
+        return plan
+
+    def _dummy_pass(self) -> None:
+        """A forward/backward with zero loss, so that a rank without rows takes part in FSDP's (and EP's)
+        collectives; the token it routes is not counted in the expert load."""
+        load = [m.expert_load.clone() for m in self.model.moe_layers()]
+        logp, _, _ = completion_logprobs(self.model, [[0]], [[0]], 1.0, self.forward)
+        (logp.sum() * 0).backward()
+        for m, x in zip(self.model.moe_layers(), load):
+            m.expert_load.copy_(x)
+
     def _optimise(self, b: Rollout) -> dict[str, Any]:
         """mu passes of mini-batch updates over a rollout batch; returns the first pass's statistics."""
         g, G, model = self.g, self.g.group_size, self.model
         adv = group_advantages(b.rewards.view(-1, G), g.scale_rewards).view(-1).to(self.device)
         N = len(b.rows)
-        mb = g.mini_batch_size or N
-        micro = max(1, self.recipe.train.batch_size)
+        micro = max(1, self.recipe.train.batch_size // self.world)
         old = [torch.tensor(x, dtype=torch.float32) for x in b.old_logp]
         ref_logp = None
         if self.ref is not None:  # once per rollout batch; the reference does not move within it
@@ -444,15 +509,23 @@ class GRPOTrainer(Trainer):
                     ref_logp += [lp[i, : len(c)] for i, c in enumerate(b.completion_ids[s:s + micro])]
         model.train()
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
-        n_tok_total = sum(len(c) for c in b.completion_ids)
+        # sequences and completion tokens of the whole batch, over all ranks: the statistics' denominators
+        n_all, n_tok_total = self._counts([N, sum(len(c) for c in b.completion_ids)])
+        plan = self._plan(N)
         updates = 0
         for p in range(g.mu):
-            for s0 in range(0, N, mb):
-                rows = list(range(s0, min(N, s0 + mb)))
+            for update in plan:
+                rows = [i for ids in update for i in ids]
+                s0 = rows[0] if rows else 0
                 lens = [len(b.completion_ids[i]) for i in rows]
-                denom = {"sequence": len(rows), "token": sum(lens), "constant": len(rows) * g.max_tokens}[g.loss_agg]
-                for m0 in range(0, len(rows), micro):
-                    ids = rows[m0:m0 + micro]
+                n_rows, n_lens = self._counts([len(rows), sum(lens)])  # the mini-batch's, over all ranks
+                # divided by world: FSDP averages the ranks' gradients (as in Trainer.train_step)
+                denom = {"sequence": n_rows, "token": n_lens, "constant": n_rows * g.max_tokens}[g.loss_agg] \
+                    / self.world
+                for ids in update:
+                    if not ids:
+                        self._dummy_pass()
+                        continue
                     logp, mask, ent = completion_logprobs(model, [b.prompt_ids[i] for i in ids],
                                                           [b.completion_ids[i] for i in ids], g.temperature,
                                                           self.forward, with_entropy=p == 0)
@@ -476,23 +549,29 @@ class GRPOTrainer(Trainer):
                     loss.backward()
                     self.master.accumulate_grads()
                     if p == 0:
-                        stats["loss"] += loss.item() * denom / (N if g.loss_agg == "sequence" else
+                        stats["loss"] += loss.item() * denom / (n_all if g.loss_agg == "sequence" else
                                                                 n_tok_total if g.loss_agg == "token" else
-                                                                N * g.max_tokens)
+                                                                n_all * g.max_tokens)
                         stats["clip_frac"] += (clipped & mask).sum().item() / n_tok_total
                         stats["entropy"] += (ent * mf).sum().item() / n_tok_total
                         if ref_logp is not None:
                             stats["kl"] += (kl.detach() * mf).sum().item() / n_tok_total
                 clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+                gnorm = parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
                 if p == 0:
                     stats["grad_norm"] = max(stats["grad_norm"], float(gnorm))
                 if math.isfinite(float(gnorm)):
                     self.optimizer.step()
                     self.master.copy_to_model()
                 self.master.zero_grad()
+                if self.world > 1:  # the bias moves by the load of all ranks' tokens
+                    parallel.all_reduce_expert_load(model)
                 model.update_router_bias(self.recipe.moe.bias_gamma)
                 updates += 1
+        if self.world > 1:  # each rank summed its own rows' shares of the averages
+            keys = ("loss", "kl", "clip_frac", "entropy")
+            total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
+            stats.update(zip(keys, self._sum_over_ranks(total).tolist()))
         if ref_logp is None:
             stats["kl"] = None
         stats["updates"] = updates
@@ -501,6 +580,12 @@ class GRPOTrainer(Trainer):
     def _metrics(self, allr: Rollout, batch: Rollout, sampled: int, zero_var: int, gen_s: float, train_s: float,
                  lr: float, train: dict, rounds: int) -> dict[str, Any]:
         G = self.g.group_size
+        trained = [len(batch.rows), sum(len(c) + len(p) for c, p in zip(batch.completion_ids, batch.prompt_ids))]
+        if self.world > 1:  # every rank's samples and counts, so that the logged numbers cover the whole step
+            parts = [None] * self.world
+            dist.all_gather_object(parts, allr)
+            allr = Rollout.cat(parts)
+        sampled, zero_var, n_trained, train_tokens = self._counts([sampled, zero_var, *trained])
         lens = [len(c) for c in allr.completion_ids]
         rec: dict[str, Any] = {"reward": allr.rewards.mean().item()}
         for name, vals in allr.per_reward.items():
@@ -515,10 +600,9 @@ class GRPOTrainer(Trainer):
                     "kl": train["kl"], "clip_frac": train["clip_frac"], "entropy": train["entropy"],
                     "loss": train["loss"], "grad_norm": train["grad_norm"], "lr": lr,
                     "zero_var_groups": zero_var / sampled, "groups_sampled": sampled,
-                    "groups_trained": len(batch.rows) // G, "updates": train["updates"],
+                    "groups_trained": n_trained // G, "updates": train["updates"],
                     "gen_s": gen_s, "train_s": train_s, "gen_tokens_per_s": sum(lens) / max(gen_s, 1e-9),
-                    "train_tokens_per_s": sum(len(c) + len(p) for c, p in zip(batch.completion_ids, batch.prompt_ids))
-                    * self.g.mu / max(train_s, 1e-9)})
+                    "train_tokens_per_s": train_tokens * self.g.mu / max(train_s, 1e-9)})
         self._last_rollout = allr
         return rec
 
@@ -526,23 +610,8 @@ class GRPOTrainer(Trainer):
     def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
         """Run (or continue) until train.steps; returns the last step's metrics."""
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path, samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
-        if resume is not None:
-            path = self.load(resume)
-            self._note(f"resumed from {path} at step {self.step}")
-            for gone in ckpt.remove_after(self.run_dir, self.step):
-                self._note(f"deleted {gone}: it is newer than the checkpoint this run continues from")
-            for p in (metrics_path, samples_path):
-                p.write_text("".join(ln for ln in _read_lines(p) if json.loads(ln)["step"] <= self.step))
-        else:
-            if ckpt.list_checkpoints(self.run_dir):
-                raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                                 f"or choose another run.out")
-            metrics_path.write_text("")
-            samples_path.write_text("")
-        ckpt.remove_partial(self.run_dir)
-        (self.run_dir / "recipe.toml").write_text(r.to_toml())
+        self._start(resume, [metrics_path, samples_path])
         from tqdm import tqdm
 
         bar = tqdm(total=r.train.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True,
@@ -550,7 +619,7 @@ class GRPOTrainer(Trainer):
         old_handlers = self._install_signal_handlers()
         saved_at, last = (self.step if resume is not None else -1), {}
         try:
-            with open(metrics_path, "a") as mf, open(samples_path, "a") as sf:
+            with open(self._log_path(metrics_path), "a") as mf, open(self._log_path(samples_path), "a") as sf:
                 while self.step < r.train.steps:
                     rec = self.grpo_step()
                     self.step += 1
@@ -565,6 +634,7 @@ class GRPOTrainer(Trainer):
                     sf.flush()
                     self._log_grpo(rec, bar)
                     bar.update(1)
+                    self._agree_on_stop()
                     if self._stop or (r.ckpt.every and self.step % r.ckpt.every == 0):
                         self.save()
                         saved_at = self.step
@@ -574,10 +644,7 @@ class GRPOTrainer(Trainer):
             if saved_at != self.step:
                 self.save()
             if r.ckpt.export:
-                from ..checkpoint import save_pretrained
-
-                out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
-                self._note(f"exported the model to {out}")
+                self.export()
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
@@ -638,8 +705,7 @@ def run(recipe: GRPORecipe, resume=None, quiet: bool = False) -> dict:
     """`r1lab grpo`: device, seed, policy, tokenizer, prompts, then GRPOTrainer.fit."""
     from .pretrain import load_data_tokenizer
 
-    device, dtype = resolve_device(recipe)
-    torch.manual_seed(recipe.run.seed)
+    device, dtype = setup(recipe)
     model = build_model(recipe, device)
     tok = load_data_tokenizer(recipe)
     if tok.vocab_size > model.config.vocab_size:
@@ -660,6 +726,10 @@ Every recipe key can be set in the TOML file ([table] key = value) or here as --
 snake_case); --reward adds a reward (repeatable): --reward my_module:my_fn=0.5. Precedence: defaults <
 --recipe file < command line. --resume continues from the newest checkpoint of a run folder with the recipe
 stored in it, on the same prompts the uninterrupted run would have seen.
+
+Under torchrun (torchrun --nproc-per-node N -m r1lab.cli grpo ...) the policy is sharded with FSDP2 (and expert
+parallelism with --parallel.ep), each rank samples and scores its share of every step's prompts, rank 0 logs,
+and checkpoints are sharded; --resume works with any number of ranks.
 """
 
 

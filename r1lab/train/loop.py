@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -30,14 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from .. import parallel
 from ..checkpoint import load_pretrained, save_pretrained
 from ..data import IGNORE, Batch, BatchOrder, Sequences
 from ..model.config import ModelConfig, get_preset
-from ..model.moe import MoE
 from ..model.transformer import Transformer
+from ..parallel import apply_activation_checkpointing
 from . import state as ckpt
 from .recipe import Recipe
 
@@ -86,44 +88,7 @@ def peak_flops(device: torch.device, tflops: float = 0.0) -> float | None:
     return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-# ---------------------------------------------------------------------- applied to an unmodified model
-def apply_activation_checkpointing(model: Transformer) -> Transformer:
-    """Recompute every decoder block's activations (main layers and MTP blocks) during the backward pass.
-
-    Applied from outside: each block's `forward` is replaced on the instance, so parameter names (and
-    checkpoints) do not change. A MoE layer counts its routed tokens in `expert_load` and stores its balance
-    loss during forward; the recomputation puts both back, so loads are counted once.
-    """
-    blocks = list(model.model.layers) + [m.block for m in model.mtp]
-    for block in blocks:
-        if getattr(block, "_r1lab_checkpointed", False):
-            continue
-        inner, moe = block.forward, block.mlp if isinstance(block.mlp, MoE) else None
-
-        def forward(*args, _inner=inner, _moe=moe, **kwargs):
-            calls = 0
-
-            def run(*a, **k):
-                nonlocal calls
-                calls += 1
-                if calls == 1 or _moe is None:
-                    return _inner(*a, **k)
-                load, bal = _moe.expert_load.clone(), _moe.balance_loss  # recomputation: undo its side effects
-                try:
-                    return _inner(*a, **k)
-                finally:  # also when torch stops the recomputation early (by raising) once it has what it needs
-                    _moe.expert_load.copy_(load)
-                    _moe.balance_loss = bal
-
-            if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-        block.forward = forward
-        block._r1lab_checkpointed = True
-    return model
-
-
+# ---------------------------------------------------------------------- precision
 class MasterWeights:
     """fp32 master copies of a low-precision model's parameters, which the optimizer updates.
 
@@ -138,7 +103,8 @@ class MasterWeights:
         self.master = ([p.detach().float().clone().requires_grad_(True) for p in self.params]
                        if self.separate else self.params)
         self._grad_buffers: dict[int, torch.Tensor] = {}
-        model.to(dtype)  # in place: the Parameter objects stay, their data changes dtype
+        if self.separate:  # (an fp32 model stays untouched: FSDP's sharded parameters must not be re-assigned)
+            model.to(dtype)  # in place: the Parameter objects stay, their data changes dtype
 
     @torch.no_grad()
     def accumulate_grads(self) -> None:
@@ -229,23 +195,44 @@ class Trainer:
 
     `train_step(batches)` is one optimizer step on given micro-batches (what the benchmark times);
     `fit(resume=None)` runs the whole recipe.
+
+    Under torchrun (a process group of more than one rank) every rank runs this same loop on the same full
+    model, which is first parallelized (`r1lab.parallel.parallelize`: parallel.ep, activation checkpointing,
+    FSDP2; FSDP's fp32 shards are then the master weights and its policy casts them to the compute dtype, so
+    there is no `MasterWeights` copy). Each rank takes its 1/world of every micro-batch, so the ranks together
+    see the one-process batch; losses are divided by the global target count and the router bias moves by the
+    global expert load, so losses and updates equal one process's (up to summation order). Rank 0 alone
+    prints, logs and writes metrics; checkpoints are sharded (DCP) and resume on any number of ranks.
     """
 
     def __init__(self, recipe: Recipe, model: Transformer, data: Sequences | None = None, tokenizer=None,
                  kind: str = "pretrain", dtype: torch.dtype | None = None, quiet: bool = False):
-        self.recipe, self.data, self.tokenizer, self.kind, self.quiet = recipe, data, tokenizer, kind, quiet
+        self.recipe, self.data, self.tokenizer, self.kind = recipe, data, tokenizer, kind
+        self.rank, self.world = parallel.rank(), parallel.world_size()
+        self.main = self.rank == 0
+        self.quiet = quiet or not self.main
         self.device = model.device
         self.dtype = dtype or torch.float32
         self.run_dir = Path(recipe.run.out)
         self.model = model
-        self.master = MasterWeights(model, self.dtype)
         cfg = model.config
         self.mtp_depth = len(model.mtp) if recipe.moe.mtp_weight > 0 else 0
         if recipe.moe.mtp_weight > 0 and not len(model.mtp):
             self._note(f"moe.mtp_weight={recipe.moe.mtp_weight} ignored: the model has no MTP module")
         model.set_balance_alpha(recipe.moe.balance_alpha)
-        if recipe.train.activation_checkpointing:
-            apply_activation_checkpointing(model)
+        if self.world > 1:
+            if data is not None and recipe.train.batch_size % self.world:
+                raise ValueError(f"train.batch_size={recipe.train.batch_size} must be a multiple of the {self.world} "
+                                 f"ranks: each takes an equal share of every micro-batch")
+            parallel.parallelize(model, recipe.parallel.ep, recipe.train.activation_checkpointing, self.dtype,
+                                 recipe.parallel.reshard_after_forward)
+            self.master = MasterWeights(model)  # FSDP's sharded fp32 parameters are the master weights
+        else:
+            if recipe.parallel.ep > 1:
+                self._note(f"parallel.ep={recipe.parallel.ep} ignored: one process (expert parallelism needs torchrun)")
+            self.master = MasterWeights(model, self.dtype)
+            if recipe.train.activation_checkpointing:
+                apply_activation_checkpointing(model)
         self.forward = torch.compile(model) if recipe.train.compile else model
         o = recipe.optim
         decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() >= 2]
@@ -273,12 +260,14 @@ class Trainer:
         t0 = time.perf_counter()
         model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        n_tok = torch.stack([(b.labels != IGNORE).sum() for b in batches]).sum()
-        denom = n_tok.clamp(min=1).float()
         mtp_labels = [b.mtp_labels(self.mtp_depth) for b in batches] if self.mtp_depth else None
-        if self.mtp_depth:
-            mtp_denoms = [torch.stack([(m[k] != IGNORE).sum() for m in mtp_labels]).sum().clamp(min=1).float()
-                          for k in range(self.mtp_depth)]
+        # The step's target counts over all ranks: next-token targets, then those of each MTP depth.
+        counts = [torch.stack([(b.labels != IGNORE).sum() for b in batches]).sum()]
+        counts += [torch.stack([(m[k] != IGNORE).sum() for m in mtp_labels]).sum() for k in range(self.mtp_depth)]
+        counts = self._sum_over_ranks(torch.stack(counts).float())
+        # Each rank divides its loss sum by count / world: FSDP averages the ranks' gradients, and the mean over
+        # ranks of sum_r / (N / world) is sum / N, the one-process loss.
+        denom, *mtp_denoms = counts.clamp(min=1) / self.world
         zero = torch.zeros((), device=self.device)
         ce_sum, mtp_sum, bal_sum = zero.clone(), zero.clone(), zero.clone()
         for i, b in enumerate(batches):
@@ -294,15 +283,19 @@ class Trainer:
                 loss = loss + r.moe.mtp_weight / self.mtp_depth * mce
                 mtp_sum += mce.detach()
             bal = model.balance_loss()
-            if bal is not None:  # already x alpha; averaged over the micro-batches
+            if bal is not None:  # already x alpha; averaged over the micro-batches (and, by FSDP, the ranks)
                 loss = loss + bal / len(batches)
                 bal_sum += bal.detach() / len(batches)
             loss.backward()
             ce_sum += ce.detach()
             self.master.accumulate_grads()
+        sums = self._sum_over_ranks(torch.stack([ce_sum, mtp_sum, bal_sum]))
+        if self.world > 1:  # the load of the global batch, for the log and the bias update
+            parallel.all_reduce_expert_load(model)
         clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
-        stats = [ce_sum / denom, n_tok.float(), gnorm.float(), mtp_sum / max(self.mtp_depth, 1), bal_sum]
+        gnorm = parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+        stats = [sums[0] / counts[0].clamp(min=1), counts[0], gnorm.float(),
+                 sums[1] / self.world / max(self.mtp_depth, 1), sums[2] / self.world]
         n_moe = len(model.moe_layers())
         if n_moe:  # per MoE layer: max load / mean load and the tokens counted, over this step's micro-batches
             load = model.expert_load()  # (layers, E)
@@ -321,10 +314,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        n_in = sum(b.input_ids.numel() for b in batches)
+        n_in = sum(b.input_ids.numel() for b in batches) * self.world  # every rank's share has the same size
         rec = {"loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "target_tokens": int(n_tok_v),
                "tokens_per_s": n_in / dt, "step_time_s": dt,
-               "mfu": n_in / dt * self.flops_per_token / self.peak if self.peak else None,
+               "mfu": n_in / dt * self.flops_per_token / (self.peak * self.world) if self.peak else None,
                "peak_mem_gb": peak_memory_gb(self.device)}
         if self.mtp_depth:
             rec["mtp_loss"] = mtp_v
@@ -341,7 +334,10 @@ class Trainer:
     def next_batches(self) -> list[Batch]:
         out = []
         for _ in range(self.recipe.train.grad_accum):
-            out.append(self.data.batch(self.order.rows(self.micro), self.device, self.recipe.data.attention))
+            rows = self.order.rows(self.micro)
+            if self.world > 1:
+                rows = parallel.shard(rows, self.rank, self.world)
+            out.append(self.data.batch(rows, self.device, self.recipe.data.attention))
             self.micro += 1
         return out
 
@@ -349,22 +345,8 @@ class Trainer:
         """Run (or continue, from a checkpoint folder or a run folder) until train.steps. Returns the last step's
         metrics. Ctrl-C / SIGTERM: finish the step, save a checkpoint, raise KeyboardInterrupt."""
         r = self.recipe
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
-        if resume is not None:
-            path = self.load(resume)
-            self._note(f"resumed from {path} at step {self.step}")
-            for gone in ckpt.remove_after(self.run_dir, self.step):
-                self._note(f"deleted {gone}: it is newer than the checkpoint this run continues from")
-            keep = [ln for ln in _read_lines(metrics_path) if json.loads(ln)["step"] <= self.step]
-            metrics_path.write_text("".join(keep))
-        else:
-            if ckpt.list_checkpoints(self.run_dir):
-                raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                                 f"or choose another run.out")
-            metrics_path.write_text("")
-        ckpt.remove_partial(self.run_dir)
-        (self.run_dir / "recipe.toml").write_text(r.to_toml())
+        self._start(resume, [metrics_path])
         self._open_tensorboard()
         last: dict[str, Any] = {}
         saved_at = self.step if resume is not None else -1
@@ -375,7 +357,7 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         self._t_start, self._first_step = time.perf_counter(), self.step
         try:
-            with open(metrics_path, "a") as mf:
+            with open(self._log_path(metrics_path), "a") as mf:
                 while self.step < r.train.steps:
                     batches = self.next_batches()
                     try:
@@ -394,6 +376,7 @@ class Trainer:
                     mf.flush()
                     self._log(rec, bar)
                     bar.update(1)
+                    self._agree_on_stop()
                     if self._stop or (r.ckpt.every and self.step % r.ckpt.every == 0):
                         self.save()
                         saved_at = self.step
@@ -404,8 +387,7 @@ class Trainer:
             if saved_at != self.step:
                 self.save()
             if r.ckpt.export:
-                out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
-                self._note(f"exported the model to {out}")
+                self.export()
         finally:
             bar.close()
             self._restore_signal_handlers(old_handlers)
@@ -413,27 +395,119 @@ class Trainer:
                 self._tb.close()
         return last
 
+    def _start(self, resume: str | Path | None, logs: list[Path]) -> None:
+        """Before the first step: load the checkpoint to resume from (deleting newer checkpoints and the log lines
+        after it), or check that run.out holds no run yet (emptying the logs); then write the recipe."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            path = self.load(resume)
+            self._note(f"resumed from {path} at step {self.step}")
+            if self.main:
+                for gone in ckpt.remove_after(self.run_dir, self.step):
+                    self._note(f"deleted {gone}: it is newer than the checkpoint this run continues from")
+                for p in logs:
+                    p.write_text("".join(ln for ln in _read_lines(p) if json.loads(ln)["step"] <= self.step))
+        else:
+            if ckpt.list_checkpoints(self.run_dir):
+                raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                                 f"or choose another run.out")
+            if self.main:
+                for p in logs:
+                    p.write_text("")
+        if self.main:
+            ckpt.remove_partial(self.run_dir)
+            (self.run_dir / "recipe.toml").write_text(self.recipe.to_toml())
+        if self.world > 1:
+            dist.barrier()  # nobody starts while rank 0 still tidies the run folder
+
+    def _log_path(self, path: Path) -> str | Path:
+        """Where this rank writes a log file: rank 0 the file itself, the others nowhere (each computes the same
+        globally reduced numbers)."""
+        return path if self.main else os.devnull
+
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over all ranks (in place); itself on one process."""
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def _agree_on_stop(self) -> None:
+        """A signal reaches the ranks at slightly different times; all must stop after the same step, since
+        saving the checkpoint is collective."""
+        if self.world > 1:
+            flag = torch.tensor(float(self._stop is not None), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not self._stop:
+                self._stop = "a signal to another rank"
+
+    def export(self) -> Path:
+        """Write the model in the HF layout to run.out/final; under torchrun it is gathered to rank 0, one tensor
+        at a time, and rank 0 writes it."""
+        if self.world == 1:
+            out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
+        else:
+            full = parallel.unsharded_copy(self.model, "cpu", self.dtype, on_every_rank=False)
+            out = save_pretrained(full, self.run_dir / "final", tokenizer=self.tokenizer) if self.main else None
+            dist.barrier()
+        self._note(f"exported the model to {out}")
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "data_position": self.micro, "kind": self.kind,
-                "model": self.master.state_dict(self.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "recipe": self.recipe.to_dict()}
+        """What a checkpoint holds besides the recipe. One process: everything. Under torchrun the model and the
+        optimizer are sharded and `save` writes them with DCP; this is the rest (rank 0's RNG state)."""
+        st = {"step": self.step, "data_position": self.micro, "kind": self.kind,
+              "scheduler": self.scheduler.state_dict(), "rng": ckpt.rng_state(), "recipe": self.recipe.to_dict()}
+        if self.world == 1:
+            st.update(model=self.master.state_dict(self.model), optimizer=self.optimizer.state_dict())
+        return st
 
     def save(self) -> Path:
+        sharded = parallel.checkpoint_state(self.model, self.optimizer) if self.world > 1 else None
         return ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(), self.recipe.to_toml(),
-                                    self.recipe.ckpt.keep, meta={"kind": self.kind})
+                                    self.recipe.ckpt.keep, meta={"kind": self.kind}, sharded=sharded)
 
     def load(self, path: str | Path) -> Path:
         path = ckpt.find_checkpoint(path)
         st = ckpt.load_checkpoint(path)
-        self.master.load_state_dict(self.model, st["model"])
-        self.optimizer.load_state_dict(st["optimizer"])
+        self._load_weights(path, st)
         self.scheduler.load_state_dict(st["scheduler"])
         self.step, self.micro = st["step"], st["data_position"]
         ckpt.set_rng_state(st["rng"])
         for m in self.model.moe_layers():
             m.expert_load.zero_()
         return path
+
+    def _load_weights(self, path: Path, st: dict[str, Any]) -> None:
+        """Model and optimizer from a checkpoint of any number of ranks. In its own format (state.pt for one
+        process, DCP shards for several, which DCP reshards to this world size) directly; across formats
+        through full tensors, with the optimizer's entries keyed by parameter name."""
+        sharded = ckpt.is_sharded(path)
+        if self.world == 1 and not sharded:
+            self.master.load_state_dict(self.model, st["model"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            return
+        if self.world > 1 and sharded:
+            state = parallel.checkpoint_state(self.model, self.optimizer)
+            ckpt.load_sharded(path, state)
+            parallel.load_checkpoint_state(self.model, self.optimizer, state)
+            return
+        names = self._param_names()
+        if sharded:  # written by several ranks, read by one
+            full = ckpt.load_sharded_full(path)
+            msd, osd = full["model"], full["optim"]
+        else:  # written by one process, read by several
+            msd, osd = st["model"], rekey_optimizer_state(st["optimizer"], dict(enumerate(names)))
+        if self.world == 1:
+            self.master.load_state_dict(self.model, msd)
+            self.optimizer.load_state_dict(rekey_optimizer_state(osd, {n: i for i, n in enumerate(names)}))
+        else:
+            parallel.load_full_state(self.model, self.optimizer, msd, osd)
+
+    def _param_names(self) -> list[str]:
+        """The optimizer's parameters' names, in the order a one-process optimizer state dict numbers them."""
+        name = {id(m): n for (n, _), m in zip(self.master.named, self.master.master)}
+        return [name[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     # ------------------------------------------------------------------ logging
     def _note(self, text: str) -> None:
@@ -515,11 +589,27 @@ def _read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines(keepends=True) if path.is_file() else []
 
 
+def rekey_optimizer_state(osd: dict[str, Any], key: dict) -> dict[str, Any]:
+    """An optimizer state dict with its parameter keys mapped through `key`: torch numbers parameters (0, 1, ...),
+    DCP names them; the mapping between the two is `Trainer._param_names`."""
+    return {"state": {key[k]: v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in osd["param_groups"]]}
+
+
+def setup(recipe: Recipe) -> tuple[torch.device, torch.dtype]:
+    """A trainer's start: the device and compute dtype; under torchrun, joining the process group (NCCL on CUDA,
+    where "cuda" then means this rank's GPU, gloo on the CPU); the seed."""
+    device, dtype = resolve_device(recipe)
+    parallel.init_distributed(device.type)
+    torch.manual_seed(recipe.run.seed)
+    return device, dtype
+
+
 def run_recipe(recipe: Recipe, kind: str, build_data, resume: str | Path | None = None, quiet: bool = False) -> dict:
     """Shared body of `r1lab pretrain` / `r1lab sft`: device, seed, model, data (`build_data(recipe, model)` ->
-    (Sequences, tokenizer)), then `Trainer.fit`."""
-    device, dtype = resolve_device(recipe)
-    torch.manual_seed(recipe.run.seed)
+    (Sequences, tokenizer)), then `Trainer.fit`. Under torchrun every rank builds the same full model (same
+    seed or the same model.init) and the trainer parallelizes it."""
+    device, dtype = setup(recipe)
     model = build_model(recipe, device)
     if recipe.data.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"data.seq_len={recipe.data.seq_len} is longer than the model's context "

@@ -1,6 +1,7 @@
 """Recipes: every setting of a training run, read from a TOML file, overridable from the command line.
 
-A recipe is eight TOML tables (`[run]`, `[model]`, `[data]`, `[optim]`, `[train]`, `[moe]`, `[ckpt]`, `[log]`);
+A recipe is nine TOML tables (`[run]`, `[model]`, `[data]`, `[optim]`, `[train]`, `[moe]`, `[parallel]`, `[ckpt]`,
+`[log]`);
 every key below can be given in the file or on the command line as `--table.key value` (`--optim.lr 3e-4`,
 `--train.batch-size 8`; snake_case works too). Precedence: built-in default < recipe file < command line.
 Paths (data.train, data.tokenizer, model.init) in a recipe file are relative to the file; on the command line,
@@ -78,7 +79,7 @@ class Optim:
 @dataclass
 class Train:
     steps: int = _key(100, "optimizer steps of the run")
-    batch_size: int = _key(8, "sequences per micro-batch")
+    batch_size: int = _key(8, "sequences per micro-batch (under torchrun: over all ranks, each taking an equal share)")
     grad_accum: int = _key(1, "micro-batches per optimizer step (tokens per step = batch_size x grad_accum x "
                            "seq_len)")
     activation_checkpointing: bool = _key(False, "recompute each block's activations in the backward pass "
@@ -95,6 +96,16 @@ class MoE:
     balance_alpha: float = _key(0.0, "weight of the sequence-wise balance loss (V3 paper: 0.0001); 0 disables")
     mtp_weight: float = _key(0.3, "weight lambda of the multi-token-prediction loss (V3 paper: 0.3, later 0.1); "
                              "0 disables; needs a model with an MTP module")
+
+
+@dataclass
+class Parallel:
+    ep: int = _key(1, "under torchrun: expert-parallel size, the routed experts of each MoE layer split over groups "
+                   "of this many ranks that exchange tokens by all-to-all (must divide the number of ranks and of "
+                   "routed experts); 1 = FSDP shards the experts with everything else; ignored on one process")
+    reshard_after_forward: bool = _key(True, "under torchrun: FSDP frees each block's gathered weights after its "
+                                       "forward and gathers them again for the backward (least memory); false "
+                                       "keeps them until the backward (one all-gather less per block)")
 
 
 @dataclass
@@ -120,8 +131,8 @@ def _resolve(p: str, base: Path) -> str:
     return str(base / p) if p and not Path(p).is_absolute() else p
 
 
-SECTIONS = {"run": Run, "model": Model, "data": Data, "optim": Optim, "train": Train, "moe": MoE, "ckpt": Ckpt,
-            "log": Log}
+SECTIONS = {"run": Run, "model": Model, "data": Data, "optim": Optim, "train": Train, "moe": MoE,
+            "parallel": Parallel, "ckpt": Ckpt, "log": Log}
 
 # Defaults that differ between the two trainers.
 KIND_DEFAULTS = {
@@ -145,6 +156,7 @@ class Recipe:
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     moe: MoE = field(default_factory=MoE)
+    parallel: Parallel = field(default_factory=Parallel)
     ckpt: Ckpt = field(default_factory=Ckpt)
     log: Log = field(default_factory=Log)
 
@@ -194,7 +206,7 @@ class Recipe:
 
     def validate(self) -> None:
         """Range checks that need more than one key or a number's sign."""
-        positive = ["data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "ckpt.keep"]
+        positive = ["data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "parallel.ep", "ckpt.keep"]
         nonneg = ["optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "moe.bias_gamma",
                   "moe.balance_alpha", "moe.mtp_weight", "ckpt.every", "log.every", "log.peak_tflops"]
         for k in positive + nonneg:

@@ -11,7 +11,8 @@ trains on the text after `</think>` only (the helpfulness model of the R1 paper)
 response (the harmlessness model).
 
 Training reuses the one loop's pieces (`Trainer`: MasterWeights, AdamW, schedule, clipping, checkpoints and
-exact resume, metrics.jsonl, Ctrl-C); only the step (`RewardTrainer.train_step`) differs. Every rm.eval_every
+exact resume, metrics.jsonl, Ctrl-C, and under torchrun FSDP2 + expert parallelism with sharded checkpoints);
+only the step (`RewardTrainer.train_step`), its batches and the export differ. Every rm.eval_every
 steps and at the end, pairwise accuracy and loss on a held-out split (rm.eval_fraction of the pairs, seeded)
 go to metrics.jsonl. The exported folder (run.out/final) is `save_reward_model`'s: the transformer in the HF
 layout (save_pretrained, tokenizer included), the head in `reward_head/score.safetensors`, and `reward_model.json`
@@ -35,11 +36,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
+from .. import parallel
 from ..data import read_jsonl
+from ..model.transformer import Transformer
 from ..tokenizer import split_reasoning
-from .loop import Trainer, build_model, peak_memory_gb, resolve_device
+from .loop import NonFiniteLoss, Trainer, build_model, peak_memory_gb, setup
 from .recipe import SECTIONS, Recipe, load_recipe
 
 HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
@@ -69,10 +73,12 @@ def add_score_head(model, seed: int = 0) -> torch.nn.Linear:
     return model.score_head
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> ids (B, S) long, right-padded with `pad_id`, and lengths (B,). Right padding is safe
-    under causal attention: the last real token never attends to the padding after it."""
-    S = max(len(s) for s in seqs)
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0,
+              length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids (B, S) long, right-padded with `pad_id` to `length` (default: the longest), and
+    lengths (B,). Right padding is safe under causal attention: the last real token never attends to the padding
+    after it. (The MoE layers do route the padding: it counts in the expert loads and the balance loss.)"""
+    S = length or max(len(s) for s in seqs)
     ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
@@ -119,6 +125,16 @@ def encode_response(tokenizer, prompt_text: str, response: str, max_len: int) ->
     """prompt ids + response ids + EOS, cut from the left to max_len tokens (the end, which is scored, stays)."""
     ids = tokenizer.encode(prompt_text) + tokenizer.encode(response) + [tokenizer.eos_id]
     return ids[-max_len:]
+
+
+@dataclass
+class PairBatch:
+    """One micro-batch of training pairs: their indices (under torchrun this rank's share) and the length their
+    sequences are padded to, the longest of the whole micro-batch's, so that every sequence gets the padding it
+    would get in one process (and the expert loads and balance loss, which see the padding, the same values)."""
+
+    rows: list[int]
+    length: int
 
 
 @dataclass
@@ -185,22 +201,38 @@ def split_pairs(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs 
 
 
 @torch.no_grad()
-def evaluate_pairs(model, pairs: Pairs, batch_size: int = 32) -> dict[str, float]:
-    """Pairwise accuracy (share with r_chosen > r_rejected; a tie counts as wrong) and mean Bradley-Terry loss."""
+def evaluate_pairs(model, pairs: Pairs, batch_size: int = 32, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Pairwise accuracy (share with r_chosen > r_rejected; a tie counts as wrong) and mean Bradley-Terry loss.
+
+    Under torchrun (world > 1; collective: every rank calls it) rank r scores pairs r, r + world, ... (the
+    ranks make the same number of forward passes, as FSDP needs: one whose share ran out scores pair 0 and drops
+    it), and the scores are gathered back into one process's order before the metrics are computed."""
     was = model.training
     model.eval()
+    mine = range(rank, len(pairs), world)
     rc, rr = [], []
-    for s in range(0, len(pairs), batch_size):
-        c, r = pairs.chosen[s:s + batch_size], pairs.rejected[s:s + batch_size]
+    for s in range(0, -(-len(pairs) // world), batch_size):  # up to the largest share
+        sel = mine[s:s + batch_size]
+        c, r = ([side[i] for i in sel or [0]] for side in (pairs.chosen, pairs.rejected))
         ids, lens = pad_right(c + r)
         sc = last_token_scores(model, ids, lens)
-        rc.append(sc[: len(c)]), rr.append(sc[len(c):])
+        rc.append(sc[: len(sel)]), rr.append(sc[len(c): len(c) + len(sel)])
     rc, rr = torch.cat(rc), torch.cat(rr)
+    if world > 1:
+        rc, rr = _gather_strided(rc, len(pairs), world), _gather_strided(rr, len(pairs), world)
     model.train(was)
     for m in model.moe_layers():  # evaluation must not steer the router-bias update
         m.expert_load.zero_()
     return {"eval_accuracy": (rc > rr).float().mean().item(), "eval_loss": bradley_terry_loss(rc, rr).item(),
             "eval_margin": (rc - rr).mean().item()}
+
+
+def _gather_strided(x: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """The n values of which each rank holds x = values rank, rank + world, ... (collective), in order."""
+    m = -(-n // world)  # the largest share; the shorter ones are padded for all_gather
+    parts = [x.new_empty(m) for _ in range(world)]
+    dist.all_gather(parts, F.pad(x, (0, m - len(x))))
+    return torch.stack(parts, 1).flatten()[:n]  # [p, r] is value p * world + r
 
 
 # ====================================================================== the recipe
@@ -254,12 +286,21 @@ def load_rm_recipe(path: str | Path | None, overrides: dict[str, Any] | None = N
 # ====================================================================== the trainer
 class RewardTrainer(Trainer):
     """The training loop with the Bradley-Terry step: each micro-batch is train.batch_size pairs, chosen and
-    rejected in one forward pass of 2 x batch_size right-padded sequences."""
+    rejected in one forward pass of 2 x batch_size right-padded sequences.
+
+    Under torchrun it runs as `Trainer` does (FSDP2, expert parallelism, sharded checkpoints, rank 0 logging):
+    each rank takes train.batch_size / world pairs of every micro-batch, the loss is divided by the global pair
+    count, clipping uses the global gradient norm, the router bias moves by the global expert load, held-out
+    pairs are split over the ranks, and rank 0 exports the gathered model with its head."""
 
     def __init__(self, recipe: RMRecipe, model, train: Pairs, held_out: Pairs | None, tokenizer=None,
                  dtype: torch.dtype | None = None, quiet: bool = False):
+        world = parallel.world_size()
+        if recipe.train.batch_size % world:  # (Trainer checks this only for its own data)
+            raise ValueError(f"train.batch_size={recipe.train.batch_size} pairs must be a multiple of the {world} "
+                             f"ranks: each takes an equal share of every micro-batch")
         if not hasattr(model, "score_head"):
-            add_score_head(model, recipe.run.seed)
+            add_score_head(model, recipe.run.seed)  # before Trainer parallelizes the model: FSDP shards it too
         # an object without `save` (a test's tokenizer) cannot go into the exported folder
         saveable = tokenizer if tokenizer is None or hasattr(tokenizer, "save") else False
         super().__init__(recipe, model, None, saveable, kind="rm", dtype=dtype, quiet=quiet)
@@ -269,39 +310,51 @@ class RewardTrainer(Trainer):
         self.order = BatchOrder(len(train), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
         self.max_len = recipe.data.seq_len
 
-    def next_batches(self) -> list[list[int]]:
+    def next_batches(self) -> list[PairBatch]:
+        """The step's micro-batches; under torchrun this rank's share of each (as Trainer's)."""
         out = []
         for _ in range(self.recipe.train.grad_accum):
-            out.append(self.order.rows(self.micro))
+            rows = self.order.rows(self.micro)
+            length = max(len(side[i]) for side in (self.pairs.chosen, self.pairs.rejected) for i in rows)
+            out.append(PairBatch(parallel.shard(rows, self.rank, self.world) if self.world > 1 else rows, length))
             self.micro += 1
         return out
 
-    def train_step(self, batches: list[list[int]]) -> dict[str, Any]:
-        """One optimizer step over micro-batches of pair indices: mean Bradley-Terry loss over the step's pairs
+    def train_step(self, batches: list[PairBatch]) -> dict[str, Any]:
+        """One optimizer step over micro-batches of pairs: mean Bradley-Terry loss over the step's pairs
         (+ the MoE balance loss), backward, clip, AdamW, router-bias update, schedule. Adds held-out metrics
         every rm.eval_every steps."""
         r, model = self.recipe, self.model
         t0 = time.perf_counter()
         model.train()
         lr = self.optimizer.param_groups[0]["lr"]
-        n_pairs = sum(len(b) for b in batches)
+        # Every rank holds the same number of pairs (`shard` splits evenly), so the global count is this rank's
+        # times world. Each rank divides its loss sum by its own count, i.e. global count / world: FSDP averages
+        # the ranks' gradients, and the mean over ranks of sum_r / (N / world) is sum / N, the one-process loss.
+        local = sum(len(b.rows) for b in batches)
+        n_pairs = local * self.world
         loss_sum, correct, n_tok = 0.0, 0, 0
-        for rows in batches:
+        for b in batches:
+            rows = b.rows
             c, rj = [self.pairs.chosen[i] for i in rows], [self.pairs.rejected[i] for i in rows]
-            ids, lens = pad_right(c + rj)
+            ids, lens = pad_right(c + rj, length=b.length)
             scores = last_token_scores(model, ids, lens, self.forward)
             rc, rr = scores[: len(rows)], scores[len(rows):]
-            loss = bradley_terry_loss(rc, rr, "sum") / n_pairs  # accumulated micro-batches = one large batch
+            loss = bradley_terry_loss(rc, rr, "sum") / local  # accumulated micro-batches = one large batch
             bal = model.balance_loss()
-            if bal is not None:
+            if bal is not None:  # averaged over the micro-batches (and, by FSDP, the ranks), as in Trainer
                 loss = loss + bal / len(batches)
             loss.backward()
             self.master.accumulate_grads()
             loss_sum += bradley_terry_loss(rc.detach(), rr.detach(), "sum").item()
             correct += int((rc > rr).sum())
             n_tok += int(lens.sum())
+        if self.world > 1:  # the step's totals over all ranks (float64: exact for the counts), and expert loads
+            totals = torch.tensor([loss_sum, correct, n_tok], dtype=torch.float64, device=self.device)
+            loss_sum, correct, n_tok = self._sum_over_ranks(totals).tolist()
+            parallel.all_reduce_expert_load(model)
         clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip))
+        gnorm = float(parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip))
         loss_v = loss_sum / n_pairs
         finite = math.isfinite(loss_v) and math.isfinite(gnorm)
         if finite:
@@ -310,8 +363,6 @@ class RewardTrainer(Trainer):
         self.master.zero_grad()
         model.update_router_bias(r.moe.bias_gamma if finite else 0.0)
         if not finite and r.train.on_nonfinite == "stop":
-            from .loop import NonFiniteLoss
-
             raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm}")
         self.scheduler.step()
         dt = time.perf_counter() - t0
@@ -323,27 +374,39 @@ class RewardTrainer(Trainer):
         step = self.step + 1  # the step this one becomes
         e = r.rm.eval_every
         if self.held_out is not None and (step == r.train.steps or (e and step % e == 0)):
-            rec.update(evaluate_pairs(model, self.held_out, r.rm.eval_batch_size))
+            rec.update(evaluate_pairs(model, self.held_out, r.rm.eval_batch_size, self.rank, self.world))
             self._note(f"step {step}: held-out pairwise accuracy {rec['eval_accuracy']:.3f}, "
                        f"loss {rec['eval_loss']:.4f} ({len(self.held_out)} pairs)")
         return rec
 
-    def fit(self, resume=None) -> dict[str, Any]:
-        """Trainer.fit, then the export as a reward-model folder (run.out/final) when ckpt.export."""
-        last = super().fit(resume)
-        if self.recipe.ckpt.export:  # Trainer.fit wrote the transformer with the head inside; rewrite it
-            save_reward_model(self.model, self.run_dir / "final", self.tokenizer, self.recipe.rm.scope,
-                              self.max_len)
-        return last
+    def export(self) -> Path:
+        """Trainer.fit's export (when ckpt.export): the reward-model folder (`save_reward_model`) in run.out/final.
+        Under torchrun the model and its head are gathered to rank 0, one tensor at a time, and rank 0 writes it."""
+        out = self.run_dir / "final"
+        if self.world == 1:
+            save_reward_model(self.model, out, self.tokenizer, self.recipe.rm.scope, self.max_len)
+        else:
+            full = None
+            if self.main:  # a plain model with the head to gather into (parallel.unsharded_copy makes one without)
+                with torch.device("meta"):
+                    full = Transformer(self.model.config)
+                full = full.to_empty(device="cpu").init_buffers()
+                add_score_head(full)
+            parallel.copy_full_weights(self.model, full)  # collective
+            if self.main:
+                save_reward_model(full.to(self.dtype), out, self.tokenizer, self.recipe.rm.scope, self.max_len)
+            dist.barrier()
+        self._note(f"exported the reward model to {out}")
+        return out
 
 
 def run(recipe: RMRecipe, resume=None, quiet: bool = False, tokenizer=None) -> dict:
-    """`r1lab rm`: device, seed, model (+ head), tokenizer, pairs and held-out split, then RewardTrainer.fit.
+    """`r1lab rm`: device, process group (under torchrun) and seed, model (+ head), tokenizer, pairs and held-out
+    split, then RewardTrainer.fit. Under torchrun every rank builds the same model and reads the same pairs.
     `tokenizer`: any object with encode / eos_id / apply_chat_template (tests use a character-level one)."""
     from .pretrain import load_data_tokenizer
 
-    device, dtype = resolve_device(recipe)
-    torch.manual_seed(recipe.run.seed)
+    device, dtype = setup(recipe)
     model = build_model(recipe, device)
     tok = tokenizer or load_data_tokenizer(recipe)
     if tok.vocab_size > model.config.vocab_size:
@@ -581,6 +644,11 @@ EPILOG = """\
 Every recipe key can be set in the TOML file ([table] key = value) or here as --table.key VALUE (kebab- or
 snake_case). Precedence: defaults < --recipe file < command line. --resume continues from the newest
 checkpoint of a run folder with the recipe stored in it.
+
+Under torchrun (torchrun --nproc-per-node N -m r1lab.cli rm ...) the model is sharded with FSDP2 (and expert
+parallelism with --parallel.ep), each rank takes its share of every micro-batch of pairs (train.batch_size must
+be a multiple of N), rank 0 logs and exports, and checkpoints are sharded; --resume works with any number of
+ranks.
 """
 
 
