@@ -2,11 +2,15 @@
 
     python benchmarks/grpo.py                 # both (needs trl, datasets, transformers), bench-moe-1b, bf16
     python benchmarks/grpo.py --only r1lab    # r1lab alone
+    python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 2  # dry run
 
 Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8, completions of exactly 256 tokens
-(EOS ignored so both generate the same lengths), beta 0, AdamW lr 1e-6, one optimizer step per GRPO step
-(TRL: per-device batch 32 x 4 accumulation = 128 sequences); the same constant reward. Median step time of steps
-2-4 (step 1 compiles / captures graphs). Not run yet on an H200 (written on a CPU-only machine).
+(EOS ignored so both generate the same lengths: the engine's ignore_eos, TRL's min_new_tokens), beta 0, AdamW lr
+1e-6 constant (r1lab's GRPO optimizer defaults on both), one optimizer step per GRPO step (TRL: per-device batch
+32 x 4 accumulation = 128 sequences, generated in one call); the same constant reward. Median step time of steps
+2-4 (step 1 compiles / captures graphs). TRL 1.16 generates with transformers' `generate` (no vLLM on the
+device); its generation time is measured around `GRPOTrainer._generate_single_turn`. On `--device cpu` both
+sides run in fp32 (a dry run of the plumbing, not a measurement). Not run yet on an H200.
 """
 
 from __future__ import annotations
@@ -42,14 +46,14 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     from r1lab.train.grpo import GRPORecipe, GRPOTrainer
 
     r = GRPORecipe.defaults()
-    r.run.out, r.run.device = tempfile.mkdtemp(), "cuda"
+    r.run.out, r.run.device = tempfile.mkdtemp(), args.device
     g = r.grpo
     g.prompt_style, g.prompts_per_step, g.group_size, g.max_tokens, g.beta = "raw", args.prompts, args.g, args.tokens, 0.0
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-6, args.micro, args.steps
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
-    model = load_pretrained(model_dir, device="cuda", dtype=torch.float32)
+    model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
-    tr = GRPOTrainer(r, model, tok, prompts(args.prompts * args.steps), dtype=torch.bfloat16,
+    tr = GRPOTrainer(r, model, tok, prompts(args.prompts * args.steps), dtype=_dtype(args),
                      rewards=[WeightedReward("constant", constant_reward, 1.0)])
     # Same lengths as TRL: no stop token (the engine's ignore_eos).
     from r1lab.engine import engine as eng_mod
@@ -60,17 +64,20 @@ def bench_r1lab(model_dir: Path, args) -> dict:
         self.ignore_eos = True
 
     eng_mod.SamplingParams.__post_init__ = no_eos
-    times, toks = [], []
+    times, toks, gens = [], [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         rec = tr.grpo_step()
         tr.step += 1
         times.append(time.perf_counter() - t0)
         toks.append(rec["gen_tokens_per_s"])
+        gens.append(rec["gen_s"])
         print(f"r1lab step {tr.step}: {times[-1]:.2f} s (gen {rec['gen_s']:.2f} s, train {rec['train_s']:.2f} s, "
               f"{rec['gen_tokens_per_s']:,.0f} rollout tok/s) reward {rec['reward']:.3f}")
     eng_mod.SamplingParams.__post_init__ = orig
-    return {"step_s": statistics.median(times[1:4]), "tok_s": statistics.median(toks[1:4])}
+    gen_share = statistics.median(gs / t for gs, t in zip(gens[1:4], times[1:4]))
+    return {"step_s": statistics.median(times[1:4]), "tok_s": statistics.median(toks[1:4]),
+            "gen_share": gen_share}
 
 
 def bench_trl(model_dir: Path, args) -> dict:
@@ -78,30 +85,84 @@ def bench_trl(model_dir: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    times = []
+    cuda = args.device.startswith("cuda")
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    times, gens, gen_acc, logs_ = [], [], [0.0], []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+        # A step is the wall time from one optimizer step's end to the next one's (the prompt batch, generation,
+        # rewards, the 4 forward/backward micro-batches, clipping, AdamW and TRL's logging); step 1 from the start.
+        def on_train_begin(self, *a, **k):
+            sync()
             self.t0 = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-            print(f"trl step {len(times)}: {times[-1]:.2f} s")
+            sync()
+            t = time.perf_counter()
+            times.append(t - self.t0)
+            gens.append(gen_acc[0])
+            self.t0, gen_acc[0] = t, 0.0
+            print(f"trl step {len(times)}: {times[-1]:.2f} s (gen {gens[-1]:.2f} s, train {times[-1] - gens[-1]:.2f} s, "
+                  f"{n_seq * args.tokens / max(gens[-1], 1e-9):,.0f} rollout tok/s)", flush=True)
 
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "reward" in logs:
+                logs_.append(logs)
+
+    # 16 prompts x G=8 = 128 sequences per optimizer step as per-device batch 32 x 4 accumulation; TRL then
+    # generates all 128 in one generate call (generation_batch_size = 32 x steps_per_generation 4) once per step.
+    # The optimizer and loss as r1lab's GRPO defaults: AdamW lr 1e-6 constant, betas (0.9, 0.99), eps 1e-8, no
+    # weight decay, grad-norm clip 1.0; one pass (mu 1), eps 0.2, group-scaled advantages, per-sequence loss
+    # ("grpo"; TRL's default is "dapo"), no reference model (beta 0); no gradient checkpointing (TRL's default is
+    # on, r1lab's off; --trl-grad-ckpt turns it on).
     n_seq = args.prompts * args.g
+    assert n_seq % 4 == 0, "prompts x g must be a multiple of the 4 accumulation steps"
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n_seq // 4,
                      gradient_accumulation_steps=4, num_generations=args.g, max_completion_length=args.tokens,
-                     beta=0.0, learning_rate=1e-6, bf16=True, max_steps=args.steps, logging_steps=1,
-                     save_strategy="no", report_to=[], temperature=1.0, generation_kwargs={"min_new_tokens": args.tokens})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.bfloat16).cuda()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+                     beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                     adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, max_grad_norm=1.0, num_iterations=1,
+                     epsilon=0.2, scale_rewards="group", loss_type="grpo",
+                     gradient_checkpointing=args.trl_grad_ckpt, bf16=cuda, max_steps=args.steps, logging_steps=1,
+                     save_strategy="no", report_to=[], disable_tqdm=True, temperature=1.0, top_p=1.0, top_k=0,
+                     generation_kwargs={"min_new_tokens": args.tokens},  # EOS banned until the last token
+                     use_cpu=not cuda, dataloader_num_workers=0, seed=0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(args)).to(args.device)
+    # r1lab's config.json has no transformers_version, which transformers 5 takes for an old Mistral tokenizer
+    # and warns about; the DeepSeek pre-tokenizer is right as it is.
+    tok = AutoTokenizer.from_pretrained(model_dir, fix_mistral_regex=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
     ds = Dataset.from_list(prompts(args.prompts * args.steps))
     trainer = GRPOTrainer(model=model, reward_funcs=constant_reward, args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[Timer()])
+    orig = trainer._generate_single_turn  # the transformers generate call (and its unpadding)
+
+    def timed(*a, **k):
+        sync()
+        t0 = time.perf_counter()
+        out = orig(*a, **k)
+        sync()
+        gen_acc[0] += time.perf_counter() - t0
+        return out
+
+    trainer._generate_single_turn = timed
     trainer.train()
+    print(f"trl completion lengths (min-max per step, want {args.tokens}): "
+          f"{[(x.get('completions/min_length'), x.get('completions/max_length')) for x in logs_]}")
+    print(f"trl reward (mean per step): {[round(x['reward'], 3) for x in logs_]}")
     step = statistics.median(times[1:4])
-    return {"step_s": step, "tok_s": n_seq * args.tokens / step}  # upper bound: all of the step as generation
+    gen = statistics.median(gens[1:4])
+    return {"step_s": step, "tok_s": n_seq * args.tokens / gen if gen > 0 else float("nan"),
+            "gen_share": statistics.median(gs / t for gs, t in zip(gens[1:4], times[1:4]))}
+
+
+def _dtype(args) -> torch.dtype:
+    """bf16 on the GPU (the measured setup); fp32 on CPU (the dry run)."""
+    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
 
 def main() -> None:
@@ -113,24 +174,28 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=32, help="r1lab sequences per forward/backward (default 32)")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps (default 4; median of steps 2-4)")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
+    p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
+    p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("benchmarks/grpo.py needs a CUDA GPU")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("benchmarks/grpo.py needs a CUDA GPU (or --device cpu for a dry run)")
     with tempfile.TemporaryDirectory() as d:
         cfg = get_preset(args.preset)
         with torch.device("meta"):
             model = Transformer(cfg)
-        model = model.to_empty(device="cuda").init_weights(seed=0)
+        model = model.to_empty(device=args.device).init_weights(seed=0)
         save_pretrained(model, d, tokenizer=load_tokenizer())
         del model
         res = {}
         if args.only != "trl":
             res["r1lab"] = bench_r1lab(Path(d), args)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if args.only != "r1lab":
             res["trl"] = bench_trl(Path(d), args)
     for k, v in res.items():
-        print(f"{k:6s} {v['step_s']:.2f} s/step, {v['tok_s']:,.0f} rollout tok/s")
+        print(f"{k:6s} {v['step_s']:.2f} s/step, {v['tok_s']:,.0f} rollout tok/s, generation "
+              f"{v['gen_share']:.0%} of the step (medians of steps 2-4)")
     if len(res) == 2:
         print(f"r1lab is {res['trl']['step_s'] / res['r1lab']['step_s']:.1f}x faster per step (goal: >= 10x)")
 
