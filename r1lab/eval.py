@@ -95,9 +95,13 @@ def load_task(task: str, data_dir: str | os.PathLike | None = None) -> tuple[str
     return str(path.resolve()), problems
 
 
-def render_prompt(tok, question: str, style: str = "chat") -> list[int]:
+def render_prompt(tok, question: str, style: str = "chat", template: str | None = None) -> list[int]:
     """Token ids of one problem's prompt: the question plus ``INSTRUCTION``; ``chat`` wraps it in the R1 chat
-    template as a user turn with the generation prompt, ``plain`` gives BOS + the bare text (base models)."""
+    template as a user turn with the generation prompt, ``plain`` gives BOS + the bare text (base models).
+    A ``template`` (text with ``{question}``, e.g. a model's own training format) replaces both: its
+    rendering is encoded as it is (special-token strings in it become their ids), without the instruction."""
+    if template is not None:
+        return tok.encode(template.replace("{question}", question))
     content = f"{question}\n{INSTRUCTION}"
     if style == "chat":
         return tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
@@ -117,7 +121,7 @@ def problem_seed(seed: int, problem_id: str) -> int:
 # ----- generation ------------------------------------------------------------------------------
 
 
-def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: int):
+def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: int, compile: bool | None = None):
     import torch
 
     from .checkpoint import load_pretrained
@@ -127,7 +131,7 @@ def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: i
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_pretrained(model_dir, device=device, dtype=dtype)
-    return Engine(model, load_tokenizer(model_dir), max_batch=batch, max_seq_len=max_seq_len)
+    return Engine(model, load_tokenizer(model_dir), max_batch=batch, max_seq_len=max_seq_len, compile=compile)
 
 
 def _generate(engine, prompts: Sequence[list[int]], params: Sequence) -> Iterator[tuple[int, list]]:
@@ -285,7 +289,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
              max_tokens: int | None = None, limit: int | None = None, data_dir: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
              batch: int = DEFAULT_BATCH, prompt_style: str = "chat", resume: bool = True, progress: bool = True,
-             report: bool = True) -> dict:
+             report: bool = True, template: str | None = None, compile: bool | None = None) -> dict:
     """Evaluate a checkpoint on a task: k samples per problem, graded, written to JSONL, summarised.
 
     Args:
@@ -303,6 +307,9 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
         device: ``cpu`` or ``cuda`` (default: cuda when available); bf16 on CUDA, fp32 on CPU.
         batch: sequences decoded together (rounded down to a multiple of k, at least k).
         prompt_style: ``chat`` (R1 chat template) or ``plain`` (bare text, for base models).
+        template: prompt text with ``{question}`` instead of a style (``render_prompt``), e.g. the format a
+            small model was trained on.
+        compile: torch.compile the engine's decode step (default: on CUDA; ~30 s once, worth it for long runs).
         resume: skip problems whose k samples are already in ``out``.
         progress: progress bar and notes on stderr. report: print the table on stdout.
 
@@ -325,6 +332,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
         raise ValueError(f"batch must be >= 1, got {batch}")
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+    if template is not None and "{question}" not in template:
+        raise ValueError(f"the prompt template must contain {{question}}, got {template!r}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if not 0 < top_p <= 1 or temperature < 0:
@@ -338,10 +347,10 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
     task_name = task if task in BENCHMARKS else Path(task).stem
     cfg, tok = read_config(model_dir), load_tokenizer(model_dir)
     positions = cfg.max_position_embeddings
-    prompts = {p.id: render_prompt(tok, p.question, prompt_style) for p in problems}
+    prompts = {p.id: render_prompt(tok, p.question, prompt_style, template) for p in problems}
     if max_tokens is None:
         # The cap comes from the whole task, not the requested slice, so that --limit does not change a setting.
-        longest = max(len(render_prompt(tok, p.question, prompt_style)) for p in all_problems)
+        longest = max(len(render_prompt(tok, p.question, prompt_style, template)) for p in all_problems)
         max_tokens = min(DEFAULT_MAX_TOKENS, positions - longest)
         if max_tokens < 1:
             raise ValueError(f"the longest prompt of {task_name} has {longest} tokens: no room to generate in the "
@@ -353,7 +362,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
                              f"{positions - len(prompts[p.id])}")
 
     settings = {"model": str(model_dir.resolve()), "task": label, "k": k, "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_tokens, "seed": seed, "prompt_style": prompt_style}
+                "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+                "prompt_style": prompt_style if template is None else f"template {template!r}"}
     out = Path(out) if out is not None else Path.cwd() / f"eval-{task_name}-{model_dir.resolve().name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     note = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -385,7 +395,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
 
         slots = max(k, batch // k * k)  # a problem's k samples are admitted together, so slots come in ks
         max_seq_len = min(positions, max(len(prompts[p.id]) for p in todo) + max_tokens)
-        engine = _load_engine(model_dir, device, slots, max_seq_len)
+        engine = _load_engine(model_dir, device, slots, max_seq_len, compile)
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=k,
                                  seed=problem_seed(seed, p.id)) for p in todo]
         right = total = 0
@@ -424,7 +434,7 @@ def cmd_eval(args) -> None:
     result = evaluate(args.model, args.task, k=args.k, temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, limit=args.limit, data_dir=args.data_dir, out=args.out,
                       seed=args.seed, device=args.device, batch=args.batch, prompt_style=args.prompt_style,
-                      resume=not args.no_resume, report=not args.json)
+                      resume=not args.no_resume, report=not args.json, template=args.template)
     if args.json:
         print(json.dumps(result, indent=2))
 
@@ -459,6 +469,9 @@ def add_parser(subparsers):
     p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="chat",
                    help="chat: R1 chat template, user turn; plain: bare question text, for base models "
                         "(default: chat)")
+    p.add_argument("--template", default=None, metavar="TEXT",
+                   help="prompt text with {question} in it, used instead of --prompt-style and the instruction "
+                        "(e.g. the format a small model was trained on: \"User: {question}\\nAssistant: <think>\")")
     p.add_argument("--no-resume", action="store_true", help="overwrite the samples file instead of resuming from it")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object instead of the table")
     p.set_defaults(fn=cmd_eval)

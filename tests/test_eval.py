@@ -347,3 +347,29 @@ def test_bad_arguments_are_clear_errors(ckpt, tmp_path, task_file):
                                          r"positions"):
         ev.evaluate(ckpt, str(task_file), max_tokens=5000, out=tmp_path / "e.jsonl", **FAST)
     assert not (tmp_path / "e.jsonl").exists()
+
+
+def test_prompt_template_replaces_the_style_and_is_recorded(ckpt, tmp_path, task_file, monkeypatch):
+    """--template: the prompt is the template with the question put in, encoded as it is (markers become their
+    ids), without the instruction; the setting names it, so a file of another template does not resume."""
+    from r1lab.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ckpt)
+    template = "<｜User｜>Q: {question}<｜Assistant｜><think>\n"
+    ids = ev.render_prompt(tok, "2 + 2?", template=template)
+    assert ids == tok.encode("<｜User｜>Q: 2 + 2?<｜Assistant｜><think>\n") and tok.think_start_id in ids
+    seen, real = [], ev._generate
+
+    def capture(engine, prompts, params):
+        seen.extend(prompts)
+        yield from real(engine, prompts, params)
+
+    monkeypatch.setattr(ev, "_generate", capture)
+    res = ev.evaluate(ckpt, str(task_file), k=1, max_tokens=2, out=tmp_path / "t.jsonl", template=template, **FAST)
+    questions = [json.loads(ln)["question"] for ln in task_file.read_text().splitlines()]
+    assert seen == [tok.encode(template.replace("{question}", q)) for q in questions]
+    assert res["settings"]["prompt_style"] == f"template {template!r}"
+    with pytest.raises(ValueError, match="prompt_style"):
+        ev.evaluate(ckpt, str(task_file), k=1, max_tokens=2, out=tmp_path / "t.jsonl", **FAST)
+    with pytest.raises(ValueError, match="must contain"):
+        ev.evaluate(ckpt, str(task_file), template="no placeholder")
