@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import add_parser as add_eval_parser
     from .plan import add_parser as add_plan_parser
     from .serve import add_parser as add_serve_parser
+    from .speedrun import add_parser as add_speedrun_parser
     from .train.cli import add_parsers as add_train_parsers
     from .train.grpo import add_parsers as add_grpo_parsers
     from .train.reward_model import add_parsers as add_rm_parsers
@@ -249,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_serve_parser(sub)
     add_plan_parser(sub)
+    add_speedrun_parser(sub)
     return p
 
 

@@ -1,0 +1,73 @@
+"""`r1lab speedrun`: the whole DeepSeek-R1 recipe on a small model, with a report card (pipeline.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .pipeline import PRESETS, STAGES, Preset, Speedrun, parse_stages
+
+__all__ = ["PRESETS", "STAGES", "Preset", "Speedrun", "parse_stages", "add_parser"]
+
+
+def cmd_speedrun(args) -> None:
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        fields = Preset.__dataclass_fields__
+        if not sep or key not in fields or key == "task_knobs":
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(k for k in fields if k != 'task_knobs')}")
+        want = type(getattr(PRESETS["cpu"], key))
+        try:
+            overrides[key] = want(value)
+        except ValueError:
+            raise ValueError(f"--set {key}: {value!r} is not a {want.__name__}") from None
+    stages = parse_stages(args.stages) if args.stages else None
+    run = Speedrun(args.out, args.preset, device=args.device, resume=args.resume or stages is not None,
+                   quiet=args.quiet, overrides=overrides)
+    if run.state["preset"] != args.preset and args.preset != "cpu":
+        print(f"[speedrun] note: {args.out} was started with preset {run.state['preset']!r}; continuing with it",
+              file=sys.stderr)
+    try:
+        run.run(stages)
+    except KeyboardInterrupt as e:
+        print(f"\n[speedrun] interrupted ({e or 'Ctrl-C'}); continue with: r1lab speedrun --out {args.out} --resume",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+    from .report import claims, headline
+
+    print(headline(run.state))
+    print("\n".join(claims(run.state)))
+    print(f"report: {run.out / 'report.md'}")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "speedrun", help="the whole R1 recipe on a small model (pretrain, R1-Zero, cold start, RL, rejection "
+                         "sampling, distillation, evaluation) with a report card",
+        description="Walk the DeepSeek-R1 pipeline on a small MoE + MLA model and a synthetic task with exact "
+                    "answers: 0 pretrain, 1 R1-Zero (GRPO on the base), 2 cold-start SFT, 3 reasoning RL, "
+                    "4 rejection sampling, 5 distillation into a smaller student (and a control student), 6 "
+                    "evaluation of every stage; then report.md with tables and plots in the run folder.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Presets: cpu (default: a 2-core CPU in under 15 minutes), gpu (a larger model and 4-digit "
+               "problems, one GPU), mini (every stage at toy sizes, for tests).\n"
+               "Each training stage is an ordinary r1lab pretrain / sft / grpo run with its recipe.toml in its "
+               "folder.\nExamples:\n  r1lab speedrun\n  r1lab speedrun --preset gpu --out runs/speedrun-gpu\n"
+               "  r1lab speedrun --out runs/speedrun --resume      # after Ctrl-C or a crash\n"
+               "  r1lab speedrun --out runs/speedrun --stages 5-6  # redo distillation and evaluation")
+    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="sizes and steps (default: cpu)")
+    p.add_argument("--out", default="runs/speedrun", metavar="DIR", help="run folder (default: runs/speedrun)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run folder: finished stages are skipped, an interrupted one continues from "
+                        "its last checkpoint")
+    p.add_argument("--stages", metavar="LIST",
+                   help=f"run only these stages of an existing run folder, e.g. 3-6 or 1,3 "
+                        f"({', '.join(f'{i} {s}' for i, s in enumerate(STAGES))})")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="change one preset setting for a new run, e.g. --set rl_steps=80 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    p.set_defaults(fn=cmd_speedrun)
+    return p

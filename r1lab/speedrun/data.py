@@ -1,0 +1,130 @@
+"""The speedrun's data: one synthetic task, rendered in the two prompt formats of the R1 recipe.
+
+Every file is JSON Lines that the stand-alone commands read too (`r1lab pretrain / sft / grpo / eval`):
+
+  corpus.jsonl      {"text"}: pretraining documents, R1-Zero-formatted dialogues. Most answer at once (the
+                    think block only restates the sum); a share `reasoning_share` carries a worked solution in
+                    the think block, as web text holds some reasoning. The base model can thus sometimes reason,
+                    and RL has something to reinforce.
+  zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (`ZERO_TEMPLATE`), for `r1lab grpo` in raw style
+  prompts.jsonl     {"prompt", "answer"}: bare questions, for `r1lab grpo` in chat style
+  cold_start.jsonl  {"prompt", "response"}: a small set of long, well-formatted worked solutions (cold start)
+  test.jsonl        {"id", "question", "answer"}: held-out problems, for `r1lab eval`
+
+Train and test never share an instance: the task's split is a hash of the instance (r1lab.tasks.synthetic).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from ..tasks.benchmarks import Problem
+from ..tasks.synthetic import TASKS, Arithmetic
+
+# The R1-Zero template of the DeepSeek-R1 paper (Table 1) without its instruction sentence, which a model of a
+# million parameters cannot read: the format is learned in pretraining from documents in this form instead.
+ZERO_TEMPLATE = "User: {question}\nAssistant: <think>"
+# The R1 chat template's rendering of one user turn with the think block opened (as r1lab grpo's chat style with
+# open_think writes it), for evaluation of the chat-tuned stages.
+CHAT_TEMPLATE = "<bos><｜User｜>{question}<｜Assistant｜><think>\n"
+
+
+def make_task(name: str, **knobs):
+    if name not in TASKS:
+        raise ValueError(f"speedrun task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
+
+
+def solution_body(task, p: Problem) -> str:
+    """The worked solution (a chain of thought ending in "The answer is X."): for a chain of additions and
+    subtractions (the speedrun's default task) `chain_solution`, else the task's own."""
+    if isinstance(task, Arithmetic) and set(task.ops) <= {"+", "-"}:
+        return chain_solution(p.question)
+    return p.solution if p.solution else task.solution(p)
+
+
+def chain_solution(question: str) -> str:
+    """Left-to-right evaluation of "What is a + b - c ...?", one operation per step, each step restating
+    what is left, so every step reads only what is right before it:
+        Step by step: 3 + 5 = 8, so 8 - 2 + 4. 8 - 2 = 6, so 6 + 4. 6 + 4 = 10. The answer is 10."""
+    terms = question.removeprefix("What is ").rstrip("?").split()
+    steps = []
+    while len(terms) > 1:
+        a, op, b = int(terms[0]), terms[1], int(terms[2])
+        value = a + b if op == "+" else a - b
+        terms = [str(value), *terms[3:]]
+        rest = f", so {' '.join(terms)}." if len(terms) > 1 else "."
+        steps.append(f"{a} {op} {b} = {value}{rest}")
+    return f"Step by step: {' '.join(steps)} The answer is {terms[0]}."
+
+
+def bare_body(p: Problem) -> str:
+    """An answer without reasoning: the expression restated with its result ("What is" questions), else just
+    the answer."""
+    if p.question.startswith("What is ") and p.question.endswith("?"):
+        return f"{p.question.removeprefix('What is ').rstrip('?')} = {p.answer}."
+    return f"The answer is {p.answer}."
+
+
+def zero_completion(body: str, answer: str) -> str:
+    """The completion after ZERO_TEMPLATE: reasoning, then the answer in tags."""
+    return f" {body} </think> <answer>{answer}</answer>"
+
+
+def chat_response(body: str, answer: str) -> str:
+    """The assistant turn of the chat format: the think block (opened by the prompt), then the tagged answer."""
+    return f"<think>\n{body}\n</think>\n\n<answer>{answer}</answer>"
+
+
+def write_jsonl(path: Path, rows) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n
+
+
+def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
+               cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0) -> dict[str, int]:
+    """Write the files of the module docstring into `folder`; returns the row count of each. A share
+    `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
+    problems of every size): their bare answers are the facts the worked solutions of the main task use."""
+    rng = random.Random(f"speedrun-corpus:{seed}")
+    n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
+    corpus = task.problems(corpus_docs - n_easy, "train", seed)
+    if n_easy:
+        corpus += easy_task.problems(n_easy, "train", seed)
+        random.Random(f"speedrun-mix:{seed}").shuffle(corpus)
+
+    def doc(p: Problem) -> dict:
+        body = solution_body(task, p) if rng.random() < reasoning_share else bare_body(p)
+        return {"text": ZERO_TEMPLATE.format(question=p.question) + zero_completion(body, p.answer)}
+
+    rl = task.problems(rl_prompts, "train", seed + 1)
+    demos = task.problems(cold_start, "train", seed + 2)
+    held_out = task.problems(test, "test", seed + 3)
+    counts = {
+        "corpus": write_jsonl(folder / "corpus.jsonl", (doc(p) for p in corpus)),
+        "zero_prompts": write_jsonl(folder / "zero_prompts.jsonl", (
+            {"prompt": ZERO_TEMPLATE.format(question=p.question), "answer": p.answer} for p in rl)),
+        "prompts": write_jsonl(folder / "prompts.jsonl", ({"prompt": p.question, "answer": p.answer} for p in rl)),
+        "cold_start": write_jsonl(folder / "cold_start.jsonl", (
+            {"prompt": p.question, "response": chat_response(solution_body(task, p), p.answer)} for p in demos)),
+        "test": write_jsonl(folder / "test.jsonl", (
+            {"id": f"test/{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(held_out))),
+    }
+    return counts
+
+
+def tokenizer_texts(folder: Path):
+    """Every text the tokenizer must cover: the corpus and the chat-format demonstrations."""
+    for name, key in (("corpus.jsonl", "text"), ("cold_start.jsonl", "response"), ("cold_start.jsonl", "prompt")):
+        with open(folder / name, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)[key]

@@ -1,0 +1,128 @@
+"""The speedrun: its task vocabulary, its data files, and a miniature run of every stage end to end."""
+
+import json
+
+import pytest
+import torch
+
+from r1lab.speedrun import PRESETS, STAGES, Speedrun, parse_stages
+from r1lab.speedrun import data as sdata
+from r1lab.speedrun.vocab import build_task_tokenizer
+from r1lab.tasks.synthetic import Addition
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # toy matmuls: threads only add start-up cost
+    yield
+    torch.set_num_threads(before)
+
+
+def test_task_tokenizer_round_trips_and_keeps_markers_whole(tmp_path):
+    texts = [sdata.ZERO_TEMPLATE.format(question=p.question) + sdata.zero_completion(Addition.solution(p), p.answer)
+             for p in Addition(digits=3).problems(300, "train", 0)]
+    tok = build_task_tokenizer(tmp_path, texts, min_count=5)
+    for t in texts[:50] + ["<bos><｜User｜>What is 12 + 3?<｜Assistant｜><think>\n9 + 9 = 18\n</think>\n\n<answer>18</answer>"]:
+        assert tok.decode(tok.encode(t)) == t
+    for marker in ("<think>", "</think>", "<answer>", "</answer>", "<｜User｜>", "<｜Assistant｜>"):
+        assert len(tok.encode(marker)) == 1, marker
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
+    assert tok.decode([tok.bos_id, *tok.encode("1 + 1"), tok.eos_id], skip_special_tokens=True) == "1 + 1"
+    assert len(tok.encode(" write")) == 1  # a frequent corpus word is one token
+    assert all(len(tok.encode(d)) == 1 for d in "0123456789")
+    # Digits are never merged, so numbers are spelled digit by digit.
+    assert tok.encode("1659") == [tok.encode(d)[0] for d in "1659"]
+    assert tok.encode("~") == [tok.token_to_id("<unk>")]  # a character the corpus never had
+    # The chat template renders with the real format (the same markers as DeepSeek's tokenizer).
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True)
+    assert text == "<bos><｜User｜>What is 1 + 2?<｜Assistant｜>"
+    assert sdata.CHAT_TEMPLATE.format(question="What is 1 + 2?") == text + "<think>\n"
+
+
+def test_data_files_hold_what_each_stage_reads(tmp_path):
+    task = Addition(digits=2)
+    counts = sdata.write_data(tmp_path, task, corpus_docs=400, reasoning_share=0.25, rl_prompts=50, cold_start=20,
+                              test=30, seed=0)
+    assert counts == {"corpus": 400, "zero_prompts": 50, "prompts": 50, "cold_start": 20, "test": 30}
+    read = lambda name: [json.loads(ln) for ln in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    corpus = read("corpus.jsonl")
+    worked = [d for d in corpus if "digit by digit" in d["text"]]
+    assert 0.15 < len(worked) / len(corpus) < 0.35  # the reasoning share, drawn per document
+    d = corpus[0]["text"]
+    assert d.startswith("User: What is ") and "\nAssistant: <think> " in d and d.endswith("</answer>")
+    # Every completion in the corpus is well formed and right by the rewards the RL stages use.
+    from r1lab.rewards import accuracy_reward, format_reward
+
+    prompts = [c["text"][: c["text"].index("<think>") + 7] for c in corpus]
+    completions = [c["text"][len(p):] for c, p in zip(corpus, prompts)]
+    answers = [c["text"].rsplit("<answer>", 1)[1].removesuffix("</answer>") for c in corpus]
+    sums = [str(sum(int(x) for x in p.split("What is ")[1].split("?")[0].split(" + "))) for p in prompts]
+    assert answers == sums
+    assert accuracy_reward(prompts, completions, answer=sums) == [1.0] * len(corpus)
+    assert format_reward(prompts, completions) == [1.0] * len(corpus)
+    cold = read("cold_start.jsonl")
+    assert all(r["response"].startswith("<think>\n") and "digit by digit" in r["response"] for r in cold)
+    zero = read("zero_prompts.jsonl")
+    assert zero[0]["prompt"] == sdata.ZERO_TEMPLATE.format(question=read("prompts.jsonl")[0]["prompt"])
+    # Held-out problems are never training problems (the split is a property of the instance).
+    train_q = {c["text"].split("\n")[0] for c in corpus} | {"User: " + r["prompt"] for r in cold}
+    assert not {"User: " + r["question"] for r in read("test.jsonl")} & train_q
+
+
+def test_parse_stages():
+    assert parse_stages("0-6") == list(range(7)) and parse_stages("3") == [3] and parse_stages("5,1-2") == [1, 2, 5]
+    for bad in ("7", "2-9", "a", "3-1"):
+        with pytest.raises(ValueError, match="--stages"):
+            parse_stages(bad)
+    assert len(STAGES) == 7
+
+
+def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="needs .*0-pretrain/base/final"):
+        Speedrun(tmp_path / "other", "mini", device="cpu", resume=True, quiet=True).run([1])
+    Speedrun(out, "mini", device="cpu", quiet=True).run([0, 1, 2])
+    state = json.loads((out / "speedrun.json").read_text())
+    assert list(state["stages"]) == ["pretrain", "r1-zero", "cold-start"]
+    with pytest.raises(ValueError, match="--resume"):
+        Speedrun(out, "mini", device="cpu", quiet=True)
+    # --resume: the finished stages are skipped (their models are not retrained), the rest run.
+    before = (out / "1-r1-zero/final/model.safetensors").stat().st_mtime_ns
+    state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run()
+    assert (out / "1-r1-zero/final/model.safetensors").stat().st_mtime_ns == before
+    assert list(state["stages"]) == list(STAGES)
+    for folder in ("0-pretrain/base", "0-pretrain/student", "1-r1-zero", "2-cold-start", "3-reasoning-rl",
+                   "5-distill/distilled", "5-distill/control"):
+        assert (out / folder / "final/config.json").is_file(), folder
+        assert (out / folder / "recipe.toml").is_file(), folder  # each stage reruns as a command of its own
+    grpo_metrics = [json.loads(ln) for ln in (out / "1-r1-zero/metrics.jsonl").read_text().splitlines()]
+    assert len(grpo_metrics) == PRESETS["mini"].rl_steps and "reward/format" in grpo_metrics[0]
+    # Rejection sampling kept only correct, well-formed samples of the RL model, in the chat format.
+    rej = state["stages"]["rejection"]
+    assert rej["sampled"] == PRESETS["mini"].rejection_prompts * PRESETS["mini"].rejection_samples
+    assert 0 < rej["kept"] <= min(rej["correct"], rej["well_formed"])
+    rows = [json.loads(ln) for ln in (out / "data/distill.jsonl").read_text().splitlines()]
+    assert len(rows) == rej["kept"]
+    from r1lab.rewards import accuracy_reward, format_reward
+
+    prompts = [sdata.CHAT_TEMPLATE.format(question=r["prompt"]) for r in rows]
+    completions = [r["response"].removeprefix("<think>\n") for r in rows]
+    answers = [str(eval(r["prompt"].removeprefix("What is ").rstrip("?"))) for r in rows]  # "a + b" of digits
+    assert accuracy_reward(prompts, completions, answer=answers) == [1.0] * len(rows)
+    assert format_reward(prompts, completions) == [1.0] * len(rows)
+    # Evaluation of every stage, and the report card with its plots.
+    ev = state["stages"]["eval"]
+    for key in ("base", "r1-zero", "cold-start", "reasoning-rl", "student-distill", "student-control"):
+        assert 0.0 <= ev[key]["pass@1"] <= 1.0 and 0.0 <= ev[key]["cons@k"] <= 1.0
+        lines = (out / "eval" / f"{key}.jsonl").read_text().splitlines()
+        assert len(lines) == PRESETS["mini"].eval_problems * PRESETS["mini"].eval_k
+    assert len(ev["expert_load"]) == 2 and all(abs(sum(row) - 1) < 1e-5 for row in ev["expert_load"])
+    report = (out / "report.md").read_text()
+    assert "| 3 reasoning RL |" in report and "Hardware:" in report and "Commit:" in report
+    for png in ("rl_reward", "rl_length", "accuracy", "expert_load"):
+        data = (out / "plots" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png}.png" in report
+    # --stages reruns part of the recipe on the same folder.
+    state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6])
+    assert set(state["stages"]) == set(STAGES)
