@@ -244,3 +244,27 @@ def test_resume_continues_with_the_same_prompts_and_metrics(tmp_path):
     keys = ("reward", "loss", "entropy", "response_len_mean")
     assert [[r[k] for k in keys] for r in recs2] == [[r[k] for k in keys] for r in recs]
     assert (tmp_path / "part" / "run" / "samples.jsonl").read_text().splitlines() == samples
+
+
+def test_synthetic_task_specs_build_the_tasks_and_bad_ones_are_clear():
+    from r1lab.tasks.synthetic import Addition, Arithmetic, LinearEquation
+    from r1lab.train.grpo import synthetic_task
+
+    assert synthetic_task("addition-3") == Addition(digits=3)
+    assert synthetic_task("addition:digits=2") == Addition(digits=2)
+    assert synthetic_task("arithmetic:digits=1,n_operands=4,ops=+-") == Arithmetic(digits=1, n_operands=4,
+                                                                                   ops=("+", "-"))
+    assert synthetic_task("linear") == LinearEquation()
+    for bad, msg in (("countdown", "Countdown.verify"), ("addition:digits=x", "not KEY=INTEGER"),
+                     ("addition:digits", "not KEY=VALUE"), ("addition:colour=3", "colour"),
+                     ("addition:digits=40", "digits must be in")):
+        with pytest.raises(ValueError, match=msg):
+            synthetic_task(bad)
+    # Prompt rows from a synthetic task spec: questions with integer answers, drawn from the chosen split.
+    from r1lab.train.grpo import GRPORecipe, load_prompt_rows
+
+    r = GRPORecipe.defaults()
+    r.grpo.task, r.grpo.task_size = "arithmetic:digits=1,n_operands=3,ops=+", 5
+    rows = load_prompt_rows(r)
+    assert len(rows) == 5 and all(row["prompt"].startswith("What is ") for row in rows)
+    assert all(str(eval(row["prompt"].removeprefix("What is ").rstrip("?"))) == row["answer"] for row in rows)

@@ -126,3 +126,21 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
     # --stages reruns part of the recipe on the same folder.
     state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6])
     assert set(state["stages"]) == set(STAGES)
+
+
+def test_command_line_errors_are_clear(tmp_path, capsys):
+    from r1lab.cli import main
+
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--set", "rl_steps=many"]) == 2
+    assert "--set rl_steps: 'many' is not a int" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--set", "nope=1"]) == 2
+    assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--stages", "9"]) == 2
+    assert "outside 0-6" in capsys.readouterr().err
+    # A run folder remembers its preset: another --preset on it is refused, no --preset continues it.
+    (tmp_path / "b").mkdir()
+    Speedrun(tmp_path / "b", "mini", device="cpu", quiet=True)._save()
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--preset", "gpu", "--resume"]) == 2
+    assert "holds a speedrun of preset 'mini'" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "b")]) == 2
+    assert "pass --resume" in capsys.readouterr().err

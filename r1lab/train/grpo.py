@@ -160,7 +160,9 @@ def _key(default, help, choices=None):
 
 @dataclass
 class GRPO:
-    task: str = _key("", "prompts from a task instead of data.train: addition-N (synthetic, N digits), gsm8k, "
+    task: str = _key("", "prompts from a task instead of data.train: a synthetic task NAME[:KNOB=V,...] "
+                     "(addition, arithmetic, linear; e.g. arithmetic:digits=1,n_operands=4,ops=+-; addition-N is "
+                     "addition:digits=N), gsm8k, "
                      "math500, aime24, amc23")
     task_split: str = _key("train", "split of the task")
     task_size: int = _key(10000, "synthetic tasks: problems to draw (seeded by run.seed); benchmarks: 0 = all")
@@ -248,14 +250,9 @@ def load_prompt_rows(recipe: GRPORecipe) -> list[dict]:
     A bad row raises ValueError naming file:line."""
     g = recipe.grpo
     if g.task:
-        if g.task.startswith("addition-"):
-            from ..tasks.synthetic import Addition
-
-            try:
-                task = Addition(digits=int(g.task.removeprefix("addition-")))
-            except ValueError as e:
-                raise ValueError(f"grpo.task {g.task!r}: {e}") from None
-            probs = task.problems(g.task_size, g.task_split, recipe.run.seed)
+        name = g.task.partition(":")[0]
+        if name.startswith("addition-") or name in ("addition", "arithmetic", "linear", "countdown"):
+            probs = synthetic_task(g.task).problems(g.task_size, g.task_split, recipe.run.seed)
         else:
             from ..tasks import load_benchmark
 
@@ -273,6 +270,33 @@ def load_prompt_rows(recipe: GRPORecipe) -> list[dict]:
     if not rows:
         raise ValueError(f"data.train {recipe.data.train}: no prompt rows")
     return rows
+
+
+def synthetic_task(spec: str):
+    """"arithmetic:digits=1,n_operands=4,ops=+-" -> the task object ("addition-N" = addition:digits=N). Knob
+    values are integers, or for `ops` the operator characters. Countdown is refused: its answer is an expression
+    that only its own verifier can check, and the accuracy reward compares values."""
+    from ..tasks.synthetic import TASKS
+
+    name, _, knobs = spec.partition(":")
+    if name.startswith("addition-"):
+        name, knobs = "addition", f"digits={name.removeprefix('addition-')}" + (f",{knobs}" if knobs else "")
+    if name == "countdown":
+        raise ValueError("grpo.task countdown: its answers are expressions checked by Countdown.verify, which the "
+                         "accuracy reward does not call; give the prompts as data.train with your own reward")
+    kw: dict = {}
+    for item in filter(None, knobs.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"grpo.task {spec!r}: knob {item!r} is not KEY=VALUE")
+        try:
+            kw[key.strip()] = tuple(value.strip()) if key.strip() == "ops" else int(value)
+        except ValueError:
+            raise ValueError(f"grpo.task {spec!r}: knob {item!r} is not KEY=INTEGER (or ops=+-*)") from None
+    try:
+        return TASKS[name](**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"grpo.task {spec!r}: {e}") from None
 
 
 def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_think: bool = False) -> str:
