@@ -56,7 +56,7 @@ from ..engine import Engine, SamplingParams
 from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
-from .recipe import SECTIONS, Recipe, load_recipe
+from .recipe import SECTIONS, Recipe, _key, load_recipe
 
 R1_ZERO_TEMPLATE = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
@@ -151,13 +151,6 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
 
 
 # ====================================================================== the recipe
-def _key(default, help, choices=None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class GRPO:
     task: str = _key("", "prompts from a task instead of data.train: a synthetic task NAME[:KNOB=V,...] "

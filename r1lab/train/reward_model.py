@@ -44,7 +44,7 @@ from ..data import read_jsonl
 from ..model.transformer import Transformer
 from ..tokenizer import split_reasoning
 from .loop import NonFiniteLoss, Trainer, build_model, peak_memory_gb, setup
-from .recipe import SECTIONS, Recipe, load_recipe
+from .recipe import SECTIONS, Recipe, _key, load_recipe
 
 HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
 MARKER_FILE = "reward_model.json"
@@ -236,13 +236,6 @@ def _gather_strided(x: torch.Tensor, n: int, world: int) -> torch.Tensor:
 
 
 # ====================================================================== the recipe
-def _key(default, help, choices=None):
-    meta = {"help": help, "choices": choices}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class RM:
     scope: str = _key("full", "what the model scores: the whole response, or only the text after </think> "
