@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -624,48 +623,21 @@ class GRPOTrainer(Trainer):
         return rec
 
     # ------------------------------------------------------------------ the run
-    def fit(self, resume: str | Path | None = None) -> dict[str, Any]:
-        """Run (or continue) until train.steps; returns the last step's metrics."""
-        r = self.recipe
-        metrics_path, samples_path = self.run_dir / "metrics.jsonl", self.run_dir / "samples.jsonl"
-        self._start(resume, [metrics_path, samples_path])
-        from tqdm import tqdm
+    # ------------------------------------------------------------------ the hooks of Trainer.fit
+    def _log_files(self) -> dict[str, Path]:
+        return {**super()._log_files(), "samples": self.run_dir / "samples.jsonl"}
 
-        bar = tqdm(total=r.train.steps, initial=self.step, desc="grpo", unit="step", dynamic_ncols=True,
-                   disable=self.quiet or not sys.stderr.isatty())
-        old_handlers = self._install_signal_handlers()
-        saved_at, last = (self.step if resume is not None else -1), {}
-        try:
-            with open(self._log_path(metrics_path), "a") as mf, open(self._log_path(samples_path), "a") as sf:
-                while self.step < r.train.steps:
-                    rec = self.grpo_step()
-                    self.step += 1
-                    last = rec = {"step": self.step, **rec}
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
-                    ro = self._last_rollout
-                    for i in range(min(self.g.log_samples, len(ro.rows))):
-                        sf.write(json.dumps({"step": self.step, "prompt": ro.prompts[i], "completion": ro.completions[i],
-                                             "answer": ro.rows[i].get("answer"), "reward": ro.rewards[i].item(),
-                                             **{k: v[i] for k, v in ro.per_reward.items()}}) + "\n")
-                    sf.flush()
-                    self._log_grpo(rec, bar)
-                    bar.update(1)
-                    self._agree_on_stop()
-                    if self._stop or (r.ckpt.every and self.step % r.ckpt.every == 0):
-                        self.save()
-                        saved_at = self.step
-                    if self._stop:
-                        raise KeyboardInterrupt(f"{self._stop} at step {self.step}: checkpoint saved in "
-                                                f"{ckpt.list_checkpoints(self.run_dir)[-1]}; continue with --resume")
-            if saved_at != self.step:
-                self.save()
-            if r.ckpt.export:
-                self.export()
-        finally:
-            bar.close()
-            self._restore_signal_handlers(old_handlers)
-        return last
+    def _fit_step(self, metrics) -> dict[str, Any]:
+        return self.grpo_step()
+
+    def _after_step(self, rec: dict[str, Any], files: dict[str, Any]) -> None:
+        """A few of the step's completions with their rewards go to samples.jsonl."""
+        ro, sf = self._last_rollout, files["samples"]
+        for i in range(min(self.g.log_samples, len(ro.rows))):
+            sf.write(json.dumps({"step": rec["step"], "prompt": ro.prompts[i], "completion": ro.completions[i],
+                                 "answer": ro.rows[i].get("answer"), "reward": ro.rewards[i].item(),
+                                 **{k: v[i] for k, v in ro.per_reward.items()}}) + "\n")
+        sf.flush()
 
     def state_dict(self) -> dict[str, Any]:
         st = super().state_dict()
@@ -681,11 +653,12 @@ class GRPOTrainer(Trainer):
                 self.ref.load_state_dict(st["reference"])
         return path
 
-    def _log_grpo(self, rec: dict[str, Any], bar) -> None:
+    def _log(self, rec: dict[str, Any], bar) -> None:
         def f(k, fmt):
             return "-" if rec.get(k) is None else format(rec[k], fmt)
 
         bar.set_postfix_str(f"reward {rec['reward']:.3f} acc {f('accuracy', '.3f')}", refresh=False)
+        self._to_tensorboard(rec)
         every = self.recipe.log.every
         if self.quiet or not every or (rec["step"] % every and rec["step"] != self.recipe.train.steps):
             return

@@ -19,6 +19,7 @@ MFU counts 6 FLOPs per parameter per token for the matmul weights a token passes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -345,8 +346,8 @@ class Trainer:
         """Run (or continue, from a checkpoint folder or a run folder) until train.steps. Returns the last step's
         metrics. Ctrl-C / SIGTERM: finish the step, save a checkpoint, raise KeyboardInterrupt."""
         r = self.recipe
-        metrics_path = self.run_dir / "metrics.jsonl"
-        self._start(resume, [metrics_path])
+        logs = self._log_files()
+        self._start(resume, list(logs.values()))
         self._open_tensorboard()
         last: dict[str, Any] = {}
         saved_at = self.step if resume is not None else -1
@@ -357,23 +358,15 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         self._t_start, self._first_step = time.perf_counter(), self.step
         try:
-            with open(self._log_path(metrics_path), "a") as mf:
+            with contextlib.ExitStack() as stack:
+                files = {k: stack.enter_context(open(self._log_path(p), "a")) for k, p in logs.items()}
                 while self.step < r.train.steps:
-                    batches = self.next_batches()
-                    try:
-                        rec = self.train_step(batches)
-                    except NonFiniteLoss as e:
-                        mf.write(json.dumps({"step": self.step + 1, "nonfinite": str(e)}) + "\n")
-                        last_ckpt = ckpt.list_checkpoints(self.run_dir)
-                        where = (f"the last good checkpoint is {last_ckpt[-1]}" if last_ckpt
-                                 else "no checkpoint was written yet")
-                        raise NonFiniteLoss(f"step {self.step + 1}: non-finite {e}; stopped, {where} (set "
-                                            f"train.on_nonfinite = \"skip\" to skip such steps)") from None
+                    rec = self._fit_step(files["metrics"])
                     self.step += 1
-                    rec = {"step": self.step, **rec}
-                    last = rec
-                    mf.write(json.dumps(rec) + "\n")
-                    mf.flush()
+                    last = rec = {"step": self.step, **rec}
+                    files["metrics"].write(json.dumps(rec) + "\n")
+                    files["metrics"].flush()
+                    self._after_step(rec, files)
                     self._log(rec, bar)
                     bar.update(1)
                     self._agree_on_stop()
@@ -394,6 +387,25 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return last
+
+    # Hooks of `fit` that subclasses (GRPO) replace: the step itself, the run's log files, what a step logs.
+    def _log_files(self) -> dict[str, Path]:
+        """The JSON-lines logs of a run, truncated to the checkpoint on resume; "metrics" gets every step."""
+        return {"metrics": self.run_dir / "metrics.jsonl"}
+
+    def _fit_step(self, metrics) -> dict[str, Any]:
+        """One optimizer step on the next batches; a non-finite loss is logged and stops the run."""
+        try:
+            return self.train_step(self.next_batches())
+        except NonFiniteLoss as e:
+            metrics.write(json.dumps({"step": self.step + 1, "nonfinite": str(e)}) + "\n")
+            last_ckpt = ckpt.list_checkpoints(self.run_dir)
+            where = f"the last good checkpoint is {last_ckpt[-1]}" if last_ckpt else "no checkpoint was written yet"
+            raise NonFiniteLoss(f"step {self.step + 1}: non-finite {e}; stopped, {where} (set "
+                                f"train.on_nonfinite = \"skip\" to skip such steps)") from None
+
+    def _after_step(self, rec: dict[str, Any], files: dict[str, Any]) -> None:
+        """Anything else a finished step writes to its log files (nothing here)."""
 
     def _start(self, resume: str | Path | None, logs: list[Path]) -> None:
         """Before the first step: load the checkpoint to resume from (deleting newer checkpoints and the log lines
@@ -519,12 +531,9 @@ class Trainer:
         moe = [x for x in rec.get("moe_max_over_mean") or [] if x is not None]
         bar.set_postfix_str(f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:,.0f} tok/s"
                             + (f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""), refresh=False)
-        if self._tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self._tb.add_scalar(k, v, rec["step"])
-            if moe:
-                self._tb.add_scalar("moe_max_over_mean_max", max(moe), rec["step"])
+        self._to_tensorboard(rec)
+        if moe and self._tb is not None:
+            self._tb.add_scalar("moe_max_over_mean_max", max(moe), rec["step"])
         every = self.recipe.log.every
         if self.quiet or not every or (rec["step"] % every and rec["step"] != self.recipe.train.steps):
             return
@@ -544,6 +553,12 @@ class Trainer:
             parts.append("SKIPPED (non-finite)")
         from tqdm import tqdm
         tqdm.write(" | ".join(parts))
+
+    def _to_tensorboard(self, rec: dict[str, Any]) -> None:
+        if self._tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self._tb.add_scalar(k, v, rec["step"])
 
     def _open_tensorboard(self) -> None:
         if not self.recipe.log.tensorboard or self.quiet:
