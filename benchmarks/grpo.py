@@ -51,6 +51,7 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     g.prompt_style, g.prompts_per_step, g.group_size, g.max_tokens, g.beta = "raw", args.prompts, args.g, args.tokens, 0.0
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-6, args.micro, args.steps
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
+    r.train.compile = args.compile
     model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
     tr = GRPOTrainer(r, model, tok, prompts(args.prompts * args.steps), dtype=_dtype(args),
@@ -173,6 +174,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=256, help="completion tokens (default 256)")
     p.add_argument("--micro", type=int, default=32, help="r1lab sequences per forward/backward (default 32)")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps (default 4; median of steps 2-4)")
+    p.add_argument("--compile", action="store_true", help="r1lab: train.compile = true for the policy update")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
     p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")

@@ -1,6 +1,6 @@
 """Where a decode step's time goes: the engine's step without the CUDA graph, under torch.profiler.
 
-    python benchmarks/profile_decode.py --batch 1 [--compile]
+    python benchmarks/profile_decode.py --batch 1 [--compile] [--temperature 1 --prompt-len 32]
 
 Prints the GPU kernels by total time over --steps steps, the number of kernels per step, and the wall time per
 step with and without the CUDA graph (the difference is launch overhead).
@@ -24,16 +24,18 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="profiled steps (default: 20)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model forward")
     ap.add_argument("--rows", type=int, default=30, help="kernels to list (default: 30)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    ap.add_argument("--prompt-len", type=int, default=64, help="prompt tokens (default: 64)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     cfg = get_preset(args.preset)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to_empty(device=dev).init_weights(seed=0).to(torch.bfloat16).eval()
-    prompts = torch.randint(0, cfg.vocab_size - 1, (args.batch, 64)).tolist()
-    params = SamplingParams(temperature=0, max_tokens=args.steps * 4 + 16, ignore_eos=True)
+    prompts = torch.randint(0, cfg.vocab_size - 1, (args.batch, args.prompt_len)).tolist()
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.steps * 4 + 16, ignore_eos=True)
     for graph in (False, True):
-        eng = Engine(model, max_batch=args.batch, max_seq_len=64 + params.max_tokens, cuda_graph=graph,
+        eng = Engine(model, max_batch=args.batch, max_seq_len=args.prompt_len + params.max_tokens, cuda_graph=graph,
                      compile=args.compile)
         for p in prompts:
             eng.add_request(p, params)

@@ -40,6 +40,21 @@ def timed(step, warmup: int, steps: int) -> tuple[float, list[float]]:
     return (time.perf_counter() - t) / steps, losses
 
 
+def profile_steps(step, n: int, step_s: float) -> None:
+    """GPU kernels of n steps under torch.profiler, by total time, and their share of the timed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    busy = sum(e.self_device_time_total for e in events) / n / 1e6
+    print(f"profile: {sum(e.count for e in events) / n:.0f} GPU kernels per step, GPU busy {busy * 1e3:.1f} ms "
+          f"of a {step_s * 1e3:.1f} ms step")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-moe-1b", help="model preset (default: bench-moe-1b)")
@@ -52,6 +67,8 @@ def main():
     ap.add_argument("--hf-experts", default=None,
                     help="transformers' experts_implementation (e.g. eager, grouped_mm; default: its default)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N more r1lab steps and print the GPU kernels by time")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -67,7 +84,7 @@ def main():
     r.log.tensorboard = False
 
     g = torch.Generator().manual_seed(0)
-    n_batches = args.warmup + args.steps
+    n_batches = args.warmup + args.steps + args.profile
     tokens = torch.randint(0, cfg.vocab_size, (n_batches * B, S + 1), generator=g, dtype=torch.int32)
     starts = torch.zeros_like(tokens, dtype=torch.bool)
     starts[:, 0] = True
@@ -108,6 +125,8 @@ def main():
     it = iter(batches)
     dt, losses = timed(lambda: trainer.train_step([next(it)])["loss"], args.warmup, args.steps)
     report("r1lab", dt, losses)
+    if args.profile:
+        profile_steps(lambda: trainer.train_step([next(it)]), args.profile, dt)
     del trainer, model
     gc.collect()
     torch.cuda.empty_cache()

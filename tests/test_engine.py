@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r1lab import Engine, SamplingParams, Transformer, get_preset, load_tokenizer, save_pretrained
-from r1lab.engine.sampling import sample
+from r1lab.engine.sampling import sample, uniform_noise
 
 VOCAB = 320
 
@@ -170,6 +170,39 @@ def test_sampler_frequencies_match_the_distribution():
     toks_p, _ = sample(logits.expand(n, -1), torch.ones(n), torch.full((n,), 0.8), torch.zeros(n, dtype=torch.long),
                        torch.arange(n), torch.zeros(n, dtype=torch.long))
     assert set(toks_p.tolist()) == set(range(keep))
+
+
+def test_noise_is_the_documented_32_bit_hash():
+    """The sampler's uniforms against a plain-Python uint32 version of the hash (no tensor arithmetic)."""
+    M = 0xFFFFFFFF
+
+    def mix(x):
+        x &= M
+        x = ((x ^ (x >> 16)) * 0x7FEB352D) & M
+        x = ((x ^ (x >> 15)) * 0x846CA68B) & M
+        return x ^ (x >> 16)
+
+    seeds, positions = [0, 1, 12345, 2**31 - 1], [0, 7, 4095, 100000]
+    u = uniform_noise(torch.tensor(seeds), torch.tensor(positions), 129280)
+    for b, (seed, pos) in enumerate(zip(seeds, positions)):
+        for tok in (0, 1, 2, 65535, 129279):
+            h = mix(mix(seed * 0x9E3779B1 + pos) ^ ((tok * 0x85EBCA6B) & M))
+            assert u[b, tok].item() == torch.tensor(((h >> 8) + 0.5) / 2**24, dtype=torch.float32).item()
+    assert 0 < u.min() and u.max() < 1
+
+
+def test_compiled_decode_step_equals_eager():
+    """torch.compile of the whole decode step (forward + sampler) gives the same samples and log-probs."""
+    m = tiny()
+    ps = prompts([6, 3, 9])
+    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=5, logprobs=True, ignore_eos=True)
+    ref = Engine(m, max_batch=4, max_seq_len=32, compile=False).generate(ps, sp)
+    eng = Engine(m, max_batch=4, max_seq_len=32, compile=True)
+    out = eng.generate(ps, sp)
+    assert eng._compile_mode == "step"  # no fallback happened
+    for a, b in zip(ref, out):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
 def test_abort_frees_slots_and_queue():

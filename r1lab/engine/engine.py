@@ -111,11 +111,16 @@ class Engine:
         self.waiting: deque[list[_Seq]] = deque()  # groups of n samples of one prompt
         self._graphs: dict[bool, tuple] = {}
         self.prefill_tokens = prefill_tokens
-        # Only the model is compiled: inductor's Triton codegen rejects the sampler's 64-bit hash arithmetic,
-        # and the sampler is a handful of kernels the CUDA graph replays anyway.
+        # torch.compile of the whole decode step (model + sampler: the sampler's noise over the vocabulary is
+        # ~20 elementwise passes over (B, vocab) when eager), or, should that fail, of the model's forward only.
         compile = self.device.type == "cuda" if compile is None else compile
-        self._forward_fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
-        self._step_fn = self._decode_eager
+        self._set_compile("step" if compile else "off")
+
+    def _set_compile(self, mode: str) -> None:
+        """mode "step": compile forward + sampling; "forward": the model's forward only; "off": eager."""
+        self._compile_mode = mode
+        self._forward_fn = torch.compile(self._forward, dynamic=False) if mode == "forward" else self._forward
+        self._step_fn = torch.compile(self._decode_eager, dynamic=False) if mode == "step" else self._decode_eager
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
@@ -269,15 +274,17 @@ class Engine:
     def _decode(self, filter_top: bool):
         if not self.cuda_graph:
             return self._step_fn(filter_top)
-        if filter_top not in self._graphs:
+        while filter_top not in self._graphs:
             try:
                 self._graphs[filter_top] = self._capture(filter_top)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: keep generating, eagerly
-                if self._forward_fn == self._forward:
+            except Exception as e:  # noqa: BLE001 - any compiler failure: keep generating, with less compiled
+                if self._compile_mode == "off":
                     raise
-                warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}); running it eagerly")
-                self._forward_fn = self._forward
-                self._graphs[filter_top] = self._capture(filter_top)
+                fallback = "forward" if self._compile_mode == "step" else "off"
+                warnings.warn(f"torch.compile of the decode {'step' if fallback == 'forward' else 'forward'} failed "
+                              f"({type(e).__name__}: {str(e)[:200]}); falling back to compile={fallback!r}")
+                self._set_compile(fallback)
+                self._graphs.clear()
         graph, out = self._graphs[filter_top]
         graph.replay()
         return out
@@ -285,17 +292,19 @@ class Engine:
     def _capture(self, filter_top: bool):
         """Record the decode step as a CUDA graph over the static slot buffers."""
         saved = [t.clone() for t in (self.tok, self.pos)]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm up (and compile) outside the graph
-                self._step_fn(filter_top)
-        torch.cuda.current_stream().wait_stream(side)
-        self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._step_fn(filter_top)
-        self.tok.copy_(saved[0]), self.pos.copy_(saved[1])  # capture ran nothing, but be explicit
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm up (and compile) outside the graph
+                    self._step_fn(filter_top)
+            torch.cuda.current_stream().wait_stream(side)
+            self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._step_fn(filter_top)
+        finally:  # the warm-up steps advanced the slots (capture itself runs nothing): put them back
+            self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
         return graph, out
 
     def completion(self, s: _Seq) -> Completion:

@@ -26,11 +26,27 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) -> int32 with the same 32 bits."""
+    x = x & _MASK32
+    return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """`_hash32` on int32 bit patterns: wrapping multiplies and masked (logical) shifts give the same bits at
+    half the memory traffic of int64, and compile to plain 32-bit integer code."""
+    x = (x ^ ((x >> 16) & 0xFFFF)) * 0x7FEB352D
+    x = (x ^ ((x >> 15) & 0x1FFFF)) * (0x846CA68B - 2**32)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
 def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
     """(B,) seeds, (B,) positions -> (B, vocab) uniforms in (0, 1), a pure function of its inputs."""
-    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _hash32(_hash32(seeds[:, None] * 0x9E3779B1 + positions[:, None]) ^ (tok * 0x85EBCA6B))
-    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+    row = _as_int32(_hash32(seeds[:, None] * 0x9E3779B1 + positions[:, None]))  # (B, 1)
+    # (tok * 0x85EBCA6B) mod 2^32 as a wrapping int32 product (a constant beyond int32 breaks inductor's codegen)
+    tok = torch.arange(vocab, device=seeds.device, dtype=torch.int32) * (0x85EBCA6B - 2**32)  # (V,)
+    h = _mix32(row ^ tok)
+    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) / float(1 << 24)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,

@@ -112,15 +112,41 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens
     raise ValueError(f"loss aggregation must be sequence, token or constant, got {mode!r}")
 
 
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(target) under softmax(logits / temperature), fp32: (..., V), (...) -> (...)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[..., None])[..., 0]
+
+
+def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature), fp32: (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+_compiled: dict = {}
+
+
+def _maybe_compiled(fn, compiled: bool):
+    """fn, or its torch.compile'd twin (one per function per process): fused, the fp32 (tokens, vocab) tensors
+    of the log-softmax never reach memory."""
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-                        forward=None, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        forward=None, with_entropy: bool = False,
+                        compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of each completion token under `model` at `temperature` (fp32), as the engine computes them.
 
     Returns logp (B, L) and mask (B, L) (L = longest completion; padding is 0 / False) and, when asked, the
     per-token entropy (B, L) of the temperature-scaled distribution (no gradient).
     Only the completion positions go through the output head: (B, L, vocab), not (B, S, vocab).
+    compiled: the log-softmax (and entropy) through torch.compile.
     """
-    forward = forward or model
+    forward = model if forward is None else forward  # (a compiled module has no truth value)
     dev = model.device
     B = len(prompts)
     full = [p + c for p, c in zip(prompts, completions)]
@@ -138,13 +164,12 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
         targets[i, : len(c)] = torch.tensor(c)
     h = forward(ids.to(dev), return_hidden=True)  # (B, S, D)
     h = h.gather(1, idx.to(dev)[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
-    logits = model.lm_head(h).float() / temperature  # fp32 (precision policy)
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, L, V)
-    logp = logp_all.gather(-1, targets.to(dev)[..., None])[..., 0]
+    logits = model.lm_head(h)  # (B, L, V) in the compute dtype; fp32 from here on (precision policy)
+    logp = _maybe_compiled(token_logprobs, compiled)(logits, targets.to(dev), temperature)
     ent = None
     if with_entropy:
         with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
+            ent = _maybe_compiled(token_entropy, compiled)(logits.detach(), temperature)
     mask = mask.to(dev)
     return logp * mask, mask, ent
 
@@ -521,7 +546,7 @@ class GRPOTrainer(Trainer):
             with torch.no_grad():
                 for s in range(0, N, micro):
                     lp, _, _ = completion_logprobs(self.ref, b.prompt_ids[s:s + micro], b.completion_ids[s:s + micro],
-                                                   g.temperature)
+                                                   g.temperature, compiled=self.recipe.train.compile)
                     ref_logp += [lp[i, : len(c)] for i, c in enumerate(b.completion_ids[s:s + micro])]
         model.train()
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
@@ -544,7 +569,8 @@ class GRPOTrainer(Trainer):
                         continue
                     logp, mask, ent = completion_logprobs(model, [b.prompt_ids[i] for i in ids],
                                                           [b.completion_ids[i] for i in ids], g.temperature,
-                                                          self.forward, with_entropy=p == 0)
+                                                          self.forward, with_entropy=p == 0,
+                                                          compiled=self.recipe.train.compile)
                     L = logp.shape[1]
                     old_lp = torch.zeros(len(ids), L, device=self.device)
                     for j, i in enumerate(ids):

@@ -87,7 +87,7 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0,
 
 def last_token_scores(model, ids: torch.Tensor, lengths: torch.Tensor, forward=None) -> torch.Tensor:
     """Scores (B,) fp32: score_head on the final normed hidden state of each row's last real token."""
-    forward = forward or model
+    forward = model if forward is None else forward  # (a compiled module has no truth value)
     h = forward(ids.to(model.device), return_hidden=True)  # (B, S, D)
     last = h[torch.arange(len(ids), device=h.device), (lengths - 1).to(h.device)]  # (B, D)
     return model.score_head(last).float().squeeze(-1)
