@@ -114,7 +114,7 @@ def main():
             run["speedup"] = ours_tps / hf_tps
             # bf16 greedy paths drift apart eventually; report how many leading tokens agree (first sequence)
             ref = out[0, args.prompt_len:].tolist()
-            ours = Engine(model, max_batch=1, max_seq_len=args.prompt_len + args.new_tokens).generate(
+            ours = eng.generate(
                 [prompts[0].tolist()], SamplingParams(temperature=0, max_tokens=len(ref), ignore_eos=True))[0].token_ids
             run["greedy_prefix_agreement_tokens"] = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         print(json.dumps(run), flush=True)

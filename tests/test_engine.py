@@ -191,6 +191,37 @@ def test_noise_is_the_documented_32_bit_hash():
     assert 0 < u.min() and u.max() < 1
 
 
+def test_greedy_only_sampler_equals_the_general_path():
+    """The greedy-only shortcut (no noise) returns what the general sampler returns for temperature-0 rows."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=g) * 3
+    n = logits.shape[0]
+    args = (torch.zeros(n), torch.full((n,), 0.9), torch.full((n,), 5), torch.arange(n), torch.arange(n) + 7)
+    t_ref, lp_ref = sample(logits, *args)
+    t_fast, lp_fast = sample(logits, *args, filter_top=False, greedy_only=True)
+    assert torch.equal(t_ref, t_fast) and torch.equal(t_ref, logits.argmax(-1))
+    assert torch.allclose(lp_ref, lp_fast, atol=1e-6)
+
+
+def test_mixed_greedy_and_sampled_requests_match_separate_runs():
+    """A batch mixing temperature-0 and sampled requests (the general graph) equals each kind run alone
+    (the greedy-only graph for the greedy ones)."""
+    m = tiny()
+    ps = prompts([4, 6, 5])
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=True)
+    hot = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=9, logprobs=True)
+    eng = Engine(m, max_batch=4, max_seq_len=32)
+    seqs = eng.add_request(ps[0], greedy) + eng.add_request(ps[1], hot) + eng.add_request(ps[2], greedy)
+    while eng.has_work():
+        eng.step()
+    mixed = [eng.completion(s) for s in seqs]
+    alone = [Engine(m, max_batch=1, max_seq_len=32).generate([p], sp)[0]
+             for p, sp in zip(ps, (greedy, hot, greedy))]
+    for a, b in zip(mixed, alone):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
 def test_compiled_decode_step_equals_eager():
     """torch.compile of the whole decode step (forward + sampler) gives the same samples and log-probs."""
     m = tiny()

@@ -206,8 +206,10 @@ def test_compiled_update_equals_eager(tmp_path):
     (se, ge), (sc, gc) = out
     assert ge.abs().max() > 0
     torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-7)
-    for k in ("loss", "entropy", "kl"):
-        assert sc[k] == pytest.approx(se[k], rel=1e-4, abs=1e-9), k
+    # the first pass's loss and KL are ~0 (ratio 1, policy = reference): compared absolutely
+    assert sc["loss"] == pytest.approx(se["loss"], abs=1e-6)
+    assert sc["kl"] == pytest.approx(se["kl"], abs=1e-7)
+    assert sc["entropy"] == pytest.approx(se["entropy"], rel=1e-4)
 
 
 def test_beta_zero_builds_no_reference_and_beta_positive_reports_kl(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r1lab import Transformer, get_preset, load_pretrained, save_pretrained
-from r1lab.model.moe import Experts, Gate, MoE, sequence_balance_loss
+from r1lab.model.moe import SMALL_ROWS, Experts, Gate, MoE, sequence_balance_loss
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -165,6 +165,27 @@ def test_moe_grouped_equals_loop_in_full_model():
             layer.impl = "loop"
         b = m(x)
     assert rel_err(a, b) < 1e-6
+
+
+def test_gathered_experts_for_a_few_tokens_equal_the_loop():
+    """One or two tokens (a decode step) take the gathered-weights path under impl "auto"; outputs and
+    gradients equal the per-expert loop."""
+    m = random_model(V3_CONFIGS["v3-8groups"], seed=3)
+    moe = m.moe_layers()[0]
+    D = m.config.hidden_size
+    for T in (1, 2):
+        assert T * moe.top_k <= SMALL_ROWS
+        x = torch.randn(T, 1, D, generator=torch.Generator().manual_seed(T))
+        out = {}
+        for impl in ("auto", "loop"):
+            moe.impl = impl
+            xi = x.clone().requires_grad_(True)
+            y = moe(xi)
+            (gx,) = torch.autograd.grad(y.square().sum(), xi)
+            out[impl] = (y, gx)
+        assert rel_err(out["auto"][0], out["loop"][0]) < 1e-6  # fp32, the same products
+        assert rel_err(out["auto"][1], out["loop"][1]) < 1e-6
+    moe.impl = "auto"
 
 
 def _gate(**kw):

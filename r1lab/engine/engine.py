@@ -176,8 +176,12 @@ class Engine:
         produced = self._admit()
         running = [s for s in self.slots if s is not None]
         if running:
-            filter_top = any(s.params.top_p < 1 or s.params.top_k > 0 for s in running)
-            nxt, lp = self._decode(filter_top)
+            # which sampler the step needs (each a graph of its own): greedy only, plain sampling, or top-p/k
+            if all(s.params.temperature == 0 for s in running):
+                mode = "greedy"
+            else:
+                mode = "filter" if any(s.params.top_p < 1 or s.params.top_k > 0 for s in running) else "sample"
+            nxt, lp = self._decode(mode)
             nxt, lp = nxt.tolist(), lp.tolist()  # the one host sync per step
             for s in running:
                 produced.append((s, nxt[s.slot]))
@@ -219,7 +223,7 @@ class Engine:
             tokens, lps = sample(logits[gi][None].expand(n, -1), torch.full((n,), p.temperature, device=dev),
                                  torch.full((n,), p.top_p, device=dev), torch.full((n,), p.top_k, device=dev),
                                  torch.tensor([s.seed for s in group], device=dev), torch.full((n,), L, device=dev),
-                                 filter_top=p.top_p < 1 or p.top_k > 0)
+                                 filter_top=p.top_p < 1 or p.top_k > 0, greedy_only=p.temperature == 0)
             for s, slot, t, lp in zip(group, slots, tokens.tolist(), lps.tolist()):
                 s.slot = slot
                 self.slots[slot] = s
@@ -263,20 +267,21 @@ class Engine:
     def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.model(tok, pos, cache=self.cache, attn_mask=self.model.cache_mask(pos, self.max_seq_len))[:, -1]
 
-    def _decode_eager(self, filter_top: bool):
+    def _decode_eager(self, mode: str):
         logits = self._forward_fn(self.tok, self.pos)
-        nxt, lp = sample(logits, self.temperature, self.top_p, self.top_k, self.seeds, self.pos[:, 0] + 1, filter_top)
+        nxt, lp = sample(logits, self.temperature, self.top_p, self.top_k, self.seeds, self.pos[:, 0] + 1,
+                         filter_top=mode == "filter", greedy_only=mode == "greedy")
         # advance running slots on the device, so the next step needs no host-built inputs
         self.tok.copy_(nxt[:, None])
         self.pos.add_(self.active)
         return nxt, lp
 
-    def _decode(self, filter_top: bool):
+    def _decode(self, mode: str):
         if not self.cuda_graph:
-            return self._step_fn(filter_top)
-        while filter_top not in self._graphs:
+            return self._step_fn(mode)
+        while mode not in self._graphs:
             try:
-                self._graphs[filter_top] = self._capture(filter_top)
+                self._graphs[mode] = self._capture(mode)
             except Exception as e:  # noqa: BLE001 - any compiler failure: keep generating, with less compiled
                 if self._compile_mode == "off":
                     raise
@@ -285,11 +290,11 @@ class Engine:
                               f"({type(e).__name__}: {str(e)[:200]}); falling back to compile={fallback!r}")
                 self._set_compile(fallback)
                 self._graphs.clear()
-        graph, out = self._graphs[filter_top]
+        graph, out = self._graphs[mode]
         graph.replay()
         return out
 
-    def _capture(self, filter_top: bool):
+    def _capture(self, mode: str):
         """Record the decode step as a CUDA graph over the static slot buffers."""
         saved = [t.clone() for t in (self.tok, self.pos)]
         try:
@@ -297,12 +302,12 @@ class Engine:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):  # warm up (and compile) outside the graph
-                    self._step_fn(filter_top)
+                    self._step_fn(mode)
             torch.cuda.current_stream().wait_stream(side)
             self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self._step_fn(filter_top)
+                out = self._step_fn(mode)
         finally:  # the warm-up steps advanced the slots (capture itself runs nothing): put them back
             self.tok.copy_(saved[0]), self.pos.copy_(saved[1])
         return graph, out

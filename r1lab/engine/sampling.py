@@ -50,15 +50,20 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> t
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-           seeds: torch.Tensor, positions: torch.Tensor, filter_top: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, positions: torch.Tensor, filter_top: bool = True,
+           greedy_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row.
 
     logits (B, V) any dtype; temperature, top_p (B,) float (temperature 0 = greedy); top_k (B,) long (0 = off);
-    seeds, positions (B,) long. filter_top=False skips the top-p/top-k sort when no row uses them.
+    seeds, positions (B,) long. filter_top=False skips the top-p/top-k sort when no row uses them;
+    greedy_only=True (every row has temperature 0) skips the noise: the same tokens and log-probs, less work.
     Returns tokens (B,) and their log-probabilities (B,) in fp32 under the temperature-scaled distribution
     before top-p/top-k truncation (what a policy-gradient trainer recomputes from the same logits).
     """
     logits = logits.float()
+    if greedy_only:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / t[:, None], dim=-1)

@@ -22,6 +22,7 @@ from .config import ModelConfig
 from .layers import MLP, KeepFP32Buffers
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+SMALL_ROWS = 16  # (token, expert) rows up to which MoE gathers expert weights instead of grouping rows
 
 
 class Gate(KeepFP32Buffers):
@@ -108,6 +109,15 @@ class Experts(nn.Module):
                 start += n
         return out
 
+    def gathered(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) rows, experts (M,) the expert of each row -> (M, D). For a handful of rows (a decode step of
+        one or two tokens): each row's expert weights are gathered and applied with batched matmuls, which
+        costs fewer and cheaper kernels than sorting the rows and setting up grouped GEMMs."""
+        xr = x[:, None, :]  # (M, 1, D)
+        h = F.silu(torch.bmm(xr, self.gate_proj[experts].transpose(1, 2)))
+        h = h * torch.bmm(xr, self.up_proj[experts].transpose(1, 2))  # (M, 1, I)
+        return torch.bmm(h, self.down_proj[experts].transpose(1, 2))[:, 0]
+
     def grouped_ok(self, x: torch.Tensor) -> bool:
         """torch's grouped GEMM runs bf16 on Hopper-class GPUs and fp32 on CPU, with 16-byte aligned rows."""
         if _grouped_mm is None or x.dtype != self.gate_proj.dtype:
@@ -144,19 +154,11 @@ class MoE(KeepFP32Buffers):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
         self.expert_load += counts.to(self.expert_load.dtype).detach()
-        # dest[r]: the row's place when rows are grouped by expert (stable), as the grouped GEMM wants them.
-        if flat.numel() <= 1024:  # decode-sized: a counting sort the compiler fuses, no sort kernel
-            onehot = flat[:, None] == torch.arange(self.n_experts, device=flat.device)  # (T*K, E)
-            rank = (onehot.long().cumsum(0) * onehot).sum(1) - 1  # earlier rows with the same expert
-            dest = (counts.cumsum(0) - counts)[flat] + rank
+        # (not under expert parallelism: there every rank must take part in the experts' all-to-all)
+        if flat.numel() <= SMALL_ROWS and self.impl == "auto" and not hasattr(self.experts, "_r1lab_ep"):
+            y = self.experts.gathered(xt.repeat_interleave(self.top_k, dim=0), flat)  # (T*K, D)
         else:
-            order = flat.argsort(stable=True)
-            dest = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        x_sorted = torch.empty(flat.numel(), shape[-1], dtype=xt.dtype, device=xt.device)
-        x_sorted[dest] = xt.repeat_interleave(self.top_k, dim=0)
-        y = self.experts(x_sorted, counts, self.impl)[dest]  # (T*K, D), back in (token, slot) order
-        # Gathering back by a permutation is deterministic, unlike a scatter-add whose atomics sum in a
-        # different order each run on GPU (and flip later routing decisions in bf16).
+            y = self._grouped(xt, flat, counts)
         y = y.view(-1, self.top_k, shape[-1]) * w[..., None].to(y.dtype)  # (T, K, D)
         out = y.sum(1, dtype=torch.float32).to(xt.dtype)
         if self.shared_experts is not None:
@@ -166,6 +168,22 @@ class MoE(KeepFP32Buffers):
             self.balance_loss = self.balance_alpha * sequence_balance_loss(
                 scores.view(shape[0], shape[1], -1), idx.view(shape[0], shape[1], -1), self.top_k)
         return out.view(shape)
+
+    def _grouped(self, xt: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert through one grouped GEMM per projection; returns (T*K, D) in (token, slot) order."""
+        # dest[r]: the row's place when rows are grouped by expert (stable), as the grouped GEMM wants them.
+        if flat.numel() <= 1024:  # decode-sized: a counting sort the compiler fuses, no sort kernel
+            onehot = flat[:, None] == torch.arange(self.n_experts, device=flat.device)  # (T*K, E)
+            rank = (onehot.long().cumsum(0) * onehot).sum(1) - 1  # earlier rows with the same expert
+            dest = (counts.cumsum(0) - counts)[flat] + rank
+        else:
+            order = flat.argsort(stable=True)
+            dest = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        x_sorted = torch.empty(flat.numel(), xt.shape[-1], dtype=xt.dtype, device=xt.device)
+        x_sorted[dest] = xt.repeat_interleave(self.top_k, dim=0)
+        # Gathering back by a permutation is deterministic, unlike a scatter-add whose atomics sum in a
+        # different order each run on GPU (and flip later routing decisions in bf16).
+        return self.experts(x_sorted, counts, self.impl)[dest]  # (T*K, D), back in (token, slot) order
 
     @torch.no_grad()
     def update_bias(self, gamma: float) -> None:
