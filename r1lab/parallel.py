@@ -7,7 +7,8 @@
     apply_fsdp(model, dp_mesh, ...)         FSDP2 `fully_shard` per block, then the root
     parallelize(model, ep, ...)             the three above, in that order (what the trainers call)
     shard(items, rank, world)               each rank's share of a batch
-    clip_grad_norm_(params, max_norm)       the global gradient norm over every rank's shards
+    grad_norm(params) / clip_grad_norm_(params, max_norm)
+                                            the global gradient norm over every rank's shards (and clipping)
     full_tensors / copy_full_weights / unsharded_copy / full_state_dict
                                             the sharded model gathered, one tensor at a time
     checkpoint_state / load_checkpoint_state / load_full_state
@@ -296,26 +297,37 @@ def shard(items: Sequence, rank: int, world: int) -> list:
 
 # ---------------------------------------------------------------------- gradient clipping
 @torch.no_grad()
-def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale the gradients of `params` so that their global 2-norm is at most max_norm; returns the norm.
+def grad_norm(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of the gradients of `params` (a device scalar, no host sync).
 
-    One process: torch.nn.utils.clip_grad_norm_ itself. Sharded: torch's version cannot mix DTensors of
-    different meshes (the experts' "edp" and the rest's "dp") and would miss the other EP ranks' experts. But
-    every gradient element lives on exactly one rank (module docstring), so the squared norm is the sum over
-    ranks of the local shards' squared norms: one all-reduce.
+    One process: torch.nn.utils.get_total_norm. Sharded: torch's version cannot mix DTensors of different
+    meshes (the experts' "edp" and the rest's "dp") and would miss the other EP ranks' experts. But every
+    gradient element lives on exactly one rank (module docstring), so the squared norm is the sum over ranks of
+    the local shards' squared norms: one all-reduce.
     """
-    if world_size() == 1:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if world_size() == 1:
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     grads = [g for g in grads if g.numel()]  # uneven FSDP shards can be empty on some ranks
     device = grads[0].device if grads else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
     sq = torch.stack([n.float() for n in torch._foreach_norm(grads)]).square().sum() if grads else \
         torch.zeros((), device=device)
     dist.all_reduce(sq)
-    total = sq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's: no scaling when the norm is below max_norm
+    return sq.sqrt()
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What clipping multiplies the gradients by: max_norm / norm, at most 1 (torch's formula, eps included)."""
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` so that their global 2-norm is at most max_norm; returns the norm."""
+    total = grad_norm(params)
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    grads = [g for g in grads if g.numel()]
     if grads:
-        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+        torch._foreach_mul_(grads, clip_factor(total, max_norm).to(grads[0].dtype))
     return total
 
 

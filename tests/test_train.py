@@ -342,6 +342,41 @@ def test_compiled_training_equals_eager(tmp_path):
     # steps; the second step's loss above is taken after the first update and agrees)
 
 
+def test_clip_and_step_equals_torch_clipping_and_adamw(tmp_path):
+    """The clip factor and skip flag handed to the fused AdamW kernel give what torch's clip_grad_norm_ and a
+    plain (single-tensor) AdamW give; a non-finite gradient leaves weights, moments and step counts alone."""
+    t = trainer(recipe(tmp_path, **{"optim.grad_clip": 0.05}))
+    g = torch.Generator().manual_seed(0)
+    groups = t.optimizer.param_groups
+    ref_groups = [{**{k: v for k, v in grp.items() if k != "params"},
+                   "params": [p.detach().clone().requires_grad_(True) for p in grp["params"]]} for grp in groups]
+    for k, v in (("fused", False), ("foreach", False)):
+        for grp in ref_groups:
+            grp[k] = v
+    ref_opt = torch.optim.AdamW(ref_groups)
+    for step in range(2):
+        for grp, rgrp in zip(groups, ref_groups):
+            for p, q in zip(grp["params"], rgrp["params"]):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+        norm, stepped = t._clip_and_step()
+        ref_norm = torch.nn.utils.clip_grad_norm_([q for grp in ref_groups for q in grp["params"]], 0.05)
+        ref_opt.step()
+        assert stepped and norm.item() == pytest.approx(ref_norm.item(), rel=1e-6) and norm.item() > 1  # clipped
+        for grp, rgrp in zip(groups, ref_groups):
+            for p, q in zip(grp["params"], rgrp["params"]):
+                assert torch.allclose(p, q, atol=1e-6)
+    before = [p.detach().clone() for grp in groups for p in grp["params"]]
+    moments = [t.optimizer.state[p]["exp_avg"].clone() for grp in groups for p in grp["params"]]
+    groups[0]["params"][0].grad[0, 0] = float("nan")
+    norm, _ = t._clip_and_step()
+    assert not torch.isfinite(norm)
+    params = [p for grp in groups for p in grp["params"]]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert all(torch.equal(t.optimizer.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+    assert all(t.optimizer.state[p]["step"].item() == 2 for p in params)
+
+
 def test_grad_accumulation_equals_one_large_batch(tmp_path):
     big = trainer(recipe(tmp_path, **{"train.batch_size": 4, "moe.bias_gamma": 0}))
     acc = trainer(recipe(tmp_path, **{"train.batch_size": 2, "train.grad_accum": 2, "moe.bias_gamma": 0,

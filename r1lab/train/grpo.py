@@ -598,11 +598,10 @@ class GRPOTrainer(Trainer):
                         stats["entropy"] += (ent * mf).sum().item() / n_tok_total
                         if ref_logp is not None:
                             stats["kl"] += (kl.detach() * mf).sum().item() / n_tok_total
-                clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else float("inf")
-                gnorm = parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+                gnorm, stepped = self._clip_and_step()
                 if p == 0:
                     stats["grad_norm"] = max(stats["grad_norm"], float(gnorm))
-                if math.isfinite(float(gnorm)):
+                if not stepped and math.isfinite(float(gnorm)):
                     self.optimizer.step()
                     self.master.copy_to_model()
                 self.master.zero_grad()

@@ -303,8 +303,7 @@ class Trainer:
         sums = self._sum_over_ranks(torch.stack([ce_sum, mtp_sum, bal_sum]))
         if self.world > 1:  # the load of the global batch, for the log and the bias update
             parallel.all_reduce_expert_load(model)
-        clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
-        gnorm = parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip)
+        gnorm, stepped = self._clip_and_step(torch.isfinite(sums[0]))
         stats = [sums[0] / counts[0].clamp(min=1), counts[0], gnorm.float(),
                  sums[1] / self.world / max(self.mtp_depth, 1), sums[2] / self.world]
         n_moe = len(model.moe_layers())
@@ -314,7 +313,7 @@ class Trainer:
         values = torch.cat([t.reshape(-1).float() for t in stats]).tolist()  # the step's one host sync
         loss_v, n_tok_v, gnorm_v, mtp_v, bal_v = values[:5]
         finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-        if finite:
+        if finite and not stepped:
             self.optimizer.step()
             self.master.copy_to_model()
         self.master.zero_grad()
@@ -446,6 +445,28 @@ class Trainer:
         """Where this rank writes a log file: rank 0 the file itself, the others nowhere (each computes the same
         globally reduced numbers)."""
         return path if self.main else os.devnull
+
+    def _clip_and_step(self, ok: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """Clip the master gradients to optim.grad_clip; returns the norm before clipping (a device scalar) and
+        whether the optimizer step has been taken already.
+
+        One process: the step is queued now, with the clip factor and the skip flag handed to the fused AdamW
+        kernel (`grad_scale` / `found_inf`, the GradScaler interface): no pass over the gradients to scale them,
+        and no host sync before the update. The kernel leaves every weight and moment untouched when the norm
+        (or `ok`, e.g. the loss's finiteness) is not finite, so a bad step changes nothing, as before. Under
+        torchrun the gradients are scaled in place and the caller steps after its host sync when all is finite.
+        """
+        clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else float("inf")
+        params = [m for m in self.master.master if m.grad is not None]
+        if self.world > 1 or not params or not self.optimizer.defaults.get("fused"):
+            return parallel.clip_grad_norm_(params, clip), False
+        norm = parallel.grad_norm(params)
+        bad = ~torch.isfinite(norm) if ok is None else ~(torch.isfinite(norm) & ok)
+        self.optimizer.grad_scale = 1.0 / parallel.clip_factor(norm, clip)  # the kernel divides the gradients by it
+        self.optimizer.found_inf = bad.float()
+        self.optimizer.step()
+        self.master.copy_to_model()
+        return norm, True
 
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
         """`t` summed over all ranks (in place); itself on one process."""

@@ -346,11 +346,11 @@ class RewardTrainer(Trainer):
             totals = torch.tensor([loss_sum, correct, n_tok], dtype=torch.float64, device=self.device)
             loss_sum, correct, n_tok = self._sum_over_ranks(totals).tolist()
             parallel.all_reduce_expert_load(model)
-        clip = r.optim.grad_clip if r.optim.grad_clip > 0 else float("inf")
-        gnorm = float(parallel.clip_grad_norm_([m for m in self.master.master if m.grad is not None], clip))
         loss_v = loss_sum / n_pairs
+        gnorm, stepped = self._clip_and_step(torch.tensor(math.isfinite(loss_v), device=self.device))
+        gnorm = float(gnorm)
         finite = math.isfinite(loss_v) and math.isfinite(gnorm)
-        if finite:
+        if finite and not stepped:
             self.optimizer.step()
             self.master.copy_to_model()
         self.master.zero_grad()
