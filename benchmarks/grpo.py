@@ -10,7 +10,7 @@ Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8, completi
 32 x 4 accumulation = 128 sequences, generated in one call); the same constant reward. Median step time of steps
 2-4 (step 1 compiles / captures graphs). TRL 1.16 generates with transformers' `generate` (no vLLM on the
 device); its generation time is measured around `GRPOTrainer._generate_single_turn`. On `--device cpu` both
-sides run in fp32 (a dry run of the plumbing, not a measurement). Not run yet on an H200.
+sides run in fp32 (a dry run of the plumbing, not a measurement). Results: benchmarks/LOG.md.
 """
 
 from __future__ import annotations
