@@ -55,6 +55,20 @@ def test_overrides_types_and_precedence(tmp_path, capsys):
     assert load_recipe(g, "pretrain").to_dict() == d
 
 
+def test_a_null_model_field_round_trips_through_recipe_toml(tmp_path, capsys):
+    """TOML has no null: model.config with a null field (no query compression, as DeepSeek-V2-Lite) is written
+    as a JSON string, which reads back to the same dict."""
+    assert main(["pretrain", "--print-recipe", "--model.config", '{"q_lora_rank": null, "vocab_size": 96}']) == 0
+    text = capsys.readouterr().out
+    assert 'config = "{\\"q_lora_rank\\": null, \\"vocab_size\\": 96}"' in text
+    f = tmp_path / "r.toml"
+    f.write_text(text)
+    r = load_recipe(f, "pretrain")
+    assert r.model.config == {"q_lora_rank": None, "vocab_size": 96}
+    f.write_text(r.to_toml())
+    assert load_recipe(f, "pretrain").to_dict() == r.to_dict()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--train.steps", "ten"], "command line: train.steps: cannot read 'ten' as int"),
     (["--train.compile", "maybe"], "cannot read 'maybe' as bool"),

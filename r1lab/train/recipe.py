@@ -44,7 +44,8 @@ class Model:
     preset: str = _key("tiny", "named configuration to initialise randomly (r1lab info lists them)")
     init: str = _key("", "HF-layout folder of weights to start from (fine-tuning); overrides preset")
     config: dict = _key({}, "ModelConfig fields that replace the preset's, e.g. {vocab_size = 512} "
-                        "(on the command line a JSON object; it replaces the whole table)")
+                        "(on the command line, or in the file when a field is null, a JSON object: "
+                        "'{\"q_lora_rank\": null}'; it replaces the whole table)")
 
 
 @dataclass
@@ -270,8 +271,18 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
+        if _holds_none(v):  # TOML has no null: the table goes as a JSON string, which the loader parses back
+            return json.dumps(json.dumps(v))
         return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _holds_none(v: Any) -> bool:
+    if isinstance(v, dict):
+        return any(_holds_none(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_holds_none(x) for x in v)
+    return v is None
 
 
 def load_recipe(path: str | Path | None, kind: str, overrides: dict[str, Any] | None = None,
