@@ -254,6 +254,8 @@ class Trainer:
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.recipe))
+        # clip and skip inside the fused AdamW kernel (see _clip_and_step)
+        self.fused_clip = self.world == 1 and fused and self.device.type == "cuda"
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batches consumed (the data position)
         if data is not None:
@@ -450,15 +452,17 @@ class Trainer:
         """Clip the master gradients to optim.grad_clip; returns the norm before clipping (a device scalar) and
         whether the optimizer step has been taken already.
 
-        One process: the step is queued now, with the clip factor and the skip flag handed to the fused AdamW
-        kernel (`grad_scale` / `found_inf`, the GradScaler interface): no pass over the gradients to scale them,
-        and no host sync before the update. The kernel leaves every weight and moment untouched when the norm
-        (or `ok`, e.g. the loss's finiteness) is not finite, so a bad step changes nothing, as before. Under
-        torchrun the gradients are scaled in place and the caller steps after its host sync when all is finite.
+        One process on a GPU (`fused_clip`): the step is queued now, with the clip factor and the skip flag
+        handed to the fused AdamW kernel (`grad_scale` / `found_inf`, the GradScaler interface): no pass over the
+        gradients to scale them, and no host sync before the update. The kernel leaves every weight and moment
+        untouched when the norm (or `ok`, e.g. the loss's finiteness) is not finite, so a bad step changes
+        nothing, as before. Otherwise (torchrun; the CPU, where there is no device to keep busy and runs stay
+        bitwise what they were) the gradients are scaled in place and the caller steps after its host sync when
+        all is finite.
         """
         clip = self.recipe.optim.grad_clip if self.recipe.optim.grad_clip > 0 else float("inf")
         params = [m for m in self.master.master if m.grad is not None]
-        if self.world > 1 or not params or not self.optimizer.defaults.get("fused"):
+        if not (self.fused_clip and params):
             return parallel.clip_grad_norm_(params, clip), False
         norm = parallel.grad_norm(params)
         bad = ~torch.isfinite(norm) if ok is None else ~(torch.isfinite(norm) & ok)
