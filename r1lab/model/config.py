@@ -249,6 +249,13 @@ def _v3(**kw: Any) -> ModelConfig:
     return ModelConfig(**kw)
 
 
+def _speedrun(**kw: Any) -> ModelConfig:
+    """The speedrun's models: its 128-token task vocabulary (ids 0/1 = bos/eos), one dense layer first, no YaRN,
+    no MTP module."""
+    return _v3(**{**dict(vocab_size=128, bos_token_id=0, eos_token_id=1, first_k_dense_replace=1, rope_scaling=None,
+                         num_nextn_predict_layers=0), **kw})
+
+
 PRESETS: dict[str, ModelConfig] = {
     # Unit tests: seconds on a CPU, yet the real 129,280-token vocabulary so the real tokenizer works end to end.
     # It keeps every feature on: q compression, 4 groups with topk_group < n_group, YaRN, one MTP module.
@@ -269,30 +276,26 @@ PRESETS: dict[str, ModelConfig] = {
         num_nextn_predict_layers=0),
     # The speedrun (r1lab speedrun): a small MoE+MLA model and its smaller student, sized for a 2-core CPU, with the
     # speedrun's task vocabulary (vocab_size is set from its tokenizer); the -gpu pair for one H200.
-    "speedrun": _v3(
-        vocab_size=128, hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
+    "speedrun": _speedrun(
+        hidden_size=128, intermediate_size=384, moe_intermediate_size=96, num_hidden_layers=4,
         num_attention_heads=4, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
         v_head_dim=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        first_k_dense_replace=1, max_position_embeddings=512, rope_scaling=None, num_nextn_predict_layers=0,
-        bos_token_id=0, eos_token_id=1, torch_dtype="float32"),
-    "speedrun-student": _v3(
-        vocab_size=128, hidden_size=96, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
+        max_position_embeddings=512, torch_dtype="float32"),
+    "speedrun-student": _speedrun(
+        hidden_size=96, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=3,
         num_attention_heads=4, q_lora_rank=48, kv_lora_rank=48, qk_nope_head_dim=24, qk_rope_head_dim=8,
         v_head_dim=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=1, max_position_embeddings=512, rope_scaling=None, num_nextn_predict_layers=0,
-        bos_token_id=0, eos_token_id=1, torch_dtype="float32"),
-    "speedrun-gpu": _v3(
-        vocab_size=128, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
+        max_position_embeddings=512, torch_dtype="float32"),
+    "speedrun-gpu": _speedrun(
+        hidden_size=512, intermediate_size=1536, moe_intermediate_size=256, num_hidden_layers=8,
         num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48, qk_rope_head_dim=16,
         v_head_dim=48, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2,
-        first_k_dense_replace=1, max_position_embeddings=1024, rope_scaling=None, num_nextn_predict_layers=0,
-        bos_token_id=0, eos_token_id=1),
-    "speedrun-gpu-student": _v3(
-        vocab_size=128, hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=4,
+        max_position_embeddings=1024),
+    "speedrun-gpu-student": _speedrun(
+        hidden_size=256, intermediate_size=768, moe_intermediate_size=128, num_hidden_layers=4,
         num_attention_heads=8, q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=24, qk_rope_head_dim=8,
         v_head_dim=24, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=1, max_position_embeddings=1024, rope_scaling=None, num_nextn_predict_layers=0,
-        bos_token_id=0, eos_token_id=1),
+        max_position_embeddings=1024),
     "deepseek-v3": _v3(),
     "deepseek-r1": _v3(),  # R1 is V3's architecture with other weights
     "deepseek-v2-lite": ModelConfig(
