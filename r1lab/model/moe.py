@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .layers import MLP, KeepFP32Buffers
 
@@ -148,6 +149,8 @@ class MoE(KeepFP32Buffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape  # (B, S, D)
         xt = x.reshape(-1, shape[-1])  # (T, D)
+        if self._use_kernels(xt):
+            return self._fused(xt).view(shape)
         w, idx, scores = self.gate(xt)
         flat = idx.flatten()  # (T*K,) expert of each (token, slot)
         # scatter_add, not bincount: bincount's output size depends on the data and syncs with the device.
@@ -168,6 +171,25 @@ class MoE(KeepFP32Buffers):
             self.balance_loss = self.balance_alpha * sequence_balance_loss(
                 scores.view(shape[0], shape[1], -1), idx.view(shape[0], shape[1], -1), self.top_k)
         return out.view(shape)
+
+    def _use_kernels(self, xt: torch.Tensor) -> bool:
+        """The Triton decode path (kernels.py): inference on a GPU, a decode-sized batch, tile-friendly sizes."""
+        n_shared = 0 if self.shared_experts is None else self.shared_experts.gate_proj.weight.shape[0]
+        inter = self.experts.gate_proj.shape[1]
+        return (kernels.enabled(xt) and self.impl == "auto" and not hasattr(self.experts, "_r1lab_ep")
+                and xt.shape[0] * (self.top_k + n_shared // inter) <= kernels.MAX_ENTRIES
+                and n_shared % inter == 0 and kernels.experts_supported(xt.shape[-1], inter))
+
+    def _fused(self, xt: torch.Tensor) -> torch.Tensor:
+        """Routing in one kernel, routed and shared experts in two (no gradient; see kernels.py)."""
+        if xt.shape[0] <= kernels.MAX_ROUTER_TOKENS and kernels.router_supported(self.gate):
+            w, idx = kernels.route(xt, self.gate)
+        else:
+            w, idx, _ = self.gate(xt)
+        out, counts = kernels.experts(xt, w, idx, self.experts, self.shared_experts)
+        self.expert_load += counts.to(self.expert_load.dtype)
+        self.balance_loss = None
+        return out
 
     def _grouped(self, xt: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows grouped by expert through one grouped GEMM per projection; returns (T*K, D) in (token, slot) order."""

@@ -1,0 +1,292 @@
+"""Triton kernels for the MoE layer of a decode step (GPU, no gradient). The torch code in moe.py is their
+slow twin, the CPU path and the training path; tests/test_kernels.py checks that the two agree (on the CPU
+through Triton's interpreter, on a GPU natively).
+
+Why: a decode step of one to a few hundred tokens is latency-bound. Written as PyTorch ops, routing alone is
+a GEMV, a cast, a handful of fused elementwise kernels and a top-k; the experts are a sort, index copies,
+three grouped GEMMs and the shared experts' three GEMMs. Here routing is one kernel and all experts (routed
+and shared) are two.
+
+Dimension legend as in moe.py: T tokens, D hidden_size, E routed experts, K experts per token, S shared
+experts (the shared MLP of width S*I is S experts of width I: SwiGLU is separable over its inner channels),
+I moe_intermediate_size, G groups. An *entry* is one (token, slot) pair, slot < K routed then S shared:
+entry = token * (K + S) + slot, R = T * (K + S) entries in all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # pragma: no cover - CPU installs without triton run the torch path
+    triton = None
+
+# The kernels run on CUDA tensors. Under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported) the
+# tests set CPU_INTERPRET to run them on CPU tensors; nothing else ever routes CPU work through them.
+CPU_INTERPRET = False
+MAX_ROUTER_TOKENS = 1024  # beyond this a GEMM-based router reads the gate weight once instead of per token
+MAX_ENTRIES = 4096  # beyond this (prefill) torch's grouped GEMMs are faster than these decode kernels
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether the fused kernels may run on x: Triton present, a CUDA tensor (or the interpreter), no gradient
+    wanted, and not switched off with R1LAB_KERNELS=0 (for A/B benchmarks)."""
+    if triton is None or torch.is_grad_enabled() or os.environ.get("R1LAB_KERNELS", "1") == "0":
+        return False
+    if x.is_cuda:  # bf16/fp16 only: in fp32, tl.dot would round its inputs to tf32
+        return x.dtype in (torch.bfloat16, torch.float16)
+    return CPU_INTERPRET and x.device.type == "cpu"
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def router_supported(gate) -> bool:
+    """The fused router implements V3's routing: sigmoid scores, group-limited top-k on biased scores."""
+    E, G = gate.n_experts, gate.n_group
+    return (gate.method == "noaux_tc" and gate.scoring == "sigmoid" and _pow2(E) and _pow2(G)
+            and E // G >= 2 and gate.topk_group <= G and gate.top_k <= E)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _router_logits_kernel(x_ptr, w_ptr, out_ptr, D, E: tl.constexpr, BE: tl.constexpr, BD: tl.constexpr):
+        """Program (token, block of BE experts): fp32 logits x . w_e, for _router_kernel's LOGITS mode."""
+        t = tl.program_id(0)
+        re = tl.program_id(1) * BE + tl.arange(0, BE)
+        acc = tl.zeros((BE, BD), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            rd = d0 + tl.arange(0, BD)
+            xv = tl.load(x_ptr + t * D + rd, mask=rd < D, other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + re[:, None] * D + rd[None, :], mask=(rd < D)[None, :], other=0.0).to(tl.float32)
+            acc += wv * xv[None, :]
+        tl.store(out_ptr + t * E + re, tl.sum(acc, axis=1))
+
+    @triton.jit
+    def _router_kernel(x_ptr, w_ptr, bias_ptr, out_w_ptr, out_idx_ptr, D, scale,
+                       E: tl.constexpr, G: tl.constexpr, TOPG: tl.constexpr, K: tl.constexpr,
+                       KP: tl.constexpr, BD: tl.constexpr, NORM: tl.constexpr, LOGITS: tl.constexpr):
+        """One program per token: scores, group selection and top-k, as Gate.forward does it. LOGITS: x_ptr
+        holds the (T, E) fp32 logits already (from _router_logits_kernel); else the program computes them."""
+        t = tl.program_id(0)
+        re = tl.arange(0, E)
+        if LOGITS:
+            logits = tl.load(x_ptr + t * E + re)
+        else:
+            acc = tl.zeros((E, BD), dtype=tl.float32)
+            for d0 in range(0, D, BD):
+                rd = d0 + tl.arange(0, BD)
+                xv = tl.load(x_ptr + t * D + rd, mask=rd < D, other=0.0).to(tl.float32)
+                wv = tl.load(w_ptr + re[:, None] * D + rd[None, :], mask=(rd < D)[None, :], other=0.0)
+                acc += wv.to(tl.float32) * xv[None, :]
+            logits = tl.sum(acc, axis=1)
+        s = tl.sigmoid(logits)  # (E,) unbiased scores: the gating weights
+        c = s + tl.load(bias_ptr + re)  # biased scores: the selection
+        # each group's score: the sum of its two best biased scores (the best twice when it occurs twice)
+        EG: tl.constexpr = E // G
+        cg = tl.reshape(c, (G, EG))
+        m1 = tl.max(cg, axis=1)
+        a1 = tl.argmax(cg, axis=1)
+        cols = tl.arange(0, EG)
+        m2 = tl.max(tl.where(cols[None, :] == a1[:, None], float("-inf"), cg), axis=1)
+        gs = m1 + m2  # (G,)
+        rg = tl.arange(0, G)
+        keep = rg < 0
+        for _ in tl.static_range(TOPG):  # best groups first; ties go to the lower index, as in Gate.forward
+            g = tl.argmax(gs, axis=0)
+            keep = keep | (rg == g)
+            gs = tl.where(rg == g, float("-inf"), gs)
+        keep_e = tl.reshape(tl.broadcast_to(keep[:, None], (G, EG)), (E,))
+        c = tl.where(keep_e, c, float("-inf"))
+        rk = tl.arange(0, KP)
+        ws = tl.zeros((KP,), dtype=tl.float32)
+        ids = tl.zeros((KP,), dtype=tl.int32)
+        for j in tl.static_range(K):
+            i = tl.argmax(c, axis=0)
+            ws = tl.where(rk == j, tl.sum(tl.where(re == i, s, 0.0), axis=0), ws)
+            ids = tl.where(rk == j, i, ids)
+            c = tl.where(re == i, float("-inf"), c)
+        if NORM:
+            ws = ws / (tl.sum(ws, axis=0) + 1e-20)
+        tl.store(out_w_ptr + t * K + rk, ws * scale, mask=rk < K)
+        tl.store(out_idx_ptr + t * K + rk, ids.to(tl.int64), mask=rk < K)
+
+    @triton.jit
+    def _experts_up_kernel(x_ptr, order_ptr, offs_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
+                           n_routed, slots, D, I,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr):
+        """Program (expert e, block of BN inner channels): h = silu(x Wg^T) * (x Wu^T) for the entries routed
+        to e, which are order[offs[e]:offs[e+1]] (entries sorted by expert). h is stored in sorted order."""
+        e = tl.program_id(0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        start = tl.load(offs_ptr + e) + tl.program_id(2) * BM  # a third grid axis splits an expert's rows
+        end = tl.load(offs_ptr + e + 1)
+        if e < n_routed:
+            wg = wg_ptr + e.to(tl.int64) * I * D
+            wu = wu_ptr + e.to(tl.int64) * I * D
+        else:  # a shared expert: rows [s*I, (s+1)*I) of the shared MLP's (S*I, D) weights
+            wg = sg_ptr + (e - n_routed).to(tl.int64) * I * D
+            wu = su_ptr + (e - n_routed).to(tl.int64) * I * D
+        for m0 in range(start, end, BM * SPLIT_M):
+            p = m0 + tl.arange(0, BM)
+            pm = p < end
+            tok = tl.load(order_ptr + p, mask=pm, other=0) // slots
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, D, BK):
+                rk = k0 + tl.arange(0, BK)
+                xa = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=pm[:, None], other=0.0)
+                acc_g = tl.dot(xa, tl.load(wg + rn[None, :] * D + rk[:, None]), acc_g)
+                acc_u = tl.dot(xa, tl.load(wu + rn[None, :] * D + rk[:, None]), acc_u)
+            h = acc_g * tl.sigmoid(acc_g) * acc_u
+            tl.store(h_ptr + p[:, None] * I + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=pm[:, None])
+
+    @triton.jit
+    def _experts_down_kernel(h_ptr, order_ptr, offs_ptr, gate_w_ptr, wd_ptr, sd_ptr, y_ptr,
+                             n_routed, n_shared, D, I,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr):
+        """Program (expert e, block of BN output channels): y[entry] = gate weight * (h Wd^T), fp32, stored in
+        entry order so the sum over an entry's slots is a plain reduction (deterministic, no atomics)."""
+        e = tl.program_id(0)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        start = tl.load(offs_ptr + e) + tl.program_id(2) * BM
+        end = tl.load(offs_ptr + e + 1)
+        if e < n_routed:  # routed down_proj (E, D, I)
+            wd = wd_ptr + e.to(tl.int64) * D * I
+            row = I
+        else:  # shared down_proj (D, S*I): columns [s*I, (s+1)*I)
+            wd = sd_ptr + (e - n_routed).to(tl.int64) * I
+            row = n_shared * I
+        for m0 in range(start, end, BM * SPLIT_M):
+            p = m0 + tl.arange(0, BM)
+            pm = p < end
+            entry = tl.load(order_ptr + p, mask=pm, other=0)
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                rk = k0 + tl.arange(0, BK)
+                ha = tl.load(h_ptr + p[:, None] * I + rk[None, :], mask=pm[:, None], other=0.0)
+                acc = tl.dot(ha, tl.load(wd + rn[None, :] * row + rk[:, None]), acc)
+            gw = tl.load(gate_w_ptr + entry, mask=pm, other=0.0)
+            tl.store(y_ptr + entry[:, None] * D + rn[None, :], acc * gw[:, None], mask=pm[:, None])
+
+    @triton_op("r1lab::moe_route", mutates_args={})
+    def _route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
+               topk_group: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        T, D = x.shape
+        w = torch.empty(T, top_k, dtype=torch.float32, device=x.device)
+        idx = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
+        E = weight.shape[0]
+        cfg = dict(ROUTER_TILES(T, E, D))
+        be = cfg.pop("BE", 0)
+        if be:  # two kernels: logits with E/BE programs per token, then the selection
+            logits = torch.empty(T, E, dtype=torch.float32, device=x.device)
+            wrap_triton(_router_logits_kernel)[(T, E // be)](x, weight, logits, D, E=E, BE=be, BD=cfg["BD"])
+            x, cfg["num_warps"] = logits, cfg.pop("select_warps", cfg["num_warps"])
+        wrap_triton(_router_kernel)[(T,)](
+            x, weight, bias, w, idx, D, scale, E=E, G=n_group, TOPG=topk_group, K=top_k,
+            KP=triton.next_power_of_2(top_k), NORM=norm, LOGITS=bool(be), **cfg)
+        return w, idx
+
+    @triton_op("r1lab::moe_experts", mutates_args={})
+    def _experts(x: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, gate_w: torch.Tensor,
+                 wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, sg: torch.Tensor, su: torch.Tensor,
+                 sd: torch.Tensor, n_shared: int) -> torch.Tensor:
+        T, D = x.shape
+        E, I = wg.shape[0], wg.shape[1]
+        R = order.shape[0]
+        h = torch.empty(R, I, dtype=x.dtype, device=x.device)
+        y = torch.empty(R, D, dtype=torch.float32, device=x.device)
+        up, down = EXPERT_TILES(T, D, I)
+        # An expert holds at most T entries (a token picks it once): the third axis covers them in BM-row blocks.
+        split_up, split_down = triton.cdiv(T, up["BM"]), triton.cdiv(T, down["BM"])
+        wrap_triton(_experts_up_kernel)[(E + n_shared, I // up["BN"], split_up)](
+            x, order, offs, wg, wu, sg, su, h, E, R // T, D, I, SPLIT_M=split_up, **up)
+        wrap_triton(_experts_down_kernel)[(E + n_shared, D // down["BN"], split_down)](
+            h, order, offs, gate_w, wd, sd, y, E, n_shared, D, I, SPLIT_M=split_down, **down)
+        return y
+
+
+def _fit(pref: int, *dims: int) -> int:
+    """The largest power of two <= pref dividing every dim (at least 16, which experts_supported ensures)."""
+    while pref > 16 and any(d % pref for d in dims):
+        pref //= 2
+    return pref
+
+
+def router_tiles(T: int, E: int, D: int) -> dict:
+    """Launch parameters of the router, chosen with `benchmarks/moe_kernels.py --sweep` on an H200 (bench-moe-1b,
+    see benchmarks/LOG.md): the logits from a kernel of their own (BE experts per program, so E/BE programs share
+    each token's weight reads), then the selection in one warp (its ~20 small reductions stay in-warp)."""
+    return dict(BD=256, num_warps=4, BE=min(E, 4 if T <= 32 else 8), select_warps=1)
+
+
+def expert_tiles(T: int, D: int, I: int) -> tuple[dict, dict]:
+    """Launch parameters of the two expert kernels, (up, down), chosen as router_tiles. One to a few tokens:
+    long K-steps and deep pipelines (few rows, so the weight reads must be in flight at once); more tokens:
+    64-wide tiles, where both kernels run at ~3.3 TB/s of weight reads."""
+    if T <= 8:
+        up = dict(BM=16, BN=_fit(32, I), BK=_fit(256, D), num_warps=4, num_stages=4)
+        down = dict(BM=16, BN=_fit(64, D), BK=_fit(128, I), num_warps=4, num_stages=4)
+    else:
+        up = dict(BM=16, BN=_fit(64, I), BK=_fit(64, D), num_warps=4, num_stages=3)
+        down = dict(BM=16, BN=_fit(64, D), BK=_fit(64, I), num_warps=4, num_stages=3)
+    return up, down
+
+
+ROUTER_TILES, EXPERT_TILES = router_tiles, expert_tiles  # what the ops call (the sweep swaps them)
+
+
+def experts_supported(dim: int, inter: int) -> bool:
+    """Tile shapes: the kernels need D and I to be multiples of 64 (16-wide tiles at least)."""
+    return dim % 64 == 0 and inter % 64 == 0
+
+
+def route(x: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate.forward's (weights (T, K) fp32, expert indices (T, K)) from one kernel. x (T, D)."""
+    return _route(x.contiguous(), gate.weight, gate.e_score_correction_bias, gate.top_k, gate.n_group,
+                  gate.topk_group, gate.norm_topk_prob, float(gate.scale))
+
+
+def sort_entries(idx: torch.Tensor, w: torch.Tensor, n_experts: int, n_shared: int):
+    """Entries sorted by expert for the expert kernels: (order (R,) int32: the entry at each sorted place,
+    offs (E+S+1,) int32: where each expert's entries start, gating weight of each entry (R,) fp32, tokens
+    per expert (E+S,)). A counting sort in torch ops, which the compiler fuses into the decode step."""
+    T, E, S = idx.shape[0], n_experts, n_shared
+    if S:
+        idx = torch.cat([idx, torch.arange(E, E + S, device=idx.device).expand(T, S)], dim=1)  # (T, K+S)
+        w = torch.cat([w, w.new_ones(T, S)], dim=1)
+    flat = idx.flatten()  # (R,) expert of each entry
+    counts = torch.zeros(E + S, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    onehot = flat[:, None] == torch.arange(E + S, device=flat.device)  # (R, E+S)
+    rank = (onehot.long().cumsum(0) * onehot).sum(1) - 1  # earlier entries with the same expert
+    ends = counts.cumsum(0)
+    dest = (ends - counts)[flat] + rank  # entry -> place in expert-sorted order
+    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
+    offs = torch.cat([ends.new_zeros(1), ends])
+    return order.to(torch.int32), offs.to(torch.int32), w.flatten().contiguous(), counts
+
+
+def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE layer's output before the residual, sum_k w_k expert_k(x) + shared(x), as (T, D) in x's dtype,
+    and the tokens routed to each expert (E,) (for the load counter).
+
+    x (T, D); w (T, K) fp32 gating weights; idx (T, K) expert indices; routed: moe.Experts; shared: the shared
+    MLP or None."""
+    T, K = idx.shape
+    E = routed.gate_proj.shape[0]
+    S = 0 if shared is None else shared.gate_proj.weight.shape[0] // routed.gate_proj.shape[1]
+    order, offs, gate_w, counts = sort_entries(idx, w, E, S)
+    if shared is None:
+        sg, su, sd = routed.gate_proj, routed.up_proj, routed.down_proj  # never read (no expert >= E)
+    else:
+        sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
+    y = _experts(x.contiguous(), order, offs, gate_w, routed.gate_proj, routed.up_proj, routed.down_proj,
+                 sg, su, sd, S)
+    return y.view(T, K + S, -1).sum(1).to(x.dtype), counts[:E]
