@@ -253,6 +253,39 @@ def test_abort_frees_slots_and_queue():
     assert len(b[0].tokens) == 20 and b[0].finish_reason == "length"
 
 
+def test_overlapped_steps_equal_synchronous_ones():
+    """overlap=True (the GPU default: step N+1 queued before step N's tokens are read) against overlap=False:
+    the same completions, finish reasons, log-probs and streamed tokens, with fewer slots than sequences (freed
+    slots are refilled one step later), stop tokens, n samples, mixed lengths, and an abort mid-run."""
+    m = tiny()
+    ps = prompts([3, 8, 4, 12, 6, 2, 9, 5])
+    free = Engine(m, max_batch=1, max_seq_len=64).generate(ps[:1], SamplingParams(temperature=0, max_tokens=8))[0]
+    runs = []
+    for overlap in (False, True):
+        eng = Engine(m, max_batch=3, max_seq_len=64, overlap=overlap)
+        assert eng.overlap is overlap
+        streamed, seqs = [], []
+        for i, p in enumerate(ps):
+            params = SamplingParams(temperature=1.0 if i % 2 else 0.0, max_tokens=4 + i % 5, n=1 + (i == 3),
+                                    seed=i, logprobs=True, stop_token_ids=[free.token_ids[2]] if i == 0 else None)
+            seqs += eng.add_request(p, params, prompt_index=i)
+        steps = 0
+        while eng.has_work():
+            streamed += [(s.prompt_index, s.sample_index, t) for s, t in eng.step()]
+            steps += 1
+            if steps == 3:
+                eng.abort([seqs[5]])
+        assert eng.slots == [None] * 3 and eng._inflight is None
+        outs = [eng.completion(s) for s in seqs]
+        runs.append((outs, streamed))
+    (sync, s_stream), (over, o_stream) = runs
+    assert [(o.token_ids, o.finish_reason, o.logprobs) for o in over] == \
+        [(o.token_ids, o.finish_reason, o.logprobs) for o in sync]
+    assert sync[0].finish_reason == "stop" and sync[5].finish_reason == "abort"
+    for key in {(p, s) for p, s, _ in s_stream}:  # each sequence's tokens stream in order in both runs
+        assert [t for p, s, t in o_stream if (p, s) == key] == [t for p, s, t in s_stream if (p, s) == key]
+
+
 def test_cache_bytes_match_r1lab_info():
     """The engine allocates exactly `r1lab info`'s latent bytes per token, per slot position (bf16)."""
     from r1lab.cli import model_summary

@@ -7,6 +7,9 @@ path), so the step can be captured as a CUDA graph; finished sequences free thei
 prefilled into it between steps. The `n` samples of one prompt share one prefill: its cache rows are copied.
 
 Per step the host reads back one token (and log-prob) per slot: that copy is the loop's only synchronisation.
+On a GPU it is also off the critical path (`overlap`): step N+1 is queued before the host waits for step N's
+tokens, so the host's bookkeeping (appending tokens, stop checks, admitting prompts) runs while the GPU decodes.
+A sequence that finished at step N then got one more token at step N+1, which is dropped.
 """
 
 from __future__ import annotations
@@ -82,11 +85,14 @@ class Engine:
     max_batch: slots decoded together; max_seq_len: positions per slot (prompt + generated);
     cuda_graph: capture the decode step (default: on for CUDA models); compile: torch.compile the model's
     decode forward first (fuses its small kernels; ~30 s once per engine; default: on for CUDA models, and a
-    failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens per prefill batch.
+    failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens per prefill batch;
+    overlap: queue the next decode step before reading this one's tokens (default: on for CUDA models; `step()`
+    then returns each decode token one call later).
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, max_seq_len: int | None = None,
-                 cuda_graph: bool | None = None, compile: bool | None = None, prefill_tokens: int = 16384):
+                 cuda_graph: bool | None = None, compile: bool | None = None, prefill_tokens: int = 16384,
+                 overlap: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         cfg = model.config
@@ -111,6 +117,11 @@ class Engine:
         self.waiting: deque[list[_Seq]] = deque()  # groups of n samples of one prompt
         self._graphs: dict[bool, tuple] = {}
         self.prefill_tokens = prefill_tokens
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._inflight: tuple | None = None  # a decode step queued but not yet read: (sequences, outputs, event)
+        if self.device.type == "cuda":  # two pinned buffers, alternately, for the tokens and log-probs read back
+            self._host = [(torch.empty(B, dtype=torch.long, pin_memory=True),
+                           torch.empty(B, dtype=torch.float32, pin_memory=True)) for _ in range(2)]
         # torch.compile of the whole decode step (model + sampler: the sampler's noise over the vocabulary is
         # ~20 elementwise passes over (B, vocab) when eager), or, should that fail, of the model's forward only.
         compile = self.device.type == "cuda" if compile is None else compile
@@ -167,23 +178,50 @@ class Engine:
         self.waiting = deque(kept for g in self.waiting if (kept := [s for s in g if s.finish_reason is None]))
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
+        return bool(self.waiting) or any(s is not None for s in self.slots) or self._inflight is not None
 
     @torch.no_grad()
     def step(self) -> list[tuple[_Seq, int]]:
         """Admit waiting prompts into free slots (prefill), then one decode step for every running sequence.
-        Returns the (sequence, token) pairs produced."""
+        Returns the (sequence, token) pairs produced: with `overlap`, the decode tokens of the previous call's
+        step (this call's is then in flight)."""
         produced = self._admit()
         running = [s for s in self.slots if s is not None]
-        if running:
-            # which sampler the step needs (each a graph of its own): greedy only, plain sampling, or top-p/k
-            if all(s.params.temperature == 0 for s in running):
-                mode = "greedy"
-            else:
-                mode = "filter" if any(s.params.top_p < 1 or s.params.top_k > 0 for s in running) else "sample"
-            nxt, lp = self._decode(mode)
-            nxt, lp = nxt.tolist(), lp.tolist()  # the one host sync per step
-            for s in running:
+        launched = self._launch(running) if running else None
+        if self._inflight is not None:
+            produced += self._collect(*self._inflight)
+        self._inflight = launched
+        if launched is not None and not self.overlap:
+            produced += self._collect(*launched)
+            self._inflight = None
+        return produced
+
+    def _launch(self, running: list[_Seq]) -> tuple:
+        """Queue one decode step for every slot; its outputs are copied to host memory without waiting."""
+        # which sampler the step needs (each a graph of its own): greedy only, plain sampling, or top-p/k
+        if all(s.params.temperature == 0 for s in running):
+            mode = "greedy"
+        else:
+            mode = "filter" if any(s.params.top_p < 1 or s.params.top_k > 0 for s in running) else "sample"
+        nxt, lp = self._decode(mode)
+        if self.device.type != "cuda":
+            return running, (nxt.clone(), lp.clone()), None
+        self._host.reverse()
+        out = self._host[0]
+        out[0].copy_(nxt, non_blocking=True)
+        out[1].copy_(lp, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return running, out, done
+
+    def _collect(self, running: list[_Seq], out: tuple, done) -> list[tuple[_Seq, int]]:
+        """Read a launched step's tokens (the one host sync per step) and hand them to their sequences."""
+        if done is not None:
+            done.synchronize()
+        nxt, lp = out[0].tolist(), out[1].tolist()
+        produced = []
+        for s in running:
+            if s.finish_reason is None:  # not finished (or aborted) since the step was launched
                 produced.append((s, nxt[s.slot]))
                 self._append(s, nxt[s.slot], lp[s.slot])
         return produced
