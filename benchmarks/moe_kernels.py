@@ -64,11 +64,13 @@ def sweep(layer: MoE, T: int, D: int) -> dict:
     res.sort(key=lambda r: r[0])
     best["router"] = [dict(us=t, **c) for t, c in res[:3]]
     w, idx = kernels.route(x, gate)
-    order, offs, gate_w, _ = kernels.sort_entries(idx, w, E, S)
-    R = order.numel()
+    K = idx.shape[1]
+    R = T * (K + S)
     h = torch.empty(R, I, dtype=x.dtype, device="cuda")
     y = torch.empty(R, D, dtype=torch.float32, device="cuda")
     sg, su, sd = sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight
+    counts = torch.zeros(E, dtype=torch.long, device="cuda").scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
+    every = torch.cat([counts, counts.new_full((S,), T)])
     for name in ("up", "down"):
         res = []
         for bn, bk, (nw, ns) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (2, 3))):
@@ -78,10 +80,10 @@ def sweep(layer: MoE, T: int, D: int) -> dict:
             split = -(-T // 16)
             if name == "up":
                 fn = lambda c=cfg: kernels._experts_up_kernel[(E + S, I // c["BN"], split)](
-                    x, order, offs, ex.gate_proj, ex.up_proj, sg, su, h, E, R // T, D, I, SPLIT_M=split, **c)
+                    x, idx, every, w, ex.gate_proj, ex.up_proj, sg, su, h, E, T, K, S, D, I, BR=kernels.SCAN, **c)
             else:
                 fn = lambda c=cfg: kernels._experts_down_kernel[(E + S, D // c["BN"], split)](
-                    h, order, offs, gate_w, ex.down_proj, sd, y, E, S, D, I, SPLIT_M=split, **c)
+                    h, idx, every, w, ex.down_proj, sd, y, E, T, K, S, D, I, BR=kernels.SCAN, **c)
             try:
                 res.append((graph_time(fn), cfg))
             except Exception as e:  # noqa: BLE001

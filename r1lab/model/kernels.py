@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton run the to
 CPU_INTERPRET = False
 MAX_ROUTER_TOKENS = 1024  # beyond this a GEMM-based router reads the gate weight once instead of per token
 MAX_ENTRIES = 4096  # beyond this (prefill) torch's grouped GEMMs are faster than these decode kernels
+SCAN = 128  # routing entries an expert kernel scans at a time to find its own
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -119,62 +120,82 @@ if triton is not None:
         tl.store(out_idx_ptr + t * K + rk, ids.to(tl.int64), mask=rk < K)
 
     @triton.jit
-    def _experts_up_kernel(x_ptr, order_ptr, offs_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr,
-                           n_routed, slots, D, I,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr):
-        """Program (expert e, block of BN inner channels): h = silu(x Wg^T) * (x Wu^T) for the entries routed
-        to e, which are order[offs[e]:offs[e+1]] (entries sorted by expert). h is stored in sorted order."""
+    def _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM: tl.constexpr, BR: tl.constexpr):
+        """Block mb (BM rows) of expert e's entries: (entry, token, gating weight, valid), each (BM,).
+        Routed expert: the (token, slot) pairs whose index in idx (T, K) is e, in order, found by scanning idx
+        BR at a time (a running count ranks each match), so no sort runs before the kernels. Shared expert s:
+        every token, weight 1."""
+        want = mb * BM + tl.arange(0, BM)
+        if e < n_routed:
+            q = tl.zeros((BM,), dtype=tl.int32)  # flat index t*K + k of the want-th match
+            n = tl.sum(tl.zeros((BR,), dtype=tl.int32), axis=0)  # matches so far
+            for r0 in range(0, T * K, BR):
+                r = r0 + tl.arange(0, BR)
+                m = (tl.load(idx_ptr + r, mask=r < T * K, other=-1) == e).to(tl.int32)
+                rank = n + tl.cumsum(m, axis=0) - 1
+                hit = (m[None, :] == 1) & (rank[None, :] == want[:, None])  # (BM, BR)
+                q += tl.sum(tl.where(hit, r[None, :], 0), axis=1)
+                n += tl.sum(m, axis=0)
+            valid = want < n
+            tok = q // K
+            entry = q + tok * S
+            gw = tl.load(w_ptr + q, mask=valid, other=0.0)
+        else:
+            valid = want < T
+            tok = want
+            entry = want * (K + S) + K + (e - n_routed)
+            gw = tl.where(valid, 1.0, 0.0)
+        return entry, tok, gw, valid
+
+    @triton.jit
+    def _experts_up_kernel(x_ptr, idx_ptr, cnt_ptr, w_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, n_routed, T, K, S, D, I,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        """Program (expert e, block of BN inner channels, block of BM of e's entries):
+        h[entry] = silu(x[token] Wg^T) * (x[token] Wu^T), h in entry order (R, I)."""
         e = tl.program_id(0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        start = tl.load(offs_ptr + e) + tl.program_id(2) * BM  # a third grid axis splits an expert's rows
-        end = tl.load(offs_ptr + e + 1)
-        if e < n_routed:
-            wg = wg_ptr + e.to(tl.int64) * I * D
-            wu = wu_ptr + e.to(tl.int64) * I * D
-        else:  # a shared expert: rows [s*I, (s+1)*I) of the shared MLP's (S*I, D) weights
-            wg = sg_ptr + (e - n_routed).to(tl.int64) * I * D
-            wu = su_ptr + (e - n_routed).to(tl.int64) * I * D
-        for m0 in range(start, end, BM * SPLIT_M):
-            p = m0 + tl.arange(0, BM)
-            pm = p < end
-            tok = tl.load(order_ptr + p, mask=pm, other=0) // slots
+        mb = tl.program_id(2)
+        if mb * BM < tl.load(cnt_ptr + e):  # the expert's entries, counted beforehand, reach this block
+            entry, tok, gw, valid = _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM, BR)
+            if e < n_routed:
+                wg = wg_ptr + e.to(tl.int64) * I * D
+                wu = wu_ptr + e.to(tl.int64) * I * D
+            else:  # a shared expert: rows [s*I, (s+1)*I) of the shared MLP's (S*I, D) weights
+                wg = sg_ptr + (e - n_routed).to(tl.int64) * I * D
+                wu = su_ptr + (e - n_routed).to(tl.int64) * I * D
             acc_g = tl.zeros((BM, BN), dtype=tl.float32)
             acc_u = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, D, BK):
                 rk = k0 + tl.arange(0, BK)
-                xa = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=pm[:, None], other=0.0)
+                xa = tl.load(x_ptr + tok[:, None] * D + rk[None, :], mask=valid[:, None], other=0.0)
                 acc_g = tl.dot(xa, tl.load(wg + rn[None, :] * D + rk[:, None]), acc_g)
                 acc_u = tl.dot(xa, tl.load(wu + rn[None, :] * D + rk[:, None]), acc_u)
             h = acc_g * tl.sigmoid(acc_g) * acc_u
-            tl.store(h_ptr + p[:, None] * I + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=pm[:, None])
+            tl.store(h_ptr + entry[:, None] * I + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
 
     @triton.jit
-    def _experts_down_kernel(h_ptr, order_ptr, offs_ptr, gate_w_ptr, wd_ptr, sd_ptr, y_ptr,
-                             n_routed, n_shared, D, I,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_M: tl.constexpr):
-        """Program (expert e, block of BN output channels): y[entry] = gate weight * (h Wd^T), fp32, stored in
-        entry order so the sum over an entry's slots is a plain reduction (deterministic, no atomics)."""
+    def _experts_down_kernel(h_ptr, idx_ptr, cnt_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, n_routed, T, K, S, D, I,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        """Program (expert e, block of BN output channels, block of BM of e's entries):
+        y[entry] = gating weight * (h[entry] Wd^T) in fp32, y in entry order (R, D), so the sum over a token's
+        slots is a plain reduction afterwards (deterministic, no atomics)."""
         e = tl.program_id(0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        start = tl.load(offs_ptr + e) + tl.program_id(2) * BM
-        end = tl.load(offs_ptr + e + 1)
-        if e < n_routed:  # routed down_proj (E, D, I)
-            wd = wd_ptr + e.to(tl.int64) * D * I
-            row = I
-        else:  # shared down_proj (D, S*I): columns [s*I, (s+1)*I)
-            wd = sd_ptr + (e - n_routed).to(tl.int64) * I
-            row = n_shared * I
-        for m0 in range(start, end, BM * SPLIT_M):
-            p = m0 + tl.arange(0, BM)
-            pm = p < end
-            entry = tl.load(order_ptr + p, mask=pm, other=0)
+        mb = tl.program_id(2)
+        if mb * BM < tl.load(cnt_ptr + e):  # the expert's entries, counted beforehand, reach this block
+            entry, tok, gw, valid = _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM, BR)
+            if e < n_routed:  # routed down_proj (E, D, I)
+                wd = wd_ptr + e.to(tl.int64) * D * I
+                row = I
+            else:  # shared down_proj (D, S*I): columns [s*I, (s+1)*I)
+                wd = sd_ptr + (e - n_routed).to(tl.int64) * I
+                row = S * I
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, I, BK):
                 rk = k0 + tl.arange(0, BK)
-                ha = tl.load(h_ptr + p[:, None] * I + rk[None, :], mask=pm[:, None], other=0.0)
+                ha = tl.load(h_ptr + entry[:, None] * I + rk[None, :], mask=valid[:, None], other=0.0)
                 acc = tl.dot(ha, tl.load(wd + rn[None, :] * row + rk[:, None]), acc)
-            gw = tl.load(gate_w_ptr + entry, mask=pm, other=0.0)
-            tl.store(y_ptr + entry[:, None] * D + rn[None, :], acc * gw[:, None], mask=pm[:, None])
+            tl.store(y_ptr + entry[:, None] * D + rn[None, :], acc * gw[:, None], mask=valid[:, None])
 
     @triton_op("r1lab::moe_route", mutates_args={})
     def _route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
@@ -195,21 +216,21 @@ if triton is not None:
         return w, idx
 
     @triton_op("r1lab::moe_experts", mutates_args={})
-    def _experts(x: torch.Tensor, order: torch.Tensor, offs: torch.Tensor, gate_w: torch.Tensor,
-                 wg: torch.Tensor, wu: torch.Tensor, wd: torch.Tensor, sg: torch.Tensor, su: torch.Tensor,
-                 sd: torch.Tensor, n_shared: int) -> torch.Tensor:
+    def _experts(x: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, wg: torch.Tensor,
+                 wu: torch.Tensor, wd: torch.Tensor, sg: torch.Tensor, su: torch.Tensor, sd: torch.Tensor,
+                 n_shared: int) -> torch.Tensor:
         T, D = x.shape
+        K = idx.shape[1]
         E, I = wg.shape[0], wg.shape[1]
-        R = order.shape[0]
+        R = T * (K + n_shared)
         h = torch.empty(R, I, dtype=x.dtype, device=x.device)
         y = torch.empty(R, D, dtype=torch.float32, device=x.device)
         up, down = EXPERT_TILES(T, D, I)
         # An expert holds at most T entries (a token picks it once): the third axis covers them in BM-row blocks.
-        split_up, split_down = triton.cdiv(T, up["BM"]), triton.cdiv(T, down["BM"])
-        wrap_triton(_experts_up_kernel)[(E + n_shared, I // up["BN"], split_up)](
-            x, order, offs, wg, wu, sg, su, h, E, R // T, D, I, SPLIT_M=split_up, **up)
-        wrap_triton(_experts_down_kernel)[(E + n_shared, D // down["BN"], split_down)](
-            h, order, offs, gate_w, wd, sd, y, E, n_shared, D, I, SPLIT_M=split_down, **down)
+        wrap_triton(_experts_up_kernel)[(E + n_shared, I // up["BN"], triton.cdiv(T, up["BM"]))](
+            x, idx, counts, w, wg, wu, sg, su, h, E, T, K, n_shared, D, I, BR=SCAN, **up)
+        wrap_triton(_experts_down_kernel)[(E + n_shared, D // down["BN"], triton.cdiv(T, down["BM"]))](
+            h, idx, counts, w, wd, sd, y, E, T, K, n_shared, D, I, BR=SCAN, **down)
         return y
 
 
@@ -254,39 +275,23 @@ def route(x: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
                   gate.topk_group, gate.norm_topk_prob, float(gate.scale))
 
 
-def sort_entries(idx: torch.Tensor, w: torch.Tensor, n_experts: int, n_shared: int):
-    """Entries sorted by expert for the expert kernels: (order (R,) int32: the entry at each sorted place,
-    offs (E+S+1,) int32: where each expert's entries start, gating weight of each entry (R,) fp32, tokens
-    per expert (E+S,)). A counting sort in torch ops, which the compiler fuses into the decode step."""
-    T, E, S = idx.shape[0], n_experts, n_shared
-    if S:
-        idx = torch.cat([idx, torch.arange(E, E + S, device=idx.device).expand(T, S)], dim=1)  # (T, K+S)
-        w = torch.cat([w, w.new_ones(T, S)], dim=1)
-    flat = idx.flatten()  # (R,) expert of each entry
-    counts = torch.zeros(E + S, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-    onehot = flat[:, None] == torch.arange(E + S, device=flat.device)  # (R, E+S)
-    rank = (onehot.long().cumsum(0) * onehot).sum(1) - 1  # earlier entries with the same expert
-    ends = counts.cumsum(0)
-    dest = (ends - counts)[flat] + rank  # entry -> place in expert-sorted order
-    order = torch.empty_like(dest).scatter_(0, dest, torch.arange(flat.numel(), device=flat.device))
-    offs = torch.cat([ends.new_zeros(1), ends])
-    return order.to(torch.int32), offs.to(torch.int32), w.flatten().contiguous(), counts
-
-
 def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE layer's output before the residual, sum_k w_k expert_k(x) + shared(x), as (T, D) in x's dtype,
     and the tokens routed to each expert (E,) (for the load counter).
 
     x (T, D); w (T, K) fp32 gating weights; idx (T, K) expert indices; routed: moe.Experts; shared: the shared
-    MLP or None."""
+    MLP or None. Each expert's kernel programs find their own entries in idx: nothing is sorted."""
     T, K = idx.shape
     E = routed.gate_proj.shape[0]
     S = 0 if shared is None else shared.gate_proj.weight.shape[0] // routed.gate_proj.shape[1]
-    order, offs, gate_w, counts = sort_entries(idx, w, E, S)
     if shared is None:
         sg, su, sd = routed.gate_proj, routed.up_proj, routed.down_proj  # never read (no expert >= E)
     else:
         sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-    y = _experts(x.contiguous(), order, offs, gate_w, routed.gate_proj, routed.up_proj, routed.down_proj,
-                 sg, su, sd, S)
-    return y.view(T, K + S, -1).sum(1).to(x.dtype), counts[:E]
+    flat = idx.flatten()
+    counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    # entries per expert, shared ones included (every token): programs past an expert's count exit at once
+    every = torch.cat([counts, counts.new_full((S,), T)])
+    y = _experts(x.contiguous(), idx.contiguous(), every, w.float().contiguous(), routed.gate_proj, routed.up_proj,
+                 routed.down_proj, sg, su, sd, S)
+    return y.view(T, K + S, -1).sum(1).to(x.dtype), counts
