@@ -252,32 +252,36 @@ class Engine:
         h = self.model(ids.to(dev), pos, cache=self.cache, cache_rows=rows, prefill=True, return_hidden=True)
         last = torch.tensor(lens, device=dev) - 1
         logits = self.model.lm_head(h[torch.arange(len(groups), device=dev), last])  # (G, V)
+        # Every sample of every admitted prompt: (its prompt's row in the prefill, the sequence, its slot).
+        seqs = [(gi, s, slot) for gi, (group, slots) in enumerate(groups) for s, slot in zip(group, slots)]
+        extra = [(slot, groups[gi][1][0]) for gi, _, slot in seqs if slot != groups[gi][1][0]]
+        if extra:  # the other samples reuse their prompt's prefill: one copy per layer for all of them
+            dst, src = (torch.tensor(x, device=dev) for x in zip(*extra))
+            for c in self.cache:
+                c[dst, :P] = c[src, :P]
+        params = [s.params for _, s, _ in seqs]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
+        seeds = torch.tensor([s.seed for _, s, _ in seqs], dtype=torch.long, device=dev)
+        position = torch.tensor([lens[gi] for gi, _, _ in seqs], dtype=torch.long, device=dev)
+        # one sampling call for all of them (the sampler treats each row alike whatever the others need)
+        tokens, lps = sample(logits[torch.tensor([gi for gi, _, _ in seqs], device=dev)], temperature, top_p, top_k,
+                             seeds, position, filter_top=any(p.top_p < 1 or p.top_k > 0 for p in params),
+                             greedy_only=all(p.temperature == 0 for p in params))
+        slots = torch.tensor([slot for _, _, slot in seqs], device=dev)
+        self.tok[slots, 0] = tokens
+        self.pos[slots, 0] = position
+        self.active[slots, 0] = 1
+        self.temperature[slots], self.top_p[slots], self.top_k[slots], self.seeds[slots] = (
+            temperature, top_p, top_k, seeds)
         produced = []
-        for gi, (group, slots) in enumerate(groups):
-            L, p, n = lens[gi], group[0].params, len(group)
-            for slot in slots[1:]:  # the other samples reuse the prefill
-                for c in self.cache:
-                    c[slot, :L].copy_(c[slots[0], :L])
-            tokens, lps = sample(logits[gi][None].expand(n, -1), torch.full((n,), p.temperature, device=dev),
-                                 torch.full((n,), p.top_p, device=dev), torch.full((n,), p.top_k, device=dev),
-                                 torch.tensor([s.seed for s in group], device=dev), torch.full((n,), L, device=dev),
-                                 filter_top=p.top_p < 1 or p.top_k > 0, greedy_only=p.temperature == 0)
-            for s, slot, t, lp in zip(group, slots, tokens.tolist(), lps.tolist()):
-                s.slot = slot
-                self.slots[slot] = s
-                produced.append((s, t))
-                self._set_slot(slot, t, L, p, s.seed)
-                self._append(s, t, lp)
+        for (_, s, slot), t, lp in zip(seqs, tokens.tolist(), lps.tolist()):
+            s.slot = slot
+            self.slots[slot] = s
+            produced.append((s, t))
+            self._append(s, t, lp)
         return produced
-
-    def _set_slot(self, slot: int, token: int, position: int, p: SamplingParams, seed: int) -> None:
-        self.tok[slot, 0] = token
-        self.pos[slot, 0] = position
-        self.active[slot, 0] = 1
-        self.temperature[slot] = p.temperature
-        self.top_p[slot] = p.top_p
-        self.top_k[slot] = p.top_k
-        self.seeds[slot] = seed
 
     def _append(self, s: _Seq, token: int, logprob: float) -> None:
         s.tokens.append(token)
