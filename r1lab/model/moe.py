@@ -178,7 +178,8 @@ class MoE(KeepFP32Buffers):
         inter = self.experts.gate_proj.shape[1]
         return (kernels.enabled(xt) and self.impl == "auto" and not hasattr(self.experts, "_r1lab_ep")
                 and xt.shape[0] * (self.top_k + n_shared // inter) <= kernels.MAX_ENTRIES
-                and n_shared % inter == 0 and kernels.experts_supported(xt.shape[-1], inter))
+                and n_shared % inter == 0 and kernels.experts_supported(xt.shape[-1], inter)
+                and all(p.is_contiguous() for p in self.parameters()))  # the kernels index weights by shape
 
     def _fused(self, xt: torch.Tensor) -> torch.Tensor:
         """Routing in one kernel, routed and shared experts in two (no gradient; see kernels.py)."""
