@@ -2,6 +2,7 @@
 
     python benchmarks/grpo.py                 # both (needs trl, datasets, transformers), bench-moe-1b, bf16
     python benchmarks/grpo.py --only r1lab    # r1lab alone
+    python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
     python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 2  # dry run
 
 Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8, completions of exactly 256 tokens
@@ -65,6 +66,7 @@ def bench_r1lab(model_dir: Path, args) -> dict:
         self.ignore_eos = True
 
     eng_mod.SamplingParams.__post_init__ = no_eos
+    parts = breakdown(tr) if args.breakdown else None
     times, toks, gens = [], [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -75,10 +77,42 @@ def bench_r1lab(model_dir: Path, args) -> dict:
         gens.append(rec["gen_s"])
         print(f"r1lab step {tr.step}: {times[-1]:.2f} s (gen {rec['gen_s']:.2f} s, train {rec['train_s']:.2f} s, "
               f"{rec['gen_tokens_per_s']:,.0f} rollout tok/s) reward {rec['reward']:.3f}")
+        if parts is not None:
+            print("  generation: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
+            parts.clear()
     eng_mod.SamplingParams.__post_init__ = orig
     gen_share = statistics.median(gs / t for gs, t in zip(gens[1:4], times[1:4]))
     return {"step_s": statistics.median(times[1:4]), "tok_s": statistics.median(toks[1:4]),
             "gen_share": gen_share}
+
+
+def breakdown(tr) -> dict:
+    """Wall time per GRPO step of the parts of r1lab's generation, summed into the returned dict (cleared by the
+    caller each step): admission (prefill + first tokens), decode steps (Engine.step less its admission, host
+    bookkeeping included; a step's wait for the GPU is counted where the host waits), completions
+    (detokenisation) and rewards. Plain perf_counter wrappers: they add no synchronisation of their own."""
+    from r1lab.engine import engine as eng_mod
+    from r1lab.train import grpo as grpo_mod
+
+    acc: dict[str, float] = {}
+
+    def timed(owner, name, key):
+        fn = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t
+        setattr(owner, name, wrapper)
+
+    timed(grpo_mod.GRPOTrainer, "rollout", "rollout total")
+    timed(eng_mod.Engine, "_admit", "admission")
+    timed(eng_mod.Engine, "step", "engine steps (admission included)")
+    timed(eng_mod.Engine, "completion", "completions")
+    timed(grpo_mod, "combine", "rewards")
+    return acc
 
 
 def bench_trl(model_dir: Path, args) -> dict:
@@ -178,6 +212,7 @@ def main() -> None:
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
     p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")
+    p.add_argument("--breakdown", action="store_true", help="r1lab: print where each step's generation time goes")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("benchmarks/grpo.py needs a CUDA GPU (or --device cpu for a dry run)")
