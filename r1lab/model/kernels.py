@@ -4,8 +4,8 @@ through Triton's interpreter, on a GPU natively).
 
 Why: a decode step of one to a few hundred tokens is latency-bound. Written as PyTorch ops, routing alone is
 a GEMV, a cast, a handful of fused elementwise kernels and a top-k; the experts are a sort, index copies,
-three grouped GEMMs and the shared experts' three GEMMs. Here routing is one kernel and all experts (routed
-and shared) are two.
+three grouped GEMMs and the shared experts' three GEMMs. Here routing is two kernels (the logits, then the
+selection) and all experts, routed and shared, are two more; nothing is sorted in between.
 
 Dimension legend as in moe.py: T tokens, D hidden_size, E routed experts, K experts per token, S shared
 experts (the shared MLP of width S*I is S experts of width I: SwiGLU is separable over its inner channels),
@@ -270,7 +270,7 @@ def experts_supported(dim: int, inter: int) -> bool:
 
 
 def route(x: torch.Tensor, gate) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gate.forward's (weights (T, K) fp32, expert indices (T, K)) from one kernel. x (T, D)."""
+    """Gate.forward's (weights (T, K) fp32, expert indices (T, K)) from the router kernels. x (T, D)."""
     return _route(x.contiguous(), gate.weight, gate.e_score_correction_bias, gate.top_k, gate.n_group,
                   gate.topk_group, gate.norm_topk_prob, float(gate.scale))
 
