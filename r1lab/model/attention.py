@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
 
@@ -105,6 +106,10 @@ class MLA(nn.Module):
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # (B, S, H, C)
         B, S = q_lat.shape[:2]
         q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2)  # (B, S*H, C+R): heads fold into rows
+        if S == 1 and attn_mask is not None and cache.shape[0] == B and kernels.attention_enabled(q):
+            out = kernels.latent_attention(q, cache, attn_mask[:, 0, 0], self.softmax_scale, C)  # (B, H, C)
+            out = torch.einsum("bhsc,hvc->bshv", out.to(q.dtype)[:, :, None], w_uv)  # (B, 1, H, V)
+            return self.o_proj(out.flatten(2))
         kv = cache.to(q.dtype)  # (B, T, C+R): one key shared by all heads (MQA in latent space)
         # Plain batched matmuls, not SDPA with enable_gqa: that would materialise K per head (H x the cache).
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, S*H, T)

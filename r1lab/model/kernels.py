@@ -197,6 +197,72 @@ if triton is not None:
                 acc = tl.dot(ha, tl.load(wd + rn[None, :] * row + rk[:, None]), acc)
             tl.store(y_ptr + entry[:, None] * D + rn[None, :], acc * gw[:, None], mask=valid[:, None])
 
+    @triton.jit
+    def _latent_attn_kernel(q_ptr, kv_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, T, span, scale,
+                            H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, HB: tl.constexpr,
+                            CP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
+        """Program (sequence b, split s, block of HB heads): MLA's absorbed decode attention of one token's H heads (q (B, H, C+R):
+        latent query ; roped query) over the cache slots [s*span, (s+1)*span) of kv (B, T, C+R) that mask (B, T)
+        allows. One key/value head shared by all heads (MQA in latent space): key = [latent ; roped key], value
+        = latent. Online softmax; writes the split's max m, sum l (B, NS, H) and unnormalised output o
+        (B, NS, H, C) in fp32 for the combine (flash-decoding)."""
+        b = tl.program_id(0)
+        sp = tl.program_id(1)
+        ns = tl.num_programs(1)
+        rh = tl.program_id(2) * HB + tl.arange(0, HB)
+        rc = tl.arange(0, CP)
+        rr = tl.arange(0, RP)
+        W: tl.constexpr = C + R
+        qrow = (b * H + rh[:, None]) * W
+        q_c = tl.load(q_ptr + qrow + rc[None, :], mask=(rh < H)[:, None] & (rc < C)[None, :], other=0.0)
+        q_r = tl.load(q_ptr + qrow + C + rr[None, :], mask=(rh < H)[:, None] & (rr < R)[None, :], other=0.0)
+        m_i = tl.full((HB,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((HB,), dtype=tl.float32)
+        acc = tl.zeros((HB, CP), dtype=tl.float32)
+        start = sp * span
+        end = tl.minimum(start + span, T)
+        for t0 in range(start, end, BT):
+            rt = t0 + tl.arange(0, BT)
+            live = (rt < end) & (tl.load(mask_ptr + b * T + rt, mask=rt < end, other=0) != 0)
+            if tl.sum(live.to(tl.int32), axis=0) > 0:
+                krow = (b * T + rt[:, None]).to(tl.int64) * W
+                kc = tl.load(kv_ptr + krow + rc[None, :], mask=live[:, None] & (rc < C)[None, :], other=0.0)
+                kr = tl.load(kv_ptr + krow + C + rr[None, :], mask=live[:, None] & (rr < R)[None, :], other=0.0)
+                kc = kc.to(q_c.dtype)
+                sc = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr.to(q_r.dtype)))  # (HB, BT) fp32
+                sc = tl.where(live[None, :], sc * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                p = tl.exp(sc - m_new[:, None])
+                alpha = tl.exp(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+                m_i = m_new
+        out = (b * ns + sp) * H + rh
+        tl.store(m_ptr + out, m_i, mask=rh < H)
+        tl.store(l_ptr + out, l_i, mask=rh < H)
+        tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
+
+    @triton_op("r1lab::latent_attention", mutates_args={})
+    def _latent_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float,
+                          kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, H, W = q.shape
+        T = kv.shape[1]
+        C, R = kv_lora_rank, W - kv_lora_rank
+        bt = 32
+        # splits of the cache: enough programs to occupy the GPU at batch 1, none to spare at large batches
+        ns = max(1, min(triton.cdiv(T, 64), triton.cdiv(264, B)))
+        span = triton.cdiv(triton.cdiv(T, ns), bt) * bt
+        ns = triton.cdiv(T, span)
+        m = torch.empty(B, ns, H, dtype=torch.float32, device=q.device)
+        l = torch.empty(B, ns, H, dtype=torch.float32, device=q.device)
+        o = torch.empty(B, ns, H, C, dtype=torch.float32, device=q.device)
+        p2 = triton.next_power_of_2
+        # 16 heads per program (a 16-row tile for tl.dot; more would not fit V3's 512-wide latent in registers)
+        wrap_triton(_latent_attn_kernel)[(B, ns, triton.cdiv(H, 16))](
+            q, kv, mask, m, l, o, T, span, scale, H=H, C=C, R=R, HB=16, CP=max(16, p2(C)), RP=max(16, p2(R)),
+            BT=bt, num_warps=4)
+        return m, l, o
+
     @triton_op("r1lab::moe_route", mutates_args={})
     def _route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
                topk_group: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,3 +361,21 @@ def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared)
     y = _experts(x.contiguous(), idx.contiguous(), every, w.float().contiguous(), routed.gate_proj, routed.up_proj,
                  routed.down_proj, sg, su, sd, S)
     return y.view(T, K + S, -1).sum(1).to(x.dtype), counts
+
+
+def attention_enabled(x: torch.Tensor) -> bool:
+    """The latent-attention decode kernel is opt-in (R1LAB_ATTN_KERNEL=1) until a GPU benchmark has shown it
+    faster than the compiled torch path (bmm, softmax, bmm)."""
+    return os.environ.get("R1LAB_ATTN_KERNEL") == "1" and enabled(x)
+
+
+def latent_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float,
+                     kv_lora_rank: int) -> torch.Tensor:
+    """MLA's absorbed decode attention for one query token per sequence: q (B, H, C+R) [latent query ; roped
+    query], kv (B, T, C+R) the latent cache, mask (B, T) bool (True = attend) -> (B, H, C) fp32, the softmax-
+    weighted latents (what MLA._absorbed gets from its two batched matmuls). Splits of the cache are combined
+    here, in torch ops the compiler fuses."""
+    m, l, o = _latent_attention(q.contiguous(), kv, mask.contiguous(), float(scale), kv_lora_rank)
+    top = m.amax(1, keepdim=True)  # (B, 1, H): every row has a live slot, so this is finite
+    w = torch.exp(m - top)  # (B, NS, H); splits without a live slot weigh 0
+    return (o * w[..., None]).sum(1) / (l * w).sum(1)[..., None]
