@@ -88,7 +88,7 @@ def test_router_ties_go_to_the_lower_group():
 
 @pytest.mark.parametrize("shared", [0, 1, 2])
 @pytest.mark.parametrize("T", [1, 2, 9, 130])
-def test_fused_experts_equal_torch_path(shared, T):
+def test_fused_experts_equal_torch_path(shared, T, monkeypatch):
     """The layer's output and expert-load counts with the kernels and with torch's path (grouped GEMMs or the
     gathered matmuls). fp32 on the interpreter: 1e-5; bf16 on a GPU, where the torch path rounds the gate, up,
     SwiGLU and each expert's output to bf16 and the kernels keep fp32 until the end: 2e-2 relative."""
@@ -100,21 +100,16 @@ def test_fused_experts_equal_torch_path(shared, T):
         out = m(x)
         load = m.expert_load.clone()
         m.expert_load.zero_()
-        kernels.CPU_INTERPRET, saved = False, kernels.CPU_INTERPRET
-        os.environ["R1LAB_KERNELS"] = "0"
-        try:
-            assert not m._use_kernels(x.view(T, -1))
-            ref = m(x)
-        finally:
-            kernels.CPU_INTERPRET = saved
-            del os.environ["R1LAB_KERNELS"]
+        monkeypatch.setenv("R1LAB_KERNELS", "0")
+        assert not m._use_kernels(x.view(T, -1))
+        ref = m(x)
     assert torch.equal(load, m.expert_load)
     assert load.sum() == T * m.top_k
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((out.float() - ref.float()).norm() / ref.float().norm()) < tol
 
 
-def test_kernels_stay_out_of_training():
+def test_kernels_stay_out_of_training(monkeypatch):
     """With a gradient wanted (training, GRPO's update) the torch path runs, whatever the device."""
     device, dtype = device_and_dtype()
     m = random_moe(moe_config(), device, dtype)
@@ -122,16 +117,13 @@ def test_kernels_stay_out_of_training():
     assert not m._use_kernels(x)
     with torch.no_grad():
         assert m._use_kernels(x)
-    os.environ["R1LAB_KERNELS"] = "0"
-    try:
-        with torch.no_grad():
-            assert not m._use_kernels(x)
-    finally:
-        del os.environ["R1LAB_KERNELS"]
+    monkeypatch.setenv("R1LAB_KERNELS", "0")
+    with torch.no_grad():
+        assert not m._use_kernels(x)
 
 
 @pytest.mark.skipif(not CUDA, reason="compiled, CUDA-graphed decode needs a GPU")
-def test_compiled_engine_with_kernels_is_as_accurate_as_the_torch_path():
+def test_compiled_engine_with_kernels_is_as_accurate_as_the_torch_path(monkeypatch):
     """The engine's compiled, graphed decode step (kernels inside) and the eager torch path, both bf16, against
     the fp32 model: each run's log-probs are recomputed by a full fp32 forward over its own tokens. The kernels
     keep the experts in fp32 longer, so their error may not exceed the torch path's (x2 + 0.01 for the noise of
@@ -147,11 +139,8 @@ def test_compiled_engine_with_kernels_is_as_accurate_as_the_torch_path():
     prompts = [[1, 2, 3, 4, 5], [7] * 11, list(range(20, 40))]
     params = SamplingParams(temperature=0, max_tokens=32, logprobs=True, ignore_eos=True)
     fast = Engine(m, max_batch=4, max_seq_len=64).generate(prompts, params)
-    os.environ["R1LAB_KERNELS"] = "0"
-    try:
-        slow = Engine(m, max_batch=4, max_seq_len=64, cuda_graph=False, compile=False).generate(prompts, params)
-    finally:
-        del os.environ["R1LAB_KERNELS"]
+    monkeypatch.setenv("R1LAB_KERNELS", "0")
+    slow = Engine(m, max_batch=4, max_seq_len=64, cuda_graph=False, compile=False).generate(prompts, params)
 
     def error(completions):
         worst = 0.0

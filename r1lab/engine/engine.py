@@ -265,7 +265,8 @@ class Engine:
         top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=dev)
         seeds = torch.tensor([s.seed for _, s, _ in seqs], dtype=torch.long, device=dev)
         position = torch.tensor([lens[gi] for gi, _, _ in seqs], dtype=torch.long, device=dev)
-        # one sampling call for all of them (the sampler treats each row alike whatever the others need)
+        # One sampling call for all of them, in one sampler mode as a decode step is: a row without top-p/k in
+        # the filter mode loses only tokens behind fp32-rounded mass of 1, i.e. of probability below ~1e-7.
         tokens, lps = sample(logits[torch.tensor([gi for gi, _, _ in seqs], device=dev)], temperature, top_p, top_k,
                              seeds, position, filter_top=any(p.top_p < 1 or p.top_k > 0 for p in params),
                              greedy_only=all(p.temperature == 0 for p in params))
