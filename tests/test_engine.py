@@ -222,12 +222,18 @@ def test_mixed_greedy_and_sampled_requests_match_separate_runs():
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
-def test_compiled_decode_step_equals_eager():
-    """torch.compile of the whole decode step (forward + sampler) gives the same samples and log-probs."""
-    m = tiny()
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+@pytest.mark.parametrize("mode", [dict(temperature=0.8, top_p=0.9), dict(temperature=0.8, top_k=5),
+                                  dict(temperature=0.8), dict(temperature=0.0)])
+def test_compiled_decode_step_equals_eager(mode, device):
+    """torch.compile of the whole decode step (forward + sampler, each sampler mode) gives the same samples and
+    log-probs as eager (on a GPU also captured in a CUDA graph; fp32 weights there too)."""
+    m = tiny().to(device)
     ps = prompts([6, 3, 9])
-    sp = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=8, seed=5, logprobs=True, ignore_eos=True)
-    ref = Engine(m, max_batch=4, max_seq_len=32, compile=False).generate(ps, sp)
+    sp = SamplingParams(max_tokens=8, seed=5, logprobs=True, ignore_eos=True, **mode)
+    ref = Engine(m, max_batch=4, max_seq_len=32, compile=False, cuda_graph=False).generate(ps, sp)
+    torch._dynamo.reset()
     eng = Engine(m, max_batch=4, max_seq_len=32, compile=True)
     out = eng.generate(ps, sp)
     assert eng._compile_mode == "step"  # no fallback happened
@@ -287,10 +293,13 @@ def test_overlapped_steps_equal_synchronous_ones():
 
 
 def test_cache_bytes_match_r1lab_info():
-    """The engine allocates exactly `r1lab info`'s latent bytes per token, per slot position (bf16)."""
+    """The engine allocates exactly `r1lab info`'s latent bytes per token, per slot position (bf16); slot rows
+    are max_seq_len rounded up to a multiple of 64 positions (aligned attention products)."""
     from r1lab.cli import model_summary
 
     m = tiny().to(torch.bfloat16)
-    eng = Engine(m, max_batch=3, max_seq_len=40)
-    allocated = sum(c.numel() * c.element_size() for c in eng.cache)
-    assert allocated == 3 * 40 * model_summary(m.config)["kv_cache_bytes_per_token_mla_bf16"]
+    for max_seq_len, rows in ((40, 64), (64, 64), (65, 128)):
+        eng = Engine(m, max_batch=3, max_seq_len=max_seq_len)
+        assert eng.cache_len == rows and eng.max_seq_len == max_seq_len
+        allocated = sum(c.numel() * c.element_size() for c in eng.cache)
+        assert allocated == 3 * rows * model_summary(m.config)["kv_cache_bytes_per_token_mla_bf16"]

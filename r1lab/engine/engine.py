@@ -1,6 +1,6 @@
 """Batched generation over the MLA latent cache, with continuous batching.
 
-The cache is a pool of `max_batch` slots, each holding `max_seq_len` positions of (latent, roped key) per
+The cache is a pool of `max_batch` slots, each holding `max_seq_len` positions (rounded up to a multiple of 64) of (latent, roped key) per
 layer: 576 numbers per token per layer for DeepSeek-V3, never expanded K/V. A request's sequences take free
 slots; every decode step runs all slots at once with static shapes (one token each, the absorbed attention
 path), so the step can be captured as a CUDA graph; finished sequences free their slot and waiting ones are
@@ -104,7 +104,11 @@ class Engine:
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         B, dev = max_batch, self.device
-        self.cache = model.new_cache(B, self.max_seq_len)
+        # Slots per cache row: max_seq_len rounded up to a multiple of 64. The decode step's attention products
+        # have the row length as a leading dimension, and cuBLAS falls back to slow unaligned kernels for odd
+        # ones (twice the step's attention time at 271 slots on an H200); the extra slots are never attended.
+        self.cache_len = -(-self.max_seq_len // 64) * 64
+        self.cache = model.new_cache(B, self.cache_len)
         # Static per-slot state read by the decode step.
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -308,7 +312,7 @@ class Engine:
         return any(x in tail for x in s.params.stop)
 
     def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        return self.model(tok, pos, cache=self.cache, attn_mask=self.model.cache_mask(pos, self.max_seq_len))[:, -1]
+        return self.model(tok, pos, cache=self.cache, attn_mask=self.model.cache_mask(pos, self.cache_len))[:, -1]
 
     def _decode_eager(self, mode: str):
         logits = self._forward_fn(self.tok, self.pos)

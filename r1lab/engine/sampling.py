@@ -67,15 +67,21 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     logp = torch.log_softmax(logits / t[:, None], dim=-1)
-    masked = logp
-    if filter_top:
-        sorted_lp, order = logp.sort(dim=-1, descending=True)
-        probs = sorted_lp.exp()
-        rank = torch.arange(logp.shape[-1], device=logp.device)
-        # keep a token if the mass strictly before it is < top_p (the top token always survives)
-        drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
-        drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
-        masked = torch.full_like(logp, float("-inf")).scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))
+    masked = top_p_top_k(logp, top_p, top_k) if filter_top else logp
     race = masked - torch.log(-torch.log(uniform_noise(seeds, positions, logp.shape[-1])))  # log(p / E)
     tokens = torch.where(greedy, logits.argmax(-1), race.argmax(-1))
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+# Eager even inside a compiled decode step: Inductor 2.11 miscompiles this sort / cumsum / scatter next to the
+# log-softmax before it (CPU: every token 0, or a codegen error; tests/test_engine.py checks compiled = eager).
+@torch.compiler.disable
+def top_p_top_k(logp: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """logp (B, V) with the tokens outside each row's nucleus (top_p) and top-k set to -inf."""
+    sorted_lp, order = logp.sort(dim=-1, descending=True)
+    probs = sorted_lp.exp()
+    rank = torch.arange(logp.shape[-1], device=logp.device)
+    # keep a token if the mass strictly before it is < top_p (the top token always survives)
+    drop = (probs.cumsum(-1) - probs) >= top_p[:, None]
+    drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    return torch.full_like(logp, float("-inf")).scatter(1, order, sorted_lp.masked_fill(drop, float("-inf")))

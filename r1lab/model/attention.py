@@ -80,10 +80,10 @@ class MLA(nn.Module):
         c, k_pe = self.latent(x, cos, sin)
         if cache is not None:
             new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # (B, S, C+R)
-            if cache_rows is None:
-                cache.scatter_(1, write_index[..., None].expand(-1, -1, new.shape[-1]), new)
-            else:
-                cache[cache_rows[:, None], write_index] = new
+            rows = torch.arange(x.shape[0], device=x.device) if cache_rows is None else cache_rows
+            # index_put_, not scatter_: compiled, a scatter_ into the cache becomes a copy of the whole cache
+            # plus a copy back (twice the cache's bytes per layer per decode step); this writes B*S rows.
+            cache[rows[:, None], write_index] = new
             if not prefill:
                 return self._absorbed(q_nope, q_pe, cache, attn_mask)
         return self._full(q_nope, q_pe, c, k_pe, attn_mask)
