@@ -69,8 +69,9 @@ def sweep(layer: MoE, T: int, D: int) -> dict:
     h = torch.empty(R, I, dtype=x.dtype, device="cuda")
     y = torch.empty(R, D, dtype=torch.float32, device="cuda")
     sg, su, sd = sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight
-    counts = torch.zeros(E, dtype=torch.long, device="cuda").scatter_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
-    every = torch.cat([counts, counts.new_full((S,), T)])
+    plan = torch.empty(E, T, dtype=torch.int32, device="cuda")
+    every = torch.empty(E + S, dtype=torch.int64, device="cuda")
+    kernels._plan_kernel[(E + S,)](idx, plan, every, E, T, K, BR=kernels.SCAN, num_warps=4)
     for name in ("up", "down"):
         res = []
         for bn, bk, (nw, ns) in itertools.product((16, 32, 64), (64, 128, 256), ((4, 3), (4, 4), (2, 3))):
@@ -80,10 +81,10 @@ def sweep(layer: MoE, T: int, D: int) -> dict:
             split = -(-T // 16)
             if name == "up":
                 fn = lambda c=cfg: kernels._experts_up_kernel[(E + S, I // c["BN"], split)](
-                    x, idx, every, w, ex.gate_proj, ex.up_proj, sg, su, h, E, T, K, S, D, I, BR=kernels.SCAN, **c)
+                    x, plan, every, w, ex.gate_proj, ex.up_proj, sg, su, h, E, T, K, S, D, I, **c)
             else:
                 fn = lambda c=cfg: kernels._experts_down_kernel[(E + S, D // c["BN"], split)](
-                    h, idx, every, w, ex.down_proj, sd, y, E, T, K, S, D, I, BR=kernels.SCAN, **c)
+                    h, plan, every, w, ex.down_proj, sd, y, E, T, K, S, D, I, **c)
             try:
                 res.append((graph_time(fn), cfg))
             except Exception as e:  # noqa: BLE001

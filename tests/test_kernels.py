@@ -177,6 +177,23 @@ def test_latent_attention_kernel_equals_softmax_attention(B, H, C, R, T):
     assert ((out - ref).norm() / ref.norm()) < tol
 
 
+def test_latent_attention_kernel_under_torch_compile():
+    """The op inside a torch.compile'd graph (as in the engine's compiled decode step), whole-graph: the same
+    numbers as called eagerly."""
+    device, dtype = device_and_dtype()
+    torch.manual_seed(0)
+    B, H, C, R, T = 2, 16, 64, 32, 90
+    q = torch.randn(B, H, C + R, device=device).to(dtype)
+    kv = torch.randn(B, T, C + R, device=device).to(dtype)
+    mask = torch.arange(T, device=device)[None] < torch.tensor([T, 17], device=device)[:, None]
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, kv, mask: kernels.latent_attention(q * 1, kv, mask, 0.1, C) + 0, fullgraph=True)
+    with torch.no_grad():
+        eager = kernels.latent_attention(q, kv, mask, 0.1, C)
+        compiled = fn(q, kv, mask)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_mla_decode_with_the_attention_kernel_equals_torch(monkeypatch):
     """MLA's absorbed decode step (one token per sequence over a latent cache, engine-style mask) with
     R1LAB_ATTN_KERNEL=1 and without: same output (fp32 interpreter 1e-5; bf16 GPU 2e-2)."""

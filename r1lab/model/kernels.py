@@ -5,7 +5,8 @@ through Triton's interpreter, on a GPU natively).
 Why: a decode step of one to a few hundred tokens is latency-bound. Written as PyTorch ops, routing alone is
 a GEMV, a cast, a handful of fused elementwise kernels and a top-k; the experts are a sort, index copies,
 three grouped GEMMs and the shared experts' three GEMMs. Here routing is two kernels (the logits, then the
-selection) and all experts, routed and shared, are two more; nothing is sorted in between.
+selection) and all experts, routed and shared, are three more: one lists each expert's entries (a scan of the
+routing indices per expert, nothing is sorted), then the up and the down projections.
 
 Dimension legend as in moe.py: T tokens, D hidden_size, E routed experts, K experts per token, S shared
 experts (the shared MLP of width S*I is S experts of width I: SwiGLU is separable over its inner channels),
@@ -31,7 +32,7 @@ except ImportError:  # pragma: no cover - CPU installs without triton run the to
 CPU_INTERPRET = False
 MAX_ROUTER_TOKENS = 1024  # beyond this a GEMM-based router reads the gate weight once instead of per token
 MAX_ENTRIES = 4096  # beyond this (prefill) torch's grouped GEMMs are faster than these decode kernels
-SCAN = 128  # routing entries an expert kernel scans at a time to find its own
+SCAN = 128  # routing entries _plan_kernel scans at a time to find an expert's own
 
 
 def enabled(x: torch.Tensor) -> bool:
@@ -120,43 +121,53 @@ if triton is not None:
         tl.store(out_idx_ptr + t * K + rk, ids.to(tl.int64), mask=rk < K)
 
     @triton.jit
-    def _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM: tl.constexpr, BR: tl.constexpr):
-        """Block mb (BM rows) of expert e's entries: (entry, token, gating weight, valid), each (BM,).
-        Routed expert: the (token, slot) pairs whose index in idx (T, K) is e, in order, found by scanning idx
-        BR at a time (a running count ranks each match), so no sort runs before the kernels. Shared expert s:
-        every token, weight 1."""
-        want = mb * BM + tl.arange(0, BM)
+    def _plan_kernel(idx_ptr, plan_ptr, cnt_ptr, n_routed, T, K, BR: tl.constexpr):
+        """Program e: routed expert e's entries, found once for both expert kernels. Scans idx (T, K) BR at a
+        time (a running count ranks each match) and writes the flat indices t*K + k of the (token, slot) pairs
+        routed to e, in order, to plan[e, :count], and count to cnt[e]. A shared expert (e >= n_routed) takes
+        every token: cnt[e] = T. Nothing is sorted."""
+        e = tl.program_id(0)
+        one = tl.arange(0, 1)
         if e < n_routed:
-            q = tl.zeros((BM,), dtype=tl.int32)  # flat index t*K + k of the want-th match
             n = tl.sum(tl.zeros((BR,), dtype=tl.int32), axis=0)  # matches so far
             for r0 in range(0, T * K, BR):
                 r = r0 + tl.arange(0, BR)
                 m = (tl.load(idx_ptr + r, mask=r < T * K, other=-1) == e).to(tl.int32)
                 rank = n + tl.cumsum(m, axis=0) - 1
-                hit = (m[None, :] == 1) & (rank[None, :] == want[:, None])  # (BM, BR)
-                q += tl.sum(tl.where(hit, r[None, :], 0), axis=1)
+                tl.store(plan_ptr + e.to(tl.int64) * T + rank, r, mask=m == 1)
                 n += tl.sum(m, axis=0)
-            valid = want < n
+            tl.store(cnt_ptr + e + one, tl.zeros((1,), dtype=tl.int64) + n)
+        else:
+            tl.store(cnt_ptr + e + one, tl.zeros((1,), dtype=tl.int64) + T)
+
+    @triton.jit
+    def _entries(plan_ptr, w_ptr, e, mb, count, n_routed, T, K, S, BM: tl.constexpr):
+        """Block mb (BM rows) of expert e's entries: (entry, token, gating weight, valid), each (BM,).
+        Routed expert: from _plan_kernel's list. Shared expert s: every token, weight 1."""
+        want = mb * BM + tl.arange(0, BM)
+        valid = want < count
+        if e < n_routed:
+            q = tl.load(plan_ptr + e.to(tl.int64) * T + want, mask=valid, other=0)  # flat index t*K + k
             tok = q // K
             entry = q + tok * S
             gw = tl.load(w_ptr + q, mask=valid, other=0.0)
         else:
-            valid = want < T
             tok = want
             entry = want * (K + S) + K + (e - n_routed)
             gw = tl.where(valid, 1.0, 0.0)
         return entry, tok, gw, valid
 
     @triton.jit
-    def _experts_up_kernel(x_ptr, idx_ptr, cnt_ptr, w_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, n_routed, T, K, S, D, I,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    def _experts_up_kernel(x_ptr, plan_ptr, cnt_ptr, w_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, h_ptr, n_routed, T, K, S, D,
+                           I, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Program (expert e, block of BN inner channels, block of BM of e's entries):
         h[entry] = silu(x[token] Wg^T) * (x[token] Wu^T), h in entry order (R, I)."""
         e = tl.program_id(0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         mb = tl.program_id(2)
-        if mb * BM < tl.load(cnt_ptr + e):  # the expert's entries, counted beforehand, reach this block
-            entry, tok, gw, valid = _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM, BR)
+        count = tl.load(cnt_ptr + e)
+        if mb * BM < count:  # the expert's entries reach this block
+            entry, tok, gw, valid = _entries(plan_ptr, w_ptr, e, mb, count, n_routed, T, K, S, BM)
             if e < n_routed:
                 wg = wg_ptr + e.to(tl.int64) * I * D
                 wu = wu_ptr + e.to(tl.int64) * I * D
@@ -174,16 +185,17 @@ if triton is not None:
             tl.store(h_ptr + entry[:, None] * I + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=valid[:, None])
 
     @triton.jit
-    def _experts_down_kernel(h_ptr, idx_ptr, cnt_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, n_routed, T, K, S, D, I,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    def _experts_down_kernel(h_ptr, plan_ptr, cnt_ptr, w_ptr, wd_ptr, sd_ptr, y_ptr, n_routed, T, K, S, D, I,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """Program (expert e, block of BN output channels, block of BM of e's entries):
         y[entry] = gating weight * (h[entry] Wd^T) in fp32, y in entry order (R, D), so the sum over a token's
         slots is a plain reduction afterwards (deterministic, no atomics)."""
         e = tl.program_id(0)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         mb = tl.program_id(2)
-        if mb * BM < tl.load(cnt_ptr + e):  # the expert's entries, counted beforehand, reach this block
-            entry, tok, gw, valid = _entries(idx_ptr, w_ptr, e, mb, n_routed, T, K, S, BM, BR)
+        count = tl.load(cnt_ptr + e)
+        if mb * BM < count:  # the expert's entries reach this block
+            entry, tok, gw, valid = _entries(plan_ptr, w_ptr, e, mb, count, n_routed, T, K, S, BM)
             if e < n_routed:  # routed down_proj (E, D, I)
                 wd = wd_ptr + e.to(tl.int64) * D * I
                 row = I
@@ -242,26 +254,39 @@ if triton is not None:
         tl.store(l_ptr + out, l_i, mask=rh < H)
         tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
 
-    @triton_op("r1lab::latent_attention", mutates_args={})
+    ATTN_BT = 32  # cache slots per inner iteration
+
+    def _attn_outputs(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int):
+        """The split's outputs m, l (B, NS, H) and o (B, NS, H, C), fp32, and the slots per split."""
+        B, H, _ = q.shape
+        T = kv.shape[1]
+        # splits of the cache: enough programs to occupy the GPU at batch 1, none to spare at large batches
+        ns = max(1, min(triton.cdiv(T, 64), triton.cdiv(264, B)))
+        span = triton.cdiv(triton.cdiv(T, ns), ATTN_BT) * ATTN_BT
+        ns = triton.cdiv(T, span)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return (torch.empty(B, ns, H, **f32), torch.empty(B, ns, H, **f32),
+                torch.empty(B, ns, H, kv_lora_rank, **f32), span)
+
+    # An opaque custom op, not a triton_op like the MoE kernels: torch.compile calls it as it is instead of
+    # compiling the kernel itself. Inductor's compile of it failed on the H200 (it types the float `scale` as
+    # fp64, which turned the online softmax's loop-carried fp32 state into fp64).
+    @torch.library.custom_op("r1lab::latent_attention", mutates_args=())
     def _latent_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float,
                           kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, H, W = q.shape
-        T = kv.shape[1]
         C, R = kv_lora_rank, W - kv_lora_rank
-        bt = 32
-        # splits of the cache: enough programs to occupy the GPU at batch 1, none to spare at large batches
-        ns = max(1, min(triton.cdiv(T, 64), triton.cdiv(264, B)))
-        span = triton.cdiv(triton.cdiv(T, ns), bt) * bt
-        ns = triton.cdiv(T, span)
-        m = torch.empty(B, ns, H, dtype=torch.float32, device=q.device)
-        l = torch.empty(B, ns, H, dtype=torch.float32, device=q.device)
-        o = torch.empty(B, ns, H, C, dtype=torch.float32, device=q.device)
+        m, l, o, span = _attn_outputs(q, kv, kv_lora_rank)
         p2 = triton.next_power_of_2
         # 16 heads per program (a 16-row tile for tl.dot; more would not fit V3's 512-wide latent in registers)
-        wrap_triton(_latent_attn_kernel)[(B, ns, triton.cdiv(H, 16))](
-            q, kv, mask, m, l, o, T, span, scale, H=H, C=C, R=R, HB=16, CP=max(16, p2(C)), RP=max(16, p2(R)),
-            BT=bt, num_warps=4)
+        _latent_attn_kernel[(B, m.shape[1], triton.cdiv(H, 16))](
+            q, kv, mask, m, l, o, kv.shape[1], span, scale, H=H, C=C, R=R, HB=16, CP=max(16, p2(C)),
+            RP=max(16, p2(R)), BT=ATTN_BT, num_warps=4)
         return m, l, o
+
+    @_latent_attention.register_fake
+    def _(q, kv, mask, scale, kv_lora_rank):
+        return _attn_outputs(q, kv, kv_lora_rank)[:3]
 
     @triton_op("r1lab::moe_route", mutates_args={})
     def _route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
@@ -282,22 +307,26 @@ if triton is not None:
         return w, idx
 
     @triton_op("r1lab::moe_experts", mutates_args={})
-    def _experts(x: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, wg: torch.Tensor,
-                 wu: torch.Tensor, wd: torch.Tensor, sg: torch.Tensor, su: torch.Tensor, sd: torch.Tensor,
-                 n_shared: int) -> torch.Tensor:
+    def _experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor,
+                 wd: torch.Tensor, sg: torch.Tensor, su: torch.Tensor, sd: torch.Tensor,
+                 n_shared: int) -> tuple[torch.Tensor, torch.Tensor]:
         T, D = x.shape
         K = idx.shape[1]
         E, I = wg.shape[0], wg.shape[1]
         R = T * (K + n_shared)
+        # An expert holds at most T entries (a token picks it once): plan rows of T, and the kernels' third axis
+        # covers them in BM-row blocks.
+        plan = torch.empty(E, T, dtype=torch.int32, device=x.device)
+        counts = torch.empty(E + n_shared, dtype=torch.int64, device=x.device)
         h = torch.empty(R, I, dtype=x.dtype, device=x.device)
         y = torch.empty(R, D, dtype=torch.float32, device=x.device)
         up, down = EXPERT_TILES(T, D, I)
-        # An expert holds at most T entries (a token picks it once): the third axis covers them in BM-row blocks.
+        wrap_triton(_plan_kernel)[(E + n_shared,)](idx, plan, counts, E, T, K, BR=SCAN, num_warps=4)
         wrap_triton(_experts_up_kernel)[(E + n_shared, I // up["BN"], triton.cdiv(T, up["BM"]))](
-            x, idx, counts, w, wg, wu, sg, su, h, E, T, K, n_shared, D, I, BR=SCAN, **up)
+            x, plan, counts, w, wg, wu, sg, su, h, E, T, K, n_shared, D, I, **up)
         wrap_triton(_experts_down_kernel)[(E + n_shared, D // down["BN"], triton.cdiv(T, down["BM"]))](
-            h, idx, counts, w, wd, sd, y, E, T, K, n_shared, D, I, BR=SCAN, **down)
-        return y
+            h, plan, counts, w, wd, sd, y, E, T, K, n_shared, D, I, **down)
+        return y, counts
 
 
 def _fit(pref: int, *dims: int) -> int:
@@ -346,7 +375,7 @@ def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared)
     and the tokens routed to each expert (E,) (for the load counter).
 
     x (T, D); w (T, K) fp32 gating weights; idx (T, K) expert indices; routed: moe.Experts; shared: the shared
-    MLP or None. Each expert's kernel programs find their own entries in idx: nothing is sorted."""
+    MLP or None. A small kernel lists each expert's entries (a scan of idx per expert): nothing is sorted."""
     T, K = idx.shape
     E = routed.gate_proj.shape[0]
     S = 0 if shared is None else shared.gate_proj.weight.shape[0] // routed.gate_proj.shape[1]
@@ -354,13 +383,9 @@ def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared)
         sg, su, sd = routed.gate_proj, routed.up_proj, routed.down_proj  # never read (no expert >= E)
     else:
         sg, su, sd = shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight
-    flat = idx.flatten()
-    counts = torch.zeros(E, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-    # entries per expert, shared ones included (every token): programs past an expert's count exit at once
-    every = torch.cat([counts, counts.new_full((S,), T)])
-    y = _experts(x.contiguous(), idx.contiguous(), every, w.float().contiguous(), routed.gate_proj, routed.up_proj,
-                 routed.down_proj, sg, su, sd, S)
-    return y.view(T, K + S, -1).sum(1).to(x.dtype), counts
+    y, counts = _experts(x.contiguous(), idx.contiguous(), w.float().contiguous(), routed.gate_proj, routed.up_proj,
+                         routed.down_proj, sg, su, sd, S)
+    return y.view(T, K + S, -1).sum(1).to(x.dtype), counts[:E]
 
 
 def attention_enabled(x: torch.Tensor) -> bool:

@@ -182,7 +182,7 @@ class MoE(KeepFP32Buffers):
                 and all(p.is_contiguous() for p in self.parameters()))  # the kernels index weights by shape
 
     def _fused(self, xt: torch.Tensor) -> torch.Tensor:
-        """Routing in two kernels, routed and shared experts in two more (no gradient; see kernels.py)."""
+        """Routing in two kernels, routed and shared experts in three more (no gradient; see kernels.py)."""
         if xt.shape[0] <= kernels.MAX_ROUTER_TOKENS and kernels.router_supported(self.gate):
             w, idx = kernels.route(xt, self.gate)
         else:
