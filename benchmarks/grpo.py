@@ -3,6 +3,7 @@
     python benchmarks/grpo.py                 # both (needs trl, datasets, transformers), bench-moe-1b, bf16
     python benchmarks/grpo.py --only r1lab    # r1lab alone
     python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
+    python benchmarks/grpo.py --only r1lab --compile --profile-step 3 --trace t.json   # kernels of one step
     python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 2  # dry run
 
 Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8, completions of exactly 256 tokens
@@ -69,14 +70,21 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     parts = breakdown(tr) if args.breakdown else None
     times, toks, gens = [], [], []
     for _ in range(args.steps):
+        prof = profiler(args) if tr.step + 1 == args.profile_step else None
         t0 = time.perf_counter()
-        rec = tr.grpo_step()
+        if prof is not None:
+            with prof:
+                rec = tr.grpo_step()
+        else:
+            rec = tr.grpo_step()
         tr.step += 1
         times.append(time.perf_counter() - t0)
         toks.append(rec["gen_tokens_per_s"])
         gens.append(rec["gen_s"])
         print(f"r1lab step {tr.step}: {times[-1]:.2f} s (gen {rec['gen_s']:.2f} s, train {rec['train_s']:.2f} s, "
               f"{rec['gen_tokens_per_s']:,.0f} rollout tok/s) reward {rec['reward']:.3f}")
+        if prof is not None:
+            report_profile(prof, args)
         if parts is not None:
             print("  generation: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()))
             parts.clear()
@@ -84,6 +92,28 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     gen_share = statistics.median(gs / t for gs, t in zip(gens[1:4], times[1:4]))
     return {"step_s": statistics.median(times[1:4]), "tok_s": statistics.median(toks[1:4]),
             "gen_share": gen_share}
+
+
+def profiler(args):
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    return profile(activities=acts)
+
+
+def report_profile(prof, args) -> None:
+    """The profiled step's busiest kernels (device time) and, with --trace, its timeline for chrome://tracing."""
+    cuda = args.device.startswith("cuda")
+    key = "device_time_total" if cuda else "cpu_time_total"
+    events = prof.key_averages()
+    kernels = [e for e in events if (getattr(e, "device_type", None) is not None and str(e.device_type).endswith(
+        "CUDA")) or not cuda]
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / 1e3
+    print(f"  profiled step {args.profile_step}: {len(kernels)} distinct device kernels, {busy:.1f} ms of device "
+          f"time (self, summed)")
+    print(events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+        print(f"  trace written to {args.trace}")
 
 
 def breakdown(tr) -> dict:
@@ -213,6 +243,10 @@ def main() -> None:
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
     p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")
     p.add_argument("--breakdown", action="store_true", help="r1lab: print where each step's generation time goes")
+    p.add_argument("--profile-step", type=int, default=0, help="r1lab: profile this step (torch.profiler) and print "
+                   "its busiest kernels (default 0: none)")
+    p.add_argument("--profile-rows", type=int, default=40, help="rows of the profile table (default 40)")
+    p.add_argument("--trace", default=None, help="with --profile-step: write the chrome trace here")
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("benchmarks/grpo.py needs a CUDA GPU (or --device cpu for a dry run)")

@@ -151,27 +151,38 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     B = len(prompts)
     full = [p + c for p, c in zip(prompts, completions)]
     S = max(len(f) for f in full) - 1
-    ids = torch.zeros(B, S, dtype=torch.long)
-    for i, f in enumerate(full):
-        ids[i, : len(f) - 1] = torch.tensor(f[:-1])  # right padding: causal attention never looks at it
     L = max(len(c) for c in completions)
-    lens = torch.tensor([len(c) for c in completions])
-    starts = torch.tensor([len(p) - 1 for p in prompts])  # input index whose output predicts completion[0]
-    idx = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
-    mask = torch.arange(L)[None] < lens[:, None]
-    targets = torch.zeros(B, L, dtype=torch.long)
-    for i, c in enumerate(completions):
+    # All index tensors are built on the host as one (4, B, max(S, L)) block and copied in one transfer that
+    # does not wait for the device (a plain .to(device) of host memory synchronises the stream).
+    W = max(S, L)
+    host = torch.zeros(4, B, W, dtype=torch.long)
+    ids, targets, idx, mask = host.unbind(0)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        f = p + c
+        ids[i, : len(f) - 1] = torch.tensor(f[:-1])  # right padding: causal attention never looks at it
         targets[i, : len(c)] = torch.tensor(c)
-    h = forward(ids.to(dev), return_hidden=True)  # (B, S, D)
-    h = h.gather(1, idx.to(dev)[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
+        mask[i, : len(c)] = 1
+    starts = torch.tensor([len(p) - 1 for p in prompts])  # input index whose output predicts completion[0]
+    idx[:, :L] = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
+    ids, targets, idx, mask = to_device(host, dev).unbind(0)
+    ids, targets, idx, mask = ids[:, :S].contiguous(), targets[:, :L], idx[:, :L], mask[:, :L].bool()
+    h = forward(ids, return_hidden=True)  # (B, S, D)
+    h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
     logits = model.lm_head(h)  # (B, L, V) in the compute dtype; fp32 from here on (precision policy)
-    logp = _maybe_compiled(token_logprobs, compiled)(logits, targets.to(dev), temperature)
+    logp = _maybe_compiled(token_logprobs, compiled)(logits, targets, temperature)
     ent = None
     if with_entropy:
         with torch.no_grad():
             ent = _maybe_compiled(token_entropy, compiled)(logits.detach(), temperature)
-    mask = mask.to(dev)
     return logp * mask, mask, ent
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the device's queue: through pinned memory
+    and a non-blocking copy on a GPU (PyTorch keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 # ====================================================================== the recipe
@@ -535,11 +546,18 @@ class GRPOTrainer(Trainer):
 
     def _optimise(self, b: Rollout) -> dict[str, Any]:
         """mu passes of mini-batch updates over a rollout batch; returns the first pass's statistics."""
-        g, G, model = self.g, self.g.group_size, self.model
-        adv = group_advantages(b.rewards.view(-1, G), g.scale_rewards).view(-1).to(self.device)
+        g, G, model, dev = self.g, self.g.group_size, self.model, self.device
         N = len(b.rows)
         micro = max(1, self.recipe.train.batch_size // self.world)
-        old = [torch.tensor(x, dtype=torch.float32) for x in b.old_logp]
+        # The batch's advantages and sampling-time log-probs (padded, (N, longest)) in one transfer; nothing in
+        # the passes below waits for the device until their statistics are read once at the end.
+        width = max((len(x) for x in b.old_logp), default=0)
+        host = torch.zeros(N, width + 1)
+        host[:, 0] = group_advantages(b.rewards.view(-1, G), g.scale_rewards).view(-1)
+        for i, x in enumerate(b.old_logp):
+            host[i, 1:1 + len(x)] = torch.tensor(x, dtype=torch.float32)
+        host = to_device(host, dev)
+        adv, old = host[:, 0], host[:, 1:]
         ref_logp = None
         if self.ref is not None:  # once per rollout batch; the reference does not move within it
             ref_logp = []
@@ -549,7 +567,9 @@ class GRPOTrainer(Trainer):
                                                    g.temperature, compiled=self.recipe.train.compile)
                     ref_logp += [lp[i, : len(c)] for i, c in enumerate(b.completion_ids[s:s + micro])]
         model.train()
-        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        # device sums of the first pass: loss, clipped tokens, entropy, KL
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)
+        grad_norm = 0.0
         # sequences and completion tokens of the whole batch, over all ranks: the statistics' denominators
         n_all, n_tok_total = self._counts([N, sum(len(c) for c in b.completion_ids)])
         plan = self._plan(N)
@@ -572,13 +592,12 @@ class GRPOTrainer(Trainer):
                                                           self.forward, with_entropy=p == 0,
                                                           compiled=self.recipe.train.compile)
                     L = logp.shape[1]
-                    old_lp = torch.zeros(len(ids), L, device=self.device)
-                    for j, i in enumerate(ids):
-                        old_lp[j, : len(old[i])] = old[i].to(self.device)
-                    obj, clipped = clipped_surrogate(logp, old_lp, adv[ids], g.eps_low, g.eps_high)
+                    rows_t = to_device(torch.tensor(ids), dev)
+                    old_lp = old[rows_t, :L]  # 0 past each completion's end
+                    obj, clipped = clipped_surrogate(logp, old_lp, adv[rows_t], g.eps_low, g.eps_high)
                     per_tok = -obj
                     if ref_logp is not None:
-                        ref = torch.zeros(len(ids), L, device=self.device)
+                        ref = torch.zeros(len(ids), L, device=dev)
                         for j, i in enumerate(ids):
                             ref[j, : lens[i - s0]] = ref_logp[i]
                         kl = k3_kl(logp, ref)
@@ -591,17 +610,17 @@ class GRPOTrainer(Trainer):
                     loss.backward()
                     self.master.accumulate_grads()
                     if p == 0:
-                        stats["loss"] += loss.item() * denom / (n_all if g.loss_agg == "sequence" else
-                                                                n_tok_total if g.loss_agg == "token" else
-                                                                n_all * g.max_tokens)
-                        stats["clip_frac"] += (clipped & mask).sum().item() / n_tok_total
-                        stats["entropy"] += (ent * mf).sum().item() / n_tok_total
-                        if ref_logp is not None:
-                            stats["kl"] += (kl.detach() * mf).sum().item() / n_tok_total
+                        scale = denom / (n_all if g.loss_agg == "sequence" else n_tok_total if g.loss_agg == "token"
+                                         else n_all * g.max_tokens)
+                        sums += torch.stack([loss.detach().double() * scale, (clipped & mask).sum().double(),
+                                             (ent * mf).sum().double(),
+                                             (kl.detach() * mf).sum().double() if ref_logp is not None
+                                             else sums.new_zeros(())])
                 gnorm, stepped = self._clip_and_step()
+                gnorm_v = float(gnorm)  # the update's one host sync
                 if p == 0:
-                    stats["grad_norm"] = max(stats["grad_norm"], float(gnorm))
-                if not stepped and math.isfinite(float(gnorm)):
+                    grad_norm = max(grad_norm, gnorm_v)
+                if not stepped and math.isfinite(gnorm_v):
                     self.optimizer.step()
                     self.master.copy_to_model()
                 self.master.zero_grad()
@@ -609,10 +628,10 @@ class GRPOTrainer(Trainer):
                     parallel.all_reduce_expert_load(model)
                 model.update_router_bias(self.recipe.moe.bias_gamma)
                 updates += 1
-        if self.world > 1:  # each rank summed its own rows' shares of the averages
-            keys = ("loss", "kl", "clip_frac", "entropy")
-            total = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=self.device)
-            stats.update(zip(keys, self._sum_over_ranks(total).tolist()))
+        # each rank summed its own rows' shares of the averages
+        loss_v, clip_v, ent_v, kl_v = self._sum_over_ranks(sums).tolist()
+        stats = {"loss": loss_v, "clip_frac": clip_v / n_tok_total, "entropy": ent_v / n_tok_total,
+                 "kl": kl_v / n_tok_total, "grad_norm": grad_norm}
         if ref_logp is None:
             stats["kl"] = None
         stats["updates"] = updates
