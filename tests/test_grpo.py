@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from r1lab.cli import main
-from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, group_advantages, k3_kl,
-                              load_grpo_recipe, load_prompt_rows, render_prompt)
+from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, completion_logprobs,
+                              group_advantages, k3_kl, load_grpo_recipe, load_prompt_rows, render_prompt)
 from test_grpo_learning import CharTokenizer, tiny_model
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "grpo-tiny.toml")
@@ -173,7 +173,7 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
     of 8 (3 + 3 + 2), for each aggregation, KL term included. Compared before the first AdamW update, which
     would amplify rounding in near-zero gradients."""
     for agg in ("sequence", "token", "constant"):
-        grads = []
+        grads, stats = [], []
         for micro in (8, 3):
             t = small_trainer(tmp_path / f"{agg}{micro}", loss_agg=agg, beta=0.1, mini_batch_size=8,
                               **{"train.batch_size": micro})
@@ -183,12 +183,41 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
             seen = []
             t.optimizer.step = lambda seen=seen, t=t: seen.append(
                 torch.cat([m.grad.flatten() for m in t.master.master if m.grad is not None]))
-            t._optimise(ro)
+            stats.append(t._optimise(ro))
             assert len(seen) == 2  # 16 sequences, mini-batches of 8
             grads.append(seen[0])
         assert grads[0].abs().max() > 0
         # fp32, the same sums in another order: observed relative differences ~1e-6
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+        for k in ("loss", "entropy", "kl", "clip_frac"):
+            assert stats[0][k] == pytest.approx(stats[1][k], rel=1e-4, abs=1e-7), k
+
+
+def test_update_statistics_by_hand(tmp_path):
+    """One update over the whole rollout batch (micro-batches of 3), with the sampling-time log-probs shifted by
+    a known delta per sequence (ratio exp(delta), some clipped): the reported loss, clip fraction and entropy
+    against hand computations (token aggregation; the policy is its own reference, so the KL is 0)."""
+    t = small_trainer(tmp_path, loss_agg="token", beta=0.1, mini_batch_size=16, **{"train.batch_size": 3})
+    torch.manual_seed(1)
+    ro = t.rollout(0)
+    N = len(ro.rows)
+    ro.rewards = torch.rand(N, generator=torch.Generator().manual_seed(0))
+    delta = torch.linspace(-0.6, 0.6, N, dtype=torch.float64)  # none within 0.01 of log 0.8 or log 1.2
+    ro.old_logp = [[x - d for x in lp] for lp, d in zip(ro.old_logp, delta.tolist())]
+    with torch.no_grad():
+        _, mask, ent = completion_logprobs(t.model, ro.prompt_ids, ro.completion_ids, 1.0, with_entropy=True)
+    st = t._optimise(ro)
+    lens = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
+    adv = group_advantages(ro.rewards.view(-1, 4)).view(-1).double()
+    ratio = delta.exp()
+    obj = torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    clipped = (ratio.clamp(0.8, 1.2) * adv < ratio * adv).double()
+    assert 0 < clipped.sum() < N  # the test has both kinds of tokens
+    assert st["loss"] == pytest.approx((-(obj * lens).sum() / lens.sum()).item(), rel=1e-4)
+    assert st["clip_frac"] == pytest.approx(((clipped * lens).sum() / lens.sum()).item(), rel=1e-6)
+    assert st["entropy"] == pytest.approx(((ent * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert st["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert st["updates"] == 1 and st["grad_norm"] > 0
 
 
 def test_compiled_update_equals_eager(tmp_path):
