@@ -18,6 +18,7 @@ sides run in fp32 (a dry run of the plumbing, not a measurement). Results: bench
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -72,10 +73,7 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     for _ in range(args.steps):
         prof = profiler(args) if tr.step + 1 == args.profile_step else None
         t0 = time.perf_counter()
-        if prof is not None:
-            with prof:
-                rec = tr.grpo_step()
-        else:
+        with prof or contextlib.nullcontext():
             rec = tr.grpo_step()
         tr.step += 1
         times.append(time.perf_counter() - t0)
@@ -105,11 +103,13 @@ def report_profile(prof, args) -> None:
     cuda = args.device.startswith("cuda")
     key = "device_time_total" if cuda else "cpu_time_total"
     events = prof.key_averages()
-    kernels = [e for e in events if (getattr(e, "device_type", None) is not None and str(e.device_type).endswith(
-        "CUDA")) or not cuda]
-    busy = sum(getattr(e, "self_device_time_total", 0) for e in kernels) / 1e3
-    print(f"  profiled step {args.profile_step}: {len(kernels)} distinct device kernels, {busy:.1f} ms of device "
-          f"time (self, summed)")
+    if cuda:  # the GPU kernels; on the CPU (a dry run) the operators
+        ops = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+        busy = sum(e.self_device_time_total for e in ops) / 1e3
+    else:
+        ops, busy = list(events), sum(e.self_cpu_time_total for e in events) / 1e3
+    print(f"  profiled step {args.profile_step}: {len(ops)} distinct {'GPU kernels' if cuda else 'operators'}, "
+          f"{busy:.1f} ms of {'GPU' if cuda else 'CPU'} time (self, summed)")
     print(events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=70))
     if args.trace:
         prof.export_chrome_trace(args.trace)
