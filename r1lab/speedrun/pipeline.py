@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import Any
 import torch
 
 from . import data as sdata
+from .report import write_report
 
 STAGES = ("pretrain", "r1-zero", "cold-start", "reasoning-rl", "rejection", "distill", "eval")
 # What each stage writes (relative to the run folder): removed before a stage is rerun with --stages.
@@ -180,7 +179,6 @@ class Speedrun:
             result = getattr(self, "stage_" + name.replace("-", "_"))()
             self.state["stages"][name] = {"seconds": time.perf_counter() - t0, **(result or {})}
             self._save()
-        from .report import write_report
 
         path = write_report(self.out, self.state)
         self._note(f"report: {path}")
@@ -421,31 +419,3 @@ def _expert_load(folder: Path, samples: Path, template: str, test: Path, device_
         model(x)
     load = model.expert_load().float()
     return (load / load.sum(1, keepdim=True).clamp_min(1)).tolist()
-
-
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} (CPU)"
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + (" (with local changes)" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"

@@ -8,7 +8,12 @@ run's own files (speedrun.json, the trainers' metrics.jsonl, the evaluation samp
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
 from pathlib import Path
+
+import torch
 
 STAGE_LABELS = {"base": "0 base (pretrained)", "r1-zero": "1 R1-Zero (RL on base)", "cold-start": "2 cold start (SFT)",
                 "reasoning-rl": "3 reasoning RL", "student-distill": "5 student, distilled",
@@ -115,7 +120,6 @@ def claims(state: dict) -> list[str]:
 
 
 def write_report(out: Path, state: dict) -> Path:
-    from .pipeline import git_commit, hardware
 
     s, st = state["settings"], state.get("stages", {})
     figs = _plots(out, state)
@@ -152,3 +156,29 @@ def write_report(out: Path, state: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, torch {torch.__version__} (CPU)"
+
+
+def git_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + (" (with local changes)" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
