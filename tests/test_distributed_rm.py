@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from r1lab.train import state
-from r1lab.train.reward_model import (evaluate_pairs, last_token_scores, load_reward_model, load_rm_recipe,
-                                      pad_right, read_pairs, run)
+from r1lab.rewards import last_token_scores, load_reward_model, pad_right
+from r1lab.train.reward_model import evaluate_pairs, load_rm_recipe, read_pairs, run
 from test_parallel import run_ranks
 from test_reward_model import VOCAB, Tok, write_pairs
 

@@ -10,7 +10,9 @@ import torch
 
 from r1lab.cli import main
 from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, completion_logprobs,
-                              group_advantages, k3_kl, load_grpo_recipe, load_prompt_rows, render_prompt)
+                              group_advantages, k3_kl, load_grpo_recipe, load_prompt_rows, loss_denominator,
+                              render_prompt)
+from r1lab.train.loop import NonFiniteLoss
 from test_grpo_learning import CharTokenizer, tiny_model
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "grpo-tiny.toml")
@@ -83,11 +85,23 @@ def test_clipped_surrogate_gradient_on_a_toy_policy():
 
 
 def test_sequence_token_and_constant_aggregation_by_hand():
+    """The trainer's loss is `aggregate` over each micro-batch with the mini-batch's `loss_denominator`: by hand
+    for one batch, and split into micro-batches it sums to the same."""
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
     mask = torch.tensor([[True, True, True], [True, False, False]])
-    assert aggregate(loss, mask, "sequence").item() == pytest.approx((2 + 4) / 2)  # each sequence weighs 1/2
-    assert aggregate(loss, mask, "token").item() == pytest.approx(10 / 4)  # each token weighs 1/4
-    assert aggregate(loss, mask, "constant", max_tokens=5).item() == pytest.approx(10 / (2 * 5))
+
+    def whole(mode, max_tokens=5):
+        return aggregate(loss, mask, mode, loss_denominator(mode, 2, 4, max_tokens)).item()
+
+    assert whole("sequence") == pytest.approx((2 + 4) / 2)  # each sequence's mean, each sequence weighs 1/2
+    assert whole("token") == pytest.approx(10 / 4)  # each token weighs 1/4
+    assert whole("constant") == pytest.approx(10 / (2 * 5))  # no length normalisation
+    for mode in ("sequence", "token", "constant"):
+        d = loss_denominator(mode, 2, 4, 5)
+        split = sum(aggregate(loss[i:i + 1], mask[i:i + 1], mode, d).item() for i in range(2))
+        assert split == pytest.approx(whole(mode))
+    with pytest.raises(ValueError, match="sequence, token or constant"):
+        loss_denominator("mean", 2, 4, 5)
 
 
 # ---------------------------------------------------------------------- recipe and prompts
@@ -318,3 +332,28 @@ def test_synthetic_task_specs_build_the_tasks_and_bad_ones_are_clear():
     rows = load_prompt_rows(r)
     assert len(rows) == 5 and all(row["prompt"].startswith("What is ") for row in rows)
     assert all(str(eval(row["prompt"].removeprefix("What is ").rstrip("?"))) == row["answer"] for row in rows)
+
+
+def test_nan_in_an_update_stops_grpo_with_the_step(tmp_path):
+    """GRPO honours train.on_nonfinite like every trainer: a NaN loss in the update of step 3 (the rollouts, run
+    without gradients, stay clean) stops the run naming the step and the last good checkpoint."""
+    t = small_trainer(tmp_path, **{"train.steps": 4, "ckpt.every": 2})
+    t.model.lm_head.register_forward_hook(
+        lambda m, a, out: out * float("nan") if torch.is_grad_enabled() and t.step + 1 == 3 else out)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: non-finite loss nan.*last good checkpoint is .*step-00000002"):
+        t.fit()
+
+
+def test_nan_updates_of_grpo_are_skipped_and_counted_when_configured(tmp_path):
+    t = small_trainer(tmp_path, mu=2, **{"train.on_nonfinite": "skip", "moe.bias_gamma": 0.01})
+    bad = [False]
+    t.model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan") if bad[0] and torch.is_grad_enabled()
+                                          else out)
+    first = t.grpo_step()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    bad[0] = True
+    rec = t.grpo_step()
+    assert rec["updates"] == 2 and rec["skipped"] == 2 and "skipped" not in first
+    assert all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())  # no update, no bias change
+    bad[0] = False
+    assert "skipped" not in t.grpo_step()

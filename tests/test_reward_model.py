@@ -12,11 +12,12 @@ import torch
 
 from r1lab.model.config import get_preset
 from r1lab.model.transformer import Transformer
-from r1lab.rewards import WeightedReward, accuracy_reward, combine
-from r1lab.train.reward_model import (RewardModelReward, add_score_head, bradley_terry_loss, evaluate_pairs,
-                                      last_token_scores, load_reward_model, load_rm_recipe, pad_right,
-                                      parse_rm_reward, read_pairs, route_rewards, check_row_rewards,
-                                      save_reward_model, run)
+from r1lab.rewards import (RewardModelReward, WeightedReward, accuracy_reward, check_row_rewards, combine,
+                           last_token_scores, load_reward_model, load_rewards, pad_right, parse_rm_reward,
+                           route_rewards, save_reward_model)
+from r1lab.train.loop import NonFiniteLoss
+from r1lab.train.reward_model import (RewardTrainer, add_score_head, bradley_terry_loss, evaluate_pairs,
+                                      load_rm_recipe, read_pairs, run)
 
 VOCAB = 64
 
@@ -183,7 +184,8 @@ def test_mixed_rewards_apply_only_to_their_rows():
         calls.append(list(completions))
         return [float(len(c)) for c in completions]
 
-    rewards = route_rewards([WeightedReward("accuracy", accuracy_reward, 1.0), WeightedReward("rm:h", fake_rm, 0.5)])
+    rewards = route_rewards([WeightedReward("accuracy", accuracy_reward, 1.0), WeightedReward("rm:h", fake_rm, 0.5,
+                                                                                        reward_model=True)])
     prompts = ["1+1=", "write a poem", "2+2=", "x"]
     comps = ["<answer>2</answer>", "roses", "<answer>5</answer>", "yy"]
     fields = {"answer": ["2", None, "4", "3"], "reward_names": [None, None, None, ["rm:h", "accuracy"]]}
@@ -208,7 +210,8 @@ def test_mixed_grpo_rollout_routes_rewards(tmp_path):
     rm_model = tiny(seed=5)
     enc = CharTokenizer()
     rm_reward = RewardModelReward((rm_model, {"scope": "full", "max_len": 64}), tokenizer=Tok())
-    rewards = route_rewards([WeightedReward("accuracy", accuracy_reward, 1.0), WeightedReward("rm", rm_reward, 1.0)])
+    rewards = route_rewards([WeightedReward("accuracy", accuracy_reward, 1.0),
+                             WeightedReward("rm", rm_reward, 1.0, reward_model=True)])
     r = GRPORecipe.defaults()
     r.run.out, r.run.device = str(tmp_path / "run"), "cpu"
     r.grpo.prompt_style, r.grpo.max_tokens = "raw", 3
@@ -252,3 +255,53 @@ def test_too_long_pairs_are_skipped_or_an_error(tmp_path):
     assert read_pairs([p], Tok(), 20).stats == {"pairs": 1, "skipped_too_long": 1}
     with pytest.raises(ValueError, match=r"pairs.jsonl:2: .*longer than data.seq_len = 20"):
         read_pairs([p], Tok(), 20, too_long="error")
+
+
+def test_a_user_reward_named_like_a_reward_model_is_a_rule(tmp_path, monkeypatch):
+    """Reward models are the `rm:` specs, never names that start with "rm": a user's `rmse` reward scores the
+    rows with an answer, like every rule, beside a reward model that scores the open-ended ones."""
+    (tmp_path / "my_scores.py").write_text(
+        "def rmse(prompts, completions, answer=None, **_):\n"
+        "    return [None if a is None else -abs(len(c) - int(a)) for c, a in zip(completions, answer)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = save_reward_model(tiny(seed=3), tmp_path / "rm", tokenizer=Tok(), scope="full", max_len=48)
+    loaded = load_rewards(["accuracy", "my_scores:rmse=0.5", f"rm:{out}=2,name=helpful"])
+    assert [(r.name, r.reward_model, r.user) for r in loaded] == [("accuracy", False, False), ("rmse", False, True),
+                                                                  ("helpful", True, False)]
+    loaded[2].fn.tokenizer = Tok()
+    prompts, comps = ["1+1=", "write a poem"], ["<answer>2</answer>", "roses"]
+    total, per = combine(route_rewards(loaded), prompts, comps, answer=["2", None])
+    assert per["accuracy"] == [1.0, None] and per["rmse"] == [-16.0, None]  # len("<answer>2</answer>") = 18
+    assert per["helpful"][0] is None and isinstance(per["helpful"][1], float)
+    assert total[0] == pytest.approx(1.0 - 0.5 * 16)
+
+
+# ---------------------------------------------------------------------- non-finite losses
+def nan_trainer(tmp_path, policy):
+    data = write_pairs(tmp_path / "pairs.jsonl", 64, seed=2)
+    r = load_rm_recipe(None, {"run.out": str(tmp_path / "run"), "run.device": "cpu", "data.train": str(data),
+                              "data.seq_len": "40", "train.steps": "4", "train.batch_size": "8", "ckpt.every": "1",
+                              "ckpt.export": "false", "log.every": "0", "log.tensorboard": "false",
+                              "rm.eval_fraction": "0", "moe.bias_gamma": "0.01", "train.on_nonfinite": policy})
+    t = RewardTrainer(r, tiny(), read_pairs([data], Tok(), 40), None, tokenizer=Tok(), quiet=True)
+    t.model.score_head.register_forward_hook(lambda m, a, out: out * float("nan") if t.step + 1 == 3 else out)
+    return t
+
+
+def test_nan_stops_the_reward_model_run_with_the_step(tmp_path):
+    t = nan_trainer(tmp_path, "stop")
+    with pytest.raises(NonFiniteLoss, match=r"step 3: non-finite loss nan.*last good checkpoint is .*step-00000002"):
+        t.fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in recs] == [1, 2, 3] and "nonfinite" in recs[2]
+
+
+def test_nan_step_of_the_reward_model_is_skipped_when_configured(tmp_path):
+    t = nan_trainer(tmp_path, "skip")
+    seen = []
+    t.save = lambda: seen.append({k: v.clone() for k, v in t.model.state_dict().items()})  # weights per step
+    t.fit()
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("skipped", 0) for x in recs] == [0, 0, 1, 0]
+    assert all(torch.equal(seen[1][k], seen[2][k]) for k in seen[1])  # step 3 changed nothing, bias included
+    assert not all(torch.equal(seen[2][k], seen[3][k]) for k in seen[2])  # step 4 trained again

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ import torch.distributed as dist
 from .. import parallel
 from ..data import BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
-from ..rewards import WeightedReward, combine, load_rewards, overlong_penalty
+from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
 from .recipe import SECTIONS, Recipe, _key, load_recipe
@@ -97,19 +96,27 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     return torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, max_tokens: int | None = None) -> torch.Tensor:
-    """Reduce a (B, L) per-token loss over the valid tokens `mask` to a scalar.
-    sequence: mean over each sequence's tokens, then over sequences (GRPO, each sample weighs the same);
-    token: sum over all tokens / their number (DAPO, each token weighs the same);
-    constant: sum / (B x max_tokens) (Dr. GRPO: no length normalisation at all)."""
+def loss_denominator(mode: str, sequences: int, tokens: int, max_tokens: int) -> int:
+    """What a mini-batch's summed loss is divided by: its sequences (GRPO: each sample weighs the same, after the
+    mean over its own tokens), its completion tokens (DAPO: each token weighs the same) or sequences x max_tokens
+    (Dr. GRPO: no length normalisation at all)."""
+    if mode == "sequence":
+        return sequences
+    if mode == "token":
+        return tokens
+    if mode == "constant":
+        return sequences * max_tokens
+    raise ValueError(f"loss aggregation must be sequence, token or constant, got {mode!r}")
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denom: float) -> torch.Tensor:
+    """A micro-batch's share of the mini-batch loss: its (B, L) per-token loss over the valid tokens `mask`,
+    summed (per sequence: the mean over its tokens, for "sequence") and divided by `denom`, the mini-batch's
+    `loss_denominator`. Summed over the micro-batches of a mini-batch, these give the loss of one large batch."""
     m = mask.to(per_token.dtype)
     if mode == "sequence":
-        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-    if mode == "token":
-        return (per_token * m).sum() / m.sum().clamp(min=1)
-    if mode == "constant":
-        return (per_token * m).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[1]))
-    raise ValueError(f"loss aggregation must be sequence, token or constant, got {mode!r}")
+        return ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).sum() / denom
+    return (per_token * m).sum() / denom
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -399,7 +406,6 @@ class GRPOTrainer(Trainer):
         self.rewards = rewards if rewards is not None else load_rewards(g.rewards)
         # Mixed prompt sets (R1's final stage): each row gets its rewards (`reward_names`, or rule-based rewards
         # where there is an answer and reward models where there is none).
-        from .reward_model import check_row_rewards, route_rewards
         check_row_rewards(rows, self.rewards)
         self.rewards = route_rewards(self.rewards)
         if g.overlong_buffer:
@@ -573,7 +579,8 @@ class GRPOTrainer(Trainer):
         # sequences and completion tokens of the whole batch, over all ranks: the statistics' denominators
         n_all, n_tok_total = self._counts([N, sum(len(c) for c in b.completion_ids)])
         plan = self._plan(N)
-        updates = 0
+        updates = skipped = 0
+        upd_loss = torch.zeros((), device=dev)  # the update's loss, whose finiteness decides whether it is applied
         for p in range(g.mu):
             for update in plan:
                 rows = [i for ids in update for i in ids]
@@ -581,8 +588,7 @@ class GRPOTrainer(Trainer):
                 lens = [len(b.completion_ids[i]) for i in rows]
                 n_rows, n_lens = self._counts([len(rows), sum(lens)])  # the mini-batch's, over all ranks
                 # divided by world: FSDP averages the ranks' gradients (as in Trainer.train_step)
-                denom = {"sequence": n_rows, "token": n_lens, "constant": n_rows * g.max_tokens}[g.loss_agg] \
-                    / self.world
+                denom = loss_denominator(g.loss_agg, n_rows, n_lens, g.max_tokens) / self.world
                 for ids in update:
                     if not ids:
                         self._dummy_pass()
@@ -603,30 +609,23 @@ class GRPOTrainer(Trainer):
                         kl = k3_kl(logp, ref)
                         per_tok = per_tok + g.beta * kl
                     mf = mask.float()
-                    if g.loss_agg == "sequence":  # each sequence's mean, summed; / sequences of the mini-batch
-                        loss = ((per_tok * mf).sum(1) / mf.sum(1).clamp(min=1)).sum() / denom
-                    else:
-                        loss = (per_tok * mf).sum() / denom
+                    loss = aggregate(per_tok, mask, g.loss_agg, denom)
                     loss.backward()
                     self.master.accumulate_grads()
+                    upd_loss += loss.detach()
                     if p == 0:
-                        scale = denom / (n_all if g.loss_agg == "sequence" else n_tok_total if g.loss_agg == "token"
-                                         else n_all * g.max_tokens)
+                        scale = denom / loss_denominator(g.loss_agg, n_all, n_tok_total, g.max_tokens)
                         sums += torch.stack([loss.detach().double() * scale, (clipped & mask).sum().double(),
                                              (ent * mf).sum().double(),
                                              (kl.detach() * mf).sum().double() if ref_logp is not None
                                              else sums.new_zeros(())])
-                gnorm, stepped = self._clip_and_step()
-                gnorm_v = float(gnorm)  # the update's one host sync
-                if p == 0:
-                    grad_norm = max(grad_norm, gnorm_v)
-                if not stepped and math.isfinite(gnorm_v):
-                    self.optimizer.step()
-                    self.master.copy_to_model()
-                self.master.zero_grad()
                 if self.world > 1:  # the bias moves by the load of all ranks' tokens
                     parallel.all_reduce_expert_load(model)
-                model.update_router_bias(self.recipe.moe.bias_gamma)
+                _, gnorm_v, finite, _ = self.end_step(self._sum_over_ranks(upd_loss))  # the update's host sync
+                skipped += not finite
+                if p == 0:
+                    grad_norm = max(grad_norm, gnorm_v)
+                upd_loss = upd_loss.new_zeros(())
                 updates += 1
         # each rank summed its own rows' shares of the averages
         loss_v, clip_v, ent_v, kl_v = self._sum_over_ranks(sums).tolist()
@@ -635,6 +634,7 @@ class GRPOTrainer(Trainer):
         if ref_logp is None:
             stats["kl"] = None
         stats["updates"] = updates
+        stats["skipped"] = skipped
         return stats
 
     def _metrics(self, allr: Rollout, batch: Rollout, sampled: int, zero_var: int, gen_s: float, train_s: float,
@@ -663,6 +663,8 @@ class GRPOTrainer(Trainer):
                     "groups_trained": n_trained // G, "updates": train["updates"],
                     "gen_s": gen_s, "train_s": train_s, "gen_tokens_per_s": sum(lens) / max(gen_s, 1e-9),
                     "train_tokens_per_s": train_tokens * self.g.mu / max(train_s, 1e-9)})
+        if train.get("skipped"):  # updates left out as non-finite (train.on_nonfinite = "skip")
+            rec["skipped"] = train["skipped"]
         self._last_rollout = allr
         return rec
 
@@ -671,7 +673,7 @@ class GRPOTrainer(Trainer):
     def _log_files(self) -> dict[str, Path]:
         return {**super()._log_files(), "samples": self.run_dir / "samples.jsonl"}
 
-    def _fit_step(self, metrics) -> dict[str, Any]:
+    def run_step(self) -> dict[str, Any]:
         return self.grpo_step()
 
     def _after_step(self, rec: dict[str, Any], files: dict[str, Any]) -> None:

@@ -257,6 +257,7 @@ class Trainer:
         # clip and skip inside the fused AdamW kernel (see _clip_and_step)
         self.fused_clip = self.world == 1 and fused and self.device.type == "cuda"
         self.step = 0  # optimizer steps done
+        self.skipped = 0  # optimizer updates skipped as non-finite (train.on_nonfinite = "skip"), for the log
         self.micro = 0  # micro-batches consumed (the data position)
         if data is not None:
             self.order = BatchOrder(len(data), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
@@ -305,23 +306,13 @@ class Trainer:
         sums = self._sum_over_ranks(torch.stack([ce_sum, mtp_sum, bal_sum]))
         if self.world > 1:  # the load of the global batch, for the log and the bias update
             parallel.all_reduce_expert_load(model)
-        gnorm, stepped = self._clip_and_step(torch.isfinite(sums[0]))
-        stats = [sums[0] / counts[0].clamp(min=1), counts[0], gnorm.float(),
-                 sums[1] / self.world / max(self.mtp_depth, 1), sums[2] / self.world]
+        stats = [counts[0], sums[1] / self.world / max(self.mtp_depth, 1), sums[2] / self.world]
         n_moe = len(model.moe_layers())
         if n_moe:  # per MoE layer: max load / mean load and the tokens counted, over this step's micro-batches
             load = model.expert_load()  # (layers, E)
             stats += [load.max(1).values / load.mean(1).clamp(min=1e-9), load.sum(1)]
-        values = torch.cat([t.reshape(-1).float() for t in stats]).tolist()  # the step's one host sync
-        loss_v, n_tok_v, gnorm_v, mtp_v, bal_v = values[:5]
-        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-        if finite and not stepped:
-            self.optimizer.step()
-            self.master.copy_to_model()
-        self.master.zero_grad()
-        model.update_router_bias(r.moe.bias_gamma if finite else 0.0)  # also restarts the load counters
-        if not finite and r.train.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm_v}")
+        loss_v, gnorm_v, finite, values = self.end_step(sums[0] / counts[0].clamp(min=1), stats)
+        n_tok_v, mtp_v, bal_v = values[:3]
         self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -336,11 +327,40 @@ class Trainer:
         if r.moe.balance_alpha > 0:
             rec["balance_loss"] = bal_v
         if n_moe:  # None for a layer that saw no tokens (an MTP block while the MTP loss is off)
-            ratio, counted = values[5:5 + n_moe], values[5 + n_moe:]
+            ratio, counted = values[3:3 + n_moe], values[3 + n_moe:]
             rec["moe_max_over_mean"] = [round(x, 4) if c > 0 else None for x, c in zip(ratio, counted)]
         if not finite:
-            rec["skipped"] = True
+            rec["skipped"] = 1  # optimizer updates skipped in this step (train.on_nonfinite = "skip")
         return rec
+
+    def end_step(self, loss: torch.Tensor, read: list[torch.Tensor] = ()) -> tuple[float, float, bool, list[float]]:
+        """The end of every trainer's optimizer step, once its gradients are in the master weights: clip, the
+        non-finite policy, AdamW, the router-bias update (the schedule is the caller's: GRPO steps it once per
+        GRPO step, over several updates).
+
+        loss: the step's loss as a device scalar, the same on every rank (summed over them first); the step is
+        finite when it and the gradient norm are. read: device tensors the caller wants on the host; they come
+        back flattened, with the loss and the gradient norm, in the step's one host sync. A non-finite step
+        changes no weight, moment or router bias; with train.on_nonfinite = "stop" it raises NonFiniteLoss
+        (the trainer's fit adds the step number and the last good checkpoint), with "skip" it is counted in
+        `self.skipped` and the caller marks its metrics. Returns (loss, gradient norm, finite, values of `read`).
+        """
+        loss = loss.detach().reshape(1)
+        gnorm, stepped = self._clip_and_step(torch.isfinite(loss[0]))
+        # float64 on the way out: every value reaches the host exactly as the device holds it
+        values = torch.cat([t.detach().reshape(-1).double() for t in (loss, gnorm, *read)]).tolist()
+        loss_v, gnorm_v = values[0], values[1]  # the step's one host sync
+        finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+        if finite and not stepped:
+            self.optimizer.step()
+            self.master.copy_to_model()
+        self.master.zero_grad()
+        self.model.update_router_bias(self.recipe.moe.bias_gamma if finite else 0.0)  # also restarts the counters
+        if not finite:
+            if self.recipe.train.on_nonfinite == "stop":
+                raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm_v}")
+            self.skipped += 1
+        return loss_v, gnorm_v, finite, values[2:]
 
     # ------------------------------------------------------------------ the run
     def next_batches(self) -> list[Batch]:
@@ -404,10 +424,14 @@ class Trainer:
         """The JSON-lines logs of a run, truncated to the checkpoint on resume; "metrics" gets every step."""
         return {"metrics": self.run_dir / "metrics.jsonl"}
 
+    def run_step(self) -> dict[str, Any]:
+        """One step of the run: an optimizer step on the next batches (GRPO: a rollout and its updates)."""
+        return self.train_step(self.next_batches())
+
     def _fit_step(self, metrics) -> dict[str, Any]:
-        """One optimizer step on the next batches; a non-finite loss is logged and stops the run."""
+        """`run_step`; a non-finite loss is logged and stops the run with the step number."""
         try:
-            return self.train_step(self.next_batches())
+            return self.run_step()
         except NonFiniteLoss as e:
             metrics.write(json.dumps({"step": self.step + 1, "nonfinite": str(e)}) + "\n")
             last_ckpt = ckpt.list_checkpoints(self.run_dir)

@@ -1,5 +1,6 @@
-"""`r1lab rm`: a Bradley-Terry reward model, and its use as a GRPO reward (DeepSeek-R1 section 2.3.4, "RL for
-all scenarios": rule-based rewards for reasoning prompts, learned reward models for open-ended ones).
+"""`r1lab rm`: training a Bradley-Terry reward model (DeepSeek-R1 section 2.3.4, "RL for all scenarios": rule-based
+rewards for reasoning prompts, learned reward models for open-ended ones). Using one as a GRPO reward, its folder
+format and the per-row routing of rewards are in r1lab.rewards, beside the rule-based rewards.
 
 The model is the r1lab Transformer with a scalar head `score_head` (Linear(D, 1)) on the final normed hidden
 state of each sequence's last token (the EOS appended to every response). Trained on pairwise JSONL rows
@@ -16,17 +17,12 @@ only the step (`RewardTrainer.train_step`), its batches and the export differ. E
 steps and at the end, pairwise accuracy and loss on a held-out split (rm.eval_fraction of the pairs, seeded)
 go to metrics.jsonl. The exported folder (run.out/final) is `save_reward_model`'s: the transformer in the HF
 layout (save_pretrained, tokenizer included), the head in `reward_head/score.safetensors`, and `reward_model.json`
-(scope, max_len); `load_reward_model(path)` reads it back.
-
-As a GRPO reward: `rm:PATH[=weight][,scope=answer|full][,name=NAME][,batch_size=N][,device=D]` builds a TRL-
-signature function scoring (prompt, completion) in batches on the reward model's device (loaded on first
-use). Group normalisation happens in GRPO's advantages, like for every reward. `route_rewards` makes the
-rewards of a mixed prompt set apply only to their rows.
+(scope, max_len); `r1lab.rewards.load_reward_model(path)` reads it back, and GRPO's
+`--reward rm:PATH[=weight][,scope=answer|full]` scores with it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -40,16 +36,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import parallel
-from ..data import read_jsonl
+from ..data import BatchOrder, read_jsonl
 from ..model.transformer import Transformer
-from ..tokenizer import split_reasoning
-from .loop import NonFiniteLoss, Trainer, build_model, peak_memory_gb, setup
+from ..rewards import SCOPES, last_token_scores, pad_right, save_reward_model, scoped
+from .loop import Trainer, build_model, peak_memory_gb, setup
 from .recipe import SECTIONS, Recipe, _key, load_recipe
-
-HEAD_FILE = "reward_head/score.safetensors"  # in a subfolder: load_pretrained reads every top-level *.safetensors
-MARKER_FILE = "reward_model.json"
-SCOPES = ("full", "answer")
-
 
 # ====================================================================== the math
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -73,26 +64,6 @@ def add_score_head(model, seed: int = 0) -> torch.nn.Linear:
     return model.score_head
 
 
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0,
-              length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> ids (B, S) long, right-padded with `pad_id` to `length` (default: the longest), and
-    lengths (B,). Right padding is safe under causal attention: the last real token never attends to the padding
-    after it. (The MoE layers do route the padding: it counts in the expert loads and the balance loss.)"""
-    S = length or max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-    return ids, torch.tensor([len(s) for s in seqs])
-
-
-def last_token_scores(model, ids: torch.Tensor, lengths: torch.Tensor, forward=None) -> torch.Tensor:
-    """Scores (B,) fp32: score_head on the final normed hidden state of each row's last real token."""
-    forward = model if forward is None else forward  # (a compiled module has no truth value)
-    h = forward(ids.to(model.device), return_hidden=True)  # (B, S, D)
-    last = h[torch.arange(len(ids), device=h.device), (lengths - 1).to(h.device)]  # (B, D)
-    return model.score_head(last).float().squeeze(-1)
-
-
 # ====================================================================== data
 def pair_prompt(row: dict) -> list[dict]:
     """The conversation before the response: [{"role": "user", "content": prompt}] or the row's messages
@@ -109,22 +80,6 @@ def pair_prompt(row: dict) -> list[dict]:
             raise ValueError(f"'prompt' must be a string, got {type(row['prompt']).__name__}")
         return [{"role": "user", "content": row["prompt"]}]
     raise ValueError(f"expected 'prompt' or 'messages' with 'chosen' and 'rejected', found keys {sorted(row)}")
-
-
-def scoped(response: str, scope: str, started_in_prompt: bool = False) -> str:
-    """The part of a response a reward model of `scope` sees: all of it, or the text after `</think>`
-    (empty when the reasoning never finished)."""
-    if scope == "full":
-        return response
-    if scope != "answer":
-        raise ValueError(f"scope must be 'full' or 'answer', got {scope!r}")
-    return split_reasoning(response, started_in_prompt=started_in_prompt)[1]
-
-
-def encode_response(tokenizer, prompt_text: str, response: str, max_len: int) -> list[int]:
-    """prompt ids + response ids + EOS, cut from the left to max_len tokens (the end, which is scored, stays)."""
-    ids = tokenizer.encode(prompt_text) + tokenizer.encode(response) + [tokenizer.eos_id]
-    return ids[-max_len:]
 
 
 @dataclass
@@ -297,8 +252,6 @@ class RewardTrainer(Trainer):
         # an object without `save` (a test's tokenizer) cannot go into the exported folder
         saveable = tokenizer if tokenizer is None or hasattr(tokenizer, "save") else False
         super().__init__(recipe, model, None, saveable, kind="rm", dtype=dtype, quiet=quiet)
-        from ..data import BatchOrder
-
         self.pairs, self.held_out = train, held_out
         self.order = BatchOrder(len(train), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
         self.max_len = recipe.data.seq_len
@@ -346,24 +299,14 @@ class RewardTrainer(Trainer):
             totals = torch.tensor([loss_sum, correct, n_tok], dtype=torch.float64, device=self.device)
             loss_sum, correct, n_tok = self._sum_over_ranks(totals).tolist()
             parallel.all_reduce_expert_load(model)
-        loss_v = loss_sum / n_pairs
-        gnorm, stepped = self._clip_and_step(torch.tensor(math.isfinite(loss_v), device=self.device))
-        gnorm = float(gnorm)
-        finite = math.isfinite(loss_v) and math.isfinite(gnorm)
-        if finite and not stepped:
-            self.optimizer.step()
-            self.master.copy_to_model()
-        self.master.zero_grad()
-        model.update_router_bias(r.moe.bias_gamma if finite else 0.0)
-        if not finite and r.train.on_nonfinite == "stop":
-            raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm}")
+        loss_v, gnorm, finite, _ = self.end_step(torch.tensor(loss_sum / n_pairs, device=self.device))
         self.scheduler.step()
         dt = time.perf_counter() - t0
         rec = {"loss": loss_v, "accuracy": correct / n_pairs, "lr": lr, "grad_norm": gnorm, "pairs": n_pairs,
                "tokens_per_s": n_tok / dt, "step_time_s": dt, "mfu": None,
                "peak_mem_gb": peak_memory_gb(self.device)}
         if not finite:
-            rec["skipped"] = True
+            rec["skipped"] = 1
         step = self.step + 1  # the step this one becomes
         e = r.rm.eval_every
         if self.held_out is not None and (step == r.train.steps or (e and step % e == 0)):
@@ -414,218 +357,6 @@ def run(recipe: RMRecipe, resume=None, quiet: bool = False, tokenizer=None) -> d
     trainer._note(f"{len(train):,} training pairs, {len(held) if held else 0:,} held out "
                   f"({pairs.stats['skipped_too_long']} skipped as too long), scope {recipe.rm.scope}")
     return trainer.fit(resume)
-
-
-# ====================================================================== saving and loading
-def save_reward_model(model, path: str | Path, tokenizer=None, scope: str = "full", max_len: int = 0) -> Path:
-    """Write the reward model folder: the transformer via save_pretrained (HF layout, loads in transformers
-    as a causal LM), `reward_head/score.safetensors` (score.weight (1, D), score.bias (1,)) and `reward_model.json`.
-    tokenizer: an r1lab Tokenizer to save, None (the DeepSeek one when the vocab matches) or False; an object
-    without `save` (a test's) is not saved."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import save_pretrained
-
-    head = model.score_head
-    del model.score_head  # save_pretrained writes the transformer's own tensors only
-    try:
-        tok = tokenizer if tokenizer is None or tokenizer is False or hasattr(tokenizer, "save") else False
-        out = save_pretrained(model, path, tokenizer=tok)
-    finally:
-        model.score_head = head
-    (out / HEAD_FILE).parent.mkdir(exist_ok=True)
-    save_file({"score.weight": head.weight.detach().float().cpu().contiguous(),
-               "score.bias": head.bias.detach().float().cpu().contiguous()}, str(out / HEAD_FILE))
-    (out / MARKER_FILE).write_text(json.dumps({"type": "r1lab-reward-model", "head": HEAD_FILE, "scope": scope,
-                                               "max_len": max_len or model.config.max_position_embeddings},
-                                              indent=2) + "\n")
-    return out
-
-
-def is_reward_model(path: str | Path) -> bool:
-    return (Path(path) / MARKER_FILE).is_file()
-
-
-def load_reward_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """A saved reward model folder -> (Transformer with `score_head`, info dict {scope, max_len, ...}).
-    Raises ValueError naming the folder when it is not a reward model."""
-    from safetensors.torch import load_file
-
-    from ..checkpoint import load_pretrained
-
-    path = Path(path)
-    if not is_reward_model(path):
-        raise ValueError(f"{path}: not a reward model folder (no {MARKER_FILE}; train one with `r1lab rm`)")
-    info = json.loads((path / MARKER_FILE).read_text())
-    model = load_pretrained(path, device=device, dtype=dtype)
-    sd = load_file(str(path / info.get("head", HEAD_FILE)))
-    D = model.config.hidden_size
-    if tuple(sd["score.weight"].shape) != (1, D):
-        raise ValueError(f"{path / HEAD_FILE}: score.weight has shape {tuple(sd['score.weight'].shape)}, the model "
-                         f"needs (1, {D})")
-    head = torch.nn.Linear(D, 1, device=model.device, dtype=model.dtype)
-    with torch.no_grad():
-        head.weight.copy_(sd["score.weight"]), head.bias.copy_(sd["score.bias"])
-    model.score_head = head
-    model.eval()
-    return model, info
-
-
-# ====================================================================== the GRPO reward
-class RewardModelReward:
-    """A TRL-signature reward scoring (prompt, completion) with a reward model, in batches on its device.
-
-    `source` is a reward model folder (loaded on the first call, with its tokenizer unless one is given) or a
-    (model, info) pair. scope None = the scope the model was trained with. The prompt is the text the policy
-    was given (GRPO's rendered prompt); with scope "answer" an open `<think>` at its end is dropped and only
-    the text after `</think>` is appended, so the reasoning never reaches the reward model."""
-
-    def __init__(self, source, scope: str | None = None, tokenizer=None, batch_size: int = 16,
-                 device: str | torch.device | None = None):
-        self.source, self.tokenizer, self.batch_size = source, tokenizer, batch_size
-        self.device = device
-        self._scope = scope
-        if scope is not None and scope not in SCOPES:
-            raise ValueError(f"reward model scope must be 'full' or 'answer', got {scope!r}")
-        self.model, self.info = (source if isinstance(source, tuple) else (None, None))
-
-    def _load(self):
-        if self.model is None:
-            dev = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model, self.info = load_reward_model(self.source, device=dev,
-                                                      dtype=torch.bfloat16 if str(dev).startswith("cuda") else None)
-        if self.tokenizer is None:
-            from ..tokenizer import load_tokenizer
-
-            folder = Path(self.source) if not isinstance(self.source, tuple) else None
-            self.tokenizer = load_tokenizer(folder if folder and (folder / "tokenizer.json").is_file() else None)
-
-    @property
-    def scope(self) -> str:
-        return self._scope or (self.info or {}).get("scope", "full")
-
-    def texts(self, prompt: str, completion: str) -> tuple[str, str]:
-        """(prompt text, response text) the reward model scores for one sample."""
-        from ..rewards import opened_think
-
-        opened = opened_think(prompt)
-        if self.scope == "answer":
-            if opened:
-                prompt = prompt[: prompt.rfind("<think>")]
-            return prompt, scoped(completion, "answer", started_in_prompt=opened)
-        return prompt, completion
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], **_) -> list[float]:
-        self._load()
-        max_len = min(int(self.info.get("max_len") or 1 << 30), self.model.config.max_position_embeddings)
-        seqs = [encode_response(self.tokenizer, *self.texts(p, c), max_len) for p, c in zip(prompts, completions)]
-        out: list[float] = []
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
-        scores = [0.0] * len(seqs)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            ids, lens = pad_right([seqs[i] for i in idx])
-            for i, v in zip(idx, last_token_scores(self.model, ids, lens).tolist()):
-                scores[i] = v
-        for m in self.model.moe_layers():
-            m.expert_load.zero_()
-        out.extend(scores)
-        return out
-
-
-def parse_rm_reward(spec: str):
-    """`rm:PATH[=weight][,scope=answer|full][,name=NAME][,batch_size=N][,device=D]` -> WeightedReward.
-    The folder is checked now and loaded on the first call. The name defaults to `rm:PATH`."""
-    from ..rewards import WeightedReward
-
-    body = spec.strip().removeprefix("rm:")
-    head, *opts = body.split(",")
-    path, eq, w = head.rpartition("=") if "=" in head else (head, "", "")
-    try:
-        weight = float(w) if eq and w.strip() else 1.0
-    except ValueError:
-        raise ValueError(f"reward {spec!r}: weight {w!r} is not a number (write rm:PATH=0.5)") from None
-    kw: dict[str, Any] = {}
-    name = f"rm:{path.strip()}"
-    for o in opts:
-        k, _, v = o.partition("=")
-        k, v = k.strip(), v.strip()
-        if k == "scope":
-            if v not in SCOPES:
-                raise ValueError(f"reward {spec!r}: scope must be full or answer, got {v!r}")
-            kw["scope"] = v
-        elif k == "name":
-            name = v
-        elif k == "batch_size":
-            kw["batch_size"] = int(v)
-        elif k == "device":
-            kw["device"] = v
-        else:
-            raise ValueError(f"reward {spec!r}: unknown option {k!r}; options are scope, name, batch_size, device")
-    if not is_reward_model(path.strip()):
-        raise ValueError(f"reward {spec!r}: {path.strip()!r} is not a reward model folder (no {MARKER_FILE}; "
-                         f"train one with `r1lab rm`)")
-    return WeightedReward(name, RewardModelReward(path.strip(), **kw), weight)
-
-
-# ====================================================================== mixed prompt sets
-def is_rm_reward(r) -> bool:
-    return isinstance(r.fn, RewardModelReward) or r.name.startswith("rm")
-
-
-def applicable(row_rewards, answer, name: str, is_rm: bool, any_rm: bool) -> bool:
-    """Whether reward `name` applies to a row. A row's `reward_names` list decides when given (not `rewards`:
-    that name would collide with `combine`'s first argument when GRPO passes row fields as keywords); otherwise a
-    row with an `answer` is a reasoning prompt (every reward but the reward models) and one without is
-    open-ended (only the reward models; every reward when no reward model is configured)."""
-    if row_rewards is not None:
-        return name in row_rewards
-    if answer is not None:
-        return not is_rm
-    return is_rm or not any_rm
-
-
-def route_rewards(rewards: Sequence, field: str = "reward_names") -> list:
-    """Wrap each WeightedReward so it returns None (left out, as `combine` treats it) for the rows it does not
-    apply to (`applicable`), and runs only on the rows it does (a reward model scores nothing it need not)."""
-    from ..rewards import WeightedReward
-
-    any_rm = any(is_rm_reward(r) for r in rewards)
-    out = []
-    for r in rewards:
-        def fn(prompts, completions, _r=r, _rm=is_rm_reward(r), **fields):
-            n = len(completions)
-            sel, ans = fields.get(field) or [None] * n, fields.get("answer") or [None] * n
-            keep = [i for i in range(n) if applicable(sel[i], ans[i], _r.name, _rm, any_rm)]
-            vals: list = [None] * n
-            if keep:
-                sub = {k: [v[i] for i in keep] if isinstance(v, list) and len(v) == n else v for k, v in fields.items()}
-                got = list(_r.fn(prompts=[prompts[i] for i in keep], completions=[completions[i] for i in keep], **sub))
-                if len(got) != len(keep):
-                    raise ValueError(f"reward {_r.name!r} returned {len(got)} values for {len(keep)} completions")
-                for i, v in zip(keep, got):
-                    vals[i] = v
-            return vals
-
-        out.append(WeightedReward(r.name, fn, r.weight, user=r.user))
-    return out
-
-
-def check_row_rewards(rows: Sequence[dict], rewards: Sequence, field: str = "reward_names") -> None:
-    """Each row's `reward_names` list must be a list of configured reward names; errors name the row (file:line)."""
-    names = {r.name for r in rewards}
-    for row in rows:
-        sel = row.get(field)
-        if sel is None:
-            continue
-        where = row.get("where", "a prompt row")
-        if not isinstance(sel, list) or not all(isinstance(s, str) for s in sel):
-            raise ValueError(f"{where}: {field!r} must be a list of reward names, got {sel!r}")
-        unknown = [s for s in sel if s not in names]
-        if unknown:
-            raise ValueError(f"{where}: {field!r} names {', '.join(unknown)}, which this run does not have; "
-                             f"its rewards are {', '.join(sorted(names))}")
 
 
 # ====================================================================== command line
