@@ -80,6 +80,11 @@ def _torchrun_jobs(rank: int, world: int, d: str) -> None:
     assert cli_main(pretrain_args(d, "fsdp", **MTP)) == 0
     assert cli_main(pretrain_args(d, "fsdp-ep", **{"parallel.ep": "2", "ckpt.export": "true"})) == 0
     assert cli_main(pretrain_args(d, "resume-1to2", **{"parallel.ep": "2"}) + ["--resume"]) == 0
+    if rank == 0:
+        interrupted(d / "fsdp-ep", d / "resume-2to2")
+    torch.distributed.barrier()
+    # sharded -> sharded: DCP reads the shards through r1lab's SafeReader (no pickle of the file's choosing)
+    assert cli_main(pretrain_args(d, "resume-2to2", **{"parallel.ep": "2"}) + ["--resume"]) == 0
     grpo(d, "grpo")
     # Dynamic sampling with rank 0's groups all informative and rank 1's all flat (equal rewards): rank 1 keeps
     # none and asks for another round, which both ranks then sample; rank 0 trains, and rank 1, with no rows,
@@ -154,6 +159,16 @@ def test_checkpoint_of_two_ranks_resumes_on_one_process(runs):
     assert [r["step"] for r in metrics(resumed)] == list(range(1, STEPS + 1))
     assert not state.is_sharded(state.find_checkpoint(resumed))  # one process writes state.pt again
     # what resuming must carry: weights, AdamW moments and step count, router biases, schedule, data position
+    assert_logs_close(resumed, uninterrupted, ("loss", "grad_norm", "balance_loss"))
+
+
+def test_sharded_checkpoint_resumes_on_two_ranks(runs):
+    resumed, uninterrupted = runs / "resume-2to2", runs / "fsdp-ep"
+    assert [r["step"] for r in metrics(resumed)] == list(range(1, STEPS + 1))
+    ck = state.find_checkpoint(resumed)
+    assert state.is_sharded(ck) and (ck / state.MANIFEST_FILE).is_file()
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp"} <= set(
+        json.loads((ck / state.MANIFEST_FILE).read_text())["files"])
     assert_logs_close(resumed, uninterrupted, ("loss", "grad_norm", "balance_loss"))
 
 

@@ -180,8 +180,8 @@ from r1lab.cli import main
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     if "step-00000006" in str(f):  # the second checkpoint: write part of it, then die like kill -9
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+        f.write(b"partial")  # state.pt is written through an open file
+        f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, f, *a, **k)
 torch.save = dying_save
