@@ -136,15 +136,26 @@ def _check_file(path: Path) -> None:
         raise ValueError(f"{path}: JSON files are not read; write one object per line as .jsonl")
 
 
+def _decode(raw: bytes, where: str) -> str:
+    """UTF-8 text, or ValueError naming `where` (file:line), the byte and its column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                         f"{e.start - line_start + 1}); save the file as UTF-8") from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", object) for each non-blank line; a line that is not a JSON object is an error."""
     path = Path(path)
     _check_file(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a line that is not UTF-8 is an error naming its line
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -159,7 +170,13 @@ def read_documents(path: str | Path, separator: str = "") -> Iterator[tuple[str,
     path = Path(path)
     _check_file(path)
     if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:  # name the line, as every other data error does
+            line = raw.count(b"\n", 0, e.start) + 1
+            _decode(raw[:e.end], f"{path}:{line}")  # raises, naming the column too
+            raise
         for i, doc in enumerate(text.split(separator) if separator else [text]):
             yield f"{path}:document {i + 1}", doc
         return
@@ -268,6 +285,24 @@ def render_sft(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
     return p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
 
 
+def longest_token_chars(tokenizer) -> int | None:
+    """How many characters of text one token can stand for at most: the longest vocabulary entry (byte-level
+    entries spell one character per byte, so no more characters than that). None if the tokenizer cannot say."""
+    n, id_to_token = getattr(tokenizer, "num_tokens", None), getattr(tokenizer, "id_to_token", None)
+    if not isinstance(n, int) or id_to_token is None:
+        return None
+    return max((len(id_to_token(i) or "") for i in range(n)), default=None)
+
+
+def least_chars(messages: list) -> int:
+    """Characters that the rendering of a conversation surely holds: the system and user messages and the final
+    reply, which the template writes out verbatim (earlier assistant turns may lose their reasoning)."""
+    last = len(messages) - 1
+    return sum(len(m["content"]) for i, m in enumerate(messages)
+               if isinstance(m, dict) and isinstance(m.get("content"), str)
+               and (m.get("role") in ("system", "user") or (i == last and m.get("role") == "assistant")))
+
+
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Best-fit decreasing bin packing: indices of items per bin, each bin's total length <= capacity. Items
     are taken longest first; each goes into the open bin it fills most tightly. Deterministic."""
@@ -296,13 +331,27 @@ def sft_sequences(paths: Sequence[str | Path], tokenizer, seq_len: int, too_long
         raise ValueError("no training data: set data.train to one or more .jsonl files of conversations")
     convs, n_rows_read, skipped, longest = [], 0, 0, 0
     cap = seq_len + 1
+    # Rows that surely cannot fit are skipped by their length in characters, before the template and the
+    # tokenizer see them (a 50 MB row took 117 s and 12 GB to tokenize). Twice the longest token: a margin
+    # for normalizers that drop characters.
+    token_chars = longest_token_chars(tokenizer)
+    max_chars = 2 * token_chars * cap if token_chars else None
     for path in paths:
         if Path(path).suffix != ".jsonl":
             raise ValueError(f"{path}: SFT data must be JSON Lines (.jsonl) of conversations")
         for where, row in read_jsonl(path):
             n_rows_read += 1
             try:
-                ids, tgt = render_sft(row_messages(row), tokenizer)
+                messages = row_messages(row)
+                chars = least_chars(messages) if max_chars else 0
+                if max_chars and chars > max_chars:
+                    if too_long == "error":
+                        raise ValueError(f"conversation of at least {chars:,} characters cannot fit in seq_len + 1 = "
+                                         f"{cap} tokens (no token spells more than {token_chars} characters); raise "
+                                         f"data.seq_len or set data.too_long = \"skip\"")
+                    skipped += 1
+                    continue
+                ids, tgt = render_sft(messages, tokenizer)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if len(ids) > cap:

@@ -143,6 +143,60 @@ def test_sft_too_long_skip_counts_and_error_names_line(tmp_path, tok):
         sft_sequences([write_jsonl(tmp_path / "l.jsonl", rows[1:])], tok, seq_len=64)
 
 
+class Watched:
+    """The real tokenizer, failing the test if asked to render or encode more than `limit` characters."""
+
+    def __init__(self, tok, limit=100_000):
+        self._tok, self.limit = tok, limit
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def _check(self, text):
+        assert len(text) <= self.limit, f"tokenized {len(text):,} characters of a row that cannot fit"
+
+    def encode(self, text, *a, **k):
+        self._check(text)
+        return self._tok.encode(text, *a, **k)
+
+    def apply_chat_template(self, messages, *a, **k):
+        self._check("".join(str(m.get("content") or "") for m in messages))
+        return self._tok.apply_chat_template(messages, *a, **k)
+
+
+def test_sft_row_far_over_seq_len_is_skipped_by_its_characters(tmp_path, tok):
+    # issue 24: a 50 MB one-line row took 117 s and 12 GB to tokenize before it was skipped. No token is
+    # longer than the tokenizer's longest vocabulary entry (128 characters), so 2M characters cannot fit in
+    # 65 tokens and are never tokenized.
+    rows = [{"prompt": "short", "response": "ok"}, {"prompt": "x " * 1_000_000, "response": "ok"},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 2_000_000}]}]
+    f = write_jsonl(tmp_path / "sft.jsonl", rows)
+    seq = sft_sequences([f], Watched(tok), seq_len=64, too_long="skip")
+    assert seq.stats["skipped_too_long"] == 2 and seq.stats["conversations"] == 1
+    with pytest.raises(ValueError, match=rf"{f}:2: conversation of at least 2,000,002 characters cannot fit in "
+                                         r"seq_len \+ 1 = 65 tokens"):
+        sft_sequences([f], Watched(tok), seq_len=64, too_long="error")
+
+
+def test_history_the_template_drops_does_not_count(tmp_path, tok):
+    # Earlier assistant turns lose their reasoning in the template: a long one there must not skip the row.
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>" + "z" * 20_000 + "</think>b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    seq = sft_sequences([write_jsonl(tmp_path / "sft.jsonl", [{"messages": conv}])], tok, seq_len=64)
+    assert seq.stats["conversations"] == 1
+
+
+def test_non_utf8_data_is_an_error_naming_file_and_line(tmp_path, tok):
+    f = tmp_path / "sft.jsonl"
+    f.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(ValueError, match=rf"{f}:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        sft_sequences([f], tok, seq_len=64)
+    t = tmp_path / "corpus.txt"
+    t.write_bytes(b"first line\nsecond \xff line\n")
+    with pytest.raises(ValueError, match=rf"{t}:2: not UTF-8 text \(byte 0xff at column 8\)"):
+        pretrain_sequences([t], tok, seq_len=4, vocab_size=tok.vocab_size)
+
+
 def test_pack_best_fit_decreasing():
     lengths = [5, 3, 8, 2, 6, 4]
     bins = pack(lengths, 10)
