@@ -533,6 +533,10 @@ def _sympy_equal(a_src: str, b_src: str) -> bool:
         return parse_expr(src, global_dict=dict(names), transformations=transformations)
 
     a, b = parse(a_src), parse(b_src)
+    # x/0 is complex infinity (zoo) and 0/0 NaN: sympy calls zoo == zoo, so 1/0 "equalled" 2/0. An undefined
+    # value equals no other answer; infinity (oo, from \infty) is a value and stays equal to itself.
+    if any(isinstance(x, sympy.Basic) and x.has(sympy.zoo, sympy.nan) for x in (a, b)):
+        return False
     if a == b:
         return True
     if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr)):

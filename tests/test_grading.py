@@ -149,6 +149,16 @@ def test_relative_tolerance_is_tight():
     assert not math_equal("1000000", "1000001")
 
 
+@pytest.mark.parametrize("a,b", [("\\frac{1}{0}", "\\frac{2}{0}"), ("0^{-1}", "\\frac{7}{0}"), ("1/0", "2/0"),
+                                 ("0/0", "\\frac{0}{0}"), ("\\infty - \\infty", "0/0"), ("\\frac{1}{0}", "\\infty"),
+                                 ("\\frac{x}{0}", "\\frac{y}{0}"), ("(1/0, 2)", "(2/0, 2)")])
+def test_undefined_values_equal_nothing(a, b):
+    # issue 24: sympy makes 1/0 and 2/0 both complex infinity (zoo), and 0/0 NaN, which compare equal; an answer
+    # that is undefined is never right (infinity itself, \infty, still equals \infty)
+    assert not math_equal(a, b) and not math_equal(b, a)
+    assert math_equal("\\infty", "\\infty") and math_equal("-\\infty", "-\\infty")
+
+
 def test_none_and_garbage_never_raise():
     assert not math_equal(None, "1")
     garbage = ["", " ", "}}}{{{", "\\frac{", "\\frac{1}{", "\\boxed{", "\\sqrt[", "^^^", "(((", ")", "\\begin{pmatrix}",
