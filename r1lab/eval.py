@@ -11,8 +11,10 @@ Every sample goes to a JSON Lines file as soon as its problem's k samples are do
      included), "finish_reason" ("stop" | "length"), "extracted", "reference", "correct", "settings"}
 
 ``settings`` (model, task, k, temperature, top_p, max_tokens, seed, prompt_style) is repeated on every line so
-a file explains itself. A run resumes from its file: problems with all k samples already there (written with
-the same settings) are skipped, so a killed run loses only the problems in flight. A different ``limit``,
+a file explains itself; the model folder and a task file are given relative to the samples file's folder, so a
+copied run folder resumes. A run resumes from its file: problems with all k samples already there (written with
+the same settings) are skipped, so a killed run loses only the problems in flight. Their stored answers are
+graded again (cheap): the verdicts in a file are never trusted. A different ``limit``,
 device or batch size is not a different setting: samples are seeded per problem and per sample, not by
 position in a batch.
 """
@@ -43,6 +45,7 @@ QUESTION_FIELDS = ("question", "prompt", "problem")
 BREAKDOWN_KEYS = ("subject", "level")  # MATH-500's meta; any task whose problems all carry one gets it too
 RECORD_FIELDS = ("problem_id", "sample_index", "text", "num_tokens", "finish_reason", "extracted", "reference",
                  "correct", "settings")
+REDO = "pass another --out FILE, or --no-resume to overwrite it"  # what `r1lab eval` users do on a conflict
 
 
 # ----- tasks and prompts -----------------------------------------------------------------------
@@ -157,6 +160,21 @@ def _generate(engine, prompts: Sequence[list[int]], params: Sequence) -> Iterato
 # ----- the results file ------------------------------------------------------------------------
 
 
+def _portable(path: str | os.PathLike, base: Path) -> str:
+    """`path` relative to `base` (the samples file's folder), so that a copied run folder still matches."""
+    return os.path.relpath(Path(path).resolve(), base)
+
+
+def _comparable(settings: dict, base: Path) -> dict:
+    """Settings with the model and task-file paths made absolute (relative ones are to `base`), so that a file
+    written with absolute paths (before they were stored relative) compares equal too."""
+    out = dict(settings)
+    for key in ("model", "task"):
+        if isinstance(out.get(key), str) and not (key == "task" and out[key] in BENCHMARKS):
+            out[key] = os.path.normpath(base / out[key])
+    return out
+
+
 def _settings_diff(found: dict, want: dict) -> str:
     keys = sorted(set(found) | set(want))
     return ", ".join(f"{key} {found.get(key)!r} in the file vs {want.get(key)!r} now"
@@ -172,19 +190,27 @@ def _check_record(rec) -> str | None:
         return f"missing field(s) {', '.join(missing)}"
     if not isinstance(rec["settings"], dict):
         return "'settings' is not an object"
+    for key, kind in (("problem_id", str), ("text", str), ("finish_reason", str)):
+        if not isinstance(rec[key], kind):
+            return f"{key!r} is not a string"
+    tokens = rec["num_tokens"]
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+        return f"num_tokens {tokens!r} is not an integer >= 0"
     index = rec["sample_index"]
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
         return f"sample_index {index!r} is not an integer >= 0"
     return None
 
 
-def _read_results(path: Path, settings: dict) -> dict[str, dict[int, dict]]:
+def _read_results(path: Path, settings: dict, redo: str = REDO) -> dict[str, dict[int, dict]]:
     """Samples already in ``path``: problem id -> sample index -> record (a later line wins).
 
     A last line that is not a valid record (a run killed mid-write) is dropped from the file with a warning,
     so appended lines start on a fresh line; a bad line anywhere else is an error, and so is a line written
-    with other settings.
+    with other settings (`redo` says what to do then).
     """
+    base = path.resolve().parent
+    want = _comparable(settings, base)
     data = path.read_bytes()
     segments = data.split(b"\n")
     last = max((i for i, s in enumerate(segments) if s.strip()), default=-1)
@@ -202,16 +228,15 @@ def _read_results(path: Path, settings: dict) -> dict[str, dict[int, dict]]:
             problem = f"not valid JSON ({e})"
         if problem is not None:
             if i != last:
-                raise ValueError(f"{where}: {problem}; fix or delete that line, or pass --no-resume to start over")
+                raise ValueError(f"{where}: {problem}; fix or delete that line, or {redo}")
             warnings.warn(f"{where}: ignoring a corrupt last line ({problem}; an interrupted write?); "
                           f"it is removed and that problem is generated again", stacklevel=3)
             with open(path, "r+b") as f:
                 f.truncate(start)
             return results
-        if rec["settings"] != settings:
+        if _comparable(rec["settings"], base) != want:
             raise ValueError(f"{where}: this file holds samples made with other settings "
-                             f"({_settings_diff(rec['settings'], settings)}); pass another --out FILE, or "
-                             f"--no-resume to overwrite it")
+                             f"({_settings_diff(rec['settings'], settings)}); {redo}")
         if rec["sample_index"] >= settings["k"]:
             raise ValueError(f"{where}: sample_index {rec['sample_index']} is not below k = {settings['k']}")
         results.setdefault(rec["problem_id"], {})[rec["sample_index"]] = rec
@@ -219,6 +244,13 @@ def _read_results(path: Path, settings: dict) -> dict[str, dict[int, dict]]:
         with open(path, "ab") as f:
             f.write(b"\n")
     return results
+
+
+def _regrade(rec: dict, answer: str) -> dict:
+    """A stored sample graded again from its text: what the file says about it ("extracted", "correct") is not
+    trusted, so a hand-edited or damaged verdict cannot count (issue 24)."""
+    extracted = extract_answer(rec["text"])
+    return {**rec, "extracted": extracted, "correct": math_equal(extracted, answer)}
 
 
 # ----- metrics and report ----------------------------------------------------------------------
@@ -264,7 +296,7 @@ def format_report(result: dict) -> str:
     """The table `r1lab eval` prints, from ``evaluate``'s dict."""
     s, k = result["settings"], result["k"]
     pct = lambda x: f"{100 * x:5.1f}%"  # noqa: E731
-    lines = [f"{result['task_name']} | {Path(s['model']).name} | {result['problems']} problems x {k} samples "
+    lines = [f"{result['task_name']} | {Path(result['model']).name} | {result['problems']} problems x {k} samples "
              f"(temperature {s['temperature']:g}, top-p {s['top_p']:g}, at most {s['max_tokens']:,} tokens, "
              f"seed {s['seed']})",
              f"  {'pass@1 (mean over ' + str(k) + ' samples)':<34}{pct(result['pass@1'])}",
@@ -289,7 +321,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
              max_tokens: int | None = None, limit: int | None = None, data_dir: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
              batch: int = DEFAULT_BATCH, prompt_style: str = "chat", resume: bool = True, progress: bool = True,
-             report: bool = True, template: str | None = None, compile: bool | None = None) -> dict:
+             report: bool = True, template: str | None = None, compile: bool | None = None,
+             redo_hint: str = REDO) -> dict:
     """Evaluate a checkpoint on a task: k samples per problem, graded, written to JSONL, summarised.
 
     Args:
@@ -312,6 +345,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
         compile: torch.compile the engine's decode step (default: on CUDA; ~30 s once, worth it for long runs).
         resume: skip problems whose k samples are already in ``out``.
         progress: progress bar and notes on stderr. report: print the table on stdout.
+        redo_hint: what the user can do when ``out`` holds samples that do not fit this run (for callers with
+            other flags than `r1lab eval`'s --out and --no-resume).
 
     Returns:
         ``summarize``'s metrics of the requested problems plus ``task``, ``task_name``, ``model``, ``k``,
@@ -361,16 +396,17 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
                              f"the model's {positions} positions; use max tokens of at most "
                              f"{positions - len(prompts[p.id])}")
 
-    settings = {"model": str(model_dir.resolve()), "task": label, "k": k, "temperature": temperature,
-                "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
-                "prompt_style": prompt_style if template is None else f"template {template!r}"}
     out = Path(out) if out is not None else Path.cwd() / f"eval-{task_name}-{model_dir.resolve().name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.resolve().parent
+    settings = {"model": _portable(model_dir, base), "task": label if task in BENCHMARKS else _portable(label, base),
+                "k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
+                "prompt_style": prompt_style if template is None else f"template {template!r}"}
     note = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
     existing: dict[str, dict[int, dict]] = {}
     if resume and out.exists():
-        existing = _read_results(out, settings)
+        existing = _read_results(out, settings, redo_hint)
     elif out.exists():
         note(f"overwriting {out} (resume is off)")
         out.write_bytes(b"")
@@ -381,14 +417,16 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
             stale = next((r["reference"] for r in found.values() if r["reference"] != p.answer), None)
             if stale is not None:
                 raise ValueError(f"{out}: problem {p.id} was graded against reference {stale!r} but the task now "
-                                 f"says {p.answer!r} (the task data changed); pass another --out FILE, or "
-                                 f"--no-resume to overwrite it")
-            samples[p.id] = [found[i] for i in range(k)]
+                                 f"says {p.answer!r} (the task data changed); {redo_hint}")
+            samples[p.id] = [_regrade(found[i], p.answer) for i in range(k)]
         elif found:
             note(f"{out}: problem {p.id} has {len(found)} of {k} samples (an interrupted write?); generating it again")
     todo = [p for p in problems if p.id not in samples]
     if samples:
-        note(f"resuming from {out}: {len(samples)} of {len(problems)} problems already done")
+        changed = sum(r["correct"] is not existing[pid][r["sample_index"]]["correct"]
+                      for pid, records in samples.items() for r in records)
+        regraded = f"; {changed} stored verdicts differ from grading their text again, which counts" if changed else ""
+        note(f"resuming from {out}: {len(samples)} of {len(problems)} problems already done{regraded}")
 
     if todo:
         from tqdm import tqdm
@@ -420,7 +458,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
                 bar.set_postfix_str(f"pass@1 {100 * right / total:.1f}% (this run)", refresh=False)
                 bar.update(1)
 
-    result = {"task": label, "task_name": task_name, "model": settings["model"], "k": k, "out": str(out),
+    result = {"task": label, "task_name": task_name, "model": str(model_dir.resolve()), "k": k, "out": str(out),
               "generated": len(todo), "settings": settings, **summarize(problems, samples, k)}
     if report:
         print(format_report(result))

@@ -86,7 +86,8 @@ def test_gsm8k_lines_fields_and_metrics_from_the_lines(ckpt, tmp_path):
     assert len(lines) == 6
     assert sorted((r["problem_id"], r["sample_index"]) for r in lines) == sorted(
         (p.id, i) for p in problems for i in range(2))
-    settings = {"model": str(Path(ckpt).resolve()), "task": "gsm8k", "k": 2, "temperature": 0.6, "top_p": 0.95,
+    model = os.path.relpath(Path(ckpt).resolve(), Path(out).resolve().parent)  # relative: a copied folder resumes
+    settings = {"model": model, "task": "gsm8k", "k": 2, "temperature": 0.6, "top_p": 0.95,
                 "max_tokens": 6, "seed": 0, "prompt_style": "chat"}
     answers = {p.id: p.answer for p in problems}
     for r in lines:
@@ -314,6 +315,60 @@ def test_metrics_on_chosen_completions_equal_hand_values(ckpt, tmp_path, monkeyp
                  "mean response length 5.5 tokens", "stopped by max tokens 8.3% of samples",
                  "by level problems pass@1 cons@4 1 2 37.5% 50.0% 2 1 0.0% 0.0%"):
         assert text in report, text
+
+
+def chosen_task(tmp_path):
+    return write_task(tmp_path / "chosen.jsonl", [{"question": f"Problem {i}?", "answer": a}
+                                                  for i, (a, _, _) in enumerate(CHOSEN)])
+
+
+def test_resume_regrades_the_stored_answers(ckpt, tmp_path, monkeypatch):
+    # issue 24: a resumed run trusted the file's verdicts ("correct": "no" counted as correct)
+    task, out = chosen_task(tmp_path), tmp_path / "e.jsonl"
+    monkeypatch.setattr(ev, "_generate", fake_generate([]))
+    monkeypatch.setattr(ev, "_load_engine", lambda *a: None)
+    first = ev.evaluate(ckpt, str(task), k=4, seed=7, out=out, **FAST)
+    tampered = [{**r, "correct": "no", "extracted": r["reference"]} for r in read_lines(out)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in tampered), encoding="utf-8")
+    monkeypatch.setattr(ev, "_generate", lambda *a: pytest.fail("every problem is in the file: nothing to generate"))
+    again = ev.evaluate(ckpt, str(task), k=4, seed=7, out=out, **FAST)
+    assert again["generated"] == 0
+    for key in ("pass@1", "cons@k", "pass@k"):
+        assert again[key] == first[key], key
+    out.write_text(json.dumps({**tampered[0], "text": 5}) + "\n" + "".join(json.dumps(r) + "\n" for r in tampered))
+    with pytest.raises(ValueError, match=r"e\.jsonl:1: 'text' is not a string"):
+        ev.evaluate(ckpt, str(task), k=4, seed=7, out=out, **FAST)
+
+
+def test_a_copied_folder_resumes_its_samples(ckpt, tmp_path, count_generate):
+    # issue 24: samples stored the model's and the task's absolute paths, so a copied run folder could not resume
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(ckpt, run / "model")
+    write_task(run / "task.jsonl", [{"question": f"What is {i} + {i}?", "answer": 2 * i} for i in range(1, 3)])
+    kw = dict(k=2, max_tokens=4, **FAST)
+    first = ev.evaluate(run / "model", str(run / "task.jsonl"), out=run / "eval" / "e.jsonl", **kw)
+    settings = read_lines(run / "eval" / "e.jsonl")[0]["settings"]
+    assert settings["model"] == "../model" and settings["task"] == "../task.jsonl"  # relative to the file
+    shutil.copytree(run, tmp_path / "copy")
+    run = tmp_path / "copy"
+    again = ev.evaluate(run / "model", str(run / "task.jsonl"), out=run / "eval" / "e.jsonl", **kw)
+    assert count_generate == [2] and again["generated"] == 0 and again["pass@1"] == first["pass@1"]
+    # a file written before (absolute paths) still resumes where it was written
+    lines = read_lines(run / "eval" / "e.jsonl")
+    absolute = {"model": str((run / "model").resolve()), "task": str((run / "task.jsonl").resolve())}
+    (run / "eval" / "e.jsonl").write_text("".join(json.dumps({**r, "settings": {**r["settings"], **absolute}}) + "\n"
+                                                  for r in lines), encoding="utf-8")
+    assert ev.evaluate(run / "model", str(run / "task.jsonl"), out=run / "eval" / "e.jsonl", **kw)["generated"] == 0
+
+
+def test_conflict_advice_can_be_the_callers(ckpt, tmp_path, task_file):
+    out = tmp_path / "e.jsonl"
+    kw = dict(k=2, max_tokens=4, limit=2, out=out, **FAST)
+    ev.evaluate(ckpt, str(task_file), **kw)
+    with pytest.raises(ValueError, match=r"other settings .*; rerun stage 6") as e:
+        ev.evaluate(ckpt, str(task_file), **{**kw, "temperature": 1.0, "redo_hint": "rerun stage 6"})
+    assert "--no-resume" not in str(e.value) and "--out" not in str(e.value)
 
 
 def test_cli_parser_flags_and_command(ckpt, tmp_path, monkeypatch, capsys):
