@@ -2,9 +2,14 @@
 raises the mean reward and the accuracy on held-out problems (pairs never seen in training) by asserted margins.
 
 The model is the `tiny` preset with a 16-entry character vocabulary (the real 129k vocabulary would make the
-output head ~8000x larger than this task needs). Seeded and single-threaded: the numbers are reproducible.
-Observed (torch 2.13 CPU): mean reward of the first 5 steps 0.61 -> last 5 steps 0.84; held-out sampled accuracy
-0.38 -> 0.69, greedy 0.55 -> 0.77; about 10 s. Asserted: +0.12, +0.15, +0.10.
+output head ~8000x larger than this task needs). Seeded and single-threaded, so one machine reproduces its
+numbers; but another CPU's kernels round differently in the last bit, and over 150 fine-tuning steps that moves
+the starting model a lot (one seed's held-out accuracy before GRPO: 0.38 on an Intel Xeon with AVX-512, 0.57
+under ATEN_CPU_CAPABILITY=default, 0.65 on an AMD EPYC). A single run's gain is therefore a draw, not a property:
+the test runs five seeds and asserts the mean gains. Observed (torch 2.13 CPU, 60 GRPO steps per seed, means over
+seeds 0-4): reward of the first 5 steps -> last 5 steps +0.15 (AVX-512) / +0.13 (default); held-out sampled
+accuracy +0.17 / +0.10; greedy +0.23 / +0.17; the smallest single-seed gains +0.05, +0.03, +0.09. Asserted, on
+the means: +0.06, +0.05, +0.08; a GRPO that does not learn gives ~0 or less. About 60 s.
 """
 
 import json
@@ -68,19 +73,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_grpo_raises_reward_and_held_out_accuracy(tmp_path):
-    torch.manual_seed(0)
+def grpo_run(tmp_path, seed: int) -> dict:
+    """Fine-tune on 150 steps of supervised addition, then 60 GRPO steps; the gains of one seed."""
+    torch.manual_seed(seed)
     tok = CharTokenizer()
     task = Addition(digits=1, template="{a}+{b}=")
     train, test = task.problems(400, "train", seed=0), task.problems(60, "test", seed=1)
-    model = tiny_model()
-    sft(model, tok, train, steps=150)
+    model = tiny_model(seed)
+    sft(model, tok, train, steps=150, seed=seed)
 
     r = GRPORecipe.defaults()
-    r.run.out, r.run.device = str(tmp_path / "run"), "cpu"
+    r.run.out, r.run.device, r.run.seed = str(tmp_path / f"run{seed}"), "cpu", seed
     r.grpo.prompt_style, r.grpo.rewards, r.grpo.max_tokens = "raw", ["accuracy=1"], 4
     r.grpo.prompts_per_step, r.grpo.group_size, r.grpo.beta = 16, 8, 0.0
-    r.optim.lr, r.train.batch_size, r.train.steps = 2e-4, 128, 30
+    r.optim.lr, r.train.batch_size, r.train.steps = 1e-4, 128, 60
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 0
     rows = [{"prompt": p.question, "answer": p.answer} for p in train]
     trainer = GRPOTrainer(r, model, tok, rows, quiet=True)
@@ -92,16 +98,27 @@ def test_grpo_raises_reward_and_held_out_accuracy(tmp_path):
     after = evaluate(trainer.engine, *held_out, samples=4, max_tokens=4)
     after_greedy = evaluate(trainer.engine, *held_out, temperature=0, max_tokens=4)
 
-    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(ln) for ln in (tmp_path / f"run{seed}" / "metrics.jsonl").read_text().splitlines()]
     first = sum(x["reward"] for x in recs[:5]) / 5
     last = sum(x["reward"] for x in recs[-5:]) / 5
-    print(f"reward {first:.3f} -> {last:.3f}; held-out {before:.3f} -> {after:.3f}, greedy {before_greedy:.3f} -> "
-          f"{after_greedy:.3f}")
-    assert last >= first + 0.12, (first, last)
-    assert after >= before + 0.15, (before, after)
-    assert after_greedy >= before_greedy + 0.1, (before_greedy, after_greedy)
+    print(f"seed {seed}: reward {first:.3f} -> {last:.3f}; held-out {before:.3f} -> {after:.3f}, greedy "
+          f"{before_greedy:.3f} -> {after_greedy:.3f}")
+    return {"reward": last - first, "held_out": after - before, "greedy": after_greedy - before_greedy,
+            "recs": recs}
+
+
+def test_grpo_raises_reward_and_held_out_accuracy(tmp_path):
+    runs = [grpo_run(tmp_path, seed) for seed in range(5)]
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("reward", "held_out", "greedy")}
+    print("mean gains", {k: round(v, 3) for k, v in mean.items()})
+    assert mean["reward"] >= 0.06, mean
+    assert mean["held_out"] >= 0.05, mean
+    assert mean["greedy"] >= 0.08, mean
     # The trainer logged what it promised.
+    recs = runs[0]["recs"]
     for k in ("reward/accuracy", "accuracy", "pass@8", "response_len_mean", "truncated", "clip_frac", "entropy",
               "zero_var_groups", "gen_s", "train_s", "gen_tokens_per_s"):
         assert k in recs[-1]
-    assert recs[-1]["entropy"] < recs[0]["entropy"]  # the policy sharpened
+    # the policy sharpened: mean entropy of the last 5 updates below the first 5's, on average over the seeds
+    ent = [sum(x["entropy"] for x in r["recs"][-5:]) - sum(x["entropy"] for x in r["recs"][:5]) for r in runs]
+    assert sum(ent) < 0, ent
