@@ -126,6 +126,37 @@ def parse_stages(spec: str) -> list[int]:
     return sorted(out)
 
 
+def read_state(path: Path) -> dict:
+    """A run folder's speedrun.json, checked: a damaged file or a setting of the wrong type is one error naming
+    the file and the field (the settings become a Preset that every stage trusts)."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the file, or start a new run with another "
+                         f"--out") from None
+    if not (isinstance(state, dict) and isinstance(state.get("preset"), str)
+            and isinstance(state.get("settings"), dict) and isinstance(state.get("stages"), dict)):
+        raise ValueError(f"{path}: expected an object with 'preset' (a string), 'settings' and 'stages' (objects)")
+    defaults = Preset()
+    for key, value in state["settings"].items():
+        if key not in Preset.__dataclass_fields__:
+            raise ValueError(f"{path}: unknown setting {key!r}")
+        want = type(getattr(defaults, key))
+        if want is tuple:  # task_knobs: [name, value] pairs
+            ok = isinstance(value, list) and all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str)
+                                                 for kv in value)
+            what = "a list of [name, value] pairs"
+        elif want is float:
+            ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif want is int:
+            ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
+        else:
+            ok, what = isinstance(value, want), f"a {'string' if want is str else want.__name__}"
+        if not ok:
+            raise ValueError(f"{path}: settings.{key} must be {what}, got {value!r}")
+    return state
+
+
 class Speedrun:
     """One run folder and its state; `run(stages)` executes stages in order."""
 
@@ -134,7 +165,7 @@ class Speedrun:
         self.out = Path(out)
         self.state_path = self.out / "speedrun.json"
         self.quiet, self.device_name = quiet, device
-        state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else None
+        state = read_state(self.state_path) if self.state_path.is_file() else None
         if state is not None and not resume:
             raise ValueError(f"{self.out} already holds a speedrun: pass --resume to continue it (or --stages to "
                              f"rerun some stages), or choose another --out")
@@ -353,7 +384,9 @@ class Speedrun:
                            max_tokens=p.max_tokens, out=self.out / "eval" / f"{key}.jsonl", seed=p.seed,
                            device=None if self.device_name == "auto" else self.device_name,
                            batch=256, template=template, progress=not self.quiet and sys.stderr.isatty(), report=False,
-                           compile=False)  # a small model: the CUDA graph alone is fast; compiling costs more
+                           compile=False,  # a small model: the CUDA graph alone is fast; compiling costs more
+                           redo_hint=f"redo the evaluation: r1lab speedrun --out {self.out} --stages "
+                                     f"{STAGES.index('eval')}")
             results[key] = {k: res[k] for k in ("pass@1", "cons@k", "mean_tokens", "truncated")}
             self._note(f"eval {key}: pass@1 {res['pass@1']:.3f}, cons@{p.eval_k} {res['cons@k']:.3f}, "
                        f"{res['mean_tokens']:.0f} tokens")
