@@ -85,8 +85,12 @@ def test_extraction_is_linear_on_long_hostile_completions():
 
 
 def test_extract_answer_garbage():
+    # Not text, or text with no answer in it: no answer (None), never an exception or a made-up one.
     for junk in [None, 5, b"\\boxed{1}", "\\boxed{", "}}}{{{", "<think>", "</think>", "<answer></answer>", "#### "]:
-        extract_answer(junk)  # must not raise
+        assert extract_answer(junk) is None, junk
+    # ... while the same shapes with an answer inside still give it
+    assert extract_answer("\\boxed{1}") == "1" and extract_answer("<answer>7</answer>") == "7"
+    assert extract_answer("#### 12") == "12"
 
 
 # ----- equivalence -----------------------------------------------------------------------------
