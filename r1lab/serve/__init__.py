@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: none required)")
+                   help="require 'Authorization: Bearer KEY' on /v1 requests; compared as UTF-8 bytes, so any "
+                        "non-empty key works (default: none required)")
     p.add_argument("--max-batch", type=int, default=32,
                    help="sequences decoded together; more requests wait for a free slot (default: 32)")
     p.add_argument("--max-seq-len", type=int, default=None,
@@ -29,6 +30,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients must send (default: the checkpoint folder's name)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="comma-separated host names clients may put in the Host header, a DNS rebinding defence; "
+                        "always accepted: localhost and loopback addresses, and when not bound to loopback any IP "
+                        "address and this machine's name; '*' for any (default: none)")
+    p.add_argument("--allowed-origins", default="", metavar="ORIGINS",
+                   help="comma-separated origins (https://app.example.com) whose web pages may call the API: they "
+                        "get CORS headers, which browsers need to send or read cross-origin API requests; '*' for "
+                        "any (default: none, no CORS headers)")
+    p.add_argument("--request-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds a client has to send a request's head, and then its body; slower clients are "
+                        "disconnected or get 408 (default: 30)")
+    p.add_argument("--max-connections", type=int, default=512, metavar="N",
+                   help="open connections at most; at the cap, a new one closes the connection slowest to send "
+                        "its request (default: 512)")
     p.set_defaults(fn=cmd_serve)
     return p
 
@@ -36,9 +51,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_serve(args) -> None:
     try:
         from .app import serve
+        from .guard import check_api_key
     except ImportError as e:
         raise ValueError(f"serving needs FastAPI and uvicorn ({e}): pip install 'r1lab[serve]'") from None
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1 (got {args.max_batch})")
+    if args.request_timeout <= 0 or args.max_connections < 1:
+        raise ValueError(f"--request-timeout must be > 0 and --max-connections >= 1 (got {args.request_timeout} "
+                         f"and {args.max_connections})")
+    check_api_key(args.api_key)  # before loading the model: an empty key would let any client in
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name)
+          max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name,
+          allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
+          request_timeout=args.request_timeout, max_connections=args.max_connections)

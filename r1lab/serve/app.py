@@ -6,17 +6,24 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both streamed over s
 "prefix": true is continued rather than answered (DeepSeek's chat prefix completion), e.g. "<think>\\n" to make
 R1 start by reasoning.
 
-Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 malformed JSON or a request
-that cannot be served (max_tokens beyond the context, n above the slots, bad messages), 401 wrong API key,
-404 unknown model or route, 413 a prompt that fills the context, 422 missing, wrong-typed or out-of-range
-fields.
+Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 malformed JSON (lone surrogates,
+nesting too deep, integers of over 4,300 digits included) or a request that cannot be served (max_tokens beyond
+the context, n above the slots, bad messages), 401 wrong API key, 403 a Host header not allowed, 404 unknown
+model or route, 408 a body too slow to arrive, 413 a body over 8 MB or a prompt that fills the context, 415 a
+POST that is not application/json, 422 missing, wrong-typed or out-of-range fields. The checks before the API
+(guard.py) defend against hostile clients; the README's "Security" section says what they cover.
+
+Prompts are tokenised in worker threads (the BPE releases the GIL), after a check by character count that
+rejects a text no context could hold without tokenising it. Chat message content is encoded as plain text:
+only the template writes turn markers. A /v1/completions prompt is the client's own whole text and keeps its
+markers as tokens (as in vLLM and llama.cpp's server): a token-id prompt may hold any id anyway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -25,16 +32,21 @@ from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import SamplingParams
+from .guard import Gate, bearer_ok, check_api_key, guarded_protocol, openai_error
 from .stream import ReasoningSplitter, TextStream, split_text
 from .worker import EngineWorker, Handle
 
 MAX_BODY_BYTES = 8 << 20
 STATIC = Path(__file__).parent / "static"
+# "\ud800"-"\udfff" escapes: json.loads admits one without its pair, which no tokenizer or UTF-8 reply can carry
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_DISCONNECTED = object()  # posted to a request's event queue when its client goes away
 
 
 # ---------------------------------------------------------------------- request bodies
@@ -87,10 +99,6 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
 
-def _error(status: int, message: str, param=None, code=None, type="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status)
-
-
 def _sse_error(e: APIError) -> str:
     return "data: " + json.dumps({"error": {"message": e.message, "type": e.type, "param": e.param,
                                             "code": e.code}}) + "\n\n"
@@ -105,8 +113,16 @@ def _validation_error(e: ValidationError) -> APIError:
 
 
 # ---------------------------------------------------------------------- the app
-def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine` (its own thread runs the engine while the app lives)."""
+def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *, host: str = "127.0.0.1",
+               allowed_hosts=(), allowed_origins=(), request_timeout: float = 30.0) -> FastAPI:
+    """The FastAPI app serving `engine` (its own thread runs the engine while the app lives).
+
+    host: the address the server is bound to, which decides the Host headers accepted; allowed_hosts and
+    allowed_origins widen them (see guard.Gate); request_timeout: seconds a request body may take to arrive.
+    """
+    check_api_key(api_key)
+    key = None if api_key is None else api_key.encode()
+    tokenizer.encode("", split_special_tokens=True)  # build the plain-text BPE now, not in the first request
     worker = EngineWorker(engine)
 
     @asynccontextmanager
@@ -118,45 +134,61 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
     app = FastAPI(title="r1lab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker = worker
     created = int(time.time())
+    if allowed_origins:  # CORS headers only for the origins asked for; none by default
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    # outermost (added last): Host, key and Content-Type of POSTs, body size and time, before anything else
+    app.add_middleware(Gate, api_key=api_key, bind_host=host, allowed_hosts=allowed_hosts, max_body=MAX_BODY_BYTES,
+                       body_timeout=request_timeout)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
-        return _error(e.status, e.message, e.param, e.code, e.type)
+        return openai_error(e.status, e.message, e.param, e.code, e.type)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
+        return openai_error(e.status_code, f"{request.method} {request.url.path}: {e.detail}", code=code)
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(request, e: RequestValidationError):
-        return _error(422, str(e.errors()[:1]), code="invalid_value")
+        return openai_error(422, str(e.errors()[:1]), code="invalid_value")
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+        return openai_error(500, f"internal error: {type(e).__name__}: {e}", type="server_error",
+                            code="internal_error")
 
     def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        # POSTs are checked by the Gate before their body is read; this is for GET /v1/models
+        if key is not None and not bearer_ok(request.scope["headers"], key):
             raise APIError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key", type="authentication_error")
 
     async def parse(request: Request, schema):
-        check_key(request)
-        body = await request.body()
-        if len(body) > MAX_BODY_BYTES:
-            raise APIError(413, f"request body is {len(body):,} bytes; at most {MAX_BODY_BYTES:,}",
-                           code="request_too_large")
+        body = await request.body()  # the Gate read it: at most MAX_BODY_BYTES, in time
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+            text = body.decode("utf-8")  # strict: a surrogate sent as raw bytes is not UTF-8
+            data = json.loads(text)
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
+        except ValueError as e:  # bad JSON or UTF-8, or an integer of over 4,300 digits (Python's limit)
+            why = "a number has too many digits" if "integer string conversion" in str(e) else e
+            raise APIError(400, f"request body is not valid JSON: {why}", code="invalid_json") from None
+        if _SURROGATE_ESCAPE.search(text):  # rare: only then look for one without its pair
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except (UnicodeEncodeError, RecursionError):
+                raise APIError(400, "request body holds a lone surrogate escape (\\ud800-\\udfff without its "
+                                    "pair), which is not text", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+        # Validation runs on the event loop at ~0.3 us per list item (0.8 s for an 8 MB list of token ids):
+        # refuse first the lists that could not fit the context, as every message or id takes a token.
+        for field in ("messages", "prompt"):
+            if isinstance(data.get(field), list) and len(data[field]) > engine.max_seq_len:
+                raise APIError(413, f"{field} has {len(data[field]):,} items, more than this model's context of "
+                                    f"{engine.max_seq_len} tokens can hold", field, "context_length_exceeded")
         try:
             req = schema.model_validate(data)
         except ValidationError as e:
@@ -166,11 +198,19 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
                            "model", "model_not_found")
         return req
 
-    def sampling(req: _Sampling, prompt_len: int) -> SamplingParams:
+    def check_chars(chars: int, param: str) -> None:
+        """Reject a text no context could hold by its length alone: tokenising megabytes costs seconds."""
+        limit = tokenizer.max_token_chars * engine.max_seq_len
+        if chars > limit:
+            raise APIError(413, f"the prompt is {chars:,} characters, more than this model's context of "
+                                f"{engine.max_seq_len} tokens can hold (a token spans at most "
+                                f"{tokenizer.max_token_chars} characters)", param, "context_length_exceeded")
+
+    def sampling(req: _Sampling, prompt_len: int, param: str = "messages") -> SamplingParams:
         room = engine.max_seq_len - prompt_len
         if room < 1:
             raise APIError(413, f"the prompt is {prompt_len} tokens; this model's context is {engine.max_seq_len} "
-                                f"tokens, which leaves no room to generate", "messages", "context_length_exceeded")
+                                f"tokens, which leaves no room to generate", param, "context_length_exceeded")
         max_tokens = req.max_tokens or req.max_completion_tokens or room
         if max_tokens > room:
             raise APIError(400, f"max_tokens {max_tokens} + {prompt_len} prompt tokens exceed this model's context "
@@ -187,17 +227,21 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
                               top_p=1.0 if req.top_p is None else req.top_p, max_tokens=max_tokens, n=n,
                               stop=stop or None, seed=req.seed)
 
-    async def events(request: Request, h: Handle, streaming: bool):
-        """Yield the engine's event lists for a request; abort it if the client leaves or we stop early."""
+    async def watch(request: Request, h: Handle) -> None:
+        # The body is read, so the next message is the disconnect (or the end of our response).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        h.events.put_nowait(_DISCONNECTED)
+
+    async def events(request: Request, h: Handle):
+        """Yield the engine's event lists for a request; abort it as soon as the client leaves (the engine
+        thread frees its slots before its next step) or we stop early."""
+        watcher = asyncio.ensure_future(watch(request, h))
         try:
             while h.finished < h.total:
-                try:
-                    batch = await asyncio.wait_for(h.events.get(), 1.0)
-                except asyncio.TimeoutError:
-                    # A non-streaming client that disconnects is only noticed by asking.
-                    if not streaming and await request.is_disconnected():
-                        return
-                    continue
+                batch = await h.events.get()
+                if batch is _DISCONNECTED:
+                    return
                 if isinstance(batch, ValueError):
                     raise APIError(400, str(batch))
                 if isinstance(batch, Exception):
@@ -205,17 +249,18 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
                 h.finished += sum(done is not None for _, _, done in batch)
                 yield batch
         finally:
+            watcher.cancel()
             worker.cancel(h)  # no-op once every sequence finished
 
     async def collect(request: Request, h: Handle) -> dict:
         outs = {}
-        async for batch in events(request, h, streaming=False):
+        async for batch in events(request, h):
             outs.update({i: done for i, _, done in batch if done is not None})
         if len(outs) < h.total:
             raise APIError(400, "client disconnected", code="client_disconnected")
         return outs
 
-    def chat_prompt(req: ChatRequest) -> tuple[list[int], str]:
+    async def chat_prompt(req: ChatRequest) -> tuple[list[int], str]:
         msgs = [m.model_dump(exclude={"prefix"}) for m in req.messages]
         for m in msgs:
             if isinstance(m["content"], list):
@@ -225,11 +270,17 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
             if req.messages[-1].role != "assistant":
                 raise APIError(400, "only a last assistant message may have prefix: true", "messages", "invalid_value")
             prefix, msgs = msgs[-1]["content"] or "", msgs[:-1]
+        check_chars(sum(len(m["content"] or "") for m in msgs) + len(prefix), "messages")
+
+        def encode():  # in a worker thread: the event loop keeps serving meanwhile
+            # content, the prefix included, is plain text: only the template writes turn markers
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            return ids + tokenizer.encode(prefix, split_special_tokens=True)
+
         try:
-            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+            return await asyncio.to_thread(encode), prefix
         except ValueError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
-        return tokenizer.encode(text + prefix), prefix
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -254,7 +305,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        ids, prefix = chat_prompt(req)
+        ids, prefix = await chat_prompt(req)
         params = sampling(req, len(ids))
         h = worker.submit([ids], params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -284,7 +335,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
                           "finish_reason": None} for i in range(params.n)])
             completion_tokens = 0
             try:
-                async for batch in events(request, h, streaming=True):
+                async for batch in events(request, h):
                     merged: dict[int, list] = {}  # a step may bring a choice two tokens (prefill + decode)
                     for i, t, done in batch:
                         text = texts[i].push(t) if done is None else texts[i].finish(done.text)
@@ -319,16 +370,19 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
             prompts = [prompts]
         if not prompts:
             raise APIError(400, "prompt is empty", "prompt", "invalid_value")
-        ids = []
         for p in prompts:
-            p_ids = tokenizer.encode(p) if isinstance(p, str) else p
+            check_chars(len(p) if isinstance(p, str) else 0, "prompt")
+        # in a worker thread; the client's own whole text, so its markers are tokens (see the module docstring)
+        encoded = await asyncio.to_thread(lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts])
+        ids = []
+        for p_ids in encoded:
             if not p_ids:
                 raise APIError(400, "prompt is empty", "prompt", "invalid_value")
             if min(p_ids) < 0 or max(p_ids) >= engine.model.config.vocab_size:
                 raise APIError(400, f"prompt token ids must be in [0, {engine.model.config.vocab_size})", "prompt",
                                "invalid_value")
             ids.append(p_ids)
-        params = sampling(req, max(map(len, ids)))
+        params = sampling(req, max(map(len, ids)), "prompt")
         if len(ids) * params.n > engine.max_batch:
             raise APIError(400, f"{len(ids)} prompts x n {params.n} exceed the server's {engine.max_batch} slots",
                            "n", "invalid_value")
@@ -351,7 +405,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
             texts = [TextStream(tokenizer, params.stop) for _ in range(total)]
             completion_tokens = 0
             try:
-                async for batch in events(request, h, streaming=True):
+                async for batch in events(request, h):
                     merged: dict[int, list] = {}
                     for i, t, done in batch:
                         text = texts[i].push(t) if done is None else texts[i].finish(done.text)
@@ -381,8 +435,9 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None) -
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 32, max_seq_len: int | None = None, device: str | None = None,
-          model_name: str | None = None) -> None:
-    """Load a checkpoint and serve it until interrupted."""
+          model_name: str | None = None, allowed_hosts=(), allowed_origins=(), request_timeout: float = 30.0,
+          max_connections: int = 512) -> None:
+    """Load a checkpoint and serve it until interrupted (the arguments are `r1lab serve`'s flags)."""
     import torch
     import uvicorn
 
@@ -396,7 +451,30 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     tok = load_tokenizer(model_dir)
     engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len)
     name = model_name or Path(model_dir).resolve().name
-    app = create_app(engine, tok, name, api_key)
+    app = create_app(engine, tok, name, api_key, host=host, allowed_hosts=allowed_hosts,
+                     allowed_origins=allowed_origins, request_timeout=request_timeout)
+    max_connections = _fit_open_files(max_connections)
     print(f"r1lab serve: {name} on {device}, {max_batch} slots x {engine.max_seq_len} positions, "
           f"http://{host}:{port}/ (API under /v1)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
+    # uvicorn's own limit_concurrency is not used: it answers 503 to every request past the limit, /health too
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
+                http=guarded_protocol(request_timeout, max_connections), backlog=min(2048, max_connections))
+
+
+def _fit_open_files(max_connections: int, spare: int = 256) -> int:
+    """Raise the open-file limit to admit max_connections sockets plus `spare` files (the model, the
+    tokenizer, threads' pipes); if the hard limit forbids it, lower max_connections and say so."""
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + spare
+    if soft != resource.RLIM_INFINITY and soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if soft < want:
+            max_connections = max(1, soft - spare)
+            print(f"r1lab serve: the open-file limit is {soft}: --max-connections lowered to {max_connections}",
+                  flush=True)
+    return max_connections
