@@ -257,7 +257,7 @@ def test_too_long_pairs_are_skipped_or_an_error(tmp_path):
         read_pairs([p], Tok(), 20, too_long="error")
 
 
-def test_a_user_reward_named_like_a_reward_model_is_a_rule(tmp_path, monkeypatch):
+def test_a_user_reward_named_rmse_is_a_rule(tmp_path, monkeypatch):
     """Reward models are the `rm:` specs, never names that start with "rm": a user's `rmse` reward scores the
     rows with an answer, like every rule, beside a reward model that scores the open-ended ones."""
     (tmp_path / "my_scores.py").write_text(
