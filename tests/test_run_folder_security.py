@@ -198,6 +198,40 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(finished, tmp_path
     assert losses(tmp_path / "run") == losses(finished / "run")
 
 
+def _failing_save_on_rank0(rank: int, world: int, run: str, kind: str) -> None:
+    """Both ranks save one sharded checkpoint; rank 0's state.pt fails (a full disk, or another error)."""
+    real_save = torch.save
+
+    def failing(obj, f, *a, **k):
+        if not str(getattr(f, "name", "")).endswith(state.STATE_FILE):  # DCP's shards are written as usual
+            return real_save(obj, f, *a, **k)
+        if kind == "disk":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise TypeError("cannot pickle 'generator' object")
+
+    torch.save = failing if rank == 0 else real_save
+    try:
+        state.save_checkpoint(run, 1, {"step": 1}, "", keep=2, sharded={"model": {"w": torch.ones(4)}})
+    except Exception as e:  # noqa: BLE001 - the test compares what each rank saw
+        Path(run, f"rank{rank}").write_text(f"{type(e).__name__}: {e}")
+    finally:
+        torch.save = real_save
+
+
+@pytest.mark.parametrize("kind", ["disk", "other"])
+def test_a_failed_save_under_torchrun_stops_every_rank(tmp_path, kind):
+    from test_parallel import run_ranks
+
+    run_ranks(_failing_save_on_rank0, 2, str(tmp_path), kind, timeout=120)  # a rank left waiting fails here
+    seen = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    if kind == "disk":
+        assert all(s.startswith("NoSpaceError: no space left on") for s in seen), seen
+    else:
+        assert seen[0].startswith("TypeError") and seen[1].startswith("RuntimeError: checkpoint step-00000001: "
+                                                                      "rank 0 could not write its part"), seen
+    assert not state.list_checkpoints(tmp_path) and not list((tmp_path / "checkpoints").glob(".step-*"))
+
+
 TMPFS_SCRIPT = """
 set -e
 mount -t tmpfs -o size={size} tmpfs {mnt}

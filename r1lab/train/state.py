@@ -173,14 +173,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], recip
     except BaseException as e:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (KeyboardInterrupt, SystemExit)) or not _is_disk_full(e):
+        if isinstance(e, (KeyboardInterrupt, SystemExit)) or (not several and not _is_disk_full(e)):
             raise
         error = e
-    if several:  # nobody goes on (or reads it) before rank 0 has renamed it, and all stop if one failed
-        failed = [False] * dist.get_world_size()
-        dist.all_gather_object(failed, error is not None)
-        if any(failed) and error is None:
-            error = OSError(errno.ENOSPC, "another rank ran out of space")
+    if several:  # nobody goes on (or reads it) before rank 0 has renamed it, and all stop if one rank failed
+        failed: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(failed, None if error is None else "disk" if _is_disk_full(error) else repr(error))
+        bad = next(((r, what) for r, what in enumerate(failed) if what), None)
+        if error is None and bad is not None:
+            error = (OSError(errno.ENOSPC, f"rank {bad[0]} ran out of space") if bad[1] == "disk" else
+                     RuntimeError(f"checkpoint {final.name}: rank {bad[0]} could not write its part: {bad[1]}"))
+        if error is not None and not _is_disk_full(error):
+            raise error
     if error is not None:
         kept = [p.name for p in list_checkpoints(run_dir)]  # the failed one was never renamed
         kept_text = f"the newest checkpoint, {kept[-1]}, is kept" if kept else "no checkpoint was written yet"
