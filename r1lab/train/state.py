@@ -294,7 +294,13 @@ def _verify_manifest(path: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The state dict of a checkpoint folder (tensors on the CPU), after `verify_checkpoint`."""
     path = Path(path)
-    verify_checkpoint(path)
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as e:
+        if path.parent.name != "checkpoints":
+            raise
+        raise CheckpointError(f"{e}; --resume {path.parent.parent} takes the newest valid checkpoint of the run "
+                              f"instead") from None
     file = path / STATE_FILE
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
