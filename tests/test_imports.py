@@ -13,7 +13,7 @@ LAYERS = [
     {"r1lab.cli"},
     {"r1lab.speedrun", "r1lab.plan"},
     {"r1lab.train", "r1lab.eval", "r1lab.serve"},
-    {"r1lab.rewards", "r1lab.parallel", "r1lab.checkpoint", "r1lab.tasks", "r1lab.metrics"},
+    {"r1lab.rewards", "r1lab.parallel", "r1lab.lora", "r1lab.checkpoint", "r1lab.tasks", "r1lab.metrics"},
     {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.grading", "r1lab.data"},
 ]
 
