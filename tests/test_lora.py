@@ -253,3 +253,73 @@ def test_adapters_off_is_the_base_and_fresh_adapters_change_nothing():
         assert rel_err(m(x), want) > 1e-2
     trainable, frozen = parameter_counts(m)
     assert trainable > 0 and frozen == sum(p.numel() for p in base_model(V3).parameters())
+
+
+# ---------------------------------------------------------------------- training through the one loop
+def corpus(path, n_docs=40, vocab=64, seed=0):
+    """Pre-tokenized arithmetic runs t, t+d, t+2d, ... mod vocab (as test_train.py's)."""
+    g = torch.Generator().manual_seed(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            n, t, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((4, 30), (0, vocab), (1, 4)))
+            f.write(json.dumps({"input_ids": [(t + i * d) % vocab for i in range(n)]}) + "\n")
+    return path
+
+
+def lora_args(data, out, steps, **extra):
+    args = {"model.config": json.dumps({"vocab_size": 64}), "data.train": str(data), "data.seq-len": "32",
+            "train.batch-size": "3", "train.grad-accum": "2", "train.steps": str(steps), "ckpt.every": "3",
+            "optim.lr": "1e-2", "optim.warmup-steps": "1", "optim.schedule": "constant", "moe.mtp-weight": "0",
+            "log.every": "0", "log.tensorboard": "false", "run.out": str(out), "lora.rank": "8",
+            "lora.alpha": "16", "lora.targets": "all", "lora.merge": "true", **extra}
+    return ["pretrain"] + [x for k, v in args.items() for x in (f"--{k}", v)]
+
+
+def test_lora_pretrain_learns_resumes_exactly_and_exports(tmp_path, capsys):
+    from r1lab.cli import main as cli_main
+    from r1lab.train import state
+
+    data = corpus(tmp_path / "c.jsonl")
+    assert cli_main(lora_args(data, tmp_path / "full", 6)) == 0
+    first = capsys.readouterr()
+    assert "trainable and" in first.out + first.err  # the counts are logged first
+    ref = [json.loads(ln)["loss"] for ln in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert ref[-1] < ref[0] - 0.1, ref
+    # three steps, then resumed to six: the same losses, bit for bit
+    assert cli_main(lora_args(data, tmp_path / "half", 3)) == 0
+    assert cli_main(lora_args(data, tmp_path / "half", 6) + ["--resume"]) == 0
+    got = [json.loads(ln)["loss"] for ln in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert got == ref
+    # checkpoints hold the adapters alone
+    sd = state.load_checkpoint(state.find_checkpoint(tmp_path / "full"))["model"]
+    assert sd and all(".lora_" in k or k.endswith(("_A", "_B")) for k in sd)
+    # the exports: PEFT's adapter folder and the merged model, which equal the trained model
+    from r1lab.train.loop import build_model
+    from r1lab.train.recipe import load_recipe
+
+    base = build_model(load_recipe(tmp_path / "full" / "recipe.toml", "pretrain"), torch.device("cpu")).eval()
+    x = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(0))
+    merged = load_pretrained(tmp_path / "full" / "final").eval()
+    load_adapter(base, tmp_path / "full" / "adapter")
+    with torch.no_grad():
+        assert rel_err(merged(x), base(x)) < 1e-5  # fp32, merging reorders the sums
+        with adapters_off(base):
+            assert rel_err(merged(x), base(x)) > 1e-3  # the adapters learnt something
+
+
+def test_lora_trainer_keeps_the_base_frozen_in_bf16_without_masters(tmp_path):
+    from r1lab.train.loop import Trainer, build_model
+    from r1lab.train.recipe import load_recipe
+
+    r = load_recipe(None, "sft", {"model.config": json.dumps({"vocab_size": 64}), "lora.rank": "4",
+                                  "lora.targets": "attention,experts", "run.out": str(tmp_path / "run")})
+    model = build_model(r, torch.device("cpu"))
+    t = Trainer(r, model, None, dtype=torch.bfloat16, quiet=True)
+    trained = {n for n, _ in t.master.named}
+    assert trained and all("lora_" in n or n.endswith(("_A", "_B")) for n in trained)
+    assert all(m.dtype == torch.float32 for m in t.master.master)  # fp32 masters and AdamW state for the adapters
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for n, p in model.named_parameters()
+               if n not in trained)  # the base: bf16, frozen, no master copy
+    n_opt = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
+    assert n_opt == parameter_counts(model)[0] < parameter_counts(model)[1] / 10
+    assert t.bias_gamma == 0.0  # the router bias belongs to the frozen base

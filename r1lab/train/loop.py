@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import parallel
+from .. import lora, parallel
 from ..checkpoint import load_pretrained, save_pretrained
 from ..data import IGNORE, Batch, BatchOrder, Sequences
 from ..model.config import ModelConfig, get_preset
@@ -100,6 +100,9 @@ class MasterWeights:
         """Take the (fp32) model's weights as the masters, then cast the model to `dtype`."""
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in self.named]
+        # A frozen base (LoRA) is rebuilt from the recipe (model.init or the seed): state dicts hold the trained
+        # parameters alone.
+        self.partial = any(not p.requires_grad for p in model.parameters())
         self.separate = dtype != torch.float32
         self.master = ([p.detach().float().clone().requires_grad_(True) for p in self.params]
                        if self.separate else self.params)
@@ -138,7 +141,10 @@ class MasterWeights:
             t.grad = None
 
     def state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with fp32 master weights in place of the parameters."""
+        """The model's state dict with fp32 master weights in place of the parameters (the trained ones alone when
+        part of the model is frozen)."""
+        if self.partial:
+            return {n: m.detach().to("cpu", copy=True) for (n, _), m in zip(self.named, self.master)}
         sd = model.state_dict()
         for (n, _), m in zip(self.named, self.master):
             sd[n] = m.detach()
@@ -146,6 +152,16 @@ class MasterWeights:
 
     @torch.no_grad()
     def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+        if self.partial:
+            missing = [n for n, _ in self.named if n not in sd]
+            if missing or len(sd) != len(self.named):
+                raise ValueError(f"the checkpoint's {len(sd)} tensors are not this model's {len(self.named)} trained "
+                                 f"ones (missing e.g. {missing[:3]}): was it written with other lora settings?")
+            for (n, p), m in zip(self.named, self.master):
+                p.copy_(sd[n])
+                if self.separate:
+                    m.copy_(sd[n])
+            return
         model.load_state_dict(sd)
         if self.separate:
             for (n, _), m in zip(self.named, self.master):
@@ -231,6 +247,10 @@ class Trainer:
         if recipe.moe.mtp_weight > 0 and not len(model.mtp):
             self._note(f"moe.mtp_weight={recipe.moe.mtp_weight} ignored: the model has no MTP module")
         model.set_balance_alpha(recipe.moe.balance_alpha)
+        self.bias_gamma = recipe.moe.bias_gamma
+        self.use_lora = recipe.lora.rank > 0
+        if self.use_lora:
+            self._apply_lora()
         if self.world > 1:
             if data is not None and recipe.train.batch_size % self.world:
                 raise ValueError(f"train.batch_size={recipe.train.batch_size} must be a multiple of the {self.world} "
@@ -266,6 +286,20 @@ class Trainer:
         self.peak = peak_flops(self.device, recipe.log.peak_tflops)
         self._stop: str | None = None
         self._tb = None
+
+    def _apply_lora(self) -> None:
+        """Freeze the model and wrap it with the recipe's adapters (before MasterWeights: only they get fp32 master
+        copies and optimizer state; the base is cast to the compute dtype and stays there)."""
+        c = self.recipe.lora
+        if self.world > 1:
+            raise ValueError("lora.rank > 0 does not run under torchrun yet; run it as one process")
+        lora.apply_lora(self.model, c.rank, c.alpha, c.targets, c.dropout, seed=self.recipe.run.seed)
+        trainable, frozen = lora.parameter_counts(self.model)
+        self._note(f"LoRA rank {c.rank}, alpha {c.alpha:g} on {', '.join(c.targets)}: {trainable:,} trainable and "
+                   f"{frozen:,} frozen parameters")
+        if self.bias_gamma:
+            self._note(f"moe.bias_gamma={self.bias_gamma} ignored: the router bias belongs to the frozen base")
+            self.bias_gamma = 0.0
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches: list[Batch]) -> dict[str, Any]:
@@ -355,7 +389,7 @@ class Trainer:
             self.optimizer.step()
             self.master.copy_to_model()
         self.master.zero_grad()
-        self.model.update_router_bias(self.recipe.moe.bias_gamma if finite else 0.0)  # also restarts the counters
+        self.model.update_router_bias(self.bias_gamma if finite else 0.0)  # also restarts the counters
         if not finite:
             if self.recipe.train.on_nonfinite == "stop":
                 raise NonFiniteLoss(f"loss {loss_v} / gradient norm {gnorm_v}")
@@ -513,8 +547,15 @@ class Trainer:
 
     def export(self) -> Path:
         """Write the model in the HF layout to run.out/final; under torchrun it is gathered to rank 0, one tensor
-        at a time, and rank 0 writes it."""
-        if self.world == 1:
+        at a time, and rank 0 writes it. With LoRA: the adapters in PEFT's format to run.out/adapter, and with
+        lora.merge base + adapters merged to run.out/final."""
+        if self.use_lora:
+            out = lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None)
+            self._note(f"saved the adapters to {out} (PEFT's format)")
+            if not self.recipe.lora.merge:
+                return out
+            out = save_pretrained(lora.merged_model(self.model), self.run_dir / "final", tokenizer=self.tokenizer)
+        elif self.world == 1:
             out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
         else:
             full = parallel.unsharded_copy(self.model, "cpu", self.dtype, on_every_rank=False)

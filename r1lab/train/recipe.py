@@ -1,7 +1,7 @@
 """Recipes: every setting of a training run, read from a TOML file, overridable from the command line.
 
-A recipe is nine TOML tables (`[run]`, `[model]`, `[data]`, `[optim]`, `[train]`, `[moe]`, `[parallel]`, `[ckpt]`,
-`[log]`);
+A recipe is ten TOML tables (`[run]`, `[model]`, `[data]`, `[optim]`, `[train]`, `[moe]`, `[parallel]`, `[lora]`,
+`[ckpt]`, `[log]`);
 every key below can be given in the file or on the command line as `--table.key value` (`--optim.lr 3e-4`,
 `--train.batch-size 8`; snake_case works too). Precedence: built-in default < recipe file < command line.
 Paths (data.train, data.tokenizer, model.init) in a recipe file are relative to the file; on the command line,
@@ -110,6 +110,18 @@ class Parallel:
 
 
 @dataclass
+class LoRA:
+    rank: int = _key(0, "rank of low-rank adapters (r1lab.lora) trained on a frozen base, which keeps no fp32 master "
+                     "copy or optimizer state; 0 = train every weight")
+    alpha: float = _key(16.0, "adapter scaling numerator: the update is alpha / rank x B A")
+    dropout: float = _key(0.0, "dropout on the adapters' input (linear targets; not routed experts)")
+    targets: list = _key(["attention", "mlp", "shared"], "what gets adapters: q_a, q_b, q, kv_a, kv_b, o (attention "
+                         "= all of them), mlp (dense layers), shared (shared experts), experts (routed experts), all")
+    merge: bool = _key(False, "at the end also export base + adapters merged, as an HF-layout folder run.out/final "
+                       "(the adapters alone always go to run.out/adapter, in PEFT's format)")
+
+
+@dataclass
 class Ckpt:
     every: int = _key(50, "write a checkpoint every this many optimizer steps (and always at the end); 0 = only "
                       "at the end")
@@ -133,7 +145,7 @@ def _resolve(p: str, base: Path) -> str:
 
 
 SECTIONS = {"run": Run, "model": Model, "data": Data, "optim": Optim, "train": Train, "moe": MoE,
-            "parallel": Parallel, "ckpt": Ckpt, "log": Log}
+            "parallel": Parallel, "lora": LoRA, "ckpt": Ckpt, "log": Log}
 
 # Defaults that differ between the two trainers.
 KIND_DEFAULTS = {
@@ -158,6 +170,7 @@ class Recipe:
     train: Train = field(default_factory=Train)
     moe: MoE = field(default_factory=MoE)
     parallel: Parallel = field(default_factory=Parallel)
+    lora: LoRA = field(default_factory=LoRA)
     ckpt: Ckpt = field(default_factory=Ckpt)
     log: Log = field(default_factory=Log)
 
@@ -214,6 +227,9 @@ class Recipe:
             v = getattr(getattr(self, k.split(".")[0]), k.split(".")[1])
             if v < 0 or (k in positive and v == 0) or (isinstance(v, float) and not math.isfinite(v)):
                 raise ValueError(f"recipe: {k} must be {'> 0' if k in positive else '>= 0'} (got {v!r})")
+        if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
+            raise ValueError(f"recipe: lora.rank must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1) (got rank "
+                             f"{self.lora.rank}, alpha {self.lora.alpha}, dropout {self.lora.dropout})")
         if not 0 <= self.optim.min_lr_ratio <= 1:
             raise ValueError(f"recipe: optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
         if self.model.init and self.model.config:
