@@ -117,10 +117,34 @@ class Transformer(KeepFP32Buffers):
             # Embedding of the token k+1 ahead of each position; zeros past the end.
             nxt = torch.zeros_like(input_ids)
             nxt[:, : S - k - 1] = input_ids[:, k + 1:]
-            e = m.enorm(self.model.embed_tokens(nxt))
-            prev = m.block(m.eh_proj(torch.cat([e, m.hnorm(prev)], dim=-1)), cos, sin, attn_mask)
+            prev = self._mtp_block(m, prev, nxt, cos, sin, attn_mask)
             mtp_logits.append(self.lm_head(m.norm(prev)))
         return out, mtp_logits
+
+    def _mtp_block(self, m: MTPModule, prev, next_ids, cos, sin, attn_mask=None, cache=None, write_index=None,
+                   cache_rows=None, prefill=False) -> torch.Tensor:
+        e = m.enorm(self.model.embed_tokens(next_ids))
+        x = m.eh_proj(torch.cat([e, m.hnorm(prev)], dim=-1))  # (B, S, 2D) -> (B, S, D)
+        return m.block(x, cos, sin, attn_mask, cache, write_index, cache_rows, prefill)
+
+    def mtp_forward(self, depth: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, *,
+                    attn_mask: torch.Tensor | None = None, cache: torch.Tensor | None = None,
+                    cache_rows: torch.Tensor | None = None, prefill: bool = False) -> torch.Tensor:
+        """MTP module `depth` (0-based) on its own, for drafting: what `forward(return_mtp=True)` computes per
+        depth, with a latent cache of the module's one attention layer.
+
+        prev (B, S, D): the main model's final (normed) hidden states for depth 0, the previous depth's output
+        otherwise; next_ids (B, S): at each position the token depth+1 ahead; positions (B, S). cache, attn_mask,
+        cache_rows, prefill as for one layer in `forward` (the cache is written at `positions`).
+        Returns the module's block output (B, S, D): the next depth's `prev`; `mtp_logits` makes it logits.
+        """
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        return self._mtp_block(self.mtp[depth], prev, next_ids, cos, sin, attn_mask, cache,
+                               None if cache is None else positions, cache_rows, prefill)
+
+    def mtp_logits(self, depth: int, out: torch.Tensor) -> torch.Tensor:
+        """Logits of MTP module `depth` from its block output (`mtp_forward`): shared head after its norm."""
+        return self.lm_head(self.mtp[depth].norm(out))
 
     # ------------------------------------------------------------------ latent cache
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,

@@ -1,0 +1,340 @@
+"""Speculative decoding with the MTP module against its slow twin, the plain engine (itself checked against full
+forward passes in test_engine.py): greedy output identical, sampled tokens distributed as the target model's
+(chi-square), log-probs of the target model; and the draft's acceptance on a model really trained with MTP."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from r1lab import Engine, SamplingParams, Transformer, get_preset, load_tokenizer
+from r1lab.data import Sequences
+from r1lab.engine.sampling import speculative_sample
+from r1lab.train.loop import Trainer, build_model
+from r1lab.train.recipe import load_recipe
+
+V = 64  # the trained model's vocabulary: arithmetic runs over tokens 0..61; 63 is its end-of-sequence token
+S = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------- a model trained with the MTP loss
+def arithmetic_runs(n, seed, length=(8, 30)):
+    """Documents t, t+d, t+2d, ... mod 62 with d in 1..4: after two tokens the rest is determined."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for _ in range(n):
+        L, t, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in (length, (0, V - 2), (1, 5)))
+        docs.append([(t + i * d) % (V - 2) for i in range(L)])
+    return docs
+
+
+def pack(docs, targets=None) -> Sequences:
+    """Documents concatenated and cut into rows of S+1 tokens; `targets` per document (default: all tokens)."""
+    toks, starts, tgt = [], [], []
+    for i, d in enumerate(docs):
+        toks += d
+        starts += [True] + [False] * (len(d) - 1)
+        tgt += targets[i] if targets is not None else [True] * len(d)
+    n = len(toks) // (S + 1)
+    cut = [torch.tensor(x[: n * (S + 1)]).view(n, S + 1) for x in (toks, starts, tgt)]
+    cut[1][:, 0] = True
+    return Sequences(cut[0].to(torch.int32), cut[1], cut[2])
+
+
+def train(data: Sequences, steps: int, mtp_weight: float, kind="pretrain", model=None, lr=3e-3, seed=0):
+    r = load_recipe(None, kind, {
+        "model.config": json.dumps({"vocab_size": V, "eos_token_id": V - 1}), "data.seq_len": str(S),
+        "train.batch_size": "16", "train.steps": str(steps), "optim.lr": str(lr), "optim.warmup_steps": "10",
+        "log.every": "0", "log.tensorboard": "false", "ckpt.export": "false", "moe.mtp_weight": str(mtp_weight),
+        "run.out": "unused"})
+    torch.manual_seed(seed)
+    t = Trainer(r, model if model is not None else build_model(r, torch.device("cpu")), data, kind=kind,
+                quiet=True)
+    for _ in range(steps):
+        rec = t.train_step(t.next_batches())
+    return t.model.eval(), rec
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """~10 s on one core: 120 steps of pretraining with moe.mtp_weight 0.3 (final loss ~0.2, MTP loss ~0.1;
+    the floor is the unpredictable first two tokens of each document)."""
+    model, rec = train(pack(arithmetic_runs(2000, seed=0)), steps=120, mtp_weight=0.3)
+    assert rec["mtp_loss"] < 0.5, rec
+    return model
+
+
+def random_tiny(vocab=V, seed=0, scale=30.0):
+    torch.manual_seed(seed)
+    m = Transformer(get_preset("tiny").replace(vocab_size=vocab, eos_token_id=vocab - 1)).init_weights(seed=seed)
+    with torch.no_grad():  # a peakier output distribution than N(0, 0.02) gives, so greedy paths are stable
+        m.lm_head.weight.mul_(scale)
+    return m.eval()
+
+
+def mixed_prompts(n, seed):
+    """Half arithmetic runs (the draft is right), half random tokens (it often is not); ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    runs = arithmetic_runs(n, seed + 1, length=(2, 9))
+    return [r if i % 2 == 0 else torch.randint(0, V - 2, (len(r),), generator=g).tolist() for i, r in enumerate(runs)]
+
+
+def run(engine, requests, abort_at=None):
+    """Requests [(prompt, params)] through add_request/step; the completions and each sequence's streamed tokens."""
+    seqs = [s for i, (p, sp) in enumerate(requests) for s in engine.add_request(p, sp, prompt_index=i)]
+    streamed, steps = {id(s): [] for s in seqs}, 0
+    while engine.has_work():
+        for s, t in engine.step():
+            streamed[id(s)].append(t)
+        steps += 1
+        if abort_at is not None and steps == abort_at[0]:
+            engine.abort([seqs[abort_at[1]]])
+    assert engine.slots == [None] * engine.max_batch
+    return [engine.completion(s) for s in seqs], [streamed[id(s)] for s in seqs]
+
+
+# ---------------------------------------------------------------------- greedy: identical to speculate=0
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_identical_to_plain_decoding(trained, k, overlap):
+    """Ragged prompts, fewer slots than sequences (continuous batching with per-slot accepted lengths), a stop
+    token met inside an accepted run, max_tokens not a multiple of k+1, n samples: the same tokens, finish
+    reasons and streamed tokens as the plain engine, log-probs within fp32 rounding; a sequence aborted mid-run
+    keeps a prefix of its tokens."""
+    ps = mixed_prompts(10, seed=3)
+    free = Engine(trained, max_batch=1, max_seq_len=64).generate(
+        ps[:1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
+    requests = [(p, SamplingParams(temperature=0, max_tokens=5 + i % 7, n=1 + (i == 4), logprobs=True,
+                                   stop_token_ids=[free[3]] if i == 0 else None, ignore_eos=i % 3 != 0))
+                for i, p in enumerate(ps)]
+    plain, plain_stream = run(Engine(trained, max_batch=3, max_seq_len=64, overlap=overlap), requests)
+    eng = Engine(trained, max_batch=3, max_seq_len=64, overlap=overlap, speculate=k)
+    spec, spec_stream = run(eng, requests, abort_at=(2, 1))  # sequence 1 is running by then
+    assert spec[1].finish_reason == "abort" and spec[1].token_ids == plain[1].token_ids[: len(spec[1].token_ids)]
+    assert spec_stream[1] == spec[1].token_ids
+    for i, (a, b) in enumerate(zip(spec, plain)):
+        assert len(a.token_ids) <= requests[a.prompt_index][1].max_tokens
+        if i == 1:
+            continue
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+        assert spec_stream[i] == plain_stream[i]
+        # fp32; the verify forward (k+1 tokens a row) sums in another order than one token a row: observed ~2e-6
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+    assert plain[0].finish_reason == "stop" and plain[0].token_ids[-1] == free[3]
+    st = eng.stats
+    # both outcomes of verification happened: accepted drafts (several tokens in one step) and rejected ones
+    assert 0 < st["accepted"] < st["drafted"] == k * st["sequence_steps"], st
+    assert 1 < st["tokens_per_step"] <= k + 1
+
+
+def oracle_draft(engine, wrong_every=3):
+    """A draft for tests: the target's own greedy continuation (full forward passes over each running sequence,
+    read from the host), with every `wrong_every`-th position made wrong, so acceptance is high but partial."""
+    V_, k = engine.model.config.vocab_size, engine.speculate
+
+    def draft(mode):
+        out = torch.zeros(engine.max_batch, k, dtype=torch.long)
+        for slot, s in enumerate(engine.slots):
+            if s is None:
+                continue
+            ids = list(s.prompt) + s.tokens
+            for j in range(k):
+                with torch.no_grad():
+                    t = int(engine.model(torch.tensor([ids]))[0, -1].argmax())
+                if (len(ids) + 1) % wrong_every == 0:
+                    t = (t + 1) % V_
+                ids.append(t)
+                out[slot, j] = t
+        return out, None
+
+    return draft
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_stop_strings_and_max_tokens_inside_accepted_runs(k):
+    """With the real tokenizer and a mostly-right draft, a stop string or max_tokens falls inside a step's
+    accepted run: the text is cut as without speculation and no token past the stop is kept."""
+    tok = load_tokenizer()
+    m = random_tiny(vocab=tok.vocab_size, seed=1)
+    plain = Engine(m, tok, max_batch=2, max_seq_len=64)
+    free = plain.generate(["Hello", "The sky"], SamplingParams(temperature=0, max_tokens=13, ignore_eos=True))
+    for f in free:
+        stop = f.text[len(f.text) // 2: len(f.text) // 2 + 2]
+        assert stop
+        params = SamplingParams(temperature=0, max_tokens=13, stop=stop, ignore_eos=True)
+        prompt = ["Hello", "The sky"][f.prompt_index]
+        ref = plain.generate([prompt], params)[0]
+        eng = Engine(m, tok, max_batch=2, max_seq_len=64, speculate=k)
+        eng._draft = oracle_draft(eng)
+        got = eng.generate([prompt], params)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (ref.token_ids, ref.text, "stop")
+        assert eng.stats["accepted"] > 0
+        eng = Engine(m, tok, max_batch=2, max_seq_len=64, speculate=k)
+        eng._draft = oracle_draft(eng, wrong_every=1000)  # always right: k+1 tokens a step
+        got = eng.generate([prompt], SamplingParams(temperature=0, max_tokens=13, ignore_eos=True))[0]
+        assert got.token_ids == f.token_ids and got.finish_reason == "length"
+        assert eng.stats["tokens_per_step"] == pytest.approx((13 - 1) / math.ceil((13 - 1) / (k + 1)))
+
+
+# ---------------------------------------------------------------------- sampling: the target distribution
+def exact_joint(model, prompt, temperature, top_k, n_tokens):
+    """The target model's probability of every continuation of `n_tokens` tokens (V**n_tokens, by full
+    forward passes), sampled at `temperature` with the top_k filter."""
+    seqs = torch.tensor([prompt])
+    logp = torch.zeros(1)
+    for _ in range(n_tokens):
+        with torch.no_grad():
+            logits = model(seqs)[:, -1].float() / temperature
+        if top_k:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        lp = torch.log_softmax(logits, -1)  # (N, V)
+        logp = (logp[:, None] + lp).flatten()
+        seqs = torch.cat([seqs.repeat_interleave(V, 0), torch.arange(V).repeat(len(seqs))[:, None]], 1)
+    return logp.exp()
+
+
+def chi_square_pvalue_ok(counts, probs, alpha=1e-3):
+    """Pearson's chi-square of observed counts against probabilities, cells with expected < 5 pooled; True if
+    the p-value is above alpha (Wilson-Hilferty's normal approximation of the chi-square quantile)."""
+    n = counts.sum()
+    exp = probs * n
+    big = exp >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([exp[big], exp[~big].sum()[None]])
+    keep = exp > 0
+    assert (obs[~keep] == 0).all(), "a continuation of probability 0 was sampled"
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum().item()
+    df = int(keep.sum()) - 1
+    z = 3.0902  # upper 1e-3 quantile of N(0, 1)
+    limit = df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+    return stat < limit, stat, limit, df
+
+
+@pytest.mark.parametrize("draft,k,temperature,top_k", [
+    ("trained", 1, 1.5, 0), ("trained", 2, 1.0, 3), ("bad", 1, 1.5, 0), ("bad", 2, 1.5, 0)])
+def test_samples_follow_the_target_distribution(trained, draft, k, temperature, top_k):
+    """8,192 sampled continuations of 3 tokens (the 2nd and 3rd decided by verification: accepted draft,
+    residual after a rejection or bonus token) against the exact joint probabilities of the target model.
+    "bad": the MTP head's norm negated, so the draft favours what the target finds unlikely (most drafts are
+    rejected and tokens come from the residual max(0, p - q))."""
+    model = trained
+    if draft == "bad":
+        model = Transformer(trained.config)
+        model.load_state_dict(trained.state_dict())
+        model.init_buffers().eval()
+        with torch.no_grad():
+            model.mtp[0].norm.weight.mul_(-1)
+    prompt = [5, 7]  # step 2 (or 1, 3, 4) each similarly likely: several continuations with real mass
+    n_draws, per = 8192, 1024
+    eng = Engine(model, max_batch=per, max_seq_len=16, speculate=k)
+    counts = torch.zeros(V ** 3)
+    for r in range(n_draws // per):
+        outs = eng.generate([prompt], SamplingParams(temperature=temperature, top_k=top_k, max_tokens=3, n=per,
+                                                     seed=r * per, ignore_eos=True))
+        for o in outs:
+            a, b, c = o.token_ids
+            counts[(a * V + b) * V + c] += 1
+    ok, stat, limit, df = chi_square_pvalue_ok(counts, exact_joint(model, prompt, temperature, top_k, 3))
+    st = eng.stats
+    assert ok, f"chi-square {stat:.1f} > {limit:.1f} ({df} degrees of freedom); {st}"
+    if draft == "bad":
+        assert st["acceptance_rate"] < 0.3, st
+    else:
+        assert st["acceptance_rate"] > 0.5, st
+
+
+def test_verify_rejection_sampling_by_hand():
+    """speculative_sample on one position of a 4-token vocabulary, over 40k seeds: accepted with probability
+    sum(min(p, q)), and the kept token distributed as p (draft drawn from q with a different seed stream)."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.1, 0.4, 0.4])
+    n = 40000
+    g = torch.Generator().manual_seed(0)
+    drafts = torch.multinomial(q, n, replacement=True, generator=g)[:, None]
+    logits = torch.log(p).expand(n, 2, 4)
+    ones = torch.ones(n)
+    tokens, lps, acc = speculative_sample(logits, drafts, torch.log(q).expand(n, 1, 4), ones, ones,
+                                          torch.zeros(n, dtype=torch.long), torch.arange(n),
+                                          torch.full((n,), 9), filter_top=False)
+    first = tokens[:, 0]
+    freq = torch.bincount(first, minlength=4).float() / n
+    sigma = math.sqrt(0.25 / n)
+    assert (freq - p).abs().max() < 4 * sigma
+    assert abs(acc.float().mean() - torch.minimum(p, q).sum()) < 4 * sigma
+    assert torch.equal(first[acc == 1], drafts[acc == 1, 0])  # accepted: the draft itself
+    assert torch.allclose(lps[:, 0], torch.log(p)[first], atol=1e-6)
+    # the bonus token (both positions' p here) is p-distributed too
+    bonus = tokens[acc == 1, 1]
+    fb = torch.bincount(bonus, minlength=4).float() / len(bonus)
+    assert (fb - p).abs().max() < 4 * math.sqrt(0.25 / len(bonus))
+
+
+# ---------------------------------------------------------------------- log-probs, seeds, batching
+def test_sampled_logprobs_are_the_target_models(trained):
+    """Sampled with speculation, top-p and top-k: each returned log-prob equals the full forward pass's
+    temperature-scaled log-softmax at that token (before truncation, as without speculation)."""
+    ps = mixed_prompts(4, seed=5)
+    eng = Engine(trained, max_batch=4, max_seq_len=64, speculate=2)
+    outs = eng.generate(ps, SamplingParams(temperature=0.8, top_p=0.95, top_k=20, max_tokens=12, seed=3,
+                                           logprobs=True, ignore_eos=True))
+    for p, o in zip(ps, outs):
+        with torch.no_grad():
+            logits = trained(torch.tensor([p + o.token_ids]))[0, len(p) - 1:-1].float()
+        ref = torch.log_softmax(logits / 0.8, -1).gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        # fp32; the cached path sums in another order: observed ~1e-6
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
+    assert 0 < eng.stats["accepted"] < eng.stats["drafted"]
+
+
+def test_sampled_seeds_reproduce_and_are_batch_independent(trained):
+    """A sequence's samples depend on its seed only: together in a ragged batch, alone, with fewer slots
+    (continuous batching), as the n samples of one prompt; another seed gives other samples."""
+    ps = mixed_prompts(5, seed=7)
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=11, ignore_eos=True)
+    together = Engine(trained, max_batch=8, max_seq_len=64, speculate=2).generate(ps, params)
+    alone = [Engine(trained, max_batch=1, max_seq_len=64, speculate=2).generate([p], params)[0] for p in ps]
+    few = Engine(trained, max_batch=2, max_seq_len=64, speculate=2).generate(ps, params)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone] == [o.token_ids for o in few]
+    other = Engine(trained, max_batch=8, max_seq_len=64, speculate=2).generate(ps, SamplingParams(
+        temperature=1.0, top_p=0.9, max_tokens=10, seed=12, ignore_eos=True))
+    assert [o.token_ids for o in other] != [o.token_ids for o in together]
+    n4 = Engine(trained, max_batch=4, max_seq_len=64, speculate=2).generate(ps[:1], SamplingParams(
+        temperature=1.0, max_tokens=10, n=4, seed=100, ignore_eos=True))
+    for o in n4:
+        single = Engine(trained, max_batch=1, max_seq_len=64, speculate=2).generate(ps[:1], SamplingParams(
+            temperature=1.0, max_tokens=10, seed=100 + o.sample_index, ignore_eos=True))[0]
+        assert o.token_ids == single.token_ids
+
+
+def test_mixed_greedy_and_sampled_rows(trained):
+    """A batch mixing temperature-0 and sampled requests (the general verifier, greedy rows one-hot): the greedy
+    rows equal plain greedy decoding, the sampled ones their own run alone."""
+    ps = mixed_prompts(3, seed=9)
+    greedy = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    hot = SamplingParams(temperature=1.0, max_tokens=9, seed=4, ignore_eos=True)
+    eng = Engine(trained, max_batch=4, max_seq_len=64, speculate=2)
+    mixed, _ = run(eng, [(ps[0], greedy), (ps[1], hot), (ps[2], greedy)])
+    plain = Engine(trained, max_batch=4, max_seq_len=64).generate([ps[0], ps[2]], greedy)
+    hot_alone = Engine(trained, max_batch=1, max_seq_len=64, speculate=2).generate([ps[1]], hot)[0]
+    assert [mixed[0].token_ids, mixed[2].token_ids] == [o.token_ids for o in plain]
+    assert mixed[1].token_ids == hot_alone.token_ids
+
+
+def test_bad_arguments():
+    m = random_tiny()
+    with pytest.raises(ValueError, match="needs a model with an MTP module"):
+        Engine(Transformer(get_preset("tiny").replace(vocab_size=V, num_nextn_predict_layers=0)), speculate=1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Engine(m, speculate=-1)
+    eng = Engine(m, max_batch=2, max_seq_len=40, speculate=3)
+    assert eng.cache_len == 64 and eng.stats["acceptance_rate"] is None
