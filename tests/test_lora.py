@@ -323,3 +323,59 @@ def test_lora_trainer_keeps_the_base_frozen_in_bf16_without_masters(tmp_path):
     n_opt = sum(p.numel() for g in t.optimizer.param_groups for p in g["params"])
     assert n_opt == parameter_counts(model)[0] < parameter_counts(model)[1] / 10
     assert t.bias_gamma == 0.0  # the router bias belongs to the frozen base
+
+
+# ---------------------------------------------------------------------- GRPO with adapters
+def lora_grpo_run(tmp_path, seed: int) -> dict:
+    """test_grpo_learning's setup (a tiny model fine-tuned on one-digit addition), then 40 GRPO steps that train
+    rank-8 adapters only, with the KL to the base (adapters off) in the loss."""
+    from test_grpo_learning import CharTokenizer, sft, tiny_model
+
+    from r1lab.tasks.synthetic import Addition
+    from r1lab.train.grpo import GRPORecipe, GRPOTrainer, evaluate
+
+    torch.manual_seed(seed)
+    tok = CharTokenizer()
+    task = Addition(digits=1, template="{a}+{b}=")
+    train, test = task.problems(400, "train", seed=0), task.problems(60, "test", seed=1)
+    model = tiny_model(seed)
+    sft(model, tok, train, steps=150, seed=seed)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    r = GRPORecipe.defaults()
+    r.run.out, r.run.device, r.run.seed = str(tmp_path / f"run{seed}"), "cpu", seed
+    r.grpo.prompt_style, r.grpo.rewards, r.grpo.max_tokens = "raw", ["accuracy=1"], 4
+    r.grpo.prompts_per_step, r.grpo.group_size, r.grpo.beta = 16, 8, 0.01
+    r.optim.lr, r.train.batch_size, r.train.steps = 3e-3, 128, 40
+    r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 0
+    r.lora.rank, r.lora.alpha, r.lora.targets = 8, 16.0, ["all"]
+    trainer = GRPOTrainer(r, model, tok, [{"prompt": p.question, "answer": p.answer} for p in train], quiet=True)
+    assert trainer.ref is None and trainer.engine.model is model  # no second model, rollouts on the adapters
+
+    held_out = ([tok.encode(p.question) for p in test], [p.answer for p in test])
+    before = evaluate(trainer.engine, *held_out, samples=4, max_tokens=4)
+    before_greedy = evaluate(trainer.engine, *held_out, temperature=0, max_tokens=4)
+    trainer.fit()
+    after = evaluate(trainer.engine, *held_out, samples=4, max_tokens=4)
+    after_greedy = evaluate(trainer.engine, *held_out, temperature=0, max_tokens=4)
+    recs = [json.loads(ln) for ln in (tmp_path / f"run{seed}" / "metrics.jsonl").read_text().splitlines()]
+    first, last = (sum(x["reward"] for x in rs) / 5 for rs in (recs[:5], recs[-5:]))
+    print(f"seed {seed}: reward {first:.3f} -> {last:.3f}; held-out {before:.3f} -> {after:.3f}, greedy "
+          f"{before_greedy:.3f} -> {after_greedy:.3f}; kl {recs[-1]['kl']:.3f}")
+    frozen = {n[: -len(".base.weight")] + ".weight" if n.endswith(".base.weight") else n.replace(".base.", "."): p
+              for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(torch.equal(frozen[n], p) for n, p in base.items())  # the base never moved
+    return {"reward": last - first, "held_out": after - before, "greedy": after_greedy - before_greedy,
+            "kl": recs[-1]["kl"]}
+
+
+def test_lora_grpo_learns_with_the_base_as_kl_reference(tmp_path):
+    """Observed (torch 2.13 CPU, Intel Xeon, seeds 0-2): reward of the first 5 -> last 5 steps +0.09/+0.20/+0.14,
+    held-out sampled accuracy +0.31/+0.16/+0.13, greedy +0.18/+0.45/+0.18. Asserted on the means, with room for
+    other CPUs' rounding (test_grpo_learning.py explains why one seed's gain is a draw): +0.05, +0.06, +0.08. About
+    60 s."""
+    runs = [lora_grpo_run(tmp_path, seed) for seed in range(3)]
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("reward", "held_out", "greedy")}
+    print("mean gains", {k: round(v, 3) for k, v in mean.items()})
+    assert mean["reward"] >= 0.05 and mean["held_out"] >= 0.06 and mean["greedy"] >= 0.08, mean
+    assert all(r["kl"] > 0 for r in runs)  # measured against the base: the adapters moved the policy from it

@@ -37,6 +37,7 @@ a resumed run sees the prompts (and, on the CPU, the samples) the uninterrupted 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -48,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .. import parallel
+from .. import lora, parallel
 from ..data import BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
 from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
@@ -420,9 +421,13 @@ class GRPOTrainer(Trainer):
                              f"{limit} positions")
         self.order = BatchOrder(len(rows), g.prompts_per_step, recipe.run.seed, recipe.data.shuffle)
         self.share = g.prompts_per_step // self.world  # prompts (groups) this rank samples per rollout
-        # The reference: a frozen copy in the compute dtype, none at all when beta = 0.
+        # The reference: a frozen copy in the compute dtype, none at all when beta = 0. With LoRA it is the policy
+        # with its adapters off (see _optimise): no second model.
         self.ref = None
-        if g.beta > 0:
+        if g.beta > 0 and self.use_lora and g.ref_sync_every:
+            raise ValueError("grpo.ref_sync_every: with LoRA the KL reference is the base model (the adapters off), "
+                             "which does not move; set grpo.ref_sync_every = 0")
+        if g.beta > 0 and not self.use_lora:
             ref = copy.deepcopy(model) if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
             self.ref = ref.eval().requires_grad_(False)
         # Built after MasterWeights cast the model: the engine (and its CUDA graph) sees the final tensors,
@@ -565,11 +570,12 @@ class GRPOTrainer(Trainer):
         host = to_device(host, dev)
         adv, old = host[:, 0], host[:, 1:]
         ref_logp = None
-        if self.ref is not None:  # once per rollout batch; the reference does not move within it
+        if g.beta > 0:  # once per rollout batch; the reference does not move within it
             ref_logp = []
-            with torch.no_grad():
+            ref = self.ref if self.ref is not None else model
+            with torch.no_grad(), lora.adapters_off(model) if self.ref is None else contextlib.nullcontext():
                 for s in range(0, N, micro):
-                    lp, _, _ = completion_logprobs(self.ref, b.prompt_ids[s:s + micro], b.completion_ids[s:s + micro],
+                    lp, _, _ = completion_logprobs(ref, b.prompt_ids[s:s + micro], b.completion_ids[s:s + micro],
                                                    g.temperature, compiled=self.recipe.train.compile)
                     ref_logp += [lp[i, : len(c)] for i, c in enumerate(b.completion_ids[s:s + micro])]
         model.train()
