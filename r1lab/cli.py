@@ -109,7 +109,8 @@ def _load_for_generation(args):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_pretrained(args.model, device=device, dtype=dtype)
     tok = load_tokenizer(args.model)
-    return Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len), tok
+    eng = Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len, speculate=args.speculate)
+    return eng, tok
 
 
 class _Streamer:
@@ -147,9 +148,13 @@ def cmd_generate(args) -> None:
         stream = _Streamer(tok)
         (out,) = eng.generate([ids], _params(args), on_token=lambda p, s, t: stream(t))
         print(f"\n[{out.finish_reason}, {len(out.token_ids)} tokens]")
-        return
-    for out in eng.generate([ids], _params(args)):
-        print(f"--- sample {out.sample_index} [{out.finish_reason}, {len(out.token_ids)} tokens]\n{out.text}")
+    else:
+        for out in eng.generate([ids], _params(args)):
+            print(f"--- sample {out.sample_index} [{out.finish_reason}, {len(out.token_ids)} tokens]\n{out.text}")
+    if args.speculate:
+        st = eng.stats
+        print(f"[speculate {args.speculate}: {st['accepted']} of {st['drafted']} drafted tokens accepted, "
+              f"{st['tokens_per_step'] or 0:.2f} tokens per step]")
 
 
 def cmd_chat(args) -> None:
@@ -198,6 +203,9 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + generation positions per sequence (default: the model's, at most 4096)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="speculative decoding: draft K tokens per step with the model's MTP module and verify them "
+                        "in one forward; the output is distributed as without (default: 0 = off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -429,3 +429,31 @@ def test_acceptance_of_the_trained_draft_and_after_sft(trained):
     assert res["pretrained k=1 T=0.0"] > 0.9 and res["pretrained k=2 T=0.0"] > 0.8
     for k in (1, 2):
         assert res[f"sft mtp_weight=0.3 k={k} T=0.0"] > res[f"sft mtp_weight=0.0 k={k} T=0.0"] + 0.2
+
+
+def test_cli_generate_and_chat_take_speculate(tmp_path, capsys, monkeypatch):
+    """`r1lab generate --speculate K` prints what --speculate 0 prints (greedy), plus the draft's counts;
+    `r1lab chat --speculate 1` answers; a model without an MTP module is a one-line error."""
+    import io
+
+    from r1lab import save_pretrained
+    from r1lab.cli import main as cli_main
+
+    tok = load_tokenizer()
+    save_pretrained(random_tiny(vocab=tok.vocab_size, seed=2), tmp_path / "ck")
+    base = ["generate", "--model", str(tmp_path / "ck"), "--prompt", "Hello", "--max-tokens", "10",
+            "--temperature", "0", "--device", "cpu"]
+    assert cli_main(base) == 0
+    plain = capsys.readouterr().out
+    assert cli_main(base + ["--speculate", "2"]) == 0
+    spec = capsys.readouterr().out
+    assert spec.startswith(plain) and "drafted tokens accepted" in spec[len(plain):]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert cli_main(["chat", "--model", str(tmp_path / "ck"), "--max-tokens", "4", "--device", "cpu",
+                     "--speculate", "1"]) == 0
+    assert capsys.readouterr().out.count("> ") == 2
+    save_pretrained(Transformer(get_preset("tiny").replace(num_nextn_predict_layers=0)).init_weights(seed=1),
+                    tmp_path / "no_mtp")
+    assert cli_main(["generate", "--model", str(tmp_path / "no_mtp"), "--prompt", "Hi", "--speculate", "1",
+                     "--device", "cpu"]) == 2
+    assert "needs a model with an MTP module" in capsys.readouterr().err
