@@ -1,10 +1,24 @@
 """Test-suite setup. Without a GPU, Triton's kernels run through its interpreter (tests/test_kernels.py);
 the switch must be set before triton is first imported, hence here. Nothing routes other CPU work through
-the kernels (r1lab.model.kernels.CPU_INTERPRET stays off outside those tests)."""
+the kernels (r1lab.model.kernels.CPU_INTERPRET stays off outside those tests).
 
+torch.compile's kernels go to a cache of this run's own (unless TORCHINDUCTOR_CACHE_DIR is set): Inductor's shared
+cache (/tmp/torchinductor_$USER) is not keyed on ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS or the OpenMP thread
+count, and reusing kernels compiled under other settings crashed the compiled-update and compiled-decode tests
+(segmentation fault, abort) when the suite was run under those settings one after another; with a fresh cache
+each passes."""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="r1lab-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
