@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from r1lab.grading import extract_answer, math_equal
 from r1lab.speedrun import PRESETS, STAGES, Speedrun, parse_stages
 from r1lab.speedrun import data as sdata
 from r1lab.speedrun.vocab import build_task_tokenizer
@@ -108,19 +109,31 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
 
     prompts = [sdata.CHAT_TEMPLATE.format(question=r["prompt"]) for r in rows]
     completions = [r["response"].removeprefix("<think>\n") for r in rows]
-    answers = [str(eval(r["prompt"].removeprefix("What is ").rstrip("?"))) for r in rows]  # "a + b" of digits
+    answers = [str(sum(int(w[1:]) for w in r["prompt"].removeprefix("Add ").rstrip(".").split()))
+               for r in rows]  # "Add a3 b5." -> 8
     assert accuracy_reward(prompts, completions, answer=answers) == [1.0] * len(rows)
     assert format_reward(prompts, completions) == [1.0] * len(rows)
     # Evaluation of every stage, and the report card with its plots.
     ev = state["stages"]["eval"]
     for key in ("base", "r1-zero", "cold-start", "reasoning-rl", "student-distill", "student-control"):
-        assert 0.0 <= ev[key]["pass@1"] <= 1.0 and 0.0 <= ev[key]["cons@k"] <= 1.0
         lines = (out / "eval" / f"{key}.jsonl").read_text().splitlines()
         assert len(lines) == PRESETS["mini"].eval_problems * PRESETS["mini"].eval_k
+        # The stage's numbers are its samples' verdicts, regraded here from the text: every problem has k
+        # samples, so pass@1 (the mean over problems of correct / k) is the share of correct samples.
+        recs = [json.loads(ln) for ln in lines]
+        regraded = [math_equal(extract_answer(r["text"]), r["reference"]) for r in recs]
+        assert regraded == [r["correct"] for r in recs]
+        assert ev[key]["pass@1"] == pytest.approx(sum(regraded) / len(recs))
+        assert 0.0 <= ev[key]["cons@k"] <= 1.0
     assert len(ev["expert_load"]) == 2 and all(abs(sum(row) - 1) < 1e-5 for row in ev["expert_load"])
     report = (out / "report.md").read_text()
     assert "| 3 reasoning RL |" in report and "Hardware:" in report and "Commit:" in report
-    for png in ("rl_reward", "rl_length", "accuracy", "expert_load"):
+    assert "## What the models write" in report and "Response classifier" in report
+    assert report.count("SE)") >= 5  # the signature's claims, each with its margin in standard errors
+    samples = [json.loads(ln) for ln in (out / "1-r1-zero/samples.jsonl").read_text().splitlines()]
+    mini = PRESETS["mini"]
+    assert len(samples) == mini.rl_steps * mini.prompts_per_step * mini.group_size  # every sample, classified
+    for png in ("rl_curves", "accuracy", "expert_load"):
         data = (out / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png}.png" in report
     # --stages reruns part of the recipe on the same folder.
@@ -144,3 +157,41 @@ def test_command_line_errors_are_clear(tmp_path, capsys):
     assert "holds a speedrun of preset 'mini'" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "b")]) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_response_classifier_and_accuracy_per_type():
+    from r1lab.speedrun.report import accuracy_by_type, check_changes, classify_response
+
+    direct = " The answer is 23. </think> <answer>23</answer>"
+    restated = " 3 + 5 + 2 + 4 = 14. </think> <answer>14</answer>"  # one written step: still at once
+    worked = " a7+b3=10, 10+c5=15, 15+d8=23. The answer is 23. </think> <answer>23</answer>"
+    spaced = " Step by step: 3 + 5 = 8, so 8 + 2 + 4. 8 + 2 = 10, so 10 + 4. 10 + 4 = 14."  # no </think>: all text
+    checked = (" a7+b3=10, 10+c5=15. Check: 15-c5=10, 10-b3=7, 7-a7=0. The answer is 15. </think> "
+               "<answer>15</answer>")
+    fixed = (" a7+b3=10, 10+c5=16. Check: 16-c5=11, not 10. Wait: 10+c5=15. The answer is 15. </think> "
+             "<answer>15</answer>")
+    after = " The answer is 15. </think> check: 7+3=10, 10+5=15 <answer>15</answer>"  # steps after the think block
+    assert [classify_response(t) for t in (direct, restated, worked, spaced, checked, fixed, after)] == [
+        "direct", "direct", "worked", "worked", "checked", "checked", "direct"]
+    recs = [{"text": direct, "correct": True}, {"text": direct, "correct": False}, {"text": restated, "correct": False},
+            {"text": worked, "correct": True}, {"text": checked, "correct": True}, {"text": fixed, "correct": False}]
+    t = accuracy_by_type(recs)
+    assert t["direct"] == {"n": 3, "share": 0.5, "accuracy": 1 / 3}
+    assert t["worked"] == {"n": 1, "share": 1 / 6, "accuracy": 1.0}
+    assert t["checked"] == {"n": 2, "share": 1 / 3, "accuracy": 0.5}
+    assert accuracy_by_type([])["worked"]["accuracy"] is None
+    # A check "changed the answer" when the last step before it disagrees with the final answer.
+    recs = [{"text": checked, "extracted": "15", "correct": True}, {"text": fixed, "extracted": "15", "correct": True},
+            {"text": fixed, "extracted": "16", "correct": False}, {"text": worked, "extracted": "23", "correct": True}]
+    assert check_changes(recs) == {"checked": 3, "changed": 1, "changed_right": 1}
+
+
+def test_paired_margin_counts_problems_not_samples():
+    from r1lab.speedrun.report import _per_problem, paired_margin
+
+    recs = [{"problem_id": p, "correct": c} for p, c in (("x", 1), ("x", 1), ("y", 1), ("y", 0))]
+    a = _per_problem(recs, lambda r: r["correct"])
+    assert a == {"x": 1.0, "y": 0.5}
+    diff, se = paired_margin({"x": 1.0, "y": 0.5, "z": 0.0}, {"x": 0.5, "y": 0.5, "z": 0.0, "w": 1.0})
+    # differences 0.5, 0, 0 over the 3 shared problems: mean 1/6, sd sqrt(1/12), se sqrt(1/12 / 3) = 1/6
+    assert abs(diff - 1 / 6) < 1e-12 and abs(se - 1 / 6) < 1e-12

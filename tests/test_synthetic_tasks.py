@@ -3,10 +3,12 @@
 import pytest
 
 from r1lab.grading import extract_answer, math_equal
-from r1lab.tasks.synthetic import TASKS, Arithmetic, Countdown, LinearEquation, load_task, parse_expression
+from r1lab.tasks.synthetic import (TASKS, Arithmetic, Countdown, LinearEquation, RunningSum, load_task,
+                                   parse_expression)
 
 SMALL = {"addition": {"digits": 1}, "arithmetic": {"digits": 1, "n_operands": 2},
-         "countdown": {"n_numbers": 3, "max_target": 30, "max_number": 6}, "linear": {"max_coef": 3}}
+         "countdown": {"n_numbers": 3, "max_target": 30, "max_number": 6}, "linear": {"max_coef": 3},
+         "running-sum": {"n_operands": 2}}
 
 
 def _key(p):
@@ -104,3 +106,25 @@ def test_linear_answers_are_integers_and_solve_the_equation():
 def test_registry_rejects_unknown_task():
     with pytest.raises(ValueError):
         load_task("nope")
+
+
+def test_running_sum_steps_are_local_and_checks_catch_the_slip():
+    import random
+
+    t = RunningSum(n_operands=4)
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"  # a known instance
+    assert t.solution(p) == "a7+b3=10, 10+c5=15, 15+d8=23. The answer is 23."
+    assert t.checked_solution(p) == ("a7+b3=10, 10+c5=15, 15+d8=23. Check: 23-d8=15, 15-c5=10, 10-b3=7, 7-a7=0. "
+                                     "The answer is 23.")
+    for seed in range(40):  # every slip is caught where the remainder stops matching, then fixed
+        for q in t.problems(5, "train", seed):
+            text = t.fixed_solution(q, random.Random(seed))
+            assert ", not " in text and ". Wait: " in text
+            assert extract_answer(text) == q.answer and RunningSum.verify(q, extract_answer(text))
+            wrong = text.split(". Check:")[0].rsplit("=", 1)[1]
+            assert wrong != q.answer  # the slip carried to the first pass's total
+    q = t.problems(1, "test", 0)[0]
+    assert q.question.startswith("Add a") and q.question.count(" ") == 4 and q.answer == str(sum(q.meta["operands"]))
+    with pytest.raises(ValueError, match="n_operands"):
+        RunningSum(n_operands=1)

@@ -40,7 +40,7 @@ def cmd_speedrun(args) -> None:
     from .report import claims, headline
 
     print(headline(run.state))
-    print("\n".join(claims(run.state)))
+    print("\n".join(claims(run.state, run.out)))
     print(f"report: {run.out / 'report.md'}")
 
 

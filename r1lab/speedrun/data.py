@@ -3,9 +3,10 @@
 Every file is JSON Lines that the stand-alone commands read too (`r1lab pretrain / sft / grpo / eval`):
 
   corpus.jsonl      {"text"}: pretraining documents, R1-Zero-formatted dialogues. Most answer at once (the
-                    think block only restates the sum); a share `reasoning_share` carries a worked solution in
-                    the think block, as web text holds some reasoning. The base model can thus sometimes reason,
-                    and RL has something to reinforce.
+                    think block only states the answer); a share `reasoning_share` carries a worked solution in
+                    the think block, as web text holds some reasoning, and of those some check their result and
+                    a few catch and fix a slip (`worked_body`). The base model can thus sometimes reason, and
+                    RL has something to reinforce.
   zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (`ZERO_TEMPLATE`), for `r1lab grpo` in raw style
   prompts.jsonl     {"prompt", "answer"}: bare questions, for `r1lab grpo` in chat style
   cold_start.jsonl  {"prompt", "response"}: a small set of long, well-formatted worked solutions (cold start)
@@ -43,6 +44,19 @@ def solution_body(task, p: Problem) -> str:
     if isinstance(task, Arithmetic) and set(task.ops) <= {"+", "-"}:
         return chain_solution(p.question)
     return p.solution if p.solution else task.solution(p)
+
+
+def worked_body(task, p: Problem, rng: random.Random, check_share: float, fix_share: float) -> str:
+    """A worked solution of the corpus: for a task that can check its result (`checked_solution`), a share
+    `fix_share` makes a slip that the check catches and fixes, a share `check_share` checks a right result, the
+    rest just works the answer out; for other tasks `solution_body`."""
+    if hasattr(task, "checked_solution"):
+        u = rng.random()
+        if u < fix_share:
+            return task.fixed_solution(p, rng)
+        if u < fix_share + check_share:
+            return task.checked_solution(p)
+    return solution_body(task, p)
 
 
 def chain_solution(question: str) -> str:
@@ -91,10 +105,13 @@ def write_jsonl(path: Path, rows) -> int:
 
 
 def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
-               cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0) -> dict[str, int]:
+               cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
+               check_share: float = 0.0, fix_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
-    problems of every size): their bare answers are the facts the worked solutions of the main task use."""
+    problems of every size): their bare answers are the facts the worked solutions of the main task use.
+    `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip
+    (`worked_body`)."""
     rng = random.Random(f"speedrun-corpus:{seed}")
     n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
     corpus = task.problems(corpus_docs - n_easy, "train", seed)
@@ -103,7 +120,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
         random.Random(f"speedrun-mix:{seed}").shuffle(corpus)
 
     def doc(p: Problem) -> dict:
-        body = solution_body(task, p) if rng.random() < reasoning_share else bare_body(p)
+        body = worked_body(task, p, rng, check_share, fix_share) if rng.random() < reasoning_share else bare_body(p)
         return {"text": ZERO_TEMPLATE.format(question=p.question) + zero_completion(body, p.answer)}
 
     rl = task.problems(rl_prompts, "train", seed + 1)

@@ -50,6 +50,8 @@ class Preset:
     task_knobs: tuple = (("digits", 1), ("ops", ("+",)), ("n_operands", 4))
     corpus_docs: int = 24_000
     reasoning_share: float = 0.3  # share of pretraining documents with a worked solution
+    check_share: float = 0.0  # share of the worked documents that check their result (tasks that can)
+    fix_share: float = 0.0  # share of the worked documents that make a slip, catch it and fix it
     seq_len: int = 128
     pretrain_steps: int = 800
     pretrain_batch: int = 32
@@ -85,10 +87,11 @@ PRESETS: dict[str, Preset] = {
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
                   rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8),
-    # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough one-digit addition
-    # for rejection sampling to keep something; the numbers mean nothing else.
-    "mini": Preset(model="speedrun-student", task="addition", task_knobs=(("digits", 1),), corpus_docs=2000,
-                   reasoning_share=0.5, seq_len=64, pretrain_steps=200, pretrain_batch=16, student_pretrain_steps=3,
+    # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
+    # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
+    "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
+                   reasoning_share=0.5, check_share=0.3, fix_share=0.1, seq_len=64, pretrain_steps=200,
+                   pretrain_batch=16, student_pretrain_steps=3,
                    rl_prompts=64, rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
                    cold_start=64, sft_steps=60, sft_batch=8, rejection_prompts=64, rejection_samples=4,
                    rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=3, eval_problems=8, eval_k=2),
@@ -270,7 +273,8 @@ class Speedrun:
 
         p = self.p
         counts = sdata.write_data(self.data, self.task, corpus_docs=p.corpus_docs, reasoning_share=p.reasoning_share,
-                                  rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed)
+                                  rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed,
+                                  check_share=p.check_share, fix_share=p.fix_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         results = {"data": counts, "vocab_size": tok.vocab_size}
@@ -296,7 +300,7 @@ class Speedrun:
         g.prompts_per_step, g.group_size, g.max_tokens = p.prompts_per_step, p.group_size, p.max_tokens
         g.rewards = ["accuracy=1.0", "format=0.5"]
         g.beta, g.eps_low, g.eps_high, g.loss_agg = 0.0, 0.2, 0.28, "token"
-        g.log_samples = 4
+        g.log_samples = p.prompts_per_step * p.group_size  # every sample: the report classifies them per step
         last = self._train(grpo, r)
         return {"reward": last.get("reward"), "accuracy": last.get("accuracy")}
 

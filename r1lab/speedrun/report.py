@@ -8,8 +8,10 @@ run's own files (speedrun.json, the trainers' metrics.jsonl, the evaluation samp
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -19,6 +21,36 @@ STAGE_LABELS = {"base": "0 base (pretrained)", "r1-zero": "1 R1-Zero (RL on base
                 "reasoning-rl": "3 reasoning RL", "student-distill": "5 student, distilled",
                 "student-control": "5 student, control (cold-start data)"}
 RL_RUNS = (("R1-Zero", "1-r1-zero"), ("reasoning RL", "3-reasoning-rl"))
+
+# The response classifier. A written step is one operation with its result, "15+d8=23", "3 + 5 = 8" or
+# "44-h6=38" (an operand may carry its letter tag); the think block is what comes before </think> (all of the
+# text when there is none).
+RESPONSE_TYPES = ("direct", "worked", "checked")
+CLASSIFIER_RULE = ("a response *answers at once* when its think block has fewer than two written steps (an "
+                   "operation with its result, like `15+d8=23` or `3 + 5 = 8`), *works it out* with two or more, "
+                   "and *works it out and checks* when it also says \"check\" or \"wait\"")
+_STEP = re.compile(r"\d+ ?[-+*] ?[a-z]?\d+ ?= ?-?\d+")
+_CHECK = re.compile(r"\b(check|wait)\b", re.IGNORECASE)
+
+
+def classify_response(text: str) -> str:
+    """"direct", "worked" or "checked", by CLASSIFIER_RULE."""
+    think = text.split("</think>", 1)[0]
+    if len(_STEP.findall(think)) < 2:
+        return "direct"
+    return "checked" if _CHECK.search(think) else "worked"
+
+
+def accuracy_by_type(records) -> dict[str, dict[str, float]]:
+    """{type: {"n", "share", "accuracy"}} over records with "text" and "correct" (evaluation samples);
+    accuracy is None for a type with no response."""
+    counts = {t: [0, 0] for t in RESPONSE_TYPES}
+    for r in records:
+        c = counts[classify_response(r["text"])]
+        c[0] += 1
+        c[1] += bool(r["correct"])
+    total = sum(n for n, _ in counts.values()) or 1
+    return {t: {"n": n, "share": n / total, "accuracy": right / n if n else None} for t, (n, right) in counts.items()}
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -37,32 +69,30 @@ def _plots(out: Path, state: dict) -> list[tuple[str, str]]:
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
     figs: list[tuple[str, str]] = []
-    runs = [(name, _metrics(out / rel / "metrics.jsonl")) for name, rel in RL_RUNS]
-    runs = [(n, m) for n, m in runs if m]
+    runs = [(name, rl_curves(out / rel)) for name, rel in RL_RUNS]
+    runs = [(n, c) for n, c in runs if c]
     if runs:
-        fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 3.6), squeeze=False)
-        for ax, (name, recs) in zip(axes[0], runs):
-            steps = [r["step"] for r in recs]
-            ax.plot(steps, [r["reward"] for r in recs], label="reward (accuracy + 0.5 format)")
-            ax.plot(steps, [r.get("accuracy") or 0.0 for r in recs], label="accuracy (training samples)")
-            ax.set(title=name, xlabel="RL step", ylim=(0, 1.55))
+        # One figure per the R1 paper's: what the policy writes, how well, and how long, against RL steps.
+        fig, axes = plt.subplots(1, len(runs), figsize=(5.8 * len(runs), 3.8), squeeze=False)
+        for ax, (name, curve) in zip(axes[0], runs):
+            steps = [c["step"] for c in curve]
+            for key, label in (("reasoning", "reasoning share"), ("checked", "self-check share"),
+                               ("accuracy", "accuracy (training samples)")):
+                ax.plot(steps, [c[key] for c in curve], label=label)
+            ax.plot(steps, [c["reward"] / 1.5 for c in curve], label="reward / 1.5", linestyle=":")
+            ax.set(title=name, xlabel="RL step", ylabel="share of responses", ylim=(0, 1.02))
             ax.grid(alpha=0.3)
-            ax.legend(loc="lower right", fontsize=8)
+            right = ax.twinx()
+            right.plot(steps, [c["length"] for c in curve], color="black", linestyle="--", label="mean length")
+            right.set(ylabel="mean response tokens", ylim=(0, None))
+            lines = ax.get_legend_handles_labels()
+            more = right.get_legend_handles_labels()
+            ax.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "rl_reward.png", dpi=110)
+        fig.savefig(folder / "rl_curves.png", dpi=110)
         plt.close(fig)
-        figs.append(("Reward and accuracy against RL steps", "plots/rl_reward.png"))
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for name, recs in runs:
-            ax.plot([r["step"] for r in recs], [r["response_len_mean"] for r in recs], label=name)
-        ax.set(title="Response length", xlabel="RL step", ylabel="mean tokens per response")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / "rl_length.png", dpi=110)
-        plt.close(fig)
-        figs.append(("Response length against RL steps", "plots/rl_length.png"))
+        figs.append(("Reasoning share, self-check share, accuracy, reward and length against RL steps",
+                     "plots/rl_curves.png"))
 
     ev = state.get("stages", {}).get("eval", {})
     rows = [(k, ev[k]) for k in STAGE_LABELS if k in ev]
@@ -94,6 +124,163 @@ def _plots(out: Path, state: dict) -> list[tuple[str, str]]:
     return figs
 
 
+# ---------------------------------------------------------------------- reasoning: response types and margins
+def _samples(out: Path, key: str) -> list[dict]:
+    """The evaluation samples of one stage (eval/<key>.jsonl), or []."""
+    path = out / "eval" / f"{key}.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def _per_problem(records, value) -> dict[str, float]:
+    """Mean of `value(record)` over each problem's samples, by problem id."""
+    acc: dict[str, list[float]] = {}
+    for r in records:
+        acc.setdefault(r["problem_id"], []).append(float(value(r)))
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def paired_margin(a: dict[str, float], b: dict[str, float]) -> tuple[float, float]:
+    """Mean of a - b over the problems both hold, and its standard error. Paired by problem: a problem's
+    samples average into one number first, so the error counts problems (the independent draws), not the
+    correlated samples of one problem."""
+    d = [a[k] - b[k] for k in sorted(a.keys() & b.keys())]
+    if len(d) < 2:
+        return (d[0] if d else 0.0), math.nan
+    m = sum(d) / len(d)
+    return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def _z(diff: float, se: float) -> float:
+    if math.isnan(se):
+        return math.nan
+    return diff / se if se > 0 else (math.inf if diff > 0 else -math.inf if diff < 0 else 0.0)
+
+
+def check_changes(records) -> dict[str, int]:
+    """Among responses that work it out and check: how many checks changed the answer (the result of the last
+    step before the check differs from the final answer) and how many of the changed answers are right."""
+    checked = changed = right = 0
+    for r in records:
+        if classify_response(r["text"]) != "checked":
+            continue
+        checked += 1
+        think = r["text"].split("</think>", 1)[0]
+        steps = _STEP.findall(think[:_CHECK.search(think).start()])
+        before = steps[-1].rsplit("=", 1)[1].strip() if steps else None
+        if before is not None and before != (r.get("extracted") or "").strip():
+            changed += 1
+            right += bool(r["correct"])
+    return {"checked": checked, "changed": changed, "changed_right": right}
+
+
+def _types_table(out: Path) -> list[str]:
+    lines = ["| stage | answers at once | works it out | works it out and checks | accuracy: at once | works it "
+             "out | checks |", "|---|---|---|---|---|---|---|"]
+    for key, label in STAGE_LABELS.items():
+        recs = _samples(out, key)
+        if not recs:
+            continue
+        t = accuracy_by_type(recs)
+        acc = [f"{100 * t[k]['accuracy']:.1f}% ({t[k]['n']})" if t[k]["n"] else "-" for k in RESPONSE_TYPES]
+        lines.append(f"| {label} | " + " | ".join(f"{100 * t[k]['share']:.1f}%" for k in RESPONSE_TYPES)
+                     + " | " + " | ".join(acc) + " |")
+    return lines
+
+
+def _reasons(r) -> float:
+    return classify_response(r["text"]) != "direct"
+
+
+def _checks(r) -> float:
+    return classify_response(r["text"]) == "checked"
+
+
+def signature(out: Path) -> list[str]:
+    """R1-Zero's signature and the later stages' claims, each with its margin in standard errors of the
+    difference (paired by problem); a claim is "yes" only at >= 3 SE, and a target's threshold is stated."""
+    base, zero = _samples(out, "base"), _samples(out, "r1-zero")
+    lines: list[str] = []
+
+    def claim(text: str, diff: float, se: float, unit: str, target: str = "") -> None:
+        z = _z(diff, se)
+        verdict = "yes" if z >= 3 else "NO"
+        lines.append(f"- {verdict}: {text} ({diff:+.1f}{unit}, {z:.1f} SE){target}")
+
+    if base:
+        t = accuracy_by_type(base)
+        share = t["worked"]["share"] + t["checked"]["share"]
+        lines.append(f"- base reasoning share (works it out, with or without a check): {100 * share:.1f}% "
+                     f"(target <= 40%: {'met' if share <= 0.40 else 'not met'})")
+        nd, nw = t["direct"]["n"], t["worked"]["n"] + t["checked"]["n"]
+        if nd and nw:
+            pd = t["direct"]["accuracy"]
+            pw = ((t["worked"]["accuracy"] or 0) * t["worked"]["n"] + (t["checked"]["accuracy"] or 0)
+                  * t["checked"]["n"]) / nw
+            se = math.sqrt(pd * (1 - pd) / nd + pw * (1 - pw) / nw)  # binomial over samples, unpaired
+            claim(f"the base's worked answers are more accurate than its direct ones ({100 * pd:.1f}% of {nd} "
+                  f"direct vs {100 * pw:.1f}% of {nw} worked; SE binomial over samples)", 100 * (pw - pd),
+                  100 * se, " points", f"; target gap >= 20 points: {'met' if pw - pd >= 0.20 else 'not met'}")
+    if base and zero:
+        tz = accuracy_by_type(zero)
+        share = tz["worked"]["share"] + tz["checked"]["share"]
+        d, se = paired_margin(_per_problem(zero, _reasons), _per_problem(base, _reasons))
+        claim(f"R1-Zero RL raises the reasoning share to {100 * share:.1f}%", 100 * d, 100 * se, " points",
+              f"; target >= 80%: {'met' if share >= 0.80 else 'not met'}")
+        lb = sum(r["num_tokens"] for r in base) / len(base)
+        lz = sum(r["num_tokens"] for r in zero) / len(zero)
+        d, se = paired_margin(_per_problem(zero, lambda r: r["num_tokens"]),
+                              _per_problem(base, lambda r: r["num_tokens"]))
+        claim(f"R1-Zero RL lengthens responses, {lb:.0f} -> {lz:.0f} tokens ({lz / lb:.2f}x)", d, se, " tokens",
+              f"; target >= 2x: {'met' if lz >= 2 * lb else 'not met'}")
+        d, se = paired_margin(_per_problem(zero, lambda r: r["correct"]), _per_problem(base, lambda r: r["correct"]))
+        claim("R1-Zero RL raises pass@1 over the base", 100 * d, 100 * se, " points",
+              f"; target >= +15 points: {'met' if d >= 0.15 else 'not met'}")
+        d, se = paired_margin(_per_problem(zero, _checks), _per_problem(base, _checks))
+        claim(f"R1-Zero RL raises the self-check share, {100 * accuracy_by_type(base)['checked']['share']:.1f}% -> "
+              f"{100 * tz['checked']['share']:.1f}%", 100 * d, 100 * se, " points")
+    for text, a, b in (("reasoning RL raises pass@1 over cold start", "reasoning-rl", "cold-start"),
+                       ("the distilled student beats the control student", "student-distill", "student-control")):
+        ra, rb = _samples(out, a), _samples(out, b)
+        if ra and rb:
+            d, se = paired_margin(_per_problem(ra, lambda r: r["correct"]), _per_problem(rb, lambda r: r["correct"]))
+            claim(text, 100 * d, 100 * se, " points")
+    return lines
+
+
+def _sample_lines(out: Path) -> list[str]:
+    """Two responses per stage chosen by a fixed rule: the first held-out problem, samples 0 and 1."""
+    lines: list[str] = []
+    for key, label in STAGE_LABELS.items():
+        recs = [r for r in _samples(out, key) if r["problem_id"] == "test/0" and r.get("sample_index", 0) < 2]
+        if recs:
+            lines += [f"**{label}**", "", "```"]
+            lines += [f"[{classify_response(r['text'])}, {'right' if r['correct'] else 'wrong'}] {r['text'].strip()}"
+                      for r in sorted(recs, key=lambda r: r.get("sample_index", 0))]
+            lines += ["```", ""]
+    return lines
+
+
+def rl_curves(run_dir: Path) -> list[dict]:
+    """Per RL step, over every logged training sample (samples.jsonl): reasoning share, self-check share,
+    accuracy; with reward and mean response length from metrics.jsonl."""
+    by_step: dict[int, list[dict]] = {}
+    path = run_dir / "samples.jsonl"
+    if path.is_file():
+        for ln in path.read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                by_step.setdefault(r["step"], []).append(r)
+    out = []
+    for m in _metrics(run_dir / "metrics.jsonl"):
+        recs = by_step.get(m["step"], [])
+        kinds = [classify_response(r["completion"]) for r in recs]
+        n = len(kinds) or 1
+        out.append({"step": m["step"], "reward": m["reward"], "accuracy": m.get("accuracy") or 0.0,
+                    "length": m["response_len_mean"], "reasoning": sum(k != "direct" for k in kinds) / n,
+                    "checked": sum(k == "checked" for k in kinds) / n, "samples": len(kinds)})
+    return out
+
+
 def headline(state: dict) -> str:
     """The accuracy table (markdown) of every evaluated stage."""
     ev = state.get("stages", {}).get("eval", {})
@@ -106,8 +293,12 @@ def headline(state: dict) -> str:
     return "\n".join(lines)
 
 
-def claims(state: dict) -> list[str]:
-    """The three comparisons the R1 paper makes, checked on this run's numbers."""
+def claims(state: dict, folder: Path | None = None) -> list[str]:
+    """The comparisons the R1 paper makes, checked on this run's numbers: with the run `folder` (its evaluation
+    samples), R1-Zero's signature too, each with its margin in standard errors (`signature`); without, the
+    plain accuracy order."""
+    if folder is not None and _samples(Path(folder), "base"):
+        return signature(Path(folder))
     ev = state.get("stages", {}).get("eval", {})
     out = []
     for label, a, b in (("R1-Zero RL raises accuracy over the base", "r1-zero", "base"),
@@ -136,7 +327,18 @@ def write_report(out: Path, state: dict) -> Path:
                   f"speedrun's task vocabulary of {pre.get('vocab_size')} tokens (characters, the R1 markers and the "
                   f"corpus's frequent words; r1lab.speedrun.vocab), not DeepSeek's 129,280, whose output layer would "
                   f"dominate a model this small.", ""]
-    lines += ["## Held-out accuracy", "", headline(state), "", *claims(state), ""]
+    lines += ["## Held-out accuracy", "", headline(state), "", *claims(state, out), ""]
+    types = _types_table(out)
+    if len(types) > 2:
+        lines += ["## What the models write", "", f"Response classifier (rule-based): {CLASSIFIER_RULE}. Share of "
+                  f"each type among the held-out samples, and accuracy per type (with the number of samples):", "",
+                  *types, ""]
+        ch = check_changes(_samples(out, "r1-zero"))
+        if ch["checked"]:
+            lines += [f"R1-Zero's checks: {ch['checked']} responses check their result; {ch['changed']} of the "
+                      f"checks changed the answer, and {ch['changed_right']} of the changed answers are right.", ""]
+        lines += ["Samples by a fixed rule (the first held-out problem, its first two samples):", "",
+                  *_sample_lines(out)]
     rej = st.get("rejection")
     if rej:
         lines += [f"Rejection sampling: {rej['sampled']:,} samples from the RL model, {rej['correct']:,} correct, "

@@ -17,7 +17,10 @@ ending with "The answer is X." that `r1lab.grading.extract_answer` reads back; `
 - `Countdown(n_numbers, max_target)`: reach the target from the given numbers with + - * / and parentheses,
   each number at most once; the answer is an expression, checked by a small parser (never `eval`) with exact
   fractions. Only solvable instances are generated (the target is built from a random expression);
-- `LinearEquation(max_coef)`: solve `a*x + b = c` for the integer x.
+- `LinearEquation(max_coef)`: solve `a*x + b = c` for the integer x;
+- `RunningSum(n_operands)`: the sum of many tagged one-digit numbers ("Add a7 b3 c5 d8."), a serial task whose
+  worked solution is a running sum with one local step per operand ("a7+b3=10, 10+c5=15, 15+d8=23."), with
+  variants that check the result backwards and that catch and fix a slip (`checked_solution`, `fixed_solution`).
 
 `TASKS` maps names to the classes and `load_task(name, split, n, seed, **knobs)` draws problems.
 """
@@ -33,7 +36,8 @@ from fractions import Fraction
 from ..grading import math_equal
 from .benchmarks import Problem
 
-__all__ = ["TASKS", "Addition", "Arithmetic", "Countdown", "LinearEquation", "load_task", "parse_expression"]
+__all__ = ["TASKS", "Addition", "Arithmetic", "Countdown", "LinearEquation", "RunningSum", "load_task",
+           "parse_expression"]
 
 
 @dataclass(frozen=True)
@@ -446,8 +450,107 @@ class LinearEquation:
         return " ".join(steps)
 
 
+# ====================================================================== running sums
+@dataclass(frozen=True)
+class RunningSum:
+    """The sum of `n_operands` one-digit numbers, each tagged with a letter: "Add a7 b3 c5 d8 e2 f9."
+
+    A serial task for the speedrun's reasoning emergence: answering at once needs the whole sum in one forward
+    pass, which a model of a million parameters does poorly, while the worked solution is a chain of local steps
+    a small model learns well. Each step restates the running total and the tagged operand it adds
+    ("10+c5=15"): the total is the previous step's result, and the operand is found by its tag, the same
+    two-token pattern as in the question (a copy, not a count of positions, which is what a tiny model got
+    wrong when steps named bare operands; benchmarks/LOG.md, second session)."""
+
+    n_operands: int = 8
+    test_fraction: float = 0.2
+    TAGS = "abcdefghijklmnop"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.n_operands <= len(self.TAGS):
+            raise ValueError(f"RunningSum.n_operands must be in [2, {len(self.TAGS)}], got {self.n_operands}")
+        _check_common("train", self.test_fraction, "RunningSum")
+
+    @property
+    def name(self) -> str:
+        return f"running-sum-{self.n_operands}"
+
+    def split_of(self, operands) -> str:
+        return _hash_split(f"running-sum:{list(operands)}", self.test_fraction)
+
+    def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
+        _check_common(split, self.test_fraction, "RunningSum")
+
+        def make(rng: random.Random):
+            nums = [rng.randint(0, 9) for _ in range(self.n_operands)]
+            question = "Add " + " ".join(f"{t}{x}" for t, x in zip(self.TAGS, nums)) + "."
+            return tuple(nums), question, str(sum(nums)), {"operands": nums}
+
+        return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
+
+    verify = staticmethod(_verify_number)
+
+    @classmethod
+    def _forward(cls, nums: list[int], slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+        """Steps "total+tD=new" and the running totals (totals[i] after operand i); `slip` = (step, error) adds
+        `error` to that step's result, and the later steps carry the wrong total on."""
+        totals, steps = [nums[0]], []
+        for i in range(1, len(nums)):
+            new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == i else 0)
+            prev = f"a{nums[0]}" if i == 1 else str(totals[-1])
+            steps.append(f"{prev}+{cls.TAGS[i]}{nums[i]}={new}")
+            totals.append(new)
+        return steps, totals
+
+    @classmethod
+    def _backward(cls, nums: list[int], totals: list[int]) -> tuple[list[str], int | None]:
+        """The check: undo the operands from the last, "44-h6=38", comparing each remainder with the running
+        total written before that operand. Returns the steps and the first operand index whose remainder
+        disagrees (None when every one agrees and the last remainder is 0)."""
+        steps, left = [], totals[-1]
+        for i in range(len(nums) - 1, -1, -1):
+            new = left - nums[i]
+            steps.append(f"{left}-{cls.TAGS[i]}{nums[i]}={new}")
+            if new != (totals[i - 1] if i else 0):
+                return steps, i
+            left = new
+        return steps, None
+
+    @classmethod
+    def solution(cls, problem: Problem) -> str:
+        """The worked running sum: "a7+b3=10, 10+c5=15, 15+d8=23. The answer is 23." """
+        steps, totals = cls._forward(problem.meta["operands"])
+        return ", ".join(steps) + f". The answer is {totals[-1]}."
+
+    @classmethod
+    def checked_solution(cls, problem: Problem) -> str:
+        """The running sum, then a check that takes the operands back off down to 0:
+        "a7+b3=10, 10+c5=15. Check: 15-c5=10, 10-b3=7, 7-a7=0. The answer is 15." """
+        nums = problem.meta["operands"]
+        steps, totals = cls._forward(nums)
+        back, _ = cls._backward(nums, totals)
+        return ", ".join(steps) + ". Check: " + ", ".join(back) + f". The answer is {totals[-1]}."
+
+    @classmethod
+    def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
+        """A running sum with one slip (a step off by one) that the check catches where the remainder stops
+        matching, then redoes from there: "a7+b3=10, 10+c5=16. Check: 16-c5=11, not 10. Wait: 10+c5=15. The
+        answer is 15." """
+        nums = problem.meta["operands"]
+        step = rng.randrange(1, len(nums))
+        error = rng.choice((-1, 1)) if nums[step] + nums[step - 1] > 0 else 1
+        steps, totals = cls._forward(nums, slip=(step, error))
+        back, bad = cls._backward(nums, totals)
+        assert bad == step, (nums, step, bad)
+        good, right = cls._forward(nums)
+        redo = [s for s in good[step - 1:]]
+        return (", ".join(steps) + ". Check: " + ", ".join(back) + f", not {right[step - 1]}. Wait: "
+                + ", ".join(redo) + f". The answer is {right[-1]}.")
+
+
 # ====================================================================== registry
-TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation}
+TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation,
+         "running-sum": RunningSum}
 
 
 def load_task(name: str, split: str = "train", n: int = 100, seed: int = 0, **knobs) -> list[Problem]:
