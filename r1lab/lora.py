@@ -323,11 +323,16 @@ def merged_state_dict(model: Transformer, device: str | torch.device | None = No
 
 def merged_model(model: Transformer, device: str | torch.device | None = "cpu") -> Transformer:
     """A plain Transformer computing base + adapters (for `save_pretrained`); `model` is left as it is. Merged
-    weights are new tensors on `device`; the others are shared with `model`."""
+    weights are new tensors on `device`; the others are shared with `model`, and so are modules a trainer added
+    (a reward model's `score_head`)."""
     sd = merged_state_dict(model, device)
     with torch.device("meta"):
         out = Transformer(model.config)
+    extra = {name: child for name, child in model.named_children() if not hasattr(out, name)}
+    sd = {k: v for k, v in sd.items() if k.split(".", 1)[0] not in extra}
     out.load_state_dict(sd, strict=True, assign=True)
+    for name, child in extra.items():
+        setattr(out, name, child)
     if model.config.tie_word_embeddings:
         out.lm_head.weight = out.model.embed_tokens.weight
     for a, b in zip(out.moe_layers(), model.moe_layers()):

@@ -379,3 +379,33 @@ def test_lora_grpo_learns_with_the_base_as_kl_reference(tmp_path):
     print("mean gains", {k: round(v, 3) for k, v in mean.items()})
     assert mean["reward"] >= 0.05 and mean["held_out"] >= 0.06 and mean["greedy"] >= 0.08, mean
     assert all(r["kl"] > 0 for r in runs)  # measured against the base: the adapters moved the policy from it
+
+
+# ---------------------------------------------------------------------- reward model
+def test_lora_reward_model_learns_and_exports_a_merged_folder(tmp_path):
+    """`r1lab rm` with adapters: the score head trains in full beside them; the exported reward-model folder is
+    base + adapters merged, and scores as the trained model did."""
+    from test_reward_model import VOCAB as RM_VOCAB, Tok, write_pairs
+
+    from r1lab.rewards import load_reward_model
+    from r1lab.train import state
+    from r1lab.train.reward_model import evaluate_pairs, load_rm_recipe, read_pairs, run
+
+    data = write_pairs(tmp_path / "pairs.jsonl", 300, seed=1)
+    r = load_rm_recipe(None, {
+        "run.out": str(tmp_path / "run"), "run.device": "cpu", "data.train": str(data), "data.seq_len": "40",
+        "model.config": json.dumps({"vocab_size": RM_VOCAB, "max_position_embeddings": 64,
+                                    "num_nextn_predict_layers": 0}),
+        "optim.lr": "5e-3", "optim.warmup_steps": "5", "train.steps": "40", "train.batch_size": "16",
+        "rm.eval_fraction": "0.2", "rm.eval_every": "40", "ckpt.every": "40", "log.every": "0",
+        "log.tensorboard": "false", "lora.rank": "8", "lora.targets": "all"})
+    last = run(r, quiet=True, tokenizer=Tok())
+    print("held-out pairwise accuracy", last["eval_accuracy"])
+    assert last["eval_accuracy"] >= 0.8  # 60 held-out pairs; chance is 0.5
+    sd = state.load_checkpoint(state.find_checkpoint(tmp_path / "run"))["model"]
+    assert "score_head.weight" in sd and all(k.startswith("score_head.") or "lora_" in k or k.endswith(("_A", "_B"))
+                                             for k in sd)
+    model, _ = load_reward_model(tmp_path / "run" / "final")
+    got = evaluate_pairs(model, read_pairs([data], Tok(), 40))
+    assert got["eval_accuracy"] >= 0.8
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

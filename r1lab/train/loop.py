@@ -294,6 +294,9 @@ class Trainer:
         if self.world > 1:
             raise ValueError("lora.rank > 0 does not run under torchrun yet; run it as one process")
         lora.apply_lora(self.model, c.rank, c.alpha, c.targets, c.dropout, seed=self.recipe.run.seed)
+        head = getattr(self.model, "score_head", None)
+        if head is not None:  # a reward model's new head trains in full (PEFT's modules_to_save)
+            head.requires_grad_(True)
         trainable, frozen = lora.parameter_counts(self.model)
         self._note(f"LoRA rank {c.rank}, alpha {c.alpha:g} on {', '.join(c.targets)}: {trainable:,} trainable and "
                    f"{frozen:,} frozen parameters")

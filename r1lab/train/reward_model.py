@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import parallel
+from .. import lora, parallel
 from ..data import BatchOrder, read_jsonl
 from ..model.transformer import Transformer
 from ..rewards import SCOPES, last_token_scores, pad_right, save_reward_model, scoped
@@ -319,7 +319,10 @@ class RewardTrainer(Trainer):
         """Trainer.fit's export (when ckpt.export): the reward-model folder (`save_reward_model`) in run.out/final.
         Under torchrun the model and its head are gathered to rank 0, one tensor at a time, and rank 0 writes it."""
         out = self.run_dir / "final"
-        if self.world == 1:
+        if self.use_lora:  # a reward model folder is what rewards load: base + adapters merged, and the adapters
+            lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None)
+            save_reward_model(lora.merged_model(self.model), out, self.tokenizer, self.recipe.rm.scope, self.max_len)
+        elif self.world == 1:
             save_reward_model(self.model, out, self.tokenizer, self.recipe.rm.scope, self.max_len)
         else:
             full = None
