@@ -23,10 +23,10 @@ Timing is the Trainer's own: `train_step` returns the step's wall time (ending w
 tokens/s over all ranks and MFU per GPU (tokens/s x train_flops_per_token / (peak x N); peak = 989 TFLOP/s dense
 bf16 for H100/H200, --peak-tflops otherwise); these are the numbers `r1lab pretrain` writes to metrics.jsonl.
 Reported per configuration: the medians over steps 4..end (steps 1-3 warm up: cuBLAS/NCCL initialisation,
-AdamW state allocation, compilation) of tokens/s per GPU, MFU and step time; MFU also by two other conventions:
-  mfu              r1lab's (`train_flops_per_token`): 6 x the matmul weights a token passes through (active
-                   experts, output head; not the input embedding) + causal attention 3 x L x H x (dqk + dv) x S.
-  mfu_6n_active    6 x all active parameters, embedding included (benchmarks/train.py's "issue convention").
+AdamW state allocation, compilation) of tokens/s per GPU, MFU and step time; MFU also by torchtitan's convention:
+  mfu              the standard formula (`train_flops_per_token`): 6 x the matmul weights a token passes through
+                   (active experts, output head; not the input embedding) + causal attention 3 x L x H x (dqk + dv)
+                   x S, against the dense bf16 peak.
   mfu_torchtitan   torchtitan's: 6 x (active parameters - input embedding) + 12 x L x H x (hidden/H) x S
                    (attention counted as non-causal). The anchor, torchtitan's DeepSeek-V2-Lite (27 layers,
                    seq 4096) on 8 H100s, ~20.5% MFU at ~11.6k tokens/s/GPU, is in this convention (0.205 x 989e12
@@ -129,13 +129,12 @@ def summarize(records: list[dict], world: int, peak: float | None, fpt: dict[str
 
 # ====================================================================== worker (one torchrun per configuration)
 def flop_conventions(cfg, seq_len: int) -> dict[str, float]:
-    """Training FLOPs per token by the three conventions of the module docstring, keyed by their MFU's name."""
+    """Training FLOPs per token by the two conventions of the module docstring, keyed by their MFU's name."""
     from r1lab.train.loop import train_flops_per_token
 
     act = cfg.num_params(active=True)
     emb = cfg.vocab_size * cfg.hidden_size
     return {"mfu": train_flops_per_token(cfg, seq_len),
-            "mfu_6n_active": 6.0 * act,
             "mfu_torchtitan": 6.0 * (act - emb) + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * seq_len}
 
 
@@ -492,8 +491,8 @@ def launch(args) -> int:
         lines.append(result)
 
     print(f"\n[launcher] done in {time.time() - start:.0f} s; {jsonl}\n")
-    table = ["| config | status | tokens/s/GPU | MFU (r1lab) | MFU (6N active) | MFU (torchtitan) | step s | "
-             "peak GB | rows x seq per GPU |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = ["| config | status | tokens/s/GPU | MFU (standard) | MFU (torchtitan) | step s | "
+             "peak GB | rows x seq per GPU |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def fmt(x, f):
         return format(x, f) if isinstance(x, (int, float)) else "-"
@@ -501,7 +500,7 @@ def launch(args) -> int:
     for r in lines:
         mem = r.get("peak_mem_gb", r.get("peak_mem_gb_rank0"))
         table.append(f"| {r['config']} | {r['status']} | {fmt(r.get('tokens_per_s_per_gpu'), ',.0f')} | "
-                     f"{fmt(r.get('mfu'), '.1%')} | {fmt(r.get('mfu_6n_active'), '.1%')} | "
+                     f"{fmt(r.get('mfu'), '.1%')} | "
                      f"{fmt(r.get('mfu_torchtitan'), '.1%')} | {fmt(r.get('step_time_s'), '.3f')} | "
                      f"{fmt(mem, '.1f')} | {r.get('micro_batch_per_gpu', '-')} x {r.get('seq_len', '-')} |")
     print("\n".join(table))
