@@ -457,3 +457,27 @@ def test_cli_generate_and_chat_take_speculate(tmp_path, capsys, monkeypatch):
     assert cli_main(["generate", "--model", str(tmp_path / "no_mtp"), "--prompt", "Hi", "--speculate", "1",
                      "--device", "cpu"]) == 2
     assert "needs a model with an MTP module" in capsys.readouterr().err
+
+
+def test_grpo_rollouts_with_speculation_keep_the_policys_logprobs(tmp_path):
+    """grpo.speculate = 2: rollouts come from the speculative engine, and their old log-probs are the policy's
+    (recomputed by the trainer's own full forward, fp32: observed ~1e-6)."""
+    from r1lab.train.grpo import GRPORecipe, GRPOTrainer, completion_logprobs
+    from test_grpo_learning import CharTokenizer
+
+    r = GRPORecipe.defaults()
+    r.run.out, r.run.device = str(tmp_path / "run"), "cpu"
+    r.grpo.prompt_style, r.grpo.rewards, r.grpo.max_tokens = "raw", ["accuracy=1"], 6
+    r.grpo.prompts_per_step, r.grpo.group_size, r.grpo.speculate = 2, 4, 2
+    r.ckpt.export, r.log.every = False, 0
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+    cfg = get_preset("tiny").replace(vocab_size=16, max_position_embeddings=64, rope_scaling=None)
+    torch.manual_seed(0)
+    t = GRPOTrainer(r, Transformer(cfg).init_weights(seed=0), CharTokenizer(), rows, quiet=True)
+    assert t.engine.speculate == 2
+    ro = t.rollout(0)
+    assert t.engine.stats["drafted"] > 0
+    with torch.no_grad():
+        lp, mask, _ = completion_logprobs(t.model, ro.prompt_ids, ro.completion_ids, r.grpo.temperature)
+    for i, old in enumerate(ro.old_logp):
+        assert torch.allclose(torch.tensor(old), lp[i, : len(old)], atol=1e-4)

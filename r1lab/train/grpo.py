@@ -233,6 +233,9 @@ class GRPO:
     max_batch: int = _key(0, "engine slots (sequences decoded together, per rank); 0 = prompts_per_step x "
                           "group_size (under torchrun: this rank's share of them)")
     log_samples: int = _key(2, "completions per step written to samples.jsonl")
+    speculate: int = _key(0, "rollouts by speculative decoding: draft this many tokens per step with the model's MTP "
+                          "module (samples and log-probs follow the policy exactly; the draft is not trained here, "
+                          "so acceptance falls as the policy moves away from it); 0 = off")
 
 
 GRPO_DEFAULTS = {("run", "out"): "runs/grpo", ("optim", "lr"): 1e-6, ("optim", "weight_decay"): 0.0,
@@ -263,7 +266,7 @@ class GRPORecipe(Recipe):
             raise ValueError(f"recipe: grpo.group_size must be >= 2: advantages compare samples of a group "
                              f"(got {g.group_size})")
         for k in ("mini_batch_size", "eps_low", "eps_high", "beta", "ref_sync_every", "max_resample",
-                  "overlong_buffer", "max_batch", "log_samples", "task_size"):
+                  "overlong_buffer", "max_batch", "log_samples", "task_size", "speculate"):
             if getattr(g, k) < 0:
                 raise ValueError(f"recipe: grpo.{k} must be >= 0 (got {getattr(g, k)})")
         if g.eps_low >= 1:
@@ -435,7 +438,7 @@ class GRPOTrainer(Trainer):
         policy = model if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
         slots = g.max_batch or self.share * g.group_size
         self.engine = Engine(policy, tokenizer, max_batch=max(slots, g.group_size),
-                             max_seq_len=min(limit, longest + g.max_tokens))
+                             max_seq_len=min(limit, longest + g.max_tokens), speculate=g.speculate)
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
