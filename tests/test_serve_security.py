@@ -80,10 +80,10 @@ def tok(ckpt):
     return load_tokenizer(ckpt)
 
 
-def post(srv, path, body=None, raw=None, headers=None, timeout=30):
+def post(srv, path, body=None, raw=None, headers=None, timeout=30, client=httpx):
     h = {"Authorization": AUTH, "Content-Type": "application/json", **(headers or {})}
     content = raw if raw is not None else json.dumps(body)
-    return httpx.post(srv.url + path, content=content, headers=h, timeout=timeout)
+    return client.post(srv.url + path, content=content, headers=h, timeout=timeout)
 
 
 def assert_openai_error(r, status, code=None, param=None):
@@ -98,15 +98,22 @@ def assert_openai_error(r, status, code=None, param=None):
 
 @contextmanager
 def health_watch(srv, limit=1.0):
-    """Poll /health every 50 ms (a new connection each time) while the block runs; every answer within limit."""
+    """Poll /health every 50 ms while the block runs, each time on a new connection from a raw socket (an HTTP
+    client's own setup would be timed too); every answer must come within limit."""
     latencies, stop = [], threading.Event()
+    request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
     def poll():
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
-                ok = httpx.get(srv.url + "/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
+                with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+                    s.sendall(request)
+                    reply = b""
+                    while chunk := s.recv(65536):
+                        reply += chunk
+                ok = reply.startswith(b"HTTP/1.1 200") and b'"status":"ok"' in reply
+            except OSError:
                 ok = False
             latencies.append(time.perf_counter() - t0 if ok else float("inf"))
             stop.wait(0.05)
@@ -156,22 +163,23 @@ CHAT = {"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "ma
 
 # ---------------------------------------------------------------------- 2: huge prompts
 def test_2_huge_prompts_rejected_by_length_while_health_answers(srv):
-    big = "word " * 800_000  # 4 MB of text: seconds to tokenise, and far beyond 1024 tokens
+    big = "word " * 200_000  # 1 MB of text: 0.6 s to tokenise, and far beyond 1024 tokens
     results = []
 
     def send(raw, path):
         t0 = time.perf_counter()
-        r = post(srv, path, raw=raw)
+        r = post(srv, path, raw=raw, client=client)
         results.append((r, path, time.perf_counter() - t0))
 
     bodies = [({**CHAT, "messages": [{"role": "user", "content": big}]}, "/v1/chat/completions")] * 3 + \
              [({"model": "tiny-r1", "prompt": big, "max_tokens": 2}, "/v1/completions")] + \
-             [({"model": "tiny-r1", "prompt": [1] * 2_000_000, "max_tokens": 2}, "/v1/completions")]
+             [({"model": "tiny-r1", "prompt": [1] * 300_000, "max_tokens": 2}, "/v1/completions")]
     # just below the character bound (1024 tokens x 128 characters): tokenised, off the event loop
     near = "ab " * 43_000
-    bodies += [({**CHAT, "messages": [{"role": "user", "content": near}]}, "/v1/chat/completions")] * 3
+    bodies += [({**CHAT, "messages": [{"role": "user", "content": near}]}, "/v1/chat/completions")] * 2
     bodies = [(json.dumps(b).encode(), path) for b, path in bodies]  # not while /health is timed
-    with health_watch(srv):
+    client = httpx.Client(limits=httpx.Limits(max_connections=len(bodies)))
+    with client, health_watch(srv):
         threads = [threading.Thread(target=send, args=b) for b in bodies]
         for t in threads:
             t.start()
@@ -249,7 +257,7 @@ def test_5_slow_clients_timed_out_and_connections_capped(srv):
     lines_before = srv.log().count("\n")
     body_start = head(length=1000) + b'{"model": "tiny-r1", "messages": ['
     socks = []  # (socket, kind)
-    for i in range(150):  # 3x the connection cap: half never finish their head, half never finish their body
+    for i in range(250):  # 5x the connection cap: half never finish their head, half never finish their body
         s = connect(srv)
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i % 2 else body_start)
         s.setblocking(False)
@@ -286,7 +294,9 @@ def test_5_slow_clients_timed_out_and_connections_capped(srv):
         s.close()
     assert len(closed) == len(socks), f"{len(socks) - len(closed)} slow connections still open after {TIMEOUT + 3} s"
     assert max(closed.values()) < TIMEOUT + 2
-    assert max_fds - base_fds <= MAX_CONNECTIONS + 16, (base_fds, max_fds)  # the cap held
+    # The cap held. Above it for a moment: sockets accepted in a batch of up to --max-connections (uvicorn's
+    # backlog) before their connection_made evicts, and the evicted ones until their close runs.
+    assert max_fds - base_fds <= 3 * MAX_CONNECTIONS + 16, (base_fds, max_fds)
     timed_out = [r for r in replies.values() if r.startswith(b"HTTP/1.1 408")]
     assert timed_out and all(b"request_timeout" in r for r in timed_out)
     time.sleep(0.3)

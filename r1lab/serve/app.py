@@ -462,19 +462,20 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
 
 def _fit_open_files(max_connections: int, spare: int = 256) -> int:
-    """Raise the open-file limit to admit max_connections sockets plus `spare` files (the model, the
-    tokenizer, threads' pipes); if the hard limit forbids it, lower max_connections and say so."""
+    """Raise the open-file limit to admit 3 x max_connections sockets (those open, a batch accepted before the
+    cap evicts, as many closing) plus `spare` files (model, tokenizer, pipes); if the hard limit forbids it,
+    lower max_connections and say so."""
     try:
         import resource  # Unix only
     except ImportError:
         return max_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max_connections + spare
+    want = 3 * max_connections + spare
     if soft != resource.RLIM_INFINITY and soft < want:
         soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         if soft < want:
-            max_connections = max(1, soft - spare)
+            max_connections = max(1, (soft - spare) // 3)
             print(f"r1lab serve: the open-file limit is {soft}: --max-connections lowered to {max_connections}",
                   flush=True)
     return max_connections

@@ -3,9 +3,9 @@
 Two layers, because uvicorn exposes some things only to one of them:
 - `Gate`, ASGI middleware, sees each request: the Host header (DNS rebinding), the API key and Content-Type
   of POSTs (CSRF: a page can POST text/plain or a form to another origin without asking, never
-  application/json, for which the browser first asks for CORS headers that only --allowed-origins grants), the
-  body's size (by Content-Length before reading, by counting while reading) and time (slow bodies get 408). It hands the API the whole body, so a client that leaves mid-body costs one log
-  line, not a traceback.
+  application/json, for which the browser first asks for CORS headers that only --allowed-origins grants),
+  the body's size (by Content-Length before reading, by counting while reading) and time (slow bodies get
+  408). It hands the API the whole body, so a client that leaves mid-body costs one log line, not a traceback.
 - `guarded_protocol()`, uvicorn's h11 protocol with two limits uvicorn lacks: a request head must arrive
   within the timeout, and at most `max_connections` connections are open; at the cap a new connection closes
   the one that has been sending its request the longest, so slow clients cannot crowd out /health.
@@ -159,7 +159,8 @@ class Gate:
                         return b"".join(chunks)
         except TimeoutError:
             return openai_error(408, f"the request body did not arrive within {self.body_timeout:g} s "
-                                     f"({size:,} bytes came)", code="request_timeout", headers={"Connection": "close"})
+                                     f"({size:,} bytes came)", code="request_timeout",
+                                headers={"Connection": "close"})
 
 
 def _replay(body: bytes, receive):
