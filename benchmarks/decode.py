@@ -6,6 +6,18 @@ Greedy, random prompts of --prompt-len tokens, --new-tokens generated (EOS ignor
 Prints tokens/s for both, the ratio, and for r1lab the decode-only step rate, the achieved weight bandwidth
 (bytes of weights one step reads x steps/s, the gpt-fast way; routed experts counted by the expected number
 of distinct experts a batch touches) and its fraction of the H200's measured 4.2 TB/s copy bandwidth.
+
+Speculative decoding with the MTP module (random weights give a meaningless acceptance, so train first):
+
+    python benchmarks/decode.py --preset bench-moe-1b --batches 1 32 --speculate 1 2 --train-steps 500 --no-hf
+
+--train-steps N first pretrains the model N steps with the MTP loss (weight 0.3) on worked additions
+("Question: What is 74 + 25?\nReasoning: Add 74 and 25 digit by digit ... Answer: 99", r1lab.tasks), and the
+prompts become held-out questions of that kind, whose continuations (the reasoning, then further documents) the
+model has learnt; or --model DIR loads a checkpoint trained with MTP. Each batch then runs speculate=0 and each
+--speculate K in the same process: tokens/s, speedup over speculate=0, the draft's acceptance rate, tokens per
+step, and how many leading greedy tokens agree with speculate=0 (bf16: the verify forward's other shapes round
+differently, so long greedy paths may part; on the CPU in fp32 they are identical, tests/test_speculative.py).
 """
 
 from __future__ import annotations
@@ -17,7 +29,11 @@ import time
 
 import torch
 
-from r1lab import Engine, SamplingParams, Transformer, get_preset, save_pretrained
+from r1lab import Engine, SamplingParams, Transformer, get_preset, load_pretrained, load_tokenizer, save_pretrained
+from r1lab.data import pretrain_sequences
+from r1lab.tasks.synthetic import Addition
+from r1lab.train.loop import Trainer
+from r1lab.train.recipe import load_recipe
 
 COPY_BW = 4.2e12  # bytes/s, device-to-device copy measured on the H200 (see benchmarks/LOG.md)
 
@@ -35,6 +51,41 @@ def weight_bytes_per_step(cfg, batch: int, elem: int = 2) -> float:
     return elem * (dense + cfg.vocab_size * D + batch * D)
 
 
+def addition_text(n: int, split: str, seed: int) -> list[tuple[str, str]]:
+    """(prompt, continuation) pairs of worked additions, 2-4 digits: the --train-steps corpus and prompts."""
+    out = []
+    for digits in (2, 3, 4):
+        for p in Addition(digits=digits).problems(n // 3, split, seed):
+            out.append((f"Question: {p.question}\nReasoning:",
+                        f" {Addition.solution(p)}\nAnswer: {p.answer}"))
+    return out
+
+
+def train_with_mtp(model, steps: int, seq_len: int = 256, batch: int = 16, lr: float = 1e-3):
+    """Pretrain `model` in place for `steps` steps with the MTP loss (weight 0.3) on addition_text."""
+    tok = load_tokenizer()
+    r = load_recipe(None, "pretrain", {"data.seq_len": str(seq_len), "train.batch_size": str(batch),
+                                       "train.steps": str(steps), "optim.lr": str(lr), "optim.warmup_steps": "20",
+                                       "moe.mtp_weight": "0.3", "log.every": "0", "log.tensorboard": "false",
+                                       "ckpt.export": "false", "run.out": "unused"})
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/train.jsonl"
+        with open(path, "w") as f:
+            for q, a in addition_text(6000, "train", 0):
+                f.write(json.dumps({"text": q + a}) + "\n")
+        data = pretrain_sequences([path], tok, seq_len, model.config.vocab_size)
+    dtype = torch.bfloat16 if model.device.type == "cuda" else torch.float32
+    trainer = Trainer(r, model, data, dtype=dtype, quiet=True)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        rec = trainer.train_step(trainer.next_batches())
+        if step % 100 == 0 or step == steps - 1:
+            print(json.dumps({"train_step": step + 1, "loss": round(rec["loss"], 4),
+                              "mtp_loss": round(rec.get("mtp_loss", 0.0), 4),
+                              "s": round(time.perf_counter() - t0, 1)}), flush=True)
+    return trainer.model.eval()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-moe-1b", help="model preset (default: bench-moe-1b)")
@@ -45,13 +96,33 @@ def main():
                     help="tokens for transformers' run (default: --new-tokens); its rate is per token either way")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine's decode step (then graph it)")
+    ap.add_argument("--speculate", type=int, nargs="*", default=[],
+                    help="also run speculative decoding with these draft lengths, each against speculate=0 at the "
+                         "same batch (default: none)")
+    ap.add_argument("--train-steps", type=int, default=0,
+                    help="first train the model this many steps with the MTP loss on worked additions, and prompt "
+                         "with held-out ones (default: 0 = random weights and random prompts)")
+    ap.add_argument("--model", default=None, metavar="DIR", help="load this checkpoint instead of --preset")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script (default: cuda)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
-    dev = torch.device("cuda")
-    cfg = get_preset(args.preset)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device=dev).init_weights(seed=0).to(torch.bfloat16).eval()
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    if args.model:
+        model = load_pretrained(args.model, device=dev, dtype=torch.bfloat16 if gpu else torch.float32).eval()
+    else:
+        with torch.device("meta"):
+            model = Transformer(get_preset(args.preset))
+        model = model.to_empty(device=dev).init_weights(seed=0)
+        if args.train_steps:
+            small = {} if gpu else dict(seq_len=64, batch=2)  # a CPU dry run of the script
+            model = train_with_mtp(model, args.train_steps, **small)
+        model = model.to(torch.bfloat16 if gpu else torch.float32).eval()
+    cfg = model.config
+    text_prompts = None
+    if args.train_steps or args.model:  # prompts the model knows how to continue
+        tok = load_tokenizer()
+        text_prompts = [tok.encode(q) for q, _ in addition_text(3 * max(args.batches), "test", 1)]
     hf = None
     if not args.no_hf:
         import transformers
@@ -59,68 +130,96 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             save_pretrained(model, d, tokenizer=False)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(dev).eval()
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "preset": args.preset,
-               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "runs": []}
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    results = {"gpu": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
+               "preset": args.model or args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "train_steps": args.train_steps, "runs": []}
     g = torch.Generator().manual_seed(0)
     for B in args.batches:
-        prompts = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt_len), generator=g)
+        if text_prompts is None:
+            prompts = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt_len), generator=g).tolist()
+        else:
+            prompts = text_prompts[:B]
+        longest = max(len(p) for p in prompts)
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        compiled = args.compile
-        try:
-            eng = Engine(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens, compile=compiled)
-            tc = time.perf_counter()
-            eng.generate(prompts.tolist(), warm)  # compile, capture, and first calls at these shapes
-            compile_s = time.perf_counter() - tc
-        except Exception as e:  # report and fall back to the eager step, graphed
-            print(f"compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            compiled, compile_s = False, None
-            eng = Engine(model, max_batch=B, max_seq_len=args.prompt_len + args.new_tokens)
-            eng.generate(prompts.tolist(), warm)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for p in prompts.tolist():
-            eng.add_request(p, params)
-        eng.step()  # admits (prefills) everything, then the first decode step
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        steps = 1
-        while eng.has_work():
-            eng.step()
-            steps += 1
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        ours_tps = B * args.new_tokens / (t2 - t0)
-        step_rate = (steps - 1) / (t2 - t1)
-        bw = weight_bytes_per_step(cfg, B) * step_rate
-        cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
-        run = {"batch": B, "compiled": compiled, "warmup_s": compile_s, "r1lab_tokens_per_s": ours_tps, "r1lab_decode_steps_per_s": step_rate,
-               "r1lab_prefill_s": t1 - t0, "r1lab_bandwidth_TBps": bw / 1e12, "bandwidth_fraction": bw / COPY_BW,
-               "cache_bytes": cache_bytes,
-               "cache_bytes_per_token": cache_bytes / (B * (args.prompt_len + args.new_tokens))}
-        if hf is not None:
-            n_hf = args.hf_new_tokens or args.new_tokens
-            x = prompts.to(dev)
-            with torch.no_grad():
-                hf.generate(x, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                out = hf.generate(x, max_new_tokens=n_hf, min_new_tokens=n_hf, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)
-                torch.cuda.synchronize()
-                hf_tps = B * n_hf / (time.perf_counter() - t0)
-            run["transformers_tokens_per_s"] = hf_tps
-            run["speedup"] = ours_tps / hf_tps
-            # bf16 greedy paths drift apart eventually; report how many leading tokens agree (first sequence)
-            ref = out[0, args.prompt_len:].tolist()
-            ours = eng.generate(
-                [prompts[0].tolist()], SamplingParams(temperature=0, max_tokens=len(ref), ignore_eos=True))[0].token_ids
-            run["greedy_prefix_agreement_tokens"] = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-        print(json.dumps(run), flush=True)
-        results["runs"].append(run)
-        del eng
-        torch.cuda.empty_cache()
+        plain_tokens = None
+        for k in [0] + [k for k in args.speculate if k > 0]:
+            compiled = args.compile
+            opts = dict(max_batch=B, max_seq_len=longest + args.new_tokens, speculate=k)
+            try:
+                eng = Engine(model, compile=compiled, **opts)
+                tc = time.perf_counter()
+                eng.generate(prompts, warm)  # compile, capture, and first calls at these shapes
+                compile_s = time.perf_counter() - tc
+            except Exception as e:  # report and fall back to the eager step, graphed
+                print(f"compile failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                compiled, compile_s = False, None
+                eng = Engine(model, compile=False, **opts)
+                eng.generate(prompts, warm)
+            sync()
+            if gpu:
+                torch.cuda.reset_peak_memory_stats()
+            before = eng.stats
+            t0 = time.perf_counter()
+            seqs = [s for p in prompts for s in eng.add_request(p, params)]
+            eng.step()  # admits (prefills) everything, then the first decode step
+            sync()
+            t1 = time.perf_counter()
+            steps = 1
+            while eng.has_work():
+                eng.step()
+                steps += 1
+            sync()
+            t2 = time.perf_counter()
+            ours_tps = B * args.new_tokens / (t2 - t0)
+            step_rate = (steps - 1) / (t2 - t1)
+            cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
+            run = {"batch": B, "speculate": k, "compiled": compiled, "warmup_s": compile_s,
+                   "r1lab_tokens_per_s": ours_tps, "r1lab_decode_steps_per_s": step_rate, "r1lab_prefill_s": t1 - t0,
+                   "cache_bytes": cache_bytes, "cache_bytes_per_token": cache_bytes / (B * (longest + args.new_tokens))}
+            tokens = [s.tokens for s in seqs]
+            if k == 0:
+                plain_tps, plain_tokens = ours_tps, tokens
+                bw = weight_bytes_per_step(cfg, B) * step_rate  # one token per sequence per step
+                run.update(r1lab_bandwidth_TBps=bw / 1e12, bandwidth_fraction=bw / COPY_BW)
+            else:
+                st = eng.stats
+                drafted, accepted = st["drafted"] - before["drafted"], st["accepted"] - before["accepted"]
+                seq_steps = st["sequence_steps"] - before["sequence_steps"]
+                run.update(speedup_over_speculate_0=ours_tps / plain_tps, acceptance_rate=accepted / max(drafted, 1),
+                           tokens_per_step=(accepted + seq_steps) / max(seq_steps, 1),
+                           greedy_prefix_agreement_min=min(
+                               next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                               for x, y in zip(tokens, plain_tokens)))
+                print(json.dumps(run), flush=True)
+                results["runs"].append(run)
+                del eng
+                continue
+            if hf is not None and text_prompts is None:  # (same-length random prompts: no padding for HF)
+                n_hf = args.hf_new_tokens or args.new_tokens
+                x = torch.tensor(prompts, device=dev)
+                with torch.no_grad():
+                    hf.generate(x, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+                    sync()
+                    t0 = time.perf_counter()
+                    out = hf.generate(x, max_new_tokens=n_hf, min_new_tokens=n_hf, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)
+                    sync()
+                    hf_tps = B * n_hf / (time.perf_counter() - t0)
+                run["transformers_tokens_per_s"] = hf_tps
+                run["speedup"] = ours_tps / hf_tps
+                # bf16 greedy paths drift apart eventually; report how many leading tokens agree (first sequence)
+                ref = out[0, args.prompt_len:].tolist()
+                ours = eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=len(ref),
+                                                                 ignore_eos=True))[0].token_ids
+                run["greedy_prefix_agreement_tokens"] = next(
+                    (i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+            print(json.dumps(run), flush=True)
+            results["runs"].append(run)
+            del eng
+        if gpu:
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
