@@ -101,6 +101,7 @@ def cmd_init(args) -> None:
 
 
 def _load_for_generation(args):
+    from . import lora
     from .checkpoint import load_pretrained
     from .engine import Engine
     from .tokenizer import load_tokenizer
@@ -108,6 +109,8 @@ def _load_for_generation(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_pretrained(args.model, device=device, dtype=dtype)
+    if args.lora:  # folded into the weights once: decoding then runs at the base model's speed
+        lora.merge_and_unload(model, lora.load_adapter(model, args.lora))
     tok = load_tokenizer(args.model)
     eng = Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len, speculate=args.speculate)
     return eng, tok
@@ -116,8 +119,9 @@ def _load_for_generation(args):
 class _Streamer:
     """Prints the text of one sample as tokens arrive (holding back incomplete UTF-8 characters)."""
 
-    def __init__(self, tok, out=sys.stdout, style=None):
-        self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+    def __init__(self, tok, out=None, style=None):
+        # sys.stdout when called, not when imported (a test's captured stream may since have been closed)
+        self.tok, self.out, self.ids, self.shown = tok, out if out is not None else sys.stdout, [], 0
         self.style = style  # callable(text) -> styled text, or None
 
     def __call__(self, token: int) -> None:
@@ -203,6 +207,9 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="prompt + generation positions per sequence (default: the model's, at most 4096)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors, "
+                        "from r1lab or PEFT) for --model, merged into its weights (default: none)")
     p.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="speculative decoding: draft K tokens per step with the model's MTP module and verify them "
                         "in one forward; the output is distributed as without (default: 0 = off)")

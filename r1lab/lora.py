@@ -88,8 +88,8 @@ class LoRALinear(nn.Module):
         return y + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling  # PEFT's order of operations
 
     def delta(self) -> torch.Tensor:
-        """s B A (out, in), in the adapters' dtype."""
-        return (self.lora_B @ self.lora_A) * self.scaling
+        """s B A (out, in), in fp32."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     @property
     def weight(self) -> torch.Tensor:
@@ -161,9 +161,9 @@ class LoRAExperts(nn.Module):
         return self.base.grouped_ok(x) and all(r * x.element_size() % 16 == 0 for r in ranks)
 
     def delta(self, name: str) -> torch.Tensor:
-        """s B A per expert, (E, out, in)."""
+        """s B A per expert, (E, out, in), in fp32."""
         a, b = self._parameters[f"{name}_A"], self._parameters[f"{name}_B"]
-        return torch.bmm(b, a) * self.scaling[name]
+        return torch.bmm(b.float(), a.float()) * self.scaling[name]
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRAExperts]:
@@ -290,34 +290,35 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------- merging
+def merged_weight(mod: LoRALinear | LoRAExperts, leaf: str, device=None) -> torch.Tensor:
+    """The base's tensor `leaf` ("weight"; "gate_proj", "up_proj", "down_proj") with the adapter folded in: summed
+    in fp32, rounded once to the base's dtype; a new tensor on `device` (default: the base's)."""
+    t = getattr(mod.base, leaf)
+    w = t.detach().to(device or t.device, torch.float32)
+    if isinstance(mod, LoRALinear):
+        d = mod.delta()
+    elif leaf in ("gate_proj", "up_proj") and "gate_up_A" in mod._parameters:
+        d = mod.delta("gate_up").chunk(2, dim=1)[0 if leaf == "gate_proj" else 1]
+    elif leaf == "down_proj" and "down_A" in mod._parameters:
+        d = mod.delta("down")
+    else:
+        return t.detach().to(device or t.device, copy=True)
+    return (w + d.to(w.device)).to(t.dtype)
+
+
 @torch.no_grad()
 def merged_state_dict(model: Transformer, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The model's state dict under the plain model's names, adapters folded into their weights (in fp32, then
-    the base's dtype). Unadapted tensors are the model's own (no copy); merged ones are new, on `device`
-    (default: the model's)."""
+    """The model's state dict under the plain model's names, adapters folded into their weights. Unadapted
+    tensors are the model's own (no copy); merged ones are new, on `device` (default: the model's)."""
     mods = lora_modules(model)
     sd = {}
     for name, t in model.state_dict().items():
         owner = next((p for p in mods if name.startswith(p + ".")), None)
         if owner is None:
             sd[name] = t
-            continue
-        mod, rest = mods[owner], name[len(owner) + 1:]
-        if not rest.startswith("base."):
-            continue  # the factors themselves
-        leaf = rest[len("base."):]
-        dev = device or t.device
-        if isinstance(mod, LoRALinear):
-            w = t.to(dev, torch.float32) + mod.delta().to(dev, torch.float32)
-        else:
-            w = t.to(dev, torch.float32)
-            proj = leaf
-            if proj in ("gate_proj", "up_proj") and "gate_up_A" in mod._parameters:
-                d = mod.delta("gate_up").to(dev, torch.float32)
-                w = w + d.chunk(2, dim=1)[0 if proj == "gate_proj" else 1]
-            elif proj == "down_proj" and "down_A" in mod._parameters:
-                w = w + mod.delta("down").to(dev, torch.float32)
-        sd[f"{owner}.{leaf}"] = w.to(t.dtype)
+        elif name.startswith(owner + ".base."):  # (the factors themselves are left out)
+            leaf = name[len(owner) + len(".base."):]
+            sd[f"{owner}.{leaf}"] = merged_weight(mods[owner], leaf, device)
     return sd
 
 
@@ -341,18 +342,17 @@ def merged_model(model: Transformer, device: str | torch.device | None = "cpu") 
 
 
 @torch.no_grad()
-def merge_and_unload(model: Transformer) -> Transformer:
-    """Fold the adapters into the base weights in place and put the plain modules back: the model then runs as
-    fast as the base (what `r1lab generate/serve --lora` do)."""
-    sd = merged_state_dict(model)
-    for path, mod in lora_modules(model).items():
+def merge_and_unload(model: Transformer, mods: dict | None = None) -> Transformer:
+    """Fold the adapters (all, or those of `mods`) into the base weights in place and put the plain modules back:
+    the model then runs as fast as the base (what `r1lab generate --lora` does)."""
+    for path, mod in (lora_modules(model) if mods is None else mods).items():
+        for leaf, p in mod.base.named_parameters(recurse=False):  # one module's merged copy at a time
+            p.copy_(merged_weight(mod, leaf))
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
         setattr(parent, attr, mod.base)
         if isinstance(mod, LoRAExperts):
             parent.impl = mod.moe_impl
-        for leaf, p in mod.base.named_parameters(recurse=False):
-            p.copy_(sd[f"{path}.{leaf}"])
     return model
 
 

@@ -409,3 +409,28 @@ def test_lora_reward_model_learns_and_exports_a_merged_folder(tmp_path):
     got = evaluate_pairs(model, read_pairs([data], Tok(), 40))
     assert got["eval_accuracy"] >= 0.8
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+# ---------------------------------------------------------------------- r1lab generate --lora
+def test_generate_with_an_adapter_equals_the_adapted_model(tmp_path, capsys):
+    from r1lab.cli import main as cli_main
+    from r1lab.engine import Engine, SamplingParams
+    from r1lab.tokenizer import load_tokenizer
+
+    m = base_model(get_preset("tiny").replace(num_nextn_predict_layers=0))
+    save_pretrained(m, tmp_path / "base")
+    apply_lora(m, rank=4, alpha=8, targets=["all"])
+    randomize(m, std=0.2)
+    save_adapter(m, tmp_path / "adapter")
+    tok = load_tokenizer(tmp_path / "base")
+    want = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], SamplingParams(temperature=0, max_tokens=8))
+    with adapters_off(m):
+        plain = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], SamplingParams(temperature=0, max_tokens=8))
+    assert want[0].token_ids != plain[0].token_ids  # the adapter changes the greedy continuation
+    assert want[0].text.strip() and want[0].text not in plain[0].text
+    args = ["generate", "--model", str(tmp_path / "base"), "--prompt", "Hello", "--temperature", "0",
+            "--max-tokens", "8", "--device", "cpu"]
+    assert cli_main(args + ["--lora", str(tmp_path / "adapter")]) == 0
+    assert want[0].text in capsys.readouterr().out
+    assert cli_main(args + ["--lora", str(tmp_path / "missing")]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
