@@ -369,8 +369,13 @@ def _peft_targets(path: str) -> tuple[str | None, list[str]]:
     return None, [f"mlp.{leaf}.weight"]
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a DTensor; collective), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
-    """(PEFT tensors, adapter_config.json contents) of the model's adapters."""
+    """(PEFT tensors, adapter_config.json contents) of the model's adapters; under FSDP every rank calls it."""
     mods = lora_modules(model)
     if not mods:
         raise LoRAError("the model carries no adapters")
@@ -378,8 +383,8 @@ def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
     for path, mod in mods.items():
         key = _PREFIX + path
         if isinstance(mod, LoRALinear):
-            tensors[f"{key}.lora_A.weight"] = mod.lora_A
-            tensors[f"{key}.lora_B.weight"] = mod.lora_B
+            tensors[f"{key}.lora_A.weight"] = _full(mod.lora_A)
+            tensors[f"{key}.lora_B.weight"] = _full(mod.lora_B)
             ranks[path] = (mod.lora_A.shape[0], mod.scaling)
             m, p = _peft_targets(path)
             modules.update([m] if m else [])
@@ -387,7 +392,7 @@ def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         present = [n for n in ("gate_up", "down") if f"{n}_A" in mod._parameters]
         for name in present:
-            a, b = mod._parameters[f"{name}_A"], mod._parameters[f"{name}_B"]  # (E, r, in), (E, out, r)
+            a, b = _full(mod._parameters[f"{name}_A"]), _full(mod._parameters[f"{name}_B"])  # (E, r, in), (E, out, r)
             E, r = a.shape[:2]
             inner = name == "gate_up" and len(present) == 2  # gate_up is wrapped first, so it nests inside
             k = f"{key}.base_layer" if inner else key
@@ -410,15 +415,19 @@ def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, config
 
 
-def save_adapter(model: Transformer, path: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Write the adapters as PEFT does: `adapter_config.json` + `adapter_model.safetensors` (fp32 unless the
-    adapters are in another dtype). base_model: recorded as base_model_name_or_path."""
+def save_adapter(model: Transformer, path: str | os.PathLike, base_model: str | None = None,
+                 write: bool = True) -> Path:
+    """Write the adapters as PEFT does: `adapter_config.json` + `adapter_model.safetensors` (in the adapters'
+    dtype). base_model: recorded as base_model_name_or_path. Under FSDP every rank calls it (the shards are
+    gathered) and only the one with `write` writes."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors, config = adapter_state(model)
     config["base_model_name_or_path"] = base_model
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    full = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    if not write:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(full, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 

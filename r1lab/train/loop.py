@@ -152,11 +152,11 @@ class MasterWeights:
 
     @torch.no_grad()
     def load_state_dict(self, model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
-        if self.partial:
+        if self.partial:  # (a full state dict, from the ranks' shards, holds the frozen tensors too)
             missing = [n for n, _ in self.named if n not in sd]
-            if missing or len(sd) != len(self.named):
-                raise ValueError(f"the checkpoint's {len(sd)} tensors are not this model's {len(self.named)} trained "
-                                 f"ones (missing e.g. {missing[:3]}): was it written with other lora settings?")
+            if missing:
+                raise ValueError(f"the checkpoint lacks {len(missing)} of this model's {len(self.named)} trained "
+                                 f"tensors (e.g. {missing[:3]}): was it written with other lora settings?")
             for (n, p), m in zip(self.named, self.master):
                 p.copy_(sd[n])
                 if self.separate:
@@ -291,8 +291,12 @@ class Trainer:
         """Freeze the model and wrap it with the recipe's adapters (before MasterWeights: only they get fp32 master
         copies and optimizer state; the base is cast to the compute dtype and stays there)."""
         c = self.recipe.lora
-        if self.world > 1:
-            raise ValueError("lora.rank > 0 does not run under torchrun yet; run it as one process")
+        if self.world > 1 and self.kind not in ("pretrain", "sft"):
+            raise ValueError(f"`r1lab {self.kind}` with lora.rank > 0 does not run under torchrun yet; run it as one "
+                             f"process (pretrain and sft do)")
+        if self.world > 1 and self.recipe.parallel.ep > 1 and "experts" in lora.expand_targets(c.targets):
+            raise ValueError("lora.targets 'experts' with parallel.ep > 1 is not supported yet: adapt attention and "
+                             "the shared experts, or shard the experts with FSDP (parallel.ep 1)")
         lora.apply_lora(self.model, c.rank, c.alpha, c.targets, c.dropout, seed=self.recipe.run.seed)
         head = getattr(self.model, "score_head", None)
         if head is not None:  # a reward model's new head trains in full (PEFT's modules_to_save)
@@ -552,10 +556,14 @@ class Trainer:
         """Write the model in the HF layout to run.out/final; under torchrun it is gathered to rank 0, one tensor
         at a time, and rank 0 writes it. With LoRA: the adapters in PEFT's format to run.out/adapter, and with
         lora.merge base + adapters merged to run.out/final."""
-        if self.use_lora:
-            out = lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None)
+        if self.use_lora:  # (under torchrun the adapters are gathered, and rank 0 writes them)
+            out = lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None,
+                                    write=self.main)
             self._note(f"saved the adapters to {out} (PEFT's format)")
-            if not self.recipe.lora.merge:
+            if self.world > 1 and self.recipe.lora.merge:
+                self._note("lora.merge under torchrun: not yet; merge the adapter folder in one process "
+                           "(r1lab.lora.load_adapter, then merged_model and save_pretrained)")
+            if not self.recipe.lora.merge or self.world > 1:
                 return out
             out = save_pretrained(lora.merged_model(self.model), self.run_dir / "final", tokenizer=self.tokenizer)
         elif self.world == 1:
