@@ -53,11 +53,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .model.layers import MLP
-from .model.moe import MoE, Experts, _grouped_mm
+from .model.moe import Experts, MoE, _grouped_mm
 from .model.transformer import Transformer
 
-ATTENTION = {"q_a": "q_a_proj", "q_b": "q_b_proj", "q": "q_proj", "kv_a": "kv_a_proj_with_mqa", "kv_b": "kv_b_proj",
-             "o": "o_proj"}
+ATTENTION = {"q_a": "q_a_proj", "q_b": "q_b_proj", "q": "q_proj", "kv_a": "kv_a_proj_with_mqa",
+             "kv_b": "kv_b_proj", "o": "o_proj"}
 TARGETS = (*ATTENTION, "mlp", "shared", "experts")
 GROUPS = {"attention": tuple(ATTENTION), "all": TARGETS}
 DEFAULT_TARGETS = ["attention", "mlp", "shared"]
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight, for code that reads it directly (MLA's absorbed decode, the MoE decode kernels)."""
+        """The effective weight, for code that reads it directly (MLA's absorbed decode, MoE decode kernels)."""
         w = self.base.weight
         return w + self.delta().to(w.dtype) if self.active else w
 
@@ -181,7 +181,8 @@ def expand_targets(targets: list[str]) -> list[str]:
         elif t in TARGETS:
             out += [t] if t not in out else []
         else:
-            raise LoRAError(f"lora.targets: unknown target {t!r}; choose from {', '.join(TARGETS + tuple(GROUPS))}")
+            known = ", ".join(TARGETS + tuple(GROUPS))
+            raise LoRAError(f"lora.targets: unknown target {t!r}; choose from {known}")
     return out
 
 
@@ -241,13 +242,14 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets: list[str] |
     # a target named alone must exist; groups and the default list take what the model has
     missing = [t for t in targets if t in TARGETS and t not in found and targets != DEFAULT_TARGETS]
     if not sites or missing:
-        raise LoRAError(f"lora.targets: {', '.join(missing or names)} name(s) no module of this model (q_a/q_b need "
-                        f"q_lora_rank, q needs none; mlp needs dense layers; shared/experts need MoE layers)")
+        raise LoRAError(f"lora.targets: {', '.join(missing or names)} name(s) no module of this model (q_a/q_b "
+                        f"need q_lora_rank, q needs none; mlp needs dense layers; shared/experts need MoE layers)")
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for path, parent, attr, t in sites:
         if t == "experts":
-            mod = _wrap(parent, attr, {"gate_up": rank, "down": rank}, {"gate_up": alpha / rank, "down": alpha / rank})
+            s = alpha / rank
+            mod = _wrap(parent, attr, {"gate_up": rank, "down": rank}, {"gate_up": s, "down": s})
             for name in ("gate_up", "down"):
                 a = getattr(mod, f"{name}_A")
                 a.data.copy_(_kaiming(a.shape, gen))
@@ -392,7 +394,8 @@ def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         present = [n for n in ("gate_up", "down") if f"{n}_A" in mod._parameters]
         for name in present:
-            a, b = _full(mod._parameters[f"{name}_A"]), _full(mod._parameters[f"{name}_B"])  # (E, r, in), (E, out, r)
+            a = _full(mod._parameters[f"{name}_A"])  # (E, r, in)
+            b = _full(mod._parameters[f"{name}_B"])  # (E, out, r)
             E, r = a.shape[:2]
             inner = name == "gate_up" and len(present) == 2  # gate_up is wrapped first, so it nests inside
             k = f"{key}.base_layer" if inner else key
@@ -449,7 +452,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     path = Path(path)
     cf, wf = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not cf.is_file() or not wf.is_file():
-        hint = " (adapter_model.bin is a pickle file, which r1lab never reads)" if (path / "adapter_model.bin").exists() else ""
+        pickled = (path / "adapter_model.bin").exists()
+        hint = " (adapter_model.bin is a pickle file, which r1lab never reads)" if pickled else ""
         raise LoRAError(f"{path}: an adapter folder holds adapter_config.json and adapter_model.safetensors{hint}")
     try:
         cfg = json.loads(cf.read_text())
@@ -460,7 +464,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
     for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("lora_bias", False), ("bias", "none"),
                     ("modules_to_save", None), ("trainable_token_indices", None)):
         if cfg.get(key, ok) not in (ok, [], {}):
-            raise LoRAError(f"{cf}: {key} = {cfg[key]!r} is not supported (r1lab loads plain LoRA: {key} = {ok!r})")
+            raise LoRAError(f"{cf}: {key} = {cfg[key]!r} is not supported (r1lab loads plain LoRA: "
+                            f"{key} = {ok!r})")
     return cfg, load_file(str(wf))
 
 
@@ -572,7 +577,8 @@ def _load_legacy_experts(model, mod_path, projs, scaling, path) -> LoRAExperts:
     for proj, items in projs.items():
         idx = sorted(e for e, _ in items)
         if idx != list(range(E)):
-            raise LoRAError(f"{path}: {mod_path}.N.{proj}: adapters for experts {idx[:5]}... but the layer has {E}")
+            raise LoRAError(f"{path}: {mod_path}.N.{proj}: adapters for experts {idx[:5]}... but the layer "
+                            f"has {E}")
         ab = dict(items)
         A = torch.stack([ab[e]["A"] for e in range(E)])  # (E, r, in)
         B = torch.stack([ab[e]["B"] for e in range(E)])  # (E, out, r)

@@ -75,10 +75,11 @@ def tokens(seed=1, n=40):
 
 
 def routing_margin(m, x) -> float:
-    """Smallest gap between the last chosen and the best rejected expert score (no groups in these configs'
-    decisive step are compared: V3 tiny's groups are scored first; checked together with the experts below)."""
+    """test_model.py's guard: the smallest gap, over tokens and MoE layers, between the last chosen and the best
+    rejected score (groups where the router limits them, then experts), i.e. how far the input is from a tie."""
     seen = []
-    hooks = [layer.gate.register_forward_hook(lambda mod, a, out: seen.append((mod, a[0]))) for layer in m.moe_layers()]
+    hooks = [layer.gate.register_forward_hook(lambda mod, a, out: seen.append((mod, a[0])))
+             for layer in m.moe_layers()]
     with torch.no_grad():
         m(x)
     for h in hooks:
@@ -130,7 +131,8 @@ def test_peft_loads_r1lab_adapters_with_equal_logits(name, tmp_path, peft):
 # ---------------------------------------------------------------------- r1lab reads PEFT's adapters
 @pytest.mark.parametrize("name,modules,params", [
     ("v3", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
-     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.shared_experts.up_proj.weight", "mlp.down_proj.weight"]),
+     ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.shared_experts.up_proj.weight",
+      "mlp.down_proj.weight"]),
     # PEFT's own v4->v5 conversion: gate/up/down targets become the fused routed experts, gate_up with rank 2r
     # and alpha 2 alpha through rank_pattern / alpha_pattern
     ("v2", ["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], None),
@@ -405,8 +407,8 @@ def test_lora_reward_model_learns_and_exports_a_merged_folder(tmp_path):
     print("held-out pairwise accuracy", last["eval_accuracy"])
     assert last["eval_accuracy"] >= 0.8  # 60 held-out pairs; chance is 0.5
     sd = state.load_checkpoint(state.find_checkpoint(tmp_path / "run"))["model"]
-    assert "score_head.weight" in sd and all(k.startswith("score_head.") or "lora_" in k or k.endswith(("_A", "_B"))
-                                             for k in sd)
+    assert "score_head.weight" in sd
+    assert all(k.startswith("score_head.") or "lora_" in k or k.endswith(("_A", "_B")) for k in sd)
     model, _ = load_reward_model(tmp_path / "run" / "final")
     got = evaluate_pairs(model, read_pairs([data], Tok(), 40))
     assert got["eval_accuracy"] >= 0.8
@@ -425,9 +427,10 @@ def test_generate_with_an_adapter_equals_the_adapted_model(tmp_path, capsys):
     randomize(m, std=0.2)
     save_adapter(m, tmp_path / "adapter")
     tok = load_tokenizer(tmp_path / "base")
-    want = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], SamplingParams(temperature=0, max_tokens=8))
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    want = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], greedy)
     with adapters_off(m):
-        plain = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], SamplingParams(temperature=0, max_tokens=8))
+        plain = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], greedy)
     assert want[0].token_ids != plain[0].token_ids  # the adapter changes the greedy continuation
     assert want[0].text.strip() and want[0].text not in plain[0].text
     args = ["generate", "--model", str(tmp_path / "base"), "--prompt", "Hello", "--temperature", "0",
