@@ -281,6 +281,19 @@ def adapters_off(model: nn.Module):
             m.active = a
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Adapter parameters one token passes through: all of the linear layers' adapters, the routed experts'
+    of the num_experts_per_tok experts it is sent to (for MFU)."""
+    n = 0
+    for path, m in lora_modules(model).items():
+        size = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        if isinstance(m, LoRAExperts):
+            moe = model.get_submodule(path.rpartition(".")[0])
+            size = size * moe.top_k // moe.n_experts
+        n += size
+    return n
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts (shared tensors once)."""
     seen, counts = set(), [0, 0]

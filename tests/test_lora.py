@@ -485,3 +485,22 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     shutil.copy(tmp_path / "fsdp" / "metrics.jsonl", tmp_path / "resumed")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "resumed", 4, **DIST) + ["--resume"]) == 0
     torch.testing.assert_close(col(tmp_path / "resumed", "loss"), col(tmp_path / "one", "loss"), rtol=2e-5, atol=0)
+
+
+def test_lora_flops_count_the_work_done():
+    """MFU with adapters: the frozen base's matmuls cost 4 x N per token (forward, backward to the inputs), the
+    adapters 6 x theirs, routed experts' adapters for the num_experts_per_tok experts a token reaches."""
+    from r1lab.lora import active_parameters
+    from r1lab.train.loop import train_flops_per_token
+
+    cfg = V3
+    n = cfg.num_params(active=True, embeddings=False) + cfg.vocab_size * cfg.hidden_size
+    full, frozen = train_flops_per_token(cfg, 64), train_flops_per_token(cfg, 64, adapters=0)
+    assert full - frozen == 2 * n
+    m = base_model(cfg)
+    mods = apply_lora(m, rank=4, alpha=8, targets=["all"])
+    per_expert = sum(p.numel() for x in mods.values() if isinstance(x, LoRAExperts) for p in x.parameters()
+                     if p.requires_grad) // cfg.n_routed_experts
+    linear = sum(p.numel() for x in mods.values() if isinstance(x, LoRALinear) for p in x.parameters()
+                 if p.requires_grad)
+    assert active_parameters(m) == linear + per_expert * cfg.num_experts_per_tok

@@ -54,7 +54,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ---------------------------------------------------------------------- FLOPs and MFU (the one place)
-def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) -> float:
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0,
+                          adapters: int | None = None) -> float:
     """Training FLOPs per token: forward + backward = 3 x forward.
 
     Matmuls: 6 x N, where N counts the weights one token multiplies with: `num_params(active=True,
@@ -66,6 +67,9 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) ->
     2 x H x (qk_head_dim + v_head_dim) x seq_len/2 FLOPs forward, x3 for training. Packed documents under the
     document mask do less work than this; the count is the causal one either way (MFU, not useful-work
     accounting), and activation-checkpointing recomputation is not counted.
+    adapters: LoRA on a frozen base, the adapter parameters a token passes through (`lora.active_parameters`):
+    the base's matmuls then cost 4 x N (forward, and the backward to their inputs: no weight gradient), the
+    adapters 6 x theirs.
     """
     head = cfg.vocab_size * cfg.hidden_size
     n = cfg.num_params(active=True, embeddings=False) + head
@@ -76,6 +80,8 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, mtp_depth: int = 0) ->
         n += head * mtp_depth
         layers += mtp_depth
     attn = 3 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    if adapters is not None:
+        return 4.0 * n + 6.0 * adapters + attn
     return 6.0 * n + attn
 
 
@@ -282,7 +288,8 @@ class Trainer:
         if data is not None:
             self.order = BatchOrder(len(data), recipe.train.batch_size, recipe.run.seed, recipe.data.shuffle)
         seq_len = data.seq_len if data is not None else cfg.max_position_embeddings
-        self.flops_per_token = train_flops_per_token(cfg, seq_len, self.mtp_depth)
+        self.flops_per_token = train_flops_per_token(cfg, seq_len, self.mtp_depth,
+                                                     lora.active_parameters(model) if self.use_lora else None)
         self.peak = peak_flops(self.device, recipe.log.peak_tflops)
         self._stop: str | None = None
         self._tb = None
