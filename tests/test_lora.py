@@ -546,14 +546,16 @@ def test_transformers4_per_expert_adapters_load_exactly(tmp_path):
             for e in range(cfg.n_routed_experts):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     w = getattr(ex, proj)[e]
-                    a, b = torch.randn(r, w.shape[1], generator=g) * 0.3, torch.randn(w.shape[0], r, generator=g) * 0.3
+                    a = torch.randn(r, w.shape[1], generator=g) * 0.3
+                    b = torch.randn(w.shape[0], r, generator=g) * 0.3
                     key = f"base_model.model.model.layers.{i}.mlp.experts.{e}.{proj}"
                     tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
                     w += alpha / r * b @ a
     (tmp_path / "a").mkdir()
     save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["gate_proj", "up_proj", "down_proj"]}))
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["gate_proj", "up_proj",
+                                                                              "down_proj"]}))
     mods = load_adapter(m, tmp_path / "a")
     assert all(isinstance(x, LoRAExperts) for x in mods.values())
     x = tokens(6)
