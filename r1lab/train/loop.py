@@ -309,8 +309,12 @@ class Trainer:
         if head is not None:  # a reward model's new head trains in full (PEFT's modules_to_save)
             head.requires_grad_(True)
         trainable, frozen = lora.parameter_counts(self.model)
+        b = torch.finfo(self.dtype).bits // 8
+        # weights in the compute dtype; per trained parameter also its gradient, an fp32 master (unless the
+        # compute dtype is fp32) with its gradient, and AdamW's two fp32 moments. Activations not counted.
+        plan = (frozen * b + trainable * (2 * b + (8 if b != 4 else 0) + 8)) / 2**30 / self.world
         self._note(f"LoRA rank {c.rank}, alpha {c.alpha:g} on {', '.join(c.targets)}: {trainable:,} trainable and "
-                   f"{frozen:,} frozen parameters")
+                   f"{frozen:,} frozen parameters; weights and optimizer state {plan:.2f} GiB per process")
         if self.bias_gamma:
             self._note(f"moe.bias_gamma={self.bias_gamma} ignored: the router bias belongs to the frozen base")
             self.bias_gamma = 0.0
