@@ -103,6 +103,7 @@ def main():
                     help="first train the model this many steps with the MTP loss on worked additions, and prompt "
                          "with held-out ones (default: 0 = random weights and random prompts)")
     ap.add_argument("--model", default=None, metavar="DIR", help="load this checkpoint instead of --preset")
+    ap.add_argument("--save", default=None, metavar="DIR", help="save the --train-steps model here (for --model)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script (default: cuda)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
@@ -111,13 +112,18 @@ def main():
     if args.model:
         model = load_pretrained(args.model, device=dev, dtype=torch.bfloat16 if gpu else torch.float32).eval()
     else:
+        cfg = get_preset(args.preset)
+        if args.speculate or args.train_steps:  # the bench presets have no MTP module: give them V3's one
+            cfg = cfg.replace(num_nextn_predict_layers=max(cfg.num_nextn_predict_layers, 1))
         with torch.device("meta"):
-            model = Transformer(get_preset(args.preset))
+            model = Transformer(cfg)
         model = model.to_empty(device=dev).init_weights(seed=0)
         if args.train_steps:
             small = {} if gpu else dict(seq_len=64, batch=2)  # a CPU dry run of the script
             model = train_with_mtp(model, args.train_steps, **small)
         model = model.to(torch.bfloat16 if gpu else torch.float32).eval()
+        if args.save:
+            save_pretrained(model, args.save, tokenizer=False)
     cfg = model.config
     text_prompts = None
     if args.train_steps or args.model:  # prompts the model knows how to continue
