@@ -357,6 +357,12 @@ def test_bad_arguments():
         Engine(m, speculate=-1)
     eng = Engine(m, max_batch=2, max_seq_len=40, speculate=3)
     assert eng.cache_len == 64 and eng.stats["acceptance_rate"] is None
+    plain = Engine(m, max_batch=2, max_seq_len=40)
+    for _ in range(3):
+        plain.add_request([1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+    plain.step()
+    st = plain.stats  # 3 prompts: 2 in slots (prefilled, one decode step), 1 waiting for a slot
+    assert (st["slots_busy"], st["waiting"], st["drafted"], st["tokens_per_step"]) == (2, 1, 0, 1.0)
 
 
 # ---------------------------------------------------------------------- acceptance of a trained draft, and SFT

@@ -225,15 +225,16 @@ class Engine:
     def stats(self) -> dict:
         """Counters since the engine was built: decode steps, sequence-steps (one sequence in one step),
         drafted and accepted tokens; acceptance_rate = accepted / drafted; tokens_per_step = tokens a sequence
-        gets from one decode step on average (1 without speculation, up to k+1); slots busy and prompts queued."""
-        c = dict(self._counts)
+        gets from one decode step on average (1 without speculation, up to k+1); slots busy and sequences queued.
+        Safe to read from another thread (a server's health check) while the engine's thread steps."""
+        c, slots, waiting = dict(self._counts), list(self.slots), list(self.waiting)  # copies: C-level, atomic
         steps = max(c["sequence_steps"], 1)
         return {"speculate": self.speculate, **c,
                 "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else None,
                 "accepted_per_step": c["accepted"] / steps,
                 "tokens_per_step": (c["accepted"] + c["sequence_steps"]) / steps if c["sequence_steps"] else None,
-                "slots_busy": sum(s is not None for s in self.slots), "max_batch": self.max_batch,
-                "waiting": sum(len(g) for g in self.waiting)}
+                "slots_busy": sum(s is not None for s in slots), "max_batch": self.max_batch,
+                "waiting": sum(len(g) for g in waiting)}
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots) or self._inflight is not None
