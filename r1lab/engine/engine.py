@@ -423,12 +423,14 @@ class Engine:
         drafts, logqs = [], []
         for d in range(k):
             if d < n_mtp:  # module d over the last verify's positions; its draft is at the last accepted one
-                prev = model.mtp_forward(d, prev, ahead, at, attn_mask=mask, cache=self.mtp_cache[d])  # (B, k+1, D)
+                prev = model.mtp_forward(d, prev, ahead, at, attn_mask=mask,
+                                         cache=self.mtp_cache[d])  # (B, k+1, D)
                 last = prev[rows, self.acc]  # (B, D)
             else:  # the last module again, one position further, fed its own output and the previous draft
                 p1 = self.prev_pos + self.acc[:, None] + 1 + d - n_mtp  # (B, 1)
-                last = model.mtp_forward(n_mtp - 1, last[:, None], drafts[-1][:, None], p1, cache=self.mtp_cache[-1],
-                                         attn_mask=model.cache_mask(p1, self.cache_len))[:, 0]
+                last = model.mtp_forward(n_mtp - 1, last[:, None], drafts[-1][:, None], p1,
+                                         attn_mask=model.cache_mask(p1, self.cache_len),
+                                         cache=self.mtp_cache[-1])[:, 0]
             # draft d is the token at pos + 1 + d (pos: the last committed token's position)
             tok, logq = draft_sample(model.mtp_logits(min(d, n_mtp - 1), last), self.temperature, self.top_p,
                                      self.top_k, self.seeds, self.pos[:, 0] + 1 + d, **opts)
