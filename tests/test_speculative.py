@@ -299,13 +299,17 @@ def test_sampled_logprobs_are_the_target_models(trained):
 
 def test_sampled_seeds_reproduce_and_are_batch_independent(trained):
     """A sequence's samples depend on its seed only: together in a ragged batch, alone, with fewer slots
-    (continuous batching), as the n samples of one prompt; another seed gives other samples."""
+    (continuous batching), admitted in several prefills, as the n samples of one prompt; another seed gives other
+    samples."""
     ps = mixed_prompts(5, seed=7)
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=10, seed=11, ignore_eos=True)
     together = Engine(trained, max_batch=8, max_seq_len=64, speculate=2).generate(ps, params)
     alone = [Engine(trained, max_batch=1, max_seq_len=64, speculate=2).generate([p], params)[0] for p in ps]
     few = Engine(trained, max_batch=2, max_seq_len=64, speculate=2).generate(ps, params)
-    assert [o.token_ids for o in together] == [o.token_ids for o in alone] == [o.token_ids for o in few]
+    split = Engine(trained, max_batch=8, max_seq_len=64, speculate=2, prefill_tokens=5).generate(ps, params)
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone] == [o.token_ids for o in few] == \
+        [o.token_ids for o in split]  # split: admission in several prefills, each filling the MTP cache too
+    assert all(len(o.token_ids) == 10 for o in together)  # max_tokens, never more
     other = Engine(trained, max_batch=8, max_seq_len=64, speculate=2).generate(ps, SamplingParams(
         temperature=1.0, top_p=0.9, max_tokens=10, seed=12, ignore_eos=True))
     assert [o.token_ids for o in other] != [o.token_ids for o in together]
