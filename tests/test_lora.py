@@ -447,6 +447,17 @@ def _lora_ranks(rank: int, world: int, d: str) -> None:
 
     d = Path(d)
     assert cli_main(lora_args(d / "c.jsonl", d / "fsdp", 4, **DIST)) == 0
+    lora_grpo_trainer(d / "grpo-fsdp").fit()
+
+
+def lora_grpo_trainer(out):
+    """test_grpo's small GRPO run (lr 1e-3, as test_distributed_train's: AdamW amplifies the ranks' different
+    rounding step by step, 3e-5 relative in the third step's gradient norm at lr 1e-2) with adapters on
+    everything, the KL to the base, and a learning signal."""
+    from test_grpo import small_trainer
+
+    return small_trainer(out, **{"lora.rank": 8, "lora.targets": ["all"], "beta": 0.1,
+                                 "rewards": ["test_lora:digits=1"], "train.steps": 3})
 
 
 DIST = {"train.batch-size": "4", "ckpt.every": "2"}
@@ -455,7 +466,8 @@ DIST = {"train.batch-size": "4", "ckpt.every": "2"}
 def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     """The frozen base and the adapters sharded by FSDP2 over 2 ranks: losses and gradient norms equal the one-
     process run's within test_distributed_train's tolerance (fp32, summation order: rtol 2e-5), the gathered
-    adapters equal too, and the 2-rank checkpoint of step 2 continues in one process as the one-process run."""
+    adapters equal too, and the 2-rank checkpoint of step 2 continues in one process as the one-process run;
+    GRPO with adapters on 2 ranks equals one process."""
     from test_parallel import run_ranks
 
     from r1lab.cli import main as cli_main
@@ -463,6 +475,7 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     before = torch.get_num_threads()
     corpus(tmp_path / "c.jsonl")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "one", 4, **DIST)) == 0
+    lora_grpo_trainer(tmp_path / "grpo-one").fit()
     run_ranks(_lora_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
 
@@ -485,6 +498,14 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     shutil.copy(tmp_path / "fsdp" / "metrics.jsonl", tmp_path / "resumed")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "resumed", 4, **DIST) + ["--resume"]) == 0
     torch.testing.assert_close(col(tmp_path / "resumed", "loss"), col(tmp_path / "one", "loss"), rtol=2e-5, atol=0)
+    # GRPO: each rank samples its share on a full copy of policy + adapters; the KL to that copy's base. The
+    # samples and rewards are the same; loss and KL within test_distributed_train's tolerance.
+    one, two = tmp_path / "grpo-one" / "run", tmp_path / "grpo-fsdp" / "run"
+    for key in ("reward", "response_len_mean"):
+        assert col(two, key).tolist() == col(one, key).tolist(), key
+    for key in ("loss", "grad_norm", "kl", "entropy"):
+        torch.testing.assert_close(col(two, key), col(one, key), rtol=2e-5, atol=1e-7)
+    assert col(one, "kl")[1:].min() > 0
 
 
 def test_lora_flops_count_the_work_done():

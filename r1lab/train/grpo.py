@@ -52,6 +52,7 @@ import torch.distributed as dist
 from .. import lora, parallel
 from ..data import BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
+from ..model.transformer import Transformer
 from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
@@ -424,8 +425,8 @@ class GRPOTrainer(Trainer):
                              f"{limit} positions")
         self.order = BatchOrder(len(rows), g.prompts_per_step, recipe.run.seed, recipe.data.shuffle)
         self.share = g.prompts_per_step // self.world  # prompts (groups) this rank samples per rollout
-        # The reference: a frozen copy in the compute dtype, none at all when beta = 0. With LoRA it is the policy
-        # with its adapters off (see _optimise): no second model.
+        # The reference: a frozen copy in the compute dtype, none at all when beta = 0. With LoRA it is the rollout
+        # model with its adapters off (see _optimise): no second model.
         self.ref = None
         if g.beta > 0 and self.use_lora and g.ref_sync_every:
             raise ValueError("grpo.ref_sync_every: with LoRA the KL reference is the base model (the adapters off), "
@@ -435,10 +436,23 @@ class GRPOTrainer(Trainer):
             self.ref = ref.eval().requires_grad_(False)
         # Built after MasterWeights cast the model: the engine (and its CUDA graph) sees the final tensors,
         # which the optimizer then updates in place (under torchrun: which each step copies into).
-        policy = model if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
+        policy = model if self.world == 1 else self._rollout_copy(model)
         slots = g.max_batch or self.share * g.group_size
         self.engine = Engine(policy, tokenizer, max_batch=max(slots, g.group_size),
                              max_seq_len=min(limit, longest + g.max_tokens), speculate=g.speculate)
+
+    def _rollout_copy(self, model):
+        """Under torchrun: a plain full copy of the policy in the compute dtype, adapters included (wrapped as the
+        policy is, so the state-dict names match and each step's copy is by name)."""
+        if not self.use_lora:
+            return parallel.unsharded_copy(model, self.device, self.dtype)
+        with torch.device("meta"):
+            copy_ = Transformer(model.config)
+        copy_ = copy_.to_empty(device=self.device).init_buffers()
+        c = self.recipe.lora
+        lora.apply_lora(copy_, c.rank, c.alpha, c.targets, c.dropout)
+        parallel.copy_full_weights(model, copy_)
+        return copy_.to(self.dtype).eval()
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
@@ -575,8 +589,10 @@ class GRPOTrainer(Trainer):
         ref_logp = None
         if g.beta > 0:  # once per rollout batch; the reference does not move within it
             ref_logp = []
-            ref = self.ref if self.ref is not None else model
-            with torch.no_grad(), lora.adapters_off(model) if self.ref is None else contextlib.nullcontext():
+            # (with LoRA: the rollout model, the policy itself on one process and its full copy under torchrun,
+            # refreshed at the start of the step, so no forward here is collective)
+            ref = self.ref if self.ref is not None else self.engine.model
+            with torch.no_grad(), lora.adapters_off(ref) if self.ref is None else contextlib.nullcontext():
                 for s in range(0, N, micro):
                     lp, _, _ = completion_logprobs(ref, b.prompt_ids[s:s + micro], b.completion_ids[s:s + micro],
                                                    g.temperature, compiled=self.recipe.train.compile)
