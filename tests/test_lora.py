@@ -448,6 +448,23 @@ def _lora_ranks(rank: int, world: int, d: str) -> None:
     d = Path(d)
     assert cli_main(lora_args(d / "c.jsonl", d / "fsdp", 4, **DIST)) == 0
     lora_grpo_trainer(d / "grpo-fsdp").fit()
+    lora_rm(d, "rm-fsdp")
+
+
+def lora_rm(d, out):
+    """A short `r1lab rm` run with adapters (its score head trained in full) on test_reward_model's pairs."""
+    from test_reward_model import VOCAB as RM_VOCAB, Tok
+
+    from r1lab.train.reward_model import load_rm_recipe, run
+
+    r = load_rm_recipe(None, {
+        "run.out": str(d / out), "run.device": "cpu", "data.train": str(d / "pairs.jsonl"), "data.seq_len": "40",
+        "model.config": json.dumps({"vocab_size": RM_VOCAB, "max_position_embeddings": 64,
+                                    "num_nextn_predict_layers": 0}),
+        "optim.lr": "1e-3", "optim.warmup_steps": "1", "train.steps": "3", "train.batch_size": "8",
+        "rm.eval_fraction": "0", "ckpt.every": "3", "log.every": "0", "log.tensorboard": "false",
+        "lora.rank": "8", "lora.targets": "all"})
+    return run(r, quiet=True, tokenizer=Tok())
 
 
 def lora_grpo_trainer(out):
@@ -467,7 +484,7 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     """The frozen base and the adapters sharded by FSDP2 over 2 ranks: losses and gradient norms equal the one-
     process run's within test_distributed_train's tolerance (fp32, summation order: rtol 2e-5), the gathered
     adapters equal too, and the 2-rank checkpoint of step 2 continues in one process as the one-process run;
-    GRPO with adapters on 2 ranks equals one process."""
+    GRPO and rm with adapters on 2 ranks equal one process."""
     from test_parallel import run_ranks
 
     from r1lab.cli import main as cli_main
@@ -476,6 +493,10 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     corpus(tmp_path / "c.jsonl")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "one", 4, **DIST)) == 0
     lora_grpo_trainer(tmp_path / "grpo-one").fit()
+    from test_reward_model import write_pairs
+
+    write_pairs(tmp_path / "pairs.jsonl", 64, seed=1)
+    lora_rm(tmp_path, "rm-one")
     run_ranks(_lora_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
 
@@ -506,6 +527,18 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     for key in ("loss", "grad_norm", "kl", "entropy"):
         torch.testing.assert_close(col(two, key), col(one, key), rtol=2e-5, atol=1e-7)
     assert col(one, "kl")[1:].min() > 0
+    # rm: losses, and the exported (merged) reward models, the one gathered from the 2 ranks' shards
+    from r1lab.rewards import load_reward_model
+
+    one, two = tmp_path / "rm-one", tmp_path / "rm-fsdp"
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(col(two, key), col(one, key), rtol=2e-5, atol=1e-7)
+    (m1, _), (m2, _) = load_reward_model(one / "final"), load_reward_model(two / "final")
+    for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        # (not the head's bias: Bradley-Terry's loss does not depend on it, so its gradient is 0 on one process and
+        # rounding noise on two, which AdamW turns into lr-sized steps: 0 against 7e-4 after 3 steps, measured)
+        if k != "score_head.bias":
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)  # 3 AdamW steps of rounding, as above
 
 
 def test_lora_flops_count_the_work_done():

@@ -319,20 +319,25 @@ class RewardTrainer(Trainer):
         """Trainer.fit's export (when ckpt.export): the reward-model folder (`save_reward_model`) in run.out/final.
         Under torchrun the model and its head are gathered to rank 0, one tensor at a time, and rank 0 writes it."""
         out = self.run_dir / "final"
-        if self.use_lora:  # a reward model folder is what rewards load: base + adapters merged, and the adapters
-            lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None)
-            save_reward_model(lora.merged_model(self.model), out, self.tokenizer, self.recipe.rm.scope, self.max_len)
-        elif self.world == 1:
-            save_reward_model(self.model, out, self.tokenizer, self.recipe.rm.scope, self.max_len)
+        if self.use_lora:  # the adapters too; the reward-model folder (what rewards load) is base + adapters merged
+            lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None,
+                              write=self.main)
+        if self.world == 1:
+            model = lora.merged_model(self.model) if self.use_lora else self.model
+            save_reward_model(model, out, self.tokenizer, self.recipe.rm.scope, self.max_len)
         else:
             full = None
             if self.main:  # a plain model with the head to gather into (parallel.unsharded_copy makes one without)
                 with torch.device("meta"):
                     full = Transformer(self.model.config)
                 full = full.to_empty(device="cpu").init_buffers()
+                if self.use_lora:  # wrapped as the model is, so that the copy goes by name
+                    c = self.recipe.lora
+                    lora.apply_lora(full, c.rank, c.alpha, c.targets, c.dropout)
                 add_score_head(full)
             parallel.copy_full_weights(self.model, full)  # collective
             if self.main:
+                full = lora.merged_model(full) if self.use_lora else full
                 save_reward_model(full.to(self.dtype), out, self.tokenizer, self.recipe.rm.scope, self.max_len)
             dist.barrier()
         self._note(f"exported the reward model to {out}")
