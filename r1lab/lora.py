@@ -267,6 +267,25 @@ def _kaiming(shape, gen) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 
 
+def empty_like(model: Transformer, device: str | torch.device) -> Transformer:
+    """An uninitialised plain Transformer of `model`'s configuration on `device`, with adapters of the shapes
+    `model`'s have, so that copies between the two go by state-dict name (`parallel.copy_full_weights` from a
+    sharded model: GRPO's rollout copy, exports under torchrun). Modules a trainer added are not copied."""
+    with torch.device("meta"):
+        out = Transformer(model.config)
+    out = out.to_empty(device=device).init_buffers()
+    out.requires_grad_(False)
+    for path, mod in lora_modules(model).items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = out.get_submodule(parent_path)
+        if isinstance(mod, LoRALinear):
+            _wrap(parent, attr, mod.lora_A.shape[0], mod.scaling, mod.dropout)
+        else:
+            ranks = {n[:-2]: p.shape[1] for n, p in mod._parameters.items() if n.endswith("_A")}
+            _wrap(parent, attr, ranks, mod.scaling)
+    return out
+
+
 @contextlib.contextmanager
 def adapters_off(model: nn.Module):
     """Inside, the model computes its base (GRPO's KL reference without a second model)."""

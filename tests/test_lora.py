@@ -513,6 +513,10 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     assert a.keys() == b.keys()
     for k in a:  # after 4 AdamW steps of lr 1e-2; AdamW's normalisation amplifies the ulps of tiny gradients
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    # lora.merge under torchrun: gathered, merged and written by rank 0
+    a, b = (load_pretrained(tmp_path / r / "final").state_dict() for r in ("fsdp", "one"))
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
     # 2 ranks -> 1: the sharded checkpoint of step 2 (base and adapters) continues in one process
     ck = "checkpoints/step-00000002"
     shutil.copytree(tmp_path / "fsdp" / ck, tmp_path / "resumed" / ck)

@@ -52,7 +52,6 @@ import torch.distributed as dist
 from .. import lora, parallel
 from ..data import BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
-from ..model.transformer import Transformer
 from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
@@ -446,11 +445,7 @@ class GRPOTrainer(Trainer):
         policy is, so the state-dict names match and each step's copy is by name)."""
         if not self.use_lora:
             return parallel.unsharded_copy(model, self.device, self.dtype)
-        with torch.device("meta"):
-            copy_ = Transformer(model.config)
-        copy_ = copy_.to_empty(device=self.device).init_buffers()
-        c = self.recipe.lora
-        lora.apply_lora(copy_, c.rank, c.alpha, c.targets, c.dropout)
+        copy_ = lora.empty_like(model, self.device)
         parallel.copy_full_weights(model, copy_)
         return copy_.to(self.dtype).eval()
 

@@ -568,12 +568,16 @@ class Trainer:
             out = lora.save_adapter(self.model, self.run_dir / "adapter", base_model=self.recipe.model.init or None,
                                     write=self.main)
             self._note(f"saved the adapters to {out} (PEFT's format)")
-            if self.world > 1 and self.recipe.lora.merge:
-                self._note("lora.merge under torchrun: not yet; merge the adapter folder in one process "
-                           "(r1lab.lora.load_adapter, then merged_model and save_pretrained)")
-            if not self.recipe.lora.merge or self.world > 1:
+            if not self.recipe.lora.merge:
                 return out
-            out = save_pretrained(lora.merged_model(self.model), self.run_dir / "final", tokenizer=self.tokenizer)
+            if self.world == 1:
+                out = save_pretrained(lora.merged_model(self.model), self.run_dir / "final", tokenizer=self.tokenizer)
+            else:  # gathered into a copy wrapped as the model is, merged and written by rank 0
+                full = lora.empty_like(self.model, "cpu") if self.main else None
+                parallel.copy_full_weights(self.model, full)  # collective
+                out = (save_pretrained(lora.merged_model(full).to(self.dtype), self.run_dir / "final",
+                                       tokenizer=self.tokenizer) if self.main else None)
+                dist.barrier()
         elif self.world == 1:
             out = save_pretrained(self.model, self.run_dir / "final", tokenizer=self.tokenizer)
         else:

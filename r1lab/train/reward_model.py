@@ -328,12 +328,12 @@ class RewardTrainer(Trainer):
         else:
             full = None
             if self.main:  # a plain model with the head to gather into (parallel.unsharded_copy makes one without)
-                with torch.device("meta"):
-                    full = Transformer(self.model.config)
-                full = full.to_empty(device="cpu").init_buffers()
                 if self.use_lora:  # wrapped as the model is, so that the copy goes by name
-                    c = self.recipe.lora
-                    lora.apply_lora(full, c.rank, c.alpha, c.targets, c.dropout)
+                    full = lora.empty_like(self.model, "cpu")
+                else:
+                    with torch.device("meta"):
+                        full = Transformer(self.model.config)
+                    full = full.to_empty(device="cpu").init_buffers()
                 add_score_head(full)
             parallel.copy_full_weights(self.model, full)  # collective
             if self.main:
