@@ -621,3 +621,14 @@ def test_transformers4_per_expert_adapters_load_exactly(tmp_path):
     assert routing_margin(ref, x) > 2e-6
     with torch.no_grad():
         assert rel_err(m(x), ref(x)) < 1e-5  # fp32: W x + s B (A x) against (W + s B A) x
+
+
+def test_lora_recipe_errors_are_named_before_the_model_is_built():
+    from r1lab.cli import main as cli_main
+    from r1lab.train.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="unknown target 'qkv'"):
+        load_recipe(None, "sft", {"lora.rank": "8", "lora.targets": "attention,qkv"})
+    with pytest.raises(ValueError, match="lora.dropout"):
+        load_recipe(None, "sft", {"lora.rank": "8", "lora.dropout": "1.5"})
+    assert cli_main(["sft", "--lora.rank", "8", "--lora.targets", "qkv", "--print-recipe"]) == 2

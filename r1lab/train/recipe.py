@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..lora import expand_targets
+
 KINDS = ("pretrain", "sft")
 
 
@@ -230,6 +232,8 @@ class Recipe:
         if self.lora.rank < 0 or self.lora.alpha <= 0 or not 0 <= self.lora.dropout < 1:
             raise ValueError(f"recipe: lora.rank must be >= 0, lora.alpha > 0 and lora.dropout in [0, 1) (got rank "
                              f"{self.lora.rank}, alpha {self.lora.alpha}, dropout {self.lora.dropout})")
+        if self.lora.rank:
+            expand_targets(self.lora.targets)  # unknown names fail now, not after the model is built
         if not 0 <= self.optim.min_lr_ratio <= 1:
             raise ValueError(f"recipe: optim.min_lr_ratio must be in [0, 1] (got {self.optim.min_lr_ratio})")
         if self.model.init and self.model.config:
