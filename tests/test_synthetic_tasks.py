@@ -126,5 +126,12 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
             assert wrong != q.answer  # the slip carried to the first pass's total
     q = t.problems(1, "test", 0)[0]
     assert q.question.startswith("Add a") and q.question.count(" ") == 4 and q.answer == str(sum(q.meta["operands"]))
+    # Shuffled: the same tagged operands in another order; the split follows the operands, not their order.
+    s = RunningSum(n_operands=4, shuffled=True)
+    for q in s.problems(30, "test", 0):
+        words = q.question.removeprefix("Add ").rstrip(".").split()
+        assert sorted(words) == [f"{tag}{x}" for tag, x in zip("abcd", q.meta["operands"])]
+        assert t.split_of((q.meta["operands"], ())) == "test"
+    assert any(not q.question.startswith("Add a") for q in s.problems(30, "train", 0))
     with pytest.raises(ValueError, match="n_operands"):
         RunningSum(n_operands=1)

@@ -464,6 +464,7 @@ class RunningSum:
 
     n_operands: int = 8
     test_fraction: float = 0.2
+    shuffled: bool = False  # the question lists the tagged operands in random order (the solution goes a, b, c)
     TAGS = "abcdefghijklmnop"
 
     def __post_init__(self) -> None:
@@ -475,16 +476,20 @@ class RunningSum:
     def name(self) -> str:
         return f"running-sum-{self.n_operands}"
 
-    def split_of(self, operands) -> str:
-        return _hash_split(f"running-sum:{list(operands)}", self.test_fraction)
+    def split_of(self, key) -> str:
+        """Split by the operands (in tag order) alone, so a shuffled listing of a test sum is a test problem."""
+        return _hash_split(f"running-sum:{list(key[0])}", self.test_fraction)
 
     def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
         _check_common(split, self.test_fraction, "RunningSum")
 
         def make(rng: random.Random):
             nums = [rng.randint(0, 9) for _ in range(self.n_operands)]
-            question = "Add " + " ".join(f"{t}{x}" for t, x in zip(self.TAGS, nums)) + "."
-            return tuple(nums), question, str(sum(nums)), {"operands": nums}
+            order = list(range(self.n_operands))
+            if self.shuffled:
+                rng.shuffle(order)
+            question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + "."
+            return (tuple(nums), tuple(order)), question, str(sum(nums)), {"operands": nums}
 
         return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
 
