@@ -195,3 +195,20 @@ def test_paired_margin_counts_problems_not_samples():
     diff, se = paired_margin({"x": 1.0, "y": 0.5, "z": 0.0}, {"x": 0.5, "y": 0.5, "z": 0.0, "w": 1.0})
     # differences 0.5, 0, 0 over the 3 shared problems: mean 1/6, sd sqrt(1/12), se sqrt(1/12 / 3) = 1/6
     assert abs(diff - 1 / 6) < 1e-12 and abs(se - 1 / 6) < 1e-12
+
+
+def test_reasoning_preset_corpus_mixes_direct_worked_checked_and_fixed(tmp_path):
+    from r1lab.speedrun.report import classify_response
+
+    p = PRESETS["reasoning"]
+    task = sdata.make_task(p.task, **dict(p.task_knobs))
+    sdata.write_data(tmp_path, task, corpus_docs=2000, reasoning_share=p.reasoning_share, rl_prompts=4, cold_start=4,
+                     test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share)
+    docs = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    kinds = [classify_response(d.split("<think>", 1)[1]) for d in docs]
+    worked = sum(k != "direct" for k in kinds) / len(docs)
+    checked = sum(k == "checked" for k in kinds) / max(1, sum(k != "direct" for k in kinds))
+    fixed = sum(". Wait: " in d for d in docs) / len(docs)
+    assert abs(worked - p.reasoning_share) < 0.04 and abs(checked - p.check_share - p.fix_share) < 0.06
+    assert 0 < fixed < 0.01 + p.reasoning_share * p.fix_share
+    assert all(d.startswith("User: Add a") and d.endswith("</answer>") for d in docs)

@@ -55,7 +55,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Presets: cpu (default: sums of four one-digit numbers, a 1.4M-parameter model; a 2-core CPU in "
                "about 12 minutes), gpu (sums and differences of six, a 54M model; one H200 in about 8 minutes), "
-               "mini (every stage at toy sizes, for tests).\n"
+               "reasoning (work in progress on issue 18: running sums of eight tagged numbers, where R1-Zero "
+               "learns to work the answer out; not yet run in full), mini (every stage at toy sizes, for tests).\n"
                "Each training stage is an ordinary r1lab pretrain / sft / grpo run with its recipe.toml in its "
                "folder.\nExamples:\n  r1lab speedrun\n  r1lab speedrun --preset gpu --out runs/speedrun-gpu\n"
                "  r1lab speedrun --out runs/speedrun --resume      # after Ctrl-C or a crash\n"

@@ -87,6 +87,13 @@ PRESETS: dict[str, Preset] = {
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
                   rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8),
+    # Work in progress for reasoning emergence (issue 18; not yet run in full, so not the default): running sums of
+    # eight tagged one-digit numbers, where working it out beats answering at once once the base has had ~900
+    # steps. In a proxy (benchmarks/LOG.md, sixth session: 600 steps at 3e-3 then 300 at 1e-3) R1-Zero took the
+    # reasoning share 15% -> 100%, length 28 -> 83 tokens, pass@1 53% -> 97%; checks, never right, died out.
+    "reasoning": Preset(task="running-sum", task_knobs=(("n_operands", 8),), reasoning_share=0.3, check_share=0.3,
+                        fix_share=0.05, seq_len=256, pretrain_steps=900, pretrain_batch=16, rl_steps=80, rl_lr=6e-5,
+                        max_tokens=200),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
