@@ -138,10 +138,14 @@ def test_scope_answer_ignores_the_reasoning():
     prompts = ["q1:<think>"] * 3 + ["q1:"] * 2
     comps = ["abc</think>hi", "zzzzzz</think>hi", "abc</think>bye", "<think>abc</think>hi", "<think>zz</think>hi"]
     a = answer(prompts, comps)
-    assert a[0] == a[1] == a[3] == a[4]  # the reasoning differs, the answer does not (bitwise: same ids)
-    assert a[2] != a[0]  # the answer differs
+    # The reasoning differs, the answer does not: the same ids, scored in other rows of the batch, where CPU
+    # kernels may round differently (seen with MKL's AVX2 kernels: 1.5e-7 relative). fp32: within 1e-5; a
+    # reward model that saw the reasoning moves the score by 0.1 or more (the full-scope scores below).
+    assert a[1] == pytest.approx(a[0], rel=1e-5) and a[3] == pytest.approx(a[0], rel=1e-5)
+    assert a[4] == pytest.approx(a[0], rel=1e-5)
+    assert abs(a[2] - a[0]) > 1e-3  # the answer differs
     f = full(prompts, comps)
-    assert f[0] != f[1] and f[3] != f[4]  # the full-scope model does see the reasoning
+    assert abs(f[0] - f[1]) > 1e-3 and abs(f[3] - f[4]) > 1e-3  # the full-scope model does see the reasoning
     # the answer model scores exactly prompt-without-<think> + answer + EOS
     with torch.no_grad():
         want = last_token_scores(m, *pad_right([Tok().encode("q1:hi") + [1]])).item()
