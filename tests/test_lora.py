@@ -416,9 +416,9 @@ def test_lora_reward_model_learns_and_exports_a_merged_folder(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
-# ---------------------------------------------------------------------- r1lab generate --lora
-def test_generate_with_an_adapter_equals_the_adapted_model(tmp_path, capsys):
-    from r1lab.cli import main as cli_main
+# ---------------------------------------------------------------------- r1lab generate/serve --lora
+def adapted_pair(tmp_path):
+    """A base folder, an adapter folder, and the adapted model's greedy continuation of "Hello"."""
     from r1lab.engine import Engine, SamplingParams
     from r1lab.tokenizer import load_tokenizer
 
@@ -429,7 +429,29 @@ def test_generate_with_an_adapter_equals_the_adapted_model(tmp_path, capsys):
     save_adapter(m, tmp_path / "adapter")
     tok = load_tokenizer(tmp_path / "base")
     greedy = SamplingParams(temperature=0, max_tokens=8)
-    want = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], greedy)
+    return m, tok, greedy, Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], greedy)
+
+
+def test_serve_with_an_adapter_serves_the_merged_model(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from r1lab.serve import app as app_mod
+
+    _, tok, greedy, want = adapted_pair(tmp_path)
+    seen = {}
+    monkeypatch.setattr(app_mod, "create_app", lambda engine, *a, **k: seen.setdefault("engine", engine))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)  # no server: the engine it would serve is enough
+    app_mod.serve(str(tmp_path / "base"), device="cpu", max_batch=1, lora=str(tmp_path / "adapter"))
+    eng = seen["engine"]
+    assert not lora_modules(eng.model)  # merged: plain modules at the base's speed
+    assert eng.generate([tok.encode("Hello")], greedy)[0].token_ids == want[0].token_ids
+
+
+def test_generate_with_an_adapter_equals_the_adapted_model(tmp_path, capsys):
+    from r1lab.cli import main as cli_main
+    from r1lab.engine import Engine
+
+    m, tok, greedy, want = adapted_pair(tmp_path)
     with adapters_off(m):
         plain = Engine(m, tok, max_batch=1).generate([tok.encode("Hello")], greedy)
     assert want[0].token_ids != plain[0].token_ids  # the adapter changes the greedy continuation

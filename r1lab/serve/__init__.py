@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients must send (default: the checkpoint folder's name)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--lora", default=None, metavar="DIR",
+                   help="LoRA adapter folder in PEFT's format (from r1lab or PEFT) for --model, merged into its "
+                        "weights before serving (default: none)")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated host names clients may put in the Host header, a DNS rebinding defence; "
                         "always accepted: localhost and loopback addresses, and when not bound to loopback any IP "
@@ -64,4 +67,4 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name,
           allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
-          request_timeout=args.request_timeout, max_connections=args.max_connections)
+          request_timeout=args.request_timeout, max_connections=args.max_connections, lora=args.lora)

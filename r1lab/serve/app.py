@@ -436,8 +436,9 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 32, max_seq_len: int | None = None, device: str | None = None,
           model_name: str | None = None, allowed_hosts=(), allowed_origins=(), request_timeout: float = 30.0,
-          max_connections: int = 512) -> None:
-    """Load a checkpoint and serve it until interrupted (the arguments are `r1lab serve`'s flags)."""
+          max_connections: int = 512, lora: str | None = None) -> None:
+    """Load a checkpoint (and merge a LoRA adapter folder into it) and serve it until interrupted (the arguments
+    are `r1lab serve`'s flags)."""
     import torch
     import uvicorn
 
@@ -448,6 +449,10 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = load_pretrained(model_dir, device=device, dtype=dtype)
+    if lora:  # folded into the weights once: the engine then serves at the base model's speed
+        from ..lora import load_adapter, merge_and_unload
+
+        merge_and_unload(model, load_adapter(model, lora))
     tok = load_tokenizer(model_dir)
     engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len)
     name = model_name or Path(model_dir).resolve().name
