@@ -539,3 +539,24 @@ def test_compiled_speculative_step_equals_eager(trained):
     for a, b in zip(ref, out):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_serve_takes_speculate_and_health_reports_the_draft():
+    """`r1lab serve --speculate K` builds a speculative engine; /health then carries the draft's counts."""
+    pytest.importorskip("fastapi")
+    testclient = pytest.importorskip("starlette.testclient")
+    from r1lab.cli import build_parser
+    from r1lab.serve.app import create_app
+
+    assert build_parser().parse_args(["serve", "--model", "m", "--speculate", "2"]).speculate == 2
+    tok = load_tokenizer()
+    eng = Engine(random_tiny(vocab=tok.vocab_size, seed=1), tok, max_batch=2, max_seq_len=64, speculate=2)
+    eng._draft = oracle_draft(eng)  # mostly right, so some drafts are accepted
+    with testclient.TestClient(create_app(eng, tok, "tiny", allowed_hosts=["testserver"])) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 9,
+                                                  "temperature": 0})
+        assert r.status_code == 200, r.text
+        health = client.get("/health").json()
+    assert health["speculate"] == 2
+    spec = health["speculative"]
+    assert spec["drafted"] > 0 and 0 < spec["accepted"] <= spec["drafted"] and spec["tokens_per_step"] > 1

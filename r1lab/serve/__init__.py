@@ -33,6 +33,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="LoRA adapter folder in PEFT's format (from r1lab or PEFT) for --model, merged into its "
                         "weights before serving (default: none)")
+    p.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="speculative decoding: draft K tokens per step with the model's MTP module and verify them "
+                        "in one forward; outputs are distributed as without, /health reports the draft's "
+                        "acceptance (default: 0 = off)")
     p.add_argument("--allowed-hosts", default="", metavar="NAMES",
                    help="comma-separated host names clients may put in the Host header, a DNS rebinding defence; "
                         "always accepted: localhost and loopback addresses, and when not bound to loopback any IP "
@@ -66,5 +70,6 @@ def cmd_serve(args) -> None:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
           max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name,
+          speculate=args.speculate,
           allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
           request_timeout=args.request_timeout, max_connections=args.max_connections, lora=args.lora)

@@ -289,8 +289,13 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health():
+        spec = {}
+        if engine.speculate:  # speculative decoding: the MTP draft's counts since the server started
+            st = engine.stats
+            spec = {"speculate": engine.speculate, "speculative": {
+                k: st[k] for k in ("drafted", "accepted", "acceptance_rate", "tokens_per_step")}}
         return {"status": "ok", "model": model_name, "max_batch": engine.max_batch,
-                "max_seq_len": engine.max_seq_len, **worker.stats}
+                "max_seq_len": engine.max_seq_len, **worker.stats, **spec}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -436,7 +441,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 32, max_seq_len: int | None = None, device: str | None = None,
           model_name: str | None = None, allowed_hosts=(), allowed_origins=(), request_timeout: float = 30.0,
-          max_connections: int = 512, lora: str | None = None) -> None:
+          max_connections: int = 512, speculate: int = 0, lora: str | None = None) -> None:
     """Load a checkpoint (and merge a LoRA adapter folder into it) and serve it until interrupted (the arguments
     are `r1lab serve`'s flags)."""
     import torch
@@ -454,7 +459,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
         merge_and_unload(model, load_adapter(model, lora))
     tok = load_tokenizer(model_dir)
-    engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len)
+    engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len, speculate=speculate)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(engine, tok, name, api_key, host=host, allowed_hosts=allowed_hosts,
                      allowed_origins=allowed_origins, request_timeout=request_timeout)
