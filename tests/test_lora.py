@@ -14,6 +14,7 @@ from r1lab import Transformer, get_preset, load_pretrained, save_pretrained
 from r1lab.lora import (LoRAError, LoRAExperts, LoRALinear, adapters_off, apply_lora, load_adapter, lora_modules,
                         merge_and_unload, merged_model, parameter_counts, save_adapter)
 from r1lab.model.moe import Experts
+from test_model import TIE_MARGIN, routing_margin  # the same near-tie guard as the parity tests
 
 VOCAB = 320
 V3 = get_preset("tiny").replace(vocab_size=VOCAB)  # q compression, dense layer 0, MoE layers with groups, MTP
@@ -74,32 +75,6 @@ def tokens(seed=1, n=40):
     return torch.randint(0, VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
 
 
-def routing_margin(m, x) -> float:
-    """test_model.py's guard: the smallest gap, over tokens and MoE layers, between the last chosen and the best
-    rejected score (groups where the router limits them, then experts), i.e. how far the input is from a tie."""
-    seen = []
-    hooks = [layer.gate.register_forward_hook(lambda mod, a, out: seen.append((mod, a[0])))
-             for layer in m.moe_layers()]
-    with torch.no_grad():
-        m(x)
-    for h in hooks:
-        h.remove()
-    margin = float("inf")
-    for g, inp in seen:
-        s = g.scores(inp.reshape(-1, inp.shape[-1]))
-        choice = s if g.e_score_correction_bias is None else s + g.e_score_correction_bias
-        if g.method != "greedy" and g.n_group > 1:
-            grouped = choice.unflatten(-1, (g.n_group, -1))
-            gs = grouped.topk(2, dim=-1).values.sum(-1) if g.method == "noaux_tc" else grouped.amax(-1)
-            top = gs.sort(-1, descending=True).values
-            margin = min(margin, (top[:, g.topk_group - 1] - top[:, g.topk_group]).min().item())
-            drop = torch.ones_like(gs, dtype=torch.bool).scatter(1, gs.topk(g.topk_group, -1).indices, False)
-            choice = grouped.masked_fill(drop[..., None], float("-inf")).flatten(1)
-        top = choice.sort(-1, descending=True).values
-        margin = min(margin, (top[:, g.top_k - 1] - top[:, g.top_k]).min().item())
-    return margin
-
-
 # ---------------------------------------------------------------------- PEFT reads r1lab's adapters
 @pytest.mark.parametrize("name", ["v3", "v2"])
 def test_peft_loads_r1lab_adapters_with_equal_logits(name, tmp_path, peft):
@@ -119,7 +94,7 @@ def test_peft_loads_r1lab_adapters_with_equal_logits(name, tmp_path, peft):
     n_peft = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
     assert n_peft == parameter_counts(m)[0]
     x = tokens()
-    assert routing_margin(m, x) > 2e-6
+    assert routing_margin(m, x) > TIE_MARGIN
     with torch.no_grad():
         ours, ref = m(x), pm(x).logits
     err = rel_err(ours, ref)
@@ -151,7 +126,7 @@ def test_r1lab_loads_peft_adapters_with_equal_logits(name, modules, params, tmp_
     mods = load_adapter(m, tmp_path / "adapter")
     assert any(isinstance(x, LoRAExperts) for x in mods.values())
     x = tokens(2)
-    assert routing_margin(m, x) > 2e-6
+    assert routing_margin(m, x) > TIE_MARGIN
     with torch.no_grad():
         err = rel_err(m(x), pm(x).logits)
     assert err < TOL, err
@@ -640,7 +615,7 @@ def test_transformers4_per_expert_adapters_load_exactly(tmp_path):
     mods = load_adapter(m, tmp_path / "a")
     assert all(isinstance(x, LoRAExperts) for x in mods.values())
     x = tokens(6)
-    assert routing_margin(ref, x) > 2e-6
+    assert routing_margin(ref, x) > TIE_MARGIN
     with torch.no_grad():
         assert rel_err(m(x), ref(x)) < 1e-5  # fp32: W x + s B (A x) against (W + s B A) x
 
