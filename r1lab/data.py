@@ -7,7 +7,8 @@ into model inputs:
 
 * labels: the next token, or IGNORE where that token is not a target or opens a new document, so the loss
   never asks a document to predict the start of the next one;
-* attention "document": a block-diagonal causal mask (bool, (B, 1, S, S)), so packed documents do not see
+* attention "document": block-diagonal causal attention (an r1lab.model.attention.DocumentMask: each token's
+  document number, never an (S, S) tensor; FlexAttention's block mask on CUDA), so packed documents do not see
   each other, and positions restart at 0 in every document (as if each had a row of its own). A document cut
   at a row boundary continues in the next row from position 0, seeing only its own part in that row.
 * attention "causal": plain causal attention over the whole row and positions 0..S-1 (faster attention
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .model.attention import DocumentMask, document_mask
 
 IGNORE = -100  # label of positions the loss skips (F.cross_entropy's default ignore_index)
 
@@ -65,12 +68,12 @@ class Sequences:
 @dataclass
 class Batch:
     """Model inputs for one micro-batch. input_ids, labels (B, S) long; positions (B, S) or None (0..S-1);
-    attn_mask bool (B, 1, S, S), True = may attend, or None (causal)."""
+    attn_mask: a DocumentMask (attention "document") or None (causal)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor | None = None
-    attn_mask: torch.Tensor | None = None
+    attn_mask: DocumentMask | None = None
 
     def mtp_labels(self, depth: int) -> list[torch.Tensor]:
         """Labels of the multi-token-prediction depths 1..depth: depth k at position i predicts token i+1+k, and
@@ -100,9 +103,8 @@ def make_batch(tokens: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor
     ar = torch.arange(S, device=tokens.device)
     st = starts[:, :-1]
     seg_start = torch.where(st, ar, 0).cummax(dim=1).values  # (B, S) index where each token's document begins
-    doc = st.long().cumsum(dim=1)  # (B, S) document number within the row (a continued one is 0)
-    mask = (doc[:, :, None] == doc[:, None, :]) & (ar[:, None] >= ar[None, :])  # (B, S, S) block-diagonal causal
-    return Batch(inputs, labels, ar - seg_start, mask[:, None])
+    doc = st.int().cumsum(dim=1, dtype=torch.int32)  # (B, S) document number in the row (continued one: 0)
+    return Batch(inputs, labels, ar - seg_start, document_mask(doc))
 
 
 class BatchOrder:

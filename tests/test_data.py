@@ -30,6 +30,7 @@ def test_pretrain_rows_boundaries_positions_and_mask(tmp_path, tok):
     assert len(seq) == (len(flat) - 1) // 8 == 3 and seq.stats["tokens"] == 28
     doc_of = [i for i, d in enumerate(docs) for _ in d]
     b = seq.batch(range(len(seq)), attention="document")
+    dense = b.attn_mask.dense()  # the DocumentMask as the (B, 1, S, S) mask it stands for
     for r in range(len(seq)):
         for i in range(8):
             g = r * 8 + i  # global index of input token i of row r
@@ -41,7 +42,7 @@ def test_pretrain_rows_boundaries_positions_and_mask(tmp_path, tok):
             first = max(r * 8, next(k for k in range(len(flat)) if doc_of[k] == doc_of[g]))
             assert b.positions[r, i] == g - first
             for j in range(8):  # attends exactly to earlier tokens of the same document within the row
-                assert b.attn_mask[r, 0, i, j] == (j <= i and doc_of[r * 8 + j] == doc_of[g])
+                assert dense[r, 0, i, j] == (j <= i and doc_of[r * 8 + j] == doc_of[g])
     # every token after the first document start is predicted exactly once, except the document starts
     labels = [int(x) for x in b.labels.flatten() if x != IGNORE]
     assert labels == [flat[k] for k in range(1, 25) if doc_of[k] == doc_of[k - 1]]

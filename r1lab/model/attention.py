@@ -9,6 +9,9 @@ Keys and values come from one latent per token: c = kv_a_layernorm(kv_a_proj(x)[
 roped key k_pe = rope(kv_a_proj(x)[C:]) of width R that all heads share. Two ways to attend:
 
 * full path (training, prefill without cache): expand c with kv_b_proj into per-head K_nope (N) and V (V).
+  Packed training rows attend causally within each document (`DocumentMask`) without an (S, S) mask: on CUDA
+  through FlexAttention with a block-sparse mask (blocks of other documents are skipped), elsewhere (the CPU,
+  where FlexAttention has no backward) per document with SDPA over that document's slice of the row.
 * absorbed path (decode over the cache): never expand. Fold kv_b_proj's key half W_UK into the query,
   q_lat = q_nope @ W_UK (H, C), attend over [c ; k_pe] as a single shared key/value head of width C+R
   (multi-query attention in latent space), then fold the value half W_UV into the output. The cache holds
@@ -17,13 +20,127 @@ roped key k_pe = rope(kv_a_proj(x)[C:]) of width R that all heads share. Two way
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import kernels
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rope
+
+
+# ---------------------------------------------------------------------- document masking (training rows)
+FLEX_BLOCK = 128  # FlexAttention's sparse block (its default): the mask is kept per 128 x 128 tile
+
+
+@dataclass
+class DocumentMask:
+    """Causal attention within the documents packed into a row: query i sees key j iff j <= i and
+    doc[b, j] == doc[b, i]. No (S, S) tensor is held.
+
+    doc (B, S) int: each token's document number in its row, non-decreasing along the row.
+    block_mask: FlexAttention's block-sparse form of the same mask (for rows padded to a multiple of
+        FLEX_BLOCK), built by `document_mask` for CUDA rows; None selects the per-document SDPA path.
+    """
+
+    doc: torch.Tensor
+    block_mask: BlockMask | None = None
+
+    def dense(self) -> torch.Tensor:
+        """The same mask as a dense bool (B, 1, S, S) tensor, True = may attend (the slow twin, for tests)."""
+        S = self.doc.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool, device=self.doc.device).tril()
+        return ((self.doc[:, :, None] == self.doc[:, None, :]) & causal)[:, None]
+
+
+def document_mask(doc: torch.Tensor, flex: bool | None = None) -> DocumentMask:
+    """DocumentMask of `doc` (B, S); flex (default: on CUDA) also builds the FlexAttention block mask."""
+    flex = doc.is_cuda if flex is None else flex
+    return DocumentMask(doc, document_block_mask(doc) if flex else None)
+
+
+def _pad_documents(doc: torch.Tensor) -> torch.Tensor:
+    """doc (B, S) padded to a multiple of FLEX_BLOCK; the padding is one more document of its own (it sees only
+    itself), so mask_mod never indexes past the row and the real tokens never see it."""
+    pad = -doc.shape[1] % FLEX_BLOCK
+    if not pad:
+        return doc
+    return torch.cat([doc, (doc[:, -1:] + 1).expand(-1, pad)], dim=1)
+
+
+def document_block_mask(doc: torch.Tensor) -> BlockMask:
+    """FlexAttention BlockMask of the document mask, built from each tile's first and last document number:
+    O((S / 128)^2) work and memory, never the (S, S) mask (which create_block_mask would evaluate).
+
+    With documents non-decreasing along the row, key tile j <= query tile i holds a visible key iff its last
+    document reaches the query tile's first (last[j] >= first[i]); it is full (no element masked, mask_mod
+    skipped) iff j < i and the whole span from key tile j to query tile i is one document
+    (first[j] == last[i]). The diagonal tiles are partial (causal).
+    """
+    docp = _pad_documents(doc)
+    B, Sp = docp.shape
+    first, last = docp[:, ::FLEX_BLOCK], docp[:, FLEX_BLOCK - 1::FLEX_BLOCK]  # (B, n) per tile
+    n = first.shape[1]
+    tile = torch.arange(n, device=doc.device)
+    below = tile[None, :] <= tile[:, None]  # (n_q, n_kv): key tile j <= query tile i
+    visible = below & (last[:, None, :] >= first[:, :, None])  # (B, n_q, n_kv)
+    full = below & (tile[None, :] < tile[:, None]) & (first[:, None, :] == last[:, :, None])
+    partial = visible & ~full
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # count and indices of the True tiles of each query tile, True ones first in ascending order
+        idx = torch.sort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+        return blocks.sum(-1).to(torch.int32)[:, None], idx.to(torch.int32)[:, None]  # (B, 1, n), (B, 1, n, n)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (docp[b, q_idx] == docp[b, kv_idx]) & (q_idx >= kv_idx)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(Sp, Sp))
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, block_mask: BlockMask, scale: float) -> torch.Tensor:
+    """flex_attention, compiled once per process on CUDA (eager FlexAttention materialises the scores)."""
+    global _compiled_flex
+    if not q.is_cuda:
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
+
+
+@torch.compiler.disable  # the split follows the data (document lengths reach the host): eager even when compiled
+def _per_document(q, k, v, doc: torch.Tensor, scale: float) -> torch.Tensor:
+    """Variable-length attention as a loop: each document of each row is causal SDPA over its own slice."""
+    out = []
+    for b in range(q.shape[0]):
+        lens = torch.unique_consecutive(doc[b], return_counts=True)[1].tolist()
+        parts = zip(q[b].split(lens, dim=1), k[b].split(lens, dim=1), v[b].split(lens, dim=1))
+        out.append(torch.cat([F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+                              for qd, kd, vd in parts], dim=1))
+    return torch.stack(out)
+
+
+def document_attention(q, k, v, mask: DocumentMask, scale: float) -> torch.Tensor:
+    """Attention of q (B, H, S, E), k (B, H, S, E), v (B, H, S, Ev) under a DocumentMask -> (B, H, S, Ev).
+
+    With a block mask (CUDA rows): FlexAttention, tiles of other documents skipped; a row whose length is not a
+    multiple of FLEX_BLOCK is zero-padded to the block mask's length (the padding is its own document) and cut
+    back. Without one: SDPA per document (CPU; FlexAttention has no backward there).
+    """
+    if mask.block_mask is None:
+        return _per_document(q, k, v, mask.doc, scale)
+    S = q.shape[2]
+    pad = mask.block_mask.seq_lengths[0] - S
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    return _flex(q, k, v, mask.block_mask, scale)[:, :, :S]
 
 
 class MLA(nn.Module):
@@ -69,7 +186,8 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x: (B, S, D); cos/sin: (B, S, R/2) for the tokens' positions.
 
-        Without `cache`: full path, causal over the S tokens (or `attn_mask`, bool (B, 1, S, S), True = attend).
+        Without `cache`: full path, causal over the S tokens, or under `attn_mask`: bool (B, 1, S, S), True =
+        attend, or a `DocumentMask` (packed training rows, no (S, S) tensor).
         With `cache` (rows, T, C+R) holding [latent ; k_pe] per slot: the new tokens' entries are written in
         place at positions `write_index` (B, S) of cache rows `cache_rows` (B,) (default: row b for batch row b).
         Then either `prefill`: the S tokens are a sequence's whole context, so attend among them on the full
@@ -94,9 +212,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)  # (B, S, H, N+R)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)  # (B, H, S, V)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, .)
+        if isinstance(attn_mask, DocumentMask):
+            out = document_attention(q, k, v, attn_mask, self.softmax_scale)  # (B, H, S, V)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                                 scale=self.softmax_scale)  # (B, H, S, V)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
     def _absorbed(self, q_nope, q_pe, cache, attn_mask):
