@@ -336,9 +336,10 @@ def test_synthetic_task_specs_build_the_tasks_and_bad_ones_are_clear():
 
 def test_nan_in_an_update_stops_grpo_with_the_step(tmp_path):
     """GRPO honours train.on_nonfinite like every trainer: a NaN loss in the update of step 3 (the rollouts, run
-    without gradients, stay clean) stops the run naming the step and the last good checkpoint."""
+    without gradients, stay clean) stops the run naming the step and the last good checkpoint. (NaN enters through
+    the final norm, whose output the update's chunked head reads.)"""
     t = small_trainer(tmp_path, **{"train.steps": 4, "ckpt.every": 2})
-    t.model.lm_head.register_forward_hook(
+    t.model.model.norm.register_forward_hook(
         lambda m, a, out: out * float("nan") if torch.is_grad_enabled() and t.step + 1 == 3 else out)
     with pytest.raises(NonFiniteLoss, match=r"step 3: non-finite loss nan.*last good checkpoint is .*step-00000002"):
         t.fit()
@@ -347,8 +348,8 @@ def test_nan_in_an_update_stops_grpo_with_the_step(tmp_path):
 def test_nan_updates_of_grpo_are_skipped_and_counted_when_configured(tmp_path):
     t = small_trainer(tmp_path, mu=2, **{"train.on_nonfinite": "skip", "moe.bias_gamma": 0.01})
     bad = [False]
-    t.model.lm_head.register_forward_hook(lambda m, a, out: out * float("nan") if bad[0] and torch.is_grad_enabled()
-                                          else out)
+    t.model.model.norm.register_forward_hook(
+        lambda m, a, out: out * float("nan") if bad[0] and torch.is_grad_enabled() else out)
     first = t.grpo_step()
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     bad[0] = True

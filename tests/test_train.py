@@ -266,8 +266,9 @@ def test_bias_update_happens_once_per_step_with_grad_accumulation(tmp_path):
 
 # ---------------------------------------------------------------------- non-finite losses
 def poison(t: Trainer, when):
-    """Make the logits NaN whenever `when()` is true."""
-    return t.model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan") if when() else out)
+    """Make the logits NaN whenever `when()` is true (through the final norm: the trainer applies the head to its
+    output in chunks, not by calling lm_head)."""
+    return t.model.model.norm.register_forward_hook(lambda module, args, out: out * float("nan") if when() else out)
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -12,6 +12,7 @@ from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
+from .head import DEFAULT_CHUNK, head_logprobs
 from .layers import MLP, KeepFP32Buffers, RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
 
@@ -95,7 +96,8 @@ class Transformer(KeepFP32Buffers):
         whole context (right-padded); attend on the full path while filling the cache.
         return_mtp: also return a list of MTP logits, depth k at position i predicting token i+1+k
             (positions whose future tokens are past the end see a zero embedding; mask them in the loss).
-        return_hidden: return the final hidden states (normed, (B, S, D)) instead of logits.
+        return_hidden: return the final hidden states (normed, (B, S, D)) instead of logits (and, with
+            return_mtp, each MTP depth's normed hidden states): `logprobs` then applies the head in chunks.
         """
         B, S = input_ids.shape
         if positions is None:
@@ -118,7 +120,7 @@ class Transformer(KeepFP32Buffers):
             nxt = torch.zeros_like(input_ids)
             nxt[:, : S - k - 1] = input_ids[:, k + 1:]
             prev = self._mtp_block(m, prev, nxt, cos, sin, attn_mask)
-            mtp_logits.append(self.lm_head(m.norm(prev)))
+            mtp_logits.append(m.norm(prev) if return_hidden else self.lm_head(m.norm(prev)))
         return out, mtp_logits
 
     def _mtp_block(self, m: MTPModule, prev, next_ids, cos, sin, attn_mask=None, cache=None, write_index=None,
@@ -145,6 +147,14 @@ class Transformer(KeepFP32Buffers):
     def mtp_logits(self, depth: int, out: torch.Tensor) -> torch.Tensor:
         """Logits of MTP module `depth` from its block output (`mtp_forward`): shared head after its norm."""
         return self.lm_head(self.mtp[depth].norm(out))
+
+    def logprobs(self, h: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
+                 chunk: int = DEFAULT_CHUNK, with_entropy: bool = False, compiled: bool = False):
+        """fp32 log-probs of `targets` (..., IGNORE = none) from normed hidden states h (..., D) through the
+        output head at `temperature`, `chunk` tokens at a time, never holding the fp32 (tokens, vocab) logits
+        (r1lab.model.head). Returns (logp (...), entropy (...) or None); cross-entropy is -logp.sum()."""
+        return head_logprobs(h, self.lm_head.weight, targets, temperature, chunk=chunk, with_entropy=with_entropy,
+                             compiled=compiled)
 
     # ------------------------------------------------------------------ latent cache
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,

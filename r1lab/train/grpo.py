@@ -50,8 +50,9 @@ import torch
 import torch.distributed as dist
 
 from .. import lora, parallel
-from ..data import BatchOrder, read_jsonl
+from ..data import IGNORE, BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
+from ..model.head import DEFAULT_CHUNK
 from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
@@ -120,39 +121,17 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denom: flo
     return (per_token * m).sum() / denom
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(target) under softmax(logits / temperature), fp32: (..., V), (...) -> (...)."""
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets[..., None])[..., 0]
-
-
-def token_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature), fp32: (..., V) -> (...)."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-_compiled: dict = {}
-
-
-def _maybe_compiled(fn, compiled: bool):
-    """fn, or its torch.compile'd twin (one per function per process): fused, the fp32 (tokens, vocab) tensors
-    of the log-softmax never reach memory."""
-    if not compiled:
-        return fn
-    if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
-
-
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-                        forward=None, with_entropy: bool = False,
-                        compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        forward=None, with_entropy: bool = False, compiled: bool = False,
+                        chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of each completion token under `model` at `temperature` (fp32), as the engine computes them.
 
     Returns logp (B, L) and mask (B, L) (L = longest completion; padding is 0 / False) and, when asked, the
     per-token entropy (B, L) of the temperature-scaled distribution (no gradient).
-    Only the completion positions go through the output head: (B, L, vocab), not (B, S, vocab).
-    compiled: the log-softmax (and entropy) through torch.compile.
+    Only the completion positions go through the output head, `chunk` tokens at a time (`Transformer.logprobs`):
+    neither (B, S, vocab) nor the fp32 (B, L, vocab) logits are ever held (8K-token completions of a 129K
+    vocabulary would be 4.2 GB per sequence in fp32). compiled: the per-chunk log-softmax (and entropy) math
+    through torch.compile.
     """
     forward = model if forward is None else forward  # (a compiled module has no truth value)
     dev = model.device
@@ -176,13 +155,10 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     ids, targets, idx, mask = ids[:, :S].contiguous(), targets[:, :L], idx[:, :L], mask[:, :L].bool()
     h = forward(ids, return_hidden=True)  # (B, S, D)
     h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
-    logits = model.lm_head(h)  # (B, L, V) in the compute dtype; fp32 from here on (precision policy)
-    logp = _maybe_compiled(token_logprobs, compiled)(logits, targets, temperature)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            ent = _maybe_compiled(token_entropy, compiled)(logits.detach(), temperature)
-    return logp * mask, mask, ent
+    # fp32 log-probs (precision policy); padding has no target (log-prob 0, no gradient); entropy without gradient
+    logp, ent = model.logprobs(h, targets.masked_fill(~mask, IGNORE), temperature, chunk=chunk,
+                               with_entropy=with_entropy, compiled=compiled)
+    return logp, mask, ent
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -594,7 +570,8 @@ class GRPOTrainer(Trainer):
                 for ids in (ids for update in self._plan(N) for ids in update if ids):
                     lp, _, _ = completion_logprobs(ref, [b.prompt_ids[i] for i in ids],
                                                    [b.completion_ids[i] for i in ids], g.temperature,
-                                                   compiled=self.recipe.train.compile)
+                                                   compiled=self.recipe.train.compile,
+                                                   chunk=self.recipe.train.head_chunk)
                     for j, i in enumerate(ids):
                         ref_logp[i] = lp[j, : len(b.completion_ids[i])]
         model.train()
@@ -621,7 +598,8 @@ class GRPOTrainer(Trainer):
                     logp, mask, ent = completion_logprobs(model, [b.prompt_ids[i] for i in ids],
                                                           [b.completion_ids[i] for i in ids], g.temperature,
                                                           self.forward, with_entropy=p == 0,
-                                                          compiled=self.recipe.train.compile)
+                                                          compiled=self.recipe.train.compile,
+                                                          chunk=self.recipe.train.head_chunk)
                     L = logp.shape[1]
                     rows_t = to_device(torch.tensor(ids), dev)
                     old_lp = old[rows_t, :L]  # 0 past each completion's end

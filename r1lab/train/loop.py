@@ -174,14 +174,15 @@ class MasterWeights:
                 m.copy_(sd[n])
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over the targets that are not IGNORE, in fp32 (precision policy).
-
-    Under torch.compile (train.compile) the fp32 upcast happens in registers: the loss reads the bf16 logits
-    once, and the backward recomputes the softmax from them and the saved log-sum-exp, instead of writing and
-    re-reading (tokens, vocab) fp32 copies (4.2 GB for 8k tokens of a 129k vocabulary).
+def cross_entropy_sum(model: Transformer, h: torch.Tensor, labels: torch.Tensor, chunk: int,
+                      compiled: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy summed over the targets that are not IGNORE, in fp32 (precision policy), from the
+    final normed hidden states h (B, S, D): the output head runs `chunk` tokens at a time (`Transformer.logprobs`),
+    so neither the fp32 (tokens, vocab) logits nor their gradient are ever held whole (at 32K tokens of a 102,400
+    vocabulary they would be 13.4 GB each). compiled: the per-chunk fp32 math fused by torch.compile.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    logp, _ = model.logprobs(h, labels, chunk=chunk, compiled=compiled)
+    return -logp.sum()
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
@@ -271,7 +272,7 @@ class Trainer:
             if recipe.train.activation_checkpointing:
                 apply_activation_checkpointing(model)
         self.forward = torch.compile(model) if recipe.train.compile else model
-        self.cross_entropy = torch.compile(cross_entropy_sum) if recipe.train.compile else cross_entropy_sum
+        self.head_chunk = recipe.train.head_chunk
         o = recipe.optim
         decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() >= 2]
         no_decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() < 2]
@@ -317,6 +318,10 @@ class Trainer:
             self.bias_gamma = 0.0
 
     # ------------------------------------------------------------------ one optimizer step
+    def cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """`cross_entropy_sum` through this trainer's model and recipe (head chunk, compiled chunk math)."""
+        return cross_entropy_sum(self.model, h, labels, self.head_chunk, self.recipe.train.compile)
+
     def train_step(self, batches: list[Batch]) -> dict[str, Any]:
         """Forward/backward over the micro-batches, then clip, AdamW, router-bias update, schedule. Returns the
         step's metrics. Raises NonFiniteLoss (before any update) when train.on_nonfinite is "stop"."""
@@ -335,14 +340,15 @@ class Trainer:
         zero = torch.zeros((), device=self.device)
         ce_sum, mtp_sum, bal_sum = zero.clone(), zero.clone(), zero.clone()
         for i, b in enumerate(batches):
-            out = self.forward(b.input_ids, b.positions, attn_mask=b.attn_mask, return_mtp=bool(self.mtp_depth))
-            logits, mtp_logits = out if self.mtp_depth else (out, [])
-            # fp32 loss (precision policy); summed here, divided by the step's target count so that accumulated
-            # micro-batches give the gradient of one large batch
-            ce = self.cross_entropy(logits, b.labels)
+            out = self.forward(b.input_ids, b.positions, attn_mask=b.attn_mask, return_mtp=bool(self.mtp_depth),
+                               return_hidden=True)
+            h, mtp_h = out if self.mtp_depth else (out, [])
+            # fp32 loss (precision policy), the head in chunks; summed here, divided by the step's target count so
+            # that accumulated micro-batches give the gradient of one large batch
+            ce = self.cross_entropy(h, b.labels)
             loss = ce / denom
-            for k, ml in enumerate(mtp_logits):  # V3 eq. 25: lambda / D x sum over depths of the mean CE
-                mce = self.cross_entropy(ml, mtp_labels[i][k]) / mtp_denoms[k]
+            for k, mh in enumerate(mtp_h):  # V3 eq. 25: lambda / D x sum over depths of the mean CE
+                mce = self.cross_entropy(mh, mtp_labels[i][k]) / mtp_denoms[k]
                 loss = loss + r.moe.mtp_weight / self.mtp_depth * mce
                 mtp_sum += mce.detach()
             bal = model.balance_loss()

@@ -88,6 +88,9 @@ class Train:
     activation_checkpointing: bool = _key(False, "recompute each block's activations in the backward pass "
                                           "(less memory, ~1/3 more compute)")
     compile: bool = _key(False, "torch.compile the model (GPU; the first steps compile)")
+    head_chunk: int = _key(2048, "tokens per chunk of the output head and its fp32 loss / log-probs, so the fp32 "
+                           "(tokens x vocab) logits are never held whole (2048 x V3's 129,280 vocabulary: 1.06 GB); "
+                           "0 = all tokens at once")
     on_nonfinite: str = _key("stop", "a NaN/inf loss or gradient norm: stop (keeping the last good checkpoint) "
                              "or skip the step (no update)", ("stop", "skip"))
 
@@ -224,7 +227,8 @@ class Recipe:
         """Range checks that need more than one key or a number's sign."""
         positive = ["data.seq_len", "train.steps", "train.batch_size", "train.grad_accum", "parallel.ep", "ckpt.keep"]
         nonneg = ["optim.lr", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip", "moe.bias_gamma",
-                  "moe.balance_alpha", "moe.mtp_weight", "ckpt.every", "log.every", "log.peak_tflops"]
+                  "moe.balance_alpha", "moe.mtp_weight", "ckpt.every", "log.every", "log.peak_tflops",
+                  "train.head_chunk"]
         for k in positive + nonneg:
             v = getattr(getattr(self, k.split(".")[0]), k.split(".")[1])
             if v < 0 or (k in positive and v == 0) or (isinstance(v, float) and not math.isfinite(v)):
