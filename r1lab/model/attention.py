@@ -106,9 +106,10 @@ _compiled_flex = None
 
 
 def _flex(q, k, v, block_mask: BlockMask, scale: float) -> torch.Tensor:
-    """flex_attention, compiled once per process on CUDA (eager FlexAttention materialises the scores)."""
+    """flex_attention, compiled once per process on CUDA (eager FlexAttention materialises the scores); inside
+    a compiled model (train.compile) the call is traced into the model's graph as it is."""
     global _compiled_flex
-    if not q.is_cuda:
+    if not q.is_cuda or torch.compiler.is_compiling():
         return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
