@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .. import lora, parallel
 from ..checkpoint import load_pretrained, save_pretrained
