@@ -216,8 +216,8 @@ def main():
             print(f"{name}: FAILED {res[name]['error']}", flush=True)
         gc.collect()
         reset_peak(dev)
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+        if args.out:  # after every part: a run cut short keeps what it measured
+            Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":
