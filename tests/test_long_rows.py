@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from r1lab.data import IGNORE, make_batch
+from r1lab.data import IGNORE, Sequences, make_batch
 from r1lab.model.attention import FLEX_BLOCK, DocumentMask, document_attention, document_block_mask, document_mask
 from r1lab.model.config import get_preset
 from r1lab.model.head import head_logprobs
 from r1lab.model.transformer import Transformer
 from r1lab.train.grpo import completion_logprobs
-from r1lab.train.loop import cross_entropy_sum
+from r1lab.train.loop import Trainer, build_model, cross_entropy_sum
+from r1lab.train.recipe import load_recipe
 
 EPS32 = torch.finfo(torch.float32).eps
 TOL = 256 * EPS32  # ~3e-5: see the module docstring
@@ -302,3 +303,31 @@ def test_grpo_logprobs_and_entropy_chunked_equal_the_full_softmax():
     close(ent * mask, ref_ent)
     for a, p in zip(grads, model.parameters()):
         close(a, p.grad)
+
+
+def test_train_step_holds_no_full_logits_and_no_seq_by_seq_mask(tmp_path):
+    """One optimizer step of the training loop (packed documents, MTP on, train.head_chunk = 8) creates no
+    tensor of the (tokens, vocab) shape and none ending in (S, S); with head_chunk = 0 (all tokens at once) the
+    same check finds the full logits, so the recipe key reaches the loss. Vocabulary 97 and rows of 29 tokens:
+    sizes no model width shares."""
+    V, S, B = 97, 29, 2
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, V, (B, S + 1), generator=g, dtype=torch.int32)
+    starts = torch.zeros_like(tokens, dtype=torch.bool)
+    starts[:, [0, 11, 20]] = True
+    data = Sequences(tokens, starts, torch.ones_like(starts))
+    for chunk, holds_full in ((8, False), (0, True)):
+        r = load_recipe(None, "pretrain", {
+            "model.config": '{"vocab_size": 97}', "data.seq_len": str(S), "train.batch_size": str(B),
+            "train.head_chunk": str(chunk), "moe.mtp_weight": "0.3", "log.tensorboard": "false",
+            "ckpt.export": "false", "run.out": str(tmp_path / f"run{chunk}")})
+        torch.manual_seed(0)
+        t = Trainer(r, build_model(r, torch.device("cpu")), data, quiet=True)
+        batch = data.batch([0, 1])
+        with ShapeLog() as log:
+            rec = t.train_step([batch])
+        assert math.isfinite(rec["loss"]) and rec["grad_norm"] > 0
+        D = t.model.config.hidden_size  # (D, V) is the head weight transposed, not logits
+        vocab_rows = max(math.prod(s[:-1]) for s in log.shapes if len(s) >= 2 and s[-1] == V and s != (D, V))
+        assert (vocab_rows >= B * S) == holds_full, (chunk, vocab_rows)
+        assert not [s for s in log.shapes if s[-2:] == (S, S)]
