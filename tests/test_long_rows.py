@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from r1lab.data import IGNORE, Sequences, make_batch
 from r1lab.model.attention import FLEX_BLOCK, DocumentMask, document_attention, document_block_mask, document_mask
 from r1lab.model.config import get_preset
-from r1lab.model.head import head_logprobs
+from r1lab.model.head import head_logprob_sum, head_logprobs
 from r1lab.model.transformer import Transformer
 from r1lab.train.grpo import completion_logprobs
 from r1lab.train.loop import Trainer, build_model, cross_entropy_sum
@@ -44,15 +44,19 @@ def close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL) -> None:
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+
+
 class ShapeLog(TorchDispatchMode):
-    """Records the shape of every tensor an op returns (what a computation materialises)."""
+    """Records the shape of every tensor an op returns (what a computation materialises), and the matmuls."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.shapes, self.matmuls = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.matmuls += func in MATMULS
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.shapes.append(tuple(t.shape))
@@ -198,7 +202,8 @@ def reference_logprobs(h, w, t, temperature):
 def test_chunked_head_equals_full_logits_values_and_gradients(chunk):
     """Log-probs, entropy, and the gradients of a per-token weighted sum (as GRPO's objective weights tokens)
     with respect to hidden states and head weight, at temperature 0.7, for chunks that do and do not divide
-    the 37 tokens; IGNORE targets give 0 and no gradient."""
+    the 37 tokens; IGNORE targets give 0 and no gradient. And the log-prob sum (cross-entropy) with its
+    gradients formed in the forward."""
     h, w, t, g = head_case()
     logp, ent = head_logprobs(h, w, t, 0.7, chunk=chunk, with_entropy=True)
     gh, gw = torch.autograd.grad((logp * g).sum(), (h, w))
@@ -210,22 +215,34 @@ def test_chunked_head_equals_full_logits_values_and_gradients(chunk):
     close(gw, ref_gw)
     assert (logp[t < 0] == 0).all() and (gh[t < 0] == 0).all() and gh[t >= 0].abs().max() > 1e-3
     assert not ent.requires_grad
+    # the plain sum (cross-entropy), gradients formed in the forward, under a scale the backward brings
+    total = head_logprob_sum(h, w, t, chunk=chunk)
+    gh, gw = torch.autograd.grad(total * -0.37, (h, w))
+    ref = reference_logprobs(h, w, t, 1.0)[0].sum()
+    ref_gh, ref_gw = torch.autograd.grad(ref * -0.37, (h, w))
+    close(total, ref)
+    close(gh, ref_gh)
+    close(gw, ref_gw)
 
 
 def test_chunked_head_holds_no_full_logits():
     """Forward and backward with chunks of 8 of 64 tokens create nothing of the (tokens, vocab) size: the largest
     tensors are the hidden states' gradient (N, D), the weight's (V, D) and a chunk's logits (8, V). Without
-    chunks the same check finds the full logits (so it can fail)."""
+    chunks the same check finds the full logits (so it can fail). Matmuls per chunk: 4 for the per-token
+    log-probs (the backward recomputes the logits), 3 for the sum (as many as the unchunked loss)."""
     N, D, V = 64, 16, 50
     for chunk, holds_full in ((8, False), (0, True)):
-        h, w, t, g = head_case(N, D, V)
-        with ShapeLog() as log:
-            logp, _ = head_logprobs(h, w, t, chunk=chunk)
-            (logp * g).sum().backward()
-        biggest = max(math.prod(s) for s in log.shapes)
-        assert (biggest >= N * V) == holds_full, (chunk, biggest)
-        if not holds_full:
-            assert biggest == max(N * D, V * D, chunk * V)
+        for fn, matmuls in ((lambda *a: head_logprobs(*a, chunk=chunk)[0], 4),
+                            (lambda *a: head_logprob_sum(*a, chunk=chunk), 3)):
+            h, w, t, g = head_case(N, D, V)
+            with ShapeLog() as log:
+                logp = fn(h, w, t)
+                (logp * (g if logp.dim() else 1.0)).sum().backward()
+            biggest = max(math.prod(s) for s in log.shapes)
+            assert (biggest >= N * V) == holds_full, (chunk, biggest)
+            if not holds_full:
+                assert biggest == max(N * D, V * D, chunk * V)
+            assert log.matmuls == matmuls * (N // chunk if chunk else 1)
 
 
 def test_chunked_head_in_bf16_matches_the_full_head():
@@ -233,13 +250,21 @@ def test_chunked_head_in_bf16_matches_the_full_head():
     the full logits. The logits themselves are bf16 products either way (rounded to 2^-8 relative), so the
     bound is a few bf16 epsilons; the weight gradient is summed over chunks in fp32 and rounded once."""
     h, w, t, g = head_case(N=40, D=32, V=64, dtype=torch.bfloat16)
-    logp, _ = head_logprobs(h, w, t, chunk=8)
+    logp, _ = head_logprobs(h, w, t, chunk=8)  # per-token, then the sum (cross-entropy)
     gh, gw = torch.autograd.grad((logp * g).sum(), (h, w))
     ref, _ = reference_logprobs(h, w, t, 1.0)
     ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h, w))
     tol = 4 * torch.finfo(torch.bfloat16).eps  # 0.03 relative
     assert gw.dtype == torch.bfloat16
     close(logp, ref, tol)
+    torch.testing.assert_close(gh.float(), ref_gh.float(), rtol=tol, atol=tol * ref_gh.float().abs().max().item())
+    torch.testing.assert_close(gw.float(), ref_gw.float(), rtol=tol, atol=tol * ref_gw.float().abs().max().item())
+    total = head_logprob_sum(h, w, t, chunk=8)
+    gh, gw = torch.autograd.grad(total / -29.0, (h, w))
+    ref = reference_logprobs(h, w, t, 1.0)[0]
+    ref_gh, ref_gw = torch.autograd.grad(ref.sum() / -29.0, (h, w))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    close(total, ref.sum(), tol)
     torch.testing.assert_close(gh.float(), ref_gh.float(), rtol=tol, atol=tol * ref_gh.float().abs().max().item())
     torch.testing.assert_close(gw.float(), ref_gw.float(), rtol=tol, atol=tol * ref_gw.float().abs().max().item())
 

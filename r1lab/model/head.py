@@ -11,6 +11,11 @@ Entropy and torchtitan's chunked loss do) and, per token, d logp / d z = (onehot
 incoming gradient: any per-token weighting works (cross-entropy = -sum logp; GRPO's clipped objective).
 The values and gradients are those of the unchunked formula; in fp32 they agree to rounding
 (tests/test_long_rows.py). The weight gradient is accumulated over chunks in fp32 and cast once.
+
+A plain sum of log-probs (cross-entropy: the training loop's loss and its MTP losses) needs no recompute: its
+gradient is known up to the one scalar the backward brings, so `head_logprob_sum` forms the gradients chunk by
+chunk during the forward (as Liger's fused linear cross-entropy does) and keeps them, (N, D) and (V, D) in the
+compute dtype, for the backward to scale: the three head matmuls of the unchunked loss, not four.
 """
 
 from __future__ import annotations
@@ -96,6 +101,46 @@ class _HeadLogProbs(torch.autograd.Function):
             if want_w:
                 _weight_grad_into(gw, gz, hc)
         return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None
+
+
+class _HeadLogProbSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, compiled, want_h, want_w):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if want_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        stats, grad = _fn(_chunk_stats, compiled), _fn(_chunk_grad, compiled)
+        for s in range(0, h.shape[0], chunk):
+            hc, t = h[s:s + chunk], targets[s:s + chunk]
+            z = hc @ weight.t()
+            logp, lse, _ = stats(z, t, 1.0, False)
+            total += logp.sum()
+            if want_h or want_w:  # d total / d z of this chunk: onehot(t) - p
+                gz = grad(z, t, lse, torch.ones_like(lse), 1.0)
+                if want_h:
+                    gh[s:s + chunk] = gz @ weight
+                if want_w:
+                    _weight_grad_into(gw, gz, hc)
+        ctx.save_for_backward(gh, None if gw is None else gw.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors  # scaled in fp32: the scale (e.g. -1 / target count) is not rounded to bf16
+        gh, gw = ((None if t is None else (t.float() * g).to(t.dtype)) for t in (gh, gw))
+        return gh, gw, None, None, None, None, None
+
+
+def head_logprob_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
+                     compiled: bool = False) -> torch.Tensor:
+    """sum of log p(targets) under softmax(h W^T) (temperature 1) over the tokens with a target (>= 0), fp32,
+    chunked, its gradients formed in the forward (module docstring); -1 x this is the summed cross-entropy.
+    h (..., D), weight (V, D), targets (...). Equal to head_logprobs(...)[0].sum(), one matmul cheaper."""
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    chunk = chunk if chunk > 0 else max(h.shape[0], 1)
+    grads = torch.is_grad_enabled()  # (inside a Function's forward grad mode is always off: decide here)
+    return _HeadLogProbSum.apply(h, weight, targets, chunk, compiled, grads and h.requires_grad,
+                                 grads and weight.requires_grad)
 
 
 def head_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,

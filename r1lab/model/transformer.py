@@ -12,7 +12,7 @@ from torch import nn
 
 from .attention import MLA
 from .config import ModelConfig
-from .head import DEFAULT_CHUNK, head_logprobs
+from .head import DEFAULT_CHUNK, head_logprob_sum, head_logprobs
 from .layers import MLP, KeepFP32Buffers, RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
 
@@ -155,6 +155,13 @@ class Transformer(KeepFP32Buffers):
         (r1lab.model.head). Returns (logp (...), entropy (...) or None); cross-entropy is -logp.sum()."""
         return head_logprobs(h, self.lm_head.weight, targets, temperature, chunk=chunk, with_entropy=with_entropy,
                              compiled=compiled)
+
+    def cross_entropy_sum(self, h: torch.Tensor, labels: torch.Tensor, *, chunk: int = DEFAULT_CHUNK,
+                          compiled: bool = False) -> torch.Tensor:
+        """Summed fp32 next-token cross-entropy of `labels` (..., IGNORE = none) from normed hidden states
+        (..., D): -sum of `logprobs`, chunked, with its gradients formed in the forward (one head matmul fewer
+        than `logprobs`' recomputing backward; r1lab.model.head)."""
+        return -head_logprob_sum(h, self.lm_head.weight, labels, chunk=chunk, compiled=compiled)
 
     # ------------------------------------------------------------------ latent cache
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None,

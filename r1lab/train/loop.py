@@ -176,12 +176,12 @@ class MasterWeights:
 def cross_entropy_sum(model: Transformer, h: torch.Tensor, labels: torch.Tensor, chunk: int,
                       compiled: bool = False) -> torch.Tensor:
     """Next-token cross-entropy summed over the targets that are not IGNORE, in fp32 (precision policy), from the
-    final normed hidden states h (B, S, D): the output head runs `chunk` tokens at a time (`Transformer.logprobs`),
-    so neither the fp32 (tokens, vocab) logits nor their gradient are ever held whole (at 32K tokens of a 102,400
-    vocabulary they would be 13.4 GB each). compiled: the per-chunk fp32 math fused by torch.compile.
+    final normed hidden states h (B, S, D): the output head runs `chunk` tokens at a time
+    (`Transformer.cross_entropy_sum`), so neither the fp32 (tokens, vocab) logits nor their gradient are ever held
+    whole (at 32K tokens of a 102,400 vocabulary they would be 13.4 GB each). compiled: the per-chunk fp32 math
+    fused by torch.compile.
     """
-    logp, _ = model.logprobs(h, labels, chunk=chunk, compiled=compiled)
-    return -logp.sum()
+    return model.cross_entropy_sum(h, labels, chunk=chunk, compiled=compiled)
 
 
 def lr_factor(step: int, recipe: Recipe) -> float:
