@@ -37,7 +37,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _BackendTokenizer
 
-__all__ = ["Tokenizer", "load_tokenizer", "split_reasoning", "THINK_START", "THINK_END"]
+__all__ = ["Tokenizer", "load_tokenizer", "split_reasoning", "tools_prompt", "THINK_START", "THINK_END"]
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -206,6 +206,7 @@ class Tokenizer:
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = False,
         tokenize: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str | list[int]:
         """Render a conversation exactly as the official DeepSeek chat template does.
 
@@ -221,6 +222,12 @@ class Tokenizer:
         ``add_generation_prompt`` appends ``<｜Assistant｜>`` (no ``<think>``),
         except right after tool outputs, where the template appends nothing.
 
+        ``tools`` (OpenAI tool schemas, ``{"type": "function", "function": {...}}``): the
+        official template does not render tool definitions, so they go into the system
+        prompt as DeepSeek documents (:func:`tools_prompt`); the result is exactly the
+        official rendering of ``messages`` plus one system message holding that section
+        (system prompts are joined wherever they are, so it comes after the others).
+
         Returns the text, or its ids when ``tokenize`` (the text already starts with BOS).
         The ids hold the template's markers as single tokens and encode message content
         (and tool call names and arguments) as plain text, so that a message holding
@@ -228,6 +235,8 @@ class Tokenizer:
         decode back to the text, and equal ``encode(text)`` when no content holds a marker.
         Raises ValueError naming the message index for malformed messages.
         """
+        if tools:
+            messages = [*messages, {"role": "system", "content": tools_prompt(tools)}]
         parts = _render_chat(messages, self.bos_token, self.eos_token, add_generation_prompt)
         if not tokenize:
             return "".join(text for text, _ in parts)
@@ -346,6 +355,18 @@ def split_reasoning(text: str, *, started_in_prompt: bool = False) -> tuple[str 
     if THINK_START in head:
         head = head.partition(THINK_START)[2]
     return head.strip(), answer.strip()
+
+
+def tools_prompt(tools: Sequence[Mapping[str, Any]]) -> str:
+    """The system-prompt section listing the tools, in DeepSeek's documented format (V2.5/V3 model cards):
+    "## Tools", "### Function", then each function's schema as indented JSON under its name."""
+    entries = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ValueError(f"tools[{i}] must look like {{'type': 'function', 'function': {{'name': str, ...}}}}")
+        entries.append(f"- `{fn['name']}`:\n```json\n{json.dumps(fn, ensure_ascii=False, indent=4)}\n```")
+    return "## Tools\n\n### Function\n\nYou have the following functions available:\n\n" + "\n\n".join(entries)
 
 
 # ----- helpers ---------------------------------------------------------------

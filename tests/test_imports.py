@@ -14,7 +14,7 @@ LAYERS = [
     {"r1lab.speedrun", "r1lab.plan"},
     {"r1lab.train", "r1lab.eval", "r1lab.serve"},
     {"r1lab.rewards", "r1lab.parallel", "r1lab.lora", "r1lab.checkpoint", "r1lab.tasks", "r1lab.metrics"},
-    {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.grading", "r1lab.data"},
+    {"r1lab.model", "r1lab.engine", "r1lab.tokenizer", "r1lab.tools", "r1lab.grading", "r1lab.data"},
 ]
 
 

@@ -28,7 +28,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,8 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..engine import SamplingParams
+from ..tools import call_prefix, check_tools, parse_tool_calls
 from .guard import Gate, bearer_ok, check_api_key, guarded_protocol, openai_error
-from .stream import ReasoningSplitter, TextStream, split_text
+from .stream import ReasoningSplitter, TextStream, ToolCallSplitter, split_text
 from .worker import EngineWorker, Handle
 
 MAX_BODY_BYTES = 8 << 20
@@ -60,10 +61,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # a JSON object as text, rendered back as written
+
+
+class ToolCallIn(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     prefix: bool = False  # DeepSeek chat prefix completion: continue this (last, assistant) message
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message's call (the template goes by order; accepted, not needed)
 
 
 class StreamOptions(_Strict):
@@ -85,6 +99,10 @@ class _Sampling(_Strict):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    # checked by tools.check_tools and tool_mode (400 with the field named), not by the schema (422)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # accepted; the model may always make several calls
 
 
 class CompletionRequest(_Sampling):
@@ -260,22 +278,66 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             raise APIError(400, "client disconnected", code="client_disconnected")
         return outs
 
-    async def chat_prompt(req: ChatRequest) -> tuple[list[int], str]:
-        msgs = [m.model_dump(exclude={"prefix"}) for m in req.messages]
-        for m in msgs:
-            if isinstance(m["content"], list):
-                m["content"] = "".join(p["text"] for p in m["content"])
+    def tool_mode(req: ChatRequest) -> tuple[list[dict] | None, list[str] | None, str]:
+        """(tools to render or None, names a call may use or None, the forced start of the reply) from the
+        request's `tools` and `tool_choice`: "none" renders no tools and parses no calls; "auto" lets the model
+        choose; "required" and a named function start the reply with the tool-call block (skipping reasoning)."""
+        tools, choice = req.tools, req.tool_choice
+        if tools is not None:
+            try:
+                check_tools(tools)
+            except ValueError as e:
+                raise APIError(400, str(e), "tools", "invalid_value") from None
+        names = [t["function"]["name"] for t in tools or []]
+        if choice is None:
+            choice = "auto" if tools else "none"
+        if choice in ("none", "auto", "required"):
+            if choice == "required" and not tools:
+                raise APIError(400, "tool_choice 'required' needs tools", "tool_choice", "invalid_value")
+            if choice == "none" or not tools:
+                return None, None, ""
+            return tools, names, call_prefix() if choice == "required" else ""
+        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+            name = choice["function"].get("name")
+            if name not in names:
+                raise APIError(400, f"tool_choice names function {name!r}, which is not among the tools "
+                                    f"({', '.join(names) or 'none given'})", "tool_choice", "invalid_value")
+            return tools, [name], call_prefix(name)
+        raise APIError(400, "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': "
+                            f"{{'name': ...}}}}, got {json.dumps(choice)[:200]}", "tool_choice", "invalid_value")
+
+    async def chat_prompt(req: ChatRequest, tools: list[dict] | None, forced: str) -> tuple[list[int], str]:
+        msgs = []
+        for m in req.messages:
+            d = {"role": m.role, "content": m.content}
+            if isinstance(d["content"], list):
+                d["content"] = "".join(p.text for p in d["content"])
+            if m.tool_calls:  # the template renders a tool-call turn for any tool_calls key, even an empty list
+                if m.role != "assistant":
+                    raise APIError(400, f"only assistant messages may have tool_calls, not {m.role!r}", "messages",
+                                   "invalid_value")
+                d["tool_calls"] = [{"type": c.type, "function": {"name": c.function.name,
+                                                                  "arguments": c.function.arguments}}
+                                   for c in m.tool_calls]
+            msgs.append(d)
         prefix = ""
         if req.messages[-1].prefix:
             if req.messages[-1].role != "assistant":
                 raise APIError(400, "only a last assistant message may have prefix: true", "messages", "invalid_value")
+            if forced:
+                raise APIError(400, "tool_choice 'required' or a named function starts the reply with a tool call; "
+                                    "it cannot continue an assistant prefix", "tool_choice", "invalid_value")
             prefix, msgs = msgs[-1]["content"] or "", msgs[:-1]
-        check_chars(sum(len(m["content"] or "") for m in msgs) + len(prefix), "messages")
+        calls_chars = sum(len(c["function"]["name"]) + len(c["function"]["arguments"])
+                          for m in msgs for c in m.get("tool_calls", []))
+        tools_chars = len(json.dumps(tools)) if tools else 0
+        check_chars(sum(len(m["content"] or "") for m in msgs) + len(prefix) + calls_chars + tools_chars, "messages")
 
         def encode():  # in a worker thread: the event loop keeps serving meanwhile
-            # content, the prefix included, is plain text: only the template writes turn markers
-            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            return ids + tokenizer.encode(prefix, split_special_tokens=True)
+            # content, the prefix included, is plain text: only the template writes turn markers; the forced
+            # tool-call start is ours (markers and a checked function name)
+            ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, tools=tools)
+            return ids + tokenizer.encode(prefix, split_special_tokens=True) + tokenizer.encode(forced)
 
         try:
             return await asyncio.to_thread(encode), prefix
@@ -310,7 +372,8 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        ids, prefix = await chat_prompt(req)
+        tools, names, forced = tool_mode(req)
+        ids, prefix = await chat_prompt(req, tools, forced)
         params = sampling(req, len(ids))
         h = worker.submit([ids], params)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -320,10 +383,15 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             outs = await collect(request, h)
             choices = []
             for i in range(params.n):
-                reasoning, content = split_text(outs[i].text, prefix)
-                choices.append({"index": i, "message": {"role": "assistant", "content": content,
-                                                         "reasoning_content": reasoning},
-                                "logprobs": None, "finish_reason": outs[i].finish_reason})
+                # a forced tool-call start is the model's reply as much as what it generated after it
+                reasoning, content = split_text(forced + outs[i].text, prefix)
+                msg = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+                finish = outs[i].finish_reason
+                parsed = parse_tool_calls(content, names) if names else None
+                if parsed is not None:  # else a malformed call stays content, with the engine's finish reason
+                    msg["content"], finish = parsed[0] or None, "tool_calls"
+                    msg["tool_calls"] = [_tool_call(c) for c in parsed[1]]
+                choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish})
             return {**head, "object": "chat.completion", "choices": choices,
                     "usage": usage(len(ids), sum(len(o.token_ids) for o in outs.values()))}
 
@@ -332,8 +400,11 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
         async def sse():
             texts = [TextStream(tokenizer, params.stop) for _ in range(params.n)]
             splitters = [ReasoningSplitter() for _ in range(params.n)]
-            for sp in splitters:
+            calls = [ToolCallSplitter(names) for _ in range(params.n)] if names else None
+            for i, sp in enumerate(splitters):
                 sp.feed(prefix)  # the assistant turn's given start is not part of the answer
+                if forced:  # but a forced tool-call start is (it holds no reasoning)
+                    calls[i].feed(sp.feed(forced)[1])
             chunk = lambda choices, **extra: "data: " + json.dumps(  # noqa: E731
                 {**head, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -345,16 +416,36 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                     for i, t, done in batch:
                         text = texts[i].push(t) if done is None else texts[i].finish(done.text)
                         r, c = splitters[i].feed(text)
+                        found = None
                         if done is not None:
                             r2, c2 = splitters[i].flush()
                             r, c = r + r2, c + c2
                             completion_tokens += len(done.token_ids)
-                        m = merged.setdefault(i, ["", "", None])
-                        m[0], m[1], m[2] = m[0] + r, m[1] + c, done.finish_reason if done else None
-                    choices = [{"index": i, "delta": {k: v for k, v in (("reasoning_content", r), ("content", c)) if v},
-                                "logprobs": None, "finish_reason": f} for i, (r, c, f) in merged.items() if r or c or f]
+                        if calls:
+                            c = calls[i].feed(c)
+                            if done is not None:
+                                c2, found = calls[i].finish()
+                                c += c2
+                        m = merged.setdefault(i, ["", "", None, None])
+                        m[0], m[1], m[2], m[3] = m[0] + r, m[1] + c, done.finish_reason if done else None, found
+                    delta = lambda r, c: {k: v for k, v in (("reasoning_content", r), ("content", c)) if v}  # noqa: E731
+                    choices = [{"index": i, "delta": delta(r, c), "logprobs": None, "finish_reason": f}
+                               for i, (r, c, f, found) in merged.items() if (r or c or f) and not found]
                     if choices:
                         yield chunk(choices)
+                    for i, (r, c, _, found) in merged.items():
+                        if not found:
+                            continue
+                        # as OpenAI streams calls: id, type and name first, then the arguments, then the finish
+                        if r or c:
+                            yield chunk([{"index": i, "delta": delta(r, c), "logprobs": None, "finish_reason": None}])
+                        for k, call in enumerate(found):
+                            tc = _tool_call(call)
+                            first = {**tc, "function": {"name": call.name, "arguments": ""}}
+                            for part in ({**first, "index": k}, {"index": k, "function": {"arguments": call.arguments}}):
+                                yield chunk([{"index": i, "delta": {"tool_calls": [part]}, "logprobs": None,
+                                              "finish_reason": None}])
+                        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"}])
             except APIError as e:  # the status line is already sent: report it in the stream
                 yield _sse_error(e)
                 return
@@ -436,6 +527,12 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+def _tool_call(call) -> dict:
+    """An OpenAI tool_calls entry for a parsed call, with a fresh id."""
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

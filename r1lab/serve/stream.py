@@ -7,6 +7,7 @@ Both work for any chunking, so a streamed response concatenates to exactly what 
 from __future__ import annotations
 
 from ..tokenizer import THINK_END, THINK_START
+from ..tools import TOOL_CALLS_BEGIN, ToolCall, parse_tool_calls
 
 
 class TextStream:
@@ -139,3 +140,44 @@ def split_text(text: str, prefix: str = "", started_in_prompt: bool = False) -> 
     r1, c1 = sp.feed(text)
     r2, c2 = sp.flush()
     return (r1 + r2 if sp.thinking else None), c1 + c2
+
+
+class ToolCallSplitter:
+    """The content stream of a request with tools -> content deltas, and at the end the tool calls.
+
+    Content passes through until the tool-call block opens (`<｜tool▁calls▁begin｜>`, one token, but held back
+    while the text ends in what may be its start, and whitespace before it held as `str.strip()` would drop it);
+    the block is then kept and parsed at the end (`tools.parse_tool_calls`). A malformed block is sent as content
+    after all, so the stream always concatenates to the non-streamed response: content `parse_tool_calls(...)[0]`
+    and its calls, or the whole content.
+    """
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.held = ""  # content not sent yet: trailing whitespace, or a partial marker
+        self.block: str | None = None  # from the marker on, once it appeared
+
+    def feed(self, content: str) -> str:
+        if self.block is not None:
+            self.block += content
+            return ""
+        s = self.held + content
+        i = s.find(TOOL_CALLS_BEGIN)
+        if i >= 0:
+            head = s[:i].rstrip()
+            self.held, self.block = s[len(head):i], s[i:]
+            return head
+        cut = len(s) - _partial_suffix(s, TOOL_CALLS_BEGIN)
+        body = s[:cut].rstrip()
+        self.held = s[len(body):]
+        return body
+
+    def finish(self) -> tuple[str, list[ToolCall] | None]:
+        """The content still to send and the calls (None: no block, or a malformed one sent as content)."""
+        if self.block is None:
+            out, self.held = self.held.rstrip(), ""
+            return out, None
+        parsed = parse_tool_calls(self.block, self.names)
+        if parsed is not None:
+            return "", parsed[1]
+        return self.held + self.block, None
