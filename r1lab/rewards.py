@@ -209,17 +209,20 @@ def load_rewards(specs: Sequence[str]) -> list[WeightedReward]:
 
 def combine(rewards: Sequence[WeightedReward], prompts: Sequence[str], completions: Sequence[str],
             conversations: Sequence[list[dict]] | None = None,
+            chat_completions: Sequence[list[dict]] | None = None,
             **row_fields) -> tuple[list[float], dict[str, list[float | None]]]:
     """Run every reward; return the weighted total per sample (a None counts as absent: 0 contribution) and
     each reward's raw values by name.
 
     conversations: the rows' chat messages when the prompts are conversations. Users' reward functions then get
     what TRL gives them for a conversational dataset (prompts as message lists, each completion as
-    `[{"role": "assistant", "content": text}]`), so functions written for TRL work unchanged; built-in
-    rewards always get the rendered prompt and the completion text.
+    `[{"role": "assistant", "content": text}]`, or `chat_completions` when given: a multi-turn trajectory's
+    assistant and tool messages), so functions written for TRL work unchanged; built-in rewards always get the
+    rendered prompt and the completion text.
     """
     per: dict[str, list[float | None]] = {}
-    chat_completions = [[{"role": "assistant", "content": c}] for c in completions] if conversations else None
+    if conversations and chat_completions is None:
+        chat_completions = [[{"role": "assistant", "content": c}] for c in completions]
     for r in rewards:
         if r.user and conversations:
             vals = list(r.fn(prompts=list(conversations), completions=chat_completions, **row_fields))

@@ -276,9 +276,18 @@ def load_prompt_rows(recipe: GRPORecipe) -> list[dict]:
     rows = []
     for path in recipe.data.train:
         for where, row in read_jsonl(path):
+            if isinstance(row.get("prompt"), list):  # TRL's conversational prompt-only rows (open-r1's datasets)
+                row = {**{k: v for k, v in row.items() if k != "prompt"}, "messages": row["prompt"]}
             if not isinstance(row.get("prompt"), str) and not isinstance(row.get("messages"), list):
-                raise ValueError(f"{where}: a GRPO row needs 'prompt' (a string) or 'messages' (a list), found "
-                                 f"keys {sorted(row)}")
+                raise ValueError(f"{where}: a GRPO row needs 'prompt' (a string, or TRL's list of messages) or "
+                                 f"'messages' (a list), found keys {sorted(row)}")
+            if "messages" in row:
+                bad = next((i for i, m in enumerate(row["messages"]) if not isinstance(m, dict) or not
+                            isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)), None)
+                if bad is not None or not row["messages"]:
+                    raise ValueError(f"{where}: the prompt's messages must be a non-empty list of {{'role': str, "
+                                     f"'content': str}} objects" + (f" (message {bad} is not)" if bad is not None
+                                                                    else ""))
             if "answer" in row and not isinstance(row["answer"], (str, int, float)):
                 raise ValueError(f"{where}: 'answer' must be a string or a number, got {type(row['answer']).__name__}")
             rows.append({**row, "where": where})
@@ -314,13 +323,20 @@ def synthetic_task(spec: str):
         raise ValueError(f"grpo.task {spec!r}: {e}") from None
 
 
+def prompt_messages(row: dict, system: str = "") -> list[dict]:
+    """The conversation a chat-style prompt renders: the row's messages (or its prompt as one user turn), with
+    the recipe's system prompt first unless the row has one. Also what user rewards get as the prompt (TRL's
+    conversational format)."""
+    msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
+    if system and not any(m.get("role") == "system" for m in msgs):
+        msgs = [{"role": "system", "content": system}] + msgs
+    return msgs
+
+
 def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_think: bool = False) -> str:
     """The prompt text the policy continues, in `style` (see the module docstring)."""
     if style == "chat":
-        msgs = row.get("messages") or [{"role": "user", "content": row["prompt"]}]
-        if system and not any(m.get("role") == "system" for m in msgs):
-            msgs = [{"role": "system", "content": system}] + msgs
-        text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt_messages(row, system), add_generation_prompt=True)
         return text + "<think>\n" if open_think else text
     question = row.get("prompt")
     if question is None:  # messages in r1-zero / raw style: the last user turn
@@ -452,9 +468,16 @@ class GRPOTrainer(Trainer):
         fields = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r}
                   if k not in ("prompt", "messages", "where")}
         fields["completion_ids"] = [o.token_ids for o in outs]
-        chats = [r.get("messages") for r in rows]
-        conversations = chats if all(chats) and self.g.prompt_style == "chat" else None
-        total, per = combine(self.rewards, prompts, completions, conversations, **fields)
+        # Chat prompts: user rewards get TRL's conversational format, the prompt as messages and the completion as
+        # an assistant message that starts with what the prompt opened ("<think>\n"), as TRL prepends the
+        # assistant turn's given start.
+        conversations = chat_completions = None
+        if self.g.prompt_style == "chat":
+            conversations = [prompt_messages(r, self.g.system) for r in rows]
+            start = "<think>\n" if self.g.open_think else ""
+            chat_completions = [[{"role": "assistant", "content": start + c}] for c in completions]
+        total, per = combine(self.rewards, prompts, completions, conversations, chat_completions=chat_completions,
+                             **fields)
         return Rollout(rows, prompts, [self.prompt_ids[idx[o.prompt_index]] for o in outs], completions,
                        [o.token_ids for o in outs], [o.logprobs for o in outs], [o.finish_reason for o in outs],
                        torch.tensor(total, dtype=torch.float32), per)
