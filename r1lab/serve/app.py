@@ -6,6 +6,11 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both streamed over s
 "prefix": true is continued rather than answered (DeepSeek's chat prefix completion), e.g. "<think>\\n" to make
 R1 start by reasoning.
 
+Function calling: `tools` and `tool_choice` as OpenAI takes them (see `tool_mode`); the tools are rendered into
+the system prompt (r1lab.tools), the model's tool-call block comes back as `tool_calls` with finish_reason
+"tool_calls" (streamed as OpenAI streams them: each call's id, type and name, then its arguments, then the
+finish), and a malformed block as plain content.
+
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 malformed JSON (lone surrogates,
 nesting too deep, integers of over 4,300 digits included) or a request that cannot be served (max_tokens beyond
 the context, n above the slots, bad messages), 401 wrong API key, 403 a Host header not allowed, 404 unknown

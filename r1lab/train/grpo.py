@@ -28,6 +28,24 @@ Prompt styles (grpo.prompt_style):
            "<think>\\n" appended (grpo.open_think), as DeepSeek's later templates do.
   raw      the row's prompt text as it is (already formatted).
 
+Tools (grpo.tools, chat style): the prompt lists the tools (the template's tools section) and a rollout is up to
+grpo.max_turns model turns. A turn ends at the end of the reply or at a tool-call block; the calls then run
+(r1lab.tools.run_tool: a child process, grpo.tool_timeout seconds, an exception or a hang becomes "Error: ..."
+text), their outputs are appended in the template's tool-output block, and the model continues from there. The
+tool-output tokens are part of the completion's ids but not of its loss: they get no log-prob, no KL, no
+entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine
+(its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
+trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
+
+Tools (grpo.tools, chat style): the prompt lists the tools (the template's tools section) and a rollout is up to
+grpo.max_turns model turns. A turn ends at the end of the reply or at a tool-call block; the calls then run
+(r1lab.tools.run_tool: a child process, grpo.tool_timeout seconds, an exception or a hang becomes "Error: ..."
+text), their outputs are appended in the template's tool-output block, and the model continues from there. The
+tool-output tokens are part of the completion's ids but not of its loss: they get no log-prob, no KL, no
+entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine
+(its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
+trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
+
 Logged per step (terminal + metrics.jsonl): reward and each reward's mean, accuracy, pass@G, response
 lengths, share truncated, KL, clip fraction, entropy, share of zero-variance groups, generation vs training
 seconds, tokens/s; `grpo.log_samples` completions per step go to samples.jsonl. Checkpoints and resume as in
@@ -54,6 +72,8 @@ from ..data import IGNORE, BatchOrder, read_jsonl
 from ..engine import Engine, SamplingParams
 from ..model.head import DEFAULT_CHUNK
 from ..rewards import WeightedReward, check_row_rewards, combine, load_rewards, overlong_penalty, route_rewards
+from ..tokenizer import THINK_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END
+from ..tools import TOOL_CALLS_BEGIN, function_schema, load_tool, parse_tool_calls, run_tool
 from . import state as ckpt
 from .loop import Trainer, build_model, setup
 from .recipe import SECTIONS, Recipe, _key, load_recipe
@@ -123,7 +143,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denom: flo
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
                         forward=None, with_entropy: bool = False, compiled: bool = False,
-                        chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                        chunk: int = DEFAULT_CHUNK, token_mask: list[list[int]] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of each completion token under `model` at `temperature` (fp32), as the engine computes them.
 
     Returns logp (B, L) and mask (B, L) (L = longest completion; padding is 0 / False) and, when asked, the
@@ -132,6 +153,8 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     neither (B, S, vocab) nor the fp32 (B, L, vocab) logits are ever held (8K-token completions of a 129K
     vocabulary would be 4.2 GB per sequence in fp32). compiled: the per-chunk log-softmax (and entropy) math
     through torch.compile.
+    token_mask: per completion, 1 for the model's tokens and 0 for others (tool outputs): those are 0 / False
+    in logp and mask, as padding is.
     """
     forward = model if forward is None else forward  # (a compiled module has no truth value)
     dev = model.device
@@ -148,7 +171,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
         f = p + c
         ids[i, : len(f) - 1] = torch.tensor(f[:-1])  # right padding: causal attention never looks at it
         targets[i, : len(c)] = torch.tensor(c)
-        mask[i, : len(c)] = 1
+        mask[i, : len(c)] = 1 if token_mask is None else torch.tensor(token_mask[i])
     starts = torch.tensor([len(p) - 1 for p in prompts])  # input index whose output predicts completion[0]
     idx[:, :L] = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
     ids, targets, idx, mask = to_device(host, dev).unbind(0)
@@ -209,6 +232,12 @@ class GRPO:
     max_batch: int = _key(0, "engine slots (sequences decoded together, per rank); 0 = prompts_per_step x "
                           "group_size (under torchrun: this rank's share of them)")
     log_samples: int = _key(2, "completions per step written to samples.jsonl")
+    tools: list = _key([], "tools the policy may call in rollouts (chat style): 'calculator' (built in: + - * / "
+                       "// % ** on numbers) or 'module:function' (typed arguments and a docstring, from which its "
+                       "schema is derived); max_tokens then counts the tool outputs too")
+    max_turns: int = _key(4, "with tools: model turns per rollout at most (a turn ends at a tool call or the end)")
+    tool_timeout: float = _key(5.0, "with tools: seconds a tool call may run (in its own process) before it is "
+                               "killed and its output is an error")
     speculate: int = _key(0, "rollouts by speculative decoding: draft this many tokens per step with the model's MTP "
                           "module (samples and log-probs follow the policy exactly; the draft is not trained here, "
                           "so acceptance falls as the policy moves away from it); 0 = off")
@@ -252,6 +281,12 @@ class GRPORecipe(Recipe):
                              f"distribution (got {g.temperature})")
         if not g.task and not self.data.train:
             raise ValueError("recipe: give prompts with grpo.task or data.train (JSONL files)")
+        if g.tools and g.prompt_style != "chat":
+            raise ValueError(f"recipe: grpo.tools need grpo.prompt_style = 'chat' (the chat template holds the tools "
+                             f"and their calls), got {g.prompt_style!r}")
+        if g.max_turns < 1 or g.tool_timeout <= 0:
+            raise ValueError(f"recipe: grpo.max_turns must be >= 1 and grpo.tool_timeout > 0 (got {g.max_turns} "
+                             f"and {g.tool_timeout})")
 
 
 def load_grpo_recipe(path: str | Path | None, overrides: dict[str, Any] | None = None) -> GRPORecipe:
@@ -333,10 +368,12 @@ def prompt_messages(row: dict, system: str = "") -> list[dict]:
     return msgs
 
 
-def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_think: bool = False) -> str:
-    """The prompt text the policy continues, in `style` (see the module docstring)."""
+def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_think: bool = False,
+                  tools: list[dict] | None = None) -> str:
+    """The prompt text the policy continues, in `style` (see the module docstring); chat style lists `tools`
+    (OpenAI schemas) in the system prompt."""
     if style == "chat":
-        text = tokenizer.apply_chat_template(prompt_messages(row, system), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt_messages(row, system), add_generation_prompt=True, tools=tools)
         return text + "<think>\n" if open_think else text
     question = row.get("prompt")
     if question is None:  # messages in r1-zero / raw style: the last user turn
@@ -362,20 +399,30 @@ class Rollout:
     finish: list[str]
     rewards: torch.Tensor  # (N,) weighted total
     per_reward: dict[str, list]
+    # per completion token: 1 if the model sampled it, 0 for tool output (no loss); None: all the model's
+    token_mask: list[list[int]] | None = None
+    tool_calls: list[int] | None = None  # calls run per sample (rollouts with tools)
 
     def select(self, groups: list[int], G: int) -> "Rollout":
         idx = [g * G + j for g in groups for j in range(G)]
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
         return Rollout(pick(self.rows), pick(self.prompts), pick(self.prompt_ids), pick(self.completions),
                        pick(self.completion_ids), pick(self.old_logp), pick(self.finish), self.rewards[idx],
-                       {k: pick(v) for k, v in self.per_reward.items()})
+                       {k: pick(v) for k, v in self.per_reward.items()}, pick(self.token_mask),
+                       pick(self.tool_calls))
+
+    def model_tokens(self, i: int) -> int:
+        """Completion tokens of sample i that the model sampled (those that get a loss)."""
+        return len(self.completion_ids[i]) if self.token_mask is None else sum(self.token_mask[i])
 
     @staticmethod
     def cat(parts: list["Rollout"]) -> "Rollout":
         f = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
         return Rollout(f("rows"), f("prompts"), f("prompt_ids"), f("completions"), f("completion_ids"),
                        f("old_logp"), f("finish"), torch.cat([p.rewards for p in parts]),
-                       {k: [x for p in parts for x in p.per_reward[k]] for k in parts[0].per_reward})
+                       {k: [x for p in parts for x in p.per_reward[k]] for k in parts[0].per_reward},
+                       None if parts[0].token_mask is None else f("token_mask"),
+                       None if parts[0].tool_calls is None else f("tool_calls"))
 
 
 class GRPOTrainer(Trainer):
@@ -406,7 +453,13 @@ class GRPOTrainer(Trainer):
         self.rewards = route_rewards(self.rewards)
         if g.overlong_buffer:
             self.rewards.append(WeightedReward("overlong", overlong_penalty(g.max_tokens, g.overlong_buffer), 1.0))
-        self.prompt_text = [render_prompt(r, g.prompt_style, tokenizer, g.system, g.open_think) for r in rows]
+        self.tools = {spec: load_tool(spec) for spec in g.tools}  # fails here, naming the spec
+        self.tool_fns = {fn.__name__: fn for fn in self.tools.values()}
+        if len(self.tool_fns) < len(self.tools):
+            raise ValueError(f"grpo.tools {g.tools}: two tools have the same function name")
+        schemas = [function_schema(fn) for fn in self.tool_fns.values()] or None
+        self.prompt_text = [render_prompt(r, g.prompt_style, tokenizer, g.system, g.open_think, schemas)
+                            for r in rows]
         self.prompt_ids = [tokenizer.encode(t) for t in self.prompt_text]
         longest = max(len(p) for p in self.prompt_ids)
         limit = model.config.max_position_embeddings
@@ -460,6 +513,8 @@ class GRPOTrainer(Trainer):
         while eng.has_work():
             eng.step()
         outs = [eng.completion(s) for s in seqs]
+        if self.tool_fns:
+            return self._tool_rollout(idx, outs, base)
         for m in eng.model.moe_layers():  # rollouts must not steer the router-bias update
             m.expert_load.zero_()
         rows = [self.rows[idx[o.prompt_index]] for o in outs]
@@ -481,6 +536,85 @@ class GRPOTrainer(Trainer):
         return Rollout(rows, prompts, [self.prompt_ids[idx[o.prompt_index]] for o in outs], completions,
                        [o.token_ids for o in outs], [o.logprobs for o in outs], [o.finish_reason for o in outs],
                        torch.tensor(total, dtype=torch.float32), per)
+
+    def _tool_rollout(self, idx: list[int], outs: list, base: int) -> Rollout:
+        """Continue the first turns `outs` through tool calls, up to grpo.max_turns model turns each; score the
+        trajectories. A turn's calls run when it ended its reply (finish "stop") with a well-formed block."""
+        g, eng, tok = self.g, self.engine, self.tokenizer
+        names = list(self.tool_fns)
+        trajs = []
+        for o in outs:
+            msgs = prompt_messages(self.rows[idx[o.prompt_index]], g.system)
+            trajs.append({"k": o.prompt_index, "ids": [], "mask": [], "logp": [], "messages": [], "calls": 0,
+                          "turns": 0, "finish": None, "outputs_open": any(m.get("role") == "tool" for m in msgs)})
+        todo = list(zip(trajs, outs))
+        while todo:
+            resubmit = []
+            for t, o in todo:
+                t["turns"] += 1
+                t["ids"] += o.token_ids
+                t["mask"] += [1] * len(o.token_ids)
+                t["logp"] += o.logprobs
+                text = ("<think>\n" if g.open_think and t["turns"] == 1 else "") + o.text
+                # a call is in the answer, after the reasoning (a block inside unfinished reasoning is not one)
+                parsed = parse_tool_calls(text.rpartition(THINK_END)[2], names)
+                if parsed is None or o.finish_reason != "stop" or t["turns"] >= g.max_turns:
+                    t["messages"].append({"role": "assistant", "content": text})
+                    t["finish"] = o.finish_reason
+                    continue
+                calls = parsed[1]
+                t["messages"].append({"role": "assistant", "content": text[: text.rindex(TOOL_CALLS_BEGIN)],
+                                      "tool_calls": [{"type": "function", "function": {
+                                          "name": c.name, "arguments": c.arguments}} for c in calls]})
+                outputs = [run_tool(self.tool_fns[c.name], c.arguments, g.tool_timeout) for c in calls]
+                t["calls"] += len(calls)
+                t["messages"] += [{"role": "tool", "name": c.name, "content": out} for c, out in zip(calls, outputs)]
+                block = self._tool_output_ids(outputs, first=not t["outputs_open"])
+                t["outputs_open"] = True
+                t["ids"] += block
+                t["mask"] += [0] * len(block)
+                t["logp"] += [0.0] * len(block)
+                room = g.max_tokens - len(t["ids"])
+                if room <= 0:  # the tool output filled the completion's budget
+                    for key in ("ids", "mask", "logp"):
+                        del t[key][g.max_tokens:]
+                    t["finish"] = "length"
+                    continue
+                # The conversation so far goes back to the engine as a prompt (no engine API continues a finished
+                # sequence; a prefix cache makes the repeated prefill a hit). Seeds: a function of the step's
+                # position, the trajectory's place and the turn, as the first turn's are.
+                seed = (base + 7 * 4096 * t["turns"] + trajs.index(t)) & 0x7FFFFFFF
+                params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=room, n=1, seed=seed,
+                                        logprobs=True)
+                resubmit.append((t, eng.add_request(self.prompt_ids[idx[t["k"]]] + t["ids"], params)))
+            while eng.has_work():
+                eng.step()
+            todo = [(t, eng.completion(s)) for t, (s,) in resubmit]
+        for m in eng.model.moe_layers():  # rollouts must not steer the router-bias update
+            m.expert_load.zero_()
+        rows = [self.rows[idx[t["k"]]] for t in trajs]
+        prompts = [self.prompt_text[idx[t["k"]]] for t in trajs]
+        completions = [tok.decode(t["ids"]) for t in trajs]
+        fields = {k: [r.get(k) for r in rows] for k in {k for r in rows for k in r}
+                  if k not in ("prompt", "messages", "where")}
+        fields["completion_ids"] = [t["ids"] for t in trajs]
+        conversations = [prompt_messages(r, g.system) for r in rows]
+        total, per = combine(self.rewards, prompts, completions, conversations,
+                             chat_completions=[t["messages"] for t in trajs], **fields)
+        return Rollout(rows, prompts, [self.prompt_ids[idx[t["k"]]] for t in trajs], completions,
+                       [t["ids"] for t in trajs], [t["logp"] for t in trajs], [t["finish"] for t in trajs],
+                       torch.tensor(total, dtype=torch.float32), per, [t["mask"] for t in trajs],
+                       [t["calls"] for t in trajs])
+
+    def _tool_output_ids(self, outputs: list[str], first: bool) -> list[int]:
+        """The template's tool-output block for `outputs` as ids (markers as tokens, outputs as plain text). As the
+        official template does, only a conversation's first block opens with <｜tool▁outputs▁begin｜>."""
+        tok = self.tokenizer
+        ids = [tok.token_to_id(TOOL_OUTPUTS_BEGIN)] if first else []
+        for out in outputs:
+            ids += [tok.token_to_id(TOOL_OUTPUT_BEGIN), *tok.encode(out, split_special_tokens=True),
+                    tok.token_to_id(TOOL_OUTPUT_END)]
+        return ids + [tok.token_to_id(TOOL_OUTPUTS_END)]
 
     # ------------------------------------------------------------------ one GRPO step
     def grpo_step(self) -> dict[str, Any]:
@@ -579,6 +713,7 @@ class GRPOTrainer(Trainer):
             host[i, 1:1 + len(x)] = torch.tensor(x, dtype=torch.float32)
         host = to_device(host, dev)
         adv, old = host[:, 0], host[:, 1:]
+        masks = lambda ids: None if b.token_mask is None else [b.token_mask[i] for i in ids]  # noqa: E731
         ref_logp = None
         if g.beta > 0:  # once per rollout batch; the reference does not move within it
             # (with LoRA: the rollout model, the policy itself on one process and its full copy under torchrun,
@@ -594,7 +729,7 @@ class GRPOTrainer(Trainer):
                     lp, _, _ = completion_logprobs(ref, [b.prompt_ids[i] for i in ids],
                                                    [b.completion_ids[i] for i in ids], g.temperature,
                                                    compiled=self.recipe.train.compile,
-                                                   chunk=self.recipe.train.head_chunk)
+                                                   chunk=self.recipe.train.head_chunk, token_mask=masks(ids))
                     for j, i in enumerate(ids):
                         ref_logp[i] = lp[j, : len(b.completion_ids[i])]
         model.train()
@@ -602,7 +737,7 @@ class GRPOTrainer(Trainer):
         sums = torch.zeros(4, dtype=torch.float64, device=dev)
         grad_norm = 0.0
         # sequences and completion tokens of the whole batch, over all ranks: the statistics' denominators
-        n_all, n_tok_total = self._counts([N, sum(len(c) for c in b.completion_ids)])
+        n_all, n_tok_total = self._counts([N, sum(b.model_tokens(i) for i in range(N))])
         plan = self._plan(N)
         updates = skipped = 0
         upd_loss = torch.zeros((), device=dev)  # the update's loss, whose finiteness decides whether it is applied
@@ -611,7 +746,8 @@ class GRPOTrainer(Trainer):
                 rows = [i for ids in update for i in ids]
                 s0 = rows[0] if rows else 0
                 lens = [len(b.completion_ids[i]) for i in rows]
-                n_rows, n_lens = self._counts([len(rows), sum(lens)])  # the mini-batch's, over all ranks
+                # the mini-batch's, over all ranks (tokens: those that get a loss)
+                n_rows, n_lens = self._counts([len(rows), sum(b.model_tokens(i) for i in rows)])
                 # divided by world: FSDP averages the ranks' gradients (as in Trainer.train_step)
                 denom = loss_denominator(g.loss_agg, n_rows, n_lens, g.max_tokens) / self.world
                 for ids in update:
@@ -622,7 +758,7 @@ class GRPOTrainer(Trainer):
                                                           [b.completion_ids[i] for i in ids], g.temperature,
                                                           self.forward, with_entropy=p == 0,
                                                           compiled=self.recipe.train.compile,
-                                                          chunk=self.recipe.train.head_chunk)
+                                                          chunk=self.recipe.train.head_chunk, token_mask=masks(ids))
                     L = logp.shape[1]
                     rows_t = to_device(torch.tensor(ids), dev)
                     old_lp = old[rows_t, :L]  # 0 past each completion's end
@@ -689,6 +825,8 @@ class GRPOTrainer(Trainer):
                     "groups_trained": n_trained // G, "updates": train["updates"],
                     "gen_s": gen_s, "train_s": train_s, "gen_tokens_per_s": sum(lens) / max(gen_s, 1e-9),
                     "train_tokens_per_s": train_tokens * self.g.mu / max(train_s, 1e-9)})
+        if allr.tool_calls is not None:
+            rec["tool_calls"] = sum(allr.tool_calls) / len(allr.tool_calls)  # calls run per sample
         if train.get("skipped"):  # updates left out as non-finite (train.on_nonfinite = "skip")
             rec["skipped"] = train["skipped"]
         self._last_rollout = allr
