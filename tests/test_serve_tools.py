@@ -156,6 +156,9 @@ def collect_stream(stream):
 
 def test_tool_call_round_trip(client):
     r = create(client, ASK_PARIS, tools=TOOLS)
+    tok = load_tokenizer()
+    assert r.usage.prompt_tokens == len(tok.apply_chat_template(ASK_PARIS, add_generation_prompt=True, tokenize=True,
+                                                                tools=TOOLS))
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     msg = choice.message
@@ -197,15 +200,18 @@ def test_stream_helper_of_the_client_accumulates_calls(client):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_tool_choice_none_returns_text(client, stream):
-    # without the tools in the prompt and without parsing, the call the model still writes is plain content
+    # no tools in the prompt and nothing parsed: whatever the model writes is content
     kw = dict(tools=TOOLS, tool_choice="none")
     if stream:
-        reasoning, content, calls, finish = collect_stream(create(client, ASK_PARIS, stream=True, **kw))
+        _, content, calls, finish = collect_stream(create(client, ASK_PARIS, stream=True, **kw))
     else:
-        m = create(client, ASK_PARIS, **kw).choices[0]
-        reasoning, content, calls, finish = m.message.reasoning_content, m.message.content, m.message.tool_calls, \
-            m.finish_reason
-    assert not calls and finish in ("stop", "length")
+        r = create(client, ASK_PARIS, **kw)
+        m = r.choices[0]
+        content, calls, finish = m.message.content, m.message.tool_calls, m.finish_reason
+        tok = load_tokenizer()
+        assert r.usage.prompt_tokens == len(tok.apply_chat_template(ASK_PARIS, add_generation_prompt=True,
+                                                                    tokenize=True))
+    assert not calls and finish in ("stop", "length") and isinstance(content, str)
 
 
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])

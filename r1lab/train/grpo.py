@@ -37,15 +37,6 @@ entropy and do not count in the token denominators. Each turn resubmits the conv
 (its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
 trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
 
-Tools (grpo.tools, chat style): the prompt lists the tools (the template's tools section) and a rollout is up to
-grpo.max_turns model turns. A turn ends at the end of the reply or at a tool-call block; the calls then run
-(r1lab.tools.run_tool: a child process, grpo.tool_timeout seconds, an exception or a hang becomes "Error: ..."
-text), their outputs are appended in the template's tool-output block, and the model continues from there. The
-tool-output tokens are part of the completion's ids but not of its loss: they get no log-prob, no KL, no
-entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine
-(its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
-trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
-
 Logged per step (terminal + metrics.jsonl): reward and each reward's mean, accuracy, pass@G, response
 lengths, share truncated, KL, clip fraction, entropy, share of zero-variance groups, generation vs training
 seconds, tokens/s; `grpo.log_samples` completions per step go to samples.jsonl. Checkpoints and resume as in
