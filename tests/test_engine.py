@@ -187,7 +187,11 @@ def test_noise_is_the_documented_32_bit_hash():
     for b, (seed, pos) in enumerate(zip(seeds, positions)):
         for tok in (0, 1, 2, 65535, 129279):
             h = mix(mix(seed * 0x9E3779B1 + pos) ^ ((tok * 0x85EBCA6B) & M))
-            assert u[b, tok].item() == torch.tensor(((h >> 8) + 0.5) / 2**24, dtype=torch.float32).item()
+            assert u[b, tok].item() == torch.tensor(((h >> 9) + 0.5) / 2**23, dtype=torch.float32).item()
+    assert 0 < u.min() and u.max() < 1
+    # The largest hash value must stay below 1 in fp32 (-log(-log(1)) = inf would pick its token whatever its
+    # probability): seed 3, position 132 holds such a hash at one of the 129,280 tokens.
+    u = uniform_noise(torch.tensor([3]), torch.tensor([132]), 129280)
     assert 0 < u.min() and u.max() < 1
 
 

@@ -159,9 +159,8 @@ def test_tool_rollout_trajectory_mask_and_logprobs(tmp_path, tok, caller):
     SEEN.clear()
     t = tool_trainer(tmp_path, caller, tok)
     ro = t.rollout(0)
-    # Nearly always 4 calls; the engine's sampling noise can be exactly 1.0 in fp32 (about 1 row in 100), which
-    # makes it pick an arbitrary token whatever its probability (reported to the engine's owner).
-    assert sum(ro.tool_calls) >= 3 and all(f == "stop" for f, n in zip(ro.finish, ro.tool_calls) if n)
+    # every sample calls the tool (the taught reply has nearly all the mass at temperature 0.05)
+    assert sum(ro.tool_calls) == 4 and all(f == "stop" for f, n in zip(ro.finish, ro.tool_calls) if n)
     i = ro.tool_calls.index(1)
     # the ids are the template's rendering of the whole conversation, tool output included
     conversation = AFTER_TOOL + [{"role": "assistant", "content": GOOD}]
@@ -234,9 +233,9 @@ def test_a_tool_that_hangs_or_raises_does_not_stop_training(tmp_path, tok, calle
     t = tool_trainer(tmp_path, caller, tok, tools=[f"{name}:calculator"], tool_timeout=0.5)
     assert t.prompt_text[0] == tool_trainer(tmp_path / "b", caller, tok).prompt_text[0]
     rec = t.run_step()
-    assert rec["tool_calls"] >= 0.75 and rec["updates"] == 1  # (>= 3 of 4: see the test above)
+    assert rec["tool_calls"] == 1.0 and rec["updates"] == 1
     tool_msgs = [m for c in SEEN[0][1] for m in c if m["role"] == "tool"]
-    assert len(tool_msgs) >= 3 and all(says in m["content"] and m["content"].startswith("Error: ")
+    assert len(tool_msgs) == 4 and all(says in m["content"] and m["content"].startswith("Error: ")
                                        for m in tool_msgs)
 
 

@@ -61,7 +61,10 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int, stre
     # (tok * 0x85EBCA6B) mod 2^32 as a wrapping int32 product (a constant beyond int32 breaks inductor's codegen)
     tok = torch.arange(vocab, device=seeds.device, dtype=torch.int32) * (0x85EBCA6B - 2**32)  # (V,)
     h = _mix32(row ^ tok)
-    return (((h >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) / float(1 << 24)
+    # 23 bits: (k + 0.5) / 2^23 is exact in fp32 and at most 1 - 2^-24. With 24 bits the largest value,
+    # (2^24 - 0.5) / 2^24, rounds to 1.0 in fp32, and -log(-log(1.0)) = inf picks its token whatever its
+    # probability (seed 3, position 132 of a 129,280-token vocabulary did).
+    return (((h >> 9) & 0x7FFFFF).to(torch.float32) + 0.5) / float(1 << 23)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
