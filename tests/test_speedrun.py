@@ -148,6 +148,14 @@ def test_command_line_errors_are_clear(tmp_path, capsys):
     assert "--set rl_steps: 'many' is not a int" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "a"), "--set", "nope=1"]) == 2
     assert "expected KEY=VALUE with KEY one of" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--set", "task_knobs=[8]"]) == 2
+    assert "--set task_knobs: '[8]' is not a JSON object" in capsys.readouterr().err
+    from r1lab.speedrun import parse_sets
+    assert parse_sets(['task_knobs={"n_operands": 6, "ops": ["+", "-"]}', "rl_steps=7"]) == {
+        "task_knobs": (("n_operands", 6), ("ops", ("+", "-"))), "rl_steps": 7}
+    assert main(["speedrun", "--preset", "mini", "--out", str(tmp_path / "k"), "--set",
+                 'task_knobs={"n_operand": 6}']) == 2
+    assert "speedrun task 'running-sum' has no knob n_operand; its knobs: n_operands" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "a"), "--stages", "9"]) == 2
     assert "outside 0-6" in capsys.readouterr().err
     # A run folder remembers its preset: another --preset on it is refused, no --preset continues it.
@@ -203,12 +211,20 @@ def test_reasoning_preset_corpus_mixes_direct_worked_checked_and_fixed(tmp_path)
     p = PRESETS["reasoning"]
     task = sdata.make_task(p.task, **dict(p.task_knobs))
     sdata.write_data(tmp_path, task, corpus_docs=2000, reasoning_share=p.reasoning_share, rl_prompts=4, cold_start=4,
-                     test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share)
-    docs = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
-    kinds = [classify_response(d.split("<think>", 1)[1]) for d in docs]
-    worked = sum(k != "direct" for k in kinds) / len(docs)
-    checked = sum(k == "checked" for k in kinds) / max(1, sum(k != "direct" for k in kinds))
-    fixed = sum(". Wait: " in d for d in docs) / len(docs)
+                     test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share)
+    rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    docs = [d.split("<think>", 1)[1] for d in rows]
+    kinds = [classify_response(d) for d in docs]
+    n_worked = sum(k != "direct" for k in kinds)
+    worked = n_worked / len(docs)
+    checked = sum(k == "checked" for k in kinds) / n_worked
+    fixed = sum(". Wait, " in d for d in docs) / n_worked
+    # worked without a check and a wrong answer: the slips nobody catches
+    truth = [str(sum(int(w[1:]) for w in r.split("Add ", 1)[1].split(".", 1)[0].split())) for r in rows]
+    answers = [r.rsplit("<answer>", 1)[1].split("</answer>")[0] for r in rows]
+    slipped = sum(k == "worked" and a != t for k, a, t in zip(kinds, answers, truth)) / n_worked
+    assert all(a == t for k, a, t in zip(kinds, answers, truth) if k != "worked")  # the others are all right
     assert abs(worked - p.reasoning_share) < 0.04 and abs(checked - p.check_share - p.fix_share) < 0.06
-    assert 0 < fixed < 0.01 + p.reasoning_share * p.fix_share
-    assert all(d.startswith("User: Add a") and d.endswith("</answer>") for d in docs)
+    assert abs(fixed - p.fix_share) < 0.04
+    assert abs(slipped - (1 - p.check_share - p.fix_share) * p.slip_share) < 0.04
+    assert all(d.startswith("User: Add a") and d.endswith("</answer>") for d in rows)

@@ -1,5 +1,7 @@
 """The synthetic reasoning tasks: arithmetic, countdown, linear equations (and the registry over them)."""
 
+import re
+
 import pytest
 
 from r1lab.grading import extract_answer, math_equal
@@ -114,16 +116,21 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
     t = RunningSum(n_operands=4)
     p = t.problems(1, "train", 0)[0]
     p.meta["operands"], p.answer = [7, 3, 5, 8], "23"  # a known instance
-    assert t.solution(p) == "a7+b3=10, 10+c5=15, 15+d8=23. The answer is 23."
-    assert t.checked_solution(p) == ("a7+b3=10, 10+c5=15, 15+d8=23. Check: 23-d8=15, 15-c5=10, 10-b3=7, 7-a7=0. "
+    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."
+    # The check works the sum out again; the answer is its total.
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: a7+b3=10 +c5=15 +d8=23, as before. "
                                      "The answer is 23.")
-    for seed in range(40):  # every slip is caught where the remainder stops matching, then fixed
+    for seed in range(40):  # every slip is caught by the check, whose total is the answer
         for q in t.problems(5, "train", seed):
             text = t.fixed_solution(q, random.Random(seed))
-            assert ", not " in text and ". Wait: " in text
+            first, check = text.split(". Check: ")
+            wrong = first.rsplit("=", 1)[1]
+            assert wrong != q.answer and abs(int(wrong) - int(q.answer)) == 1  # the slip carried to the total
+            assert f", not {wrong}. Wait, " in check and check.split(", not ")[0].rsplit("=", 1)[1] == q.answer
             assert extract_answer(text) == q.answer and RunningSum.verify(q, extract_answer(text))
-            wrong = text.split(". Check:")[0].rsplit("=", 1)[1]
-            assert wrong != q.answer  # the slip carried to the first pass's total
+            slipped = t.slipped_solution(q, random.Random(seed))  # a slip nobody catches: wrong by one
+            assert "Check" not in slipped and abs(int(extract_answer(slipped)) - int(q.answer)) == 1
+            assert all(int(x) >= 0 for x in re.findall(r"=(-?\d+)", slipped))  # a slip never goes below zero
     q = t.problems(1, "test", 0)[0]
     assert q.question.startswith("Add a") and q.question.count(" ") == 4 and q.answer == str(sum(q.meta["operands"]))
     # Shuffled: the same tagged operands in another order; the split follows the operands, not their order.
@@ -135,3 +142,15 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
     assert any(not q.question.startswith("Add a") for q in s.problems(30, "train", 0))
     with pytest.raises(ValueError, match="n_operands"):
         RunningSum(n_operands=1)
+    # Modulo 10: every total of the chain is a digit, the answer the sum's last digit; slips wrap around.
+    m = RunningSum(n_operands=4, modulus=10)
+    p = m.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [7, 3, 5, 8], "3"
+    assert m.solution(p) == "a7+b3=0 +c5=5 +d8=3. The answer is 3."
+    for q in m.problems(60, "train", 1):
+        assert q.question.endswith(" mod 10.") and q.answer == str(sum(q.meta["operands"]) % 10)
+        text = m.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+        assert extract_answer(m.slipped_solution(q, random.Random(q.question))) != q.answer
+    with pytest.raises(ValueError, match="modulus"):
+        RunningSum(modulus=1)

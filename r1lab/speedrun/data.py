@@ -17,6 +17,7 @@ Train and test never share an instance: the task's split is a hash of the instan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -35,6 +36,11 @@ CHAT_TEMPLATE = "<bos><｜User｜>{question}<｜Assistant｜><think>\n"
 def make_task(name: str, **knobs):
     if name not in TASKS:
         raise ValueError(f"speedrun task {name!r}: choose one of {', '.join(TASKS)}")
+    known = dataclasses.fields(TASKS[name])
+    unknown = set(knobs) - {f.name for f in known}
+    if unknown:
+        raise ValueError(f"speedrun task {name!r} has no knob {', '.join(sorted(unknown))}; its knobs: "
+                         f"{', '.join(f.name for f in known)}")
     return TASKS[name](**{k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()})
 
 
@@ -46,16 +52,20 @@ def solution_body(task, p: Problem) -> str:
     return p.solution if p.solution else task.solution(p)
 
 
-def worked_body(task, p: Problem, rng: random.Random, check_share: float, fix_share: float) -> str:
-    """A worked solution of the corpus: for a task that can check its result (`checked_solution`), a share
-    `fix_share` makes a slip that the check catches and fixes, a share `check_share` checks a right result, the
-    rest just works the answer out; for other tasks `solution_body`."""
+def worked_body(task, p: Problem, rng: random.Random, check_share: float, fix_share: float,
+                slip_share: float = 0.0) -> str:
+    """A worked solution of the corpus. For a task that can check its result (`checked_solution`): a share
+    `fix_share` makes a slip that its check catches and fixes, a share `check_share` checks a right result, and
+    of the rest, which do not check, a share `slip_share` makes a slip nobody catches (a wrong answer, as worked
+    solutions in real text sometimes are: the reason a check pays). Other tasks: `solution_body`."""
     if hasattr(task, "checked_solution"):
         u = rng.random()
         if u < fix_share:
             return task.fixed_solution(p, rng)
         if u < fix_share + check_share:
             return task.checked_solution(p)
+        if rng.random() < slip_share:
+            return task.slipped_solution(p, rng)
     return solution_body(task, p)
 
 
@@ -106,12 +116,12 @@ def write_jsonl(path: Path, rows) -> int:
 
 def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
-               check_share: float = 0.0, fix_share: float = 0.0) -> dict[str, int]:
+               check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
-    `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip
-    (`worked_body`)."""
+    `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip, and
+    `slip_share` of the unchecked ones slip (`worked_body`)."""
     rng = random.Random(f"speedrun-corpus:{seed}")
     n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
     corpus = task.problems(corpus_docs - n_easy, "train", seed)
@@ -120,8 +130,10 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
         random.Random(f"speedrun-mix:{seed}").shuffle(corpus)
 
     def doc(p: Problem) -> dict:
-        body = worked_body(task, p, rng, check_share, fix_share) if rng.random() < reasoning_share else bare_body(p)
-        return {"text": ZERO_TEMPLATE.format(question=p.question) + zero_completion(body, p.answer)}
+        body = worked_body(task, p, rng, check_share, fix_share, slip_share) if rng.random() < reasoning_share else bare_body(p)
+        # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
+        answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
+        return {"text": ZERO_TEMPLATE.format(question=p.question) + zero_completion(body, answer)}
 
     rl = task.problems(rl_prompts, "train", seed + 1)
     demos = task.problems(cold_start, "train", seed + 2)

@@ -52,6 +52,9 @@ class Preset:
     reasoning_share: float = 0.3  # share of pretraining documents with a worked solution
     check_share: float = 0.0  # share of the worked documents that check their result (tasks that can)
     fix_share: float = 0.0  # share of the worked documents that make a slip, catch it and fix it
+    slip_share: float = 0.0  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
+    easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
+    easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
     seq_len: int = 128
     pretrain_steps: int = 800
     pretrain_batch: int = 32
@@ -87,17 +90,19 @@ PRESETS: dict[str, Preset] = {
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
                   rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8),
-    # Work in progress for reasoning emergence (issue 18; not yet run in full, so not the default): running sums of
-    # eight tagged one-digit numbers, where working it out beats answering at once once the base has had ~900
-    # steps. In a proxy (benchmarks/LOG.md, sixth session: 600 steps at 3e-3 then 300 at 1e-3) R1-Zero took the
-    # reasoning share 15% -> 100%, length 28 -> 83 tokens, pass@1 53% -> 97%; checks, never right, died out.
-    "reasoning": Preset(task="running-sum", task_knobs=(("n_operands", 8),), reasoning_share=0.3, check_share=0.3,
-                        fix_share=0.05, seq_len=256, pretrain_steps=900, pretrain_batch=16, rl_steps=80, rl_lr=6e-5,
-                        max_tokens=200),
+    # Work in progress for reasoning emergence (issue 18; not yet the default): running sums of eight tagged
+    # one-digit numbers in short steps ("a7+b3=10 +c5=15"). Half the documents work the sum out; some of those slip
+    # and give a wrong answer, some check by working it out again and answer with the check's total. On two seeds
+    # R1-Zero took the reasoning share to 97-100%, pass@1 up 17-24 points and the self-check share up (>= 3.9 SE);
+    # not yet met: the base reasoning share <= 40% (48-57%), length >= 2x (1.5-1.6x), the 15-minute budget.
+    # benchmarks/LOG.md, sixth and seventh sessions.
+    "reasoning": Preset(task="running-sum", task_knobs=(("n_operands", 8),), reasoning_share=0.5, check_share=0.3,
+                        fix_share=0.1, slip_share=0.2, seq_len=256, pretrain_steps=900, pretrain_batch=16,
+                        rl_steps=80, rl_lr=6e-5, max_tokens=200),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
-                   reasoning_share=0.5, check_share=0.3, fix_share=0.1, seq_len=64, pretrain_steps=200,
+                   reasoning_share=0.5, check_share=0.3, fix_share=0.1, slip_share=0.2, seq_len=64, pretrain_steps=200,
                    pretrain_batch=16, student_pretrain_steps=3,
                    rl_prompts=64, rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
                    cold_start=64, sft_steps=60, sft_batch=8, rejection_prompts=64, rejection_samples=4,
@@ -188,6 +193,8 @@ class Speedrun:
         self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v
                            for k, v in state["settings"].items()})
         self.task = sdata.make_task(self.p.task, **dict(self.p.task_knobs))
+        self.easy_task = (sdata.make_task(self.p.task, **{**dict(self.p.task_knobs), **dict(self.p.easy_knobs)})
+                          if self.p.easy_share > 0 else None)
         self.data = self.out / "data"
 
     # ------------------------------------------------------------------ driver
@@ -281,7 +288,8 @@ class Speedrun:
         p = self.p
         counts = sdata.write_data(self.data, self.task, corpus_docs=p.corpus_docs, reasoning_share=p.reasoning_share,
                                   rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed,
-                                  check_share=p.check_share, fix_share=p.fix_share)
+                                  check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
+                                  easy_task=self.easy_task, easy_share=p.easy_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         results = {"data": counts, "vocab_size": tok.vocab_size}

@@ -27,9 +27,9 @@ RL_RUNS = (("R1-Zero", "1-r1-zero"), ("reasoning RL", "3-reasoning-rl"))
 # text when there is none).
 RESPONSE_TYPES = ("direct", "worked", "checked")
 CLASSIFIER_RULE = ("a response *answers at once* when its think block has fewer than two written steps (an "
-                   "operation with its result, like `15+d8=23` or `3 + 5 = 8`), *works it out* with two or more, "
+                   "operation with its result, like `15+d8=23`, `+d8=23` or `3 + 5 = 8`), *works it out* with two or more, "
                    "and *works it out and checks* when it also says \"check\" or \"wait\"")
-_STEP = re.compile(r"\d+ ?[-+*] ?[a-z]?\d+ ?= ?-?\d+")
+_STEP = re.compile(r"(?:\d+ ?[-+*] ?|\+)[a-z]?\d+ ?= ?-?\d+")  # 15+d8=23, 3 + 5 = 8, or +d8=23 (a running sum)
 _CHECK = re.compile(r"\b(check|wait)\b", re.IGNORECASE)
 
 
@@ -195,55 +195,76 @@ def _checks(r) -> float:
     return classify_response(r["text"]) == "checked"
 
 
-def signature(out: Path) -> list[str]:
-    """R1-Zero's signature and the later stages' claims, each with its margin in standard errors of the
-    difference (paired by problem); a claim is "yes" only at >= 3 SE, and a target's threshold is stated."""
+def signature_claims(out: Path) -> list[dict]:
+    """R1-Zero's signature and the later stages' claims, each a dict: `key`, `text`, `diff` and `se` (the
+    margin and its standard error, in `unit`), `z`, `yes` (z >= 3), and where the issue sets a threshold,
+    `target` (its wording) and `met`. Paired by problem, except the base's worked-vs-direct gap (unpaired,
+    binomial over samples)."""
     base, zero = _samples(out, "base"), _samples(out, "r1-zero")
-    lines: list[str] = []
+    claims: list[dict] = []
 
-    def claim(text: str, diff: float, se: float, unit: str, target: str = "") -> None:
+    def claim(key: str, text: str, diff: float, se: float, unit: str, target: str = "", met: bool | None = None):
         z = _z(diff, se)
-        verdict = "yes" if z >= 3 else "NO"
-        lines.append(f"- {verdict}: {text} ({diff:+.1f}{unit}, {z:.1f} SE){target}")
+        claims.append({"key": key, "text": text, "diff": diff, "se": se, "unit": unit, "z": z, "yes": z >= 3,
+                       "target": target, "met": met})
 
     if base:
         t = accuracy_by_type(base)
         share = t["worked"]["share"] + t["checked"]["share"]
-        lines.append(f"- base reasoning share (works it out, with or without a check): {100 * share:.1f}% "
-                     f"(target <= 40%: {'met' if share <= 0.40 else 'not met'})")
+        claims.append({"key": "base_reasoning_share", "text": "base reasoning share (works it out, with or without "
+                       f"a check): {100 * share:.1f}%", "value": 100 * share, "target": "<= 40%",
+                       "met": share <= 0.40})
         nd, nw = t["direct"]["n"], t["worked"]["n"] + t["checked"]["n"]
         if nd and nw:
             pd = t["direct"]["accuracy"]
             pw = ((t["worked"]["accuracy"] or 0) * t["worked"]["n"] + (t["checked"]["accuracy"] or 0)
                   * t["checked"]["n"]) / nw
             se = math.sqrt(pd * (1 - pd) / nd + pw * (1 - pw) / nw)  # binomial over samples, unpaired
-            claim(f"the base's worked answers are more accurate than its direct ones ({100 * pd:.1f}% of {nd} "
-                  f"direct vs {100 * pw:.1f}% of {nw} worked; SE binomial over samples)", 100 * (pw - pd),
-                  100 * se, " points", f"; target gap >= 20 points: {'met' if pw - pd >= 0.20 else 'not met'}")
+            claim("base_gap", f"the base's worked answers are more accurate than its direct ones ({100 * pd:.1f}% "
+                  f"of {nd} direct vs {100 * pw:.1f}% of {nw} worked; SE binomial over samples)", 100 * (pw - pd),
+                  100 * se, " points", "gap >= 20 points", pw - pd >= 0.20)
     if base and zero:
         tz = accuracy_by_type(zero)
         share = tz["worked"]["share"] + tz["checked"]["share"]
         d, se = paired_margin(_per_problem(zero, _reasons), _per_problem(base, _reasons))
-        claim(f"R1-Zero RL raises the reasoning share to {100 * share:.1f}%", 100 * d, 100 * se, " points",
-              f"; target >= 80%: {'met' if share >= 0.80 else 'not met'}")
+        claim("zero_reasoning_share", f"R1-Zero RL raises the reasoning share to {100 * share:.1f}%", 100 * d,
+              100 * se, " points", ">= 80%", share >= 0.80)
+        claims[-1]["value"] = 100 * share
         lb = sum(r["num_tokens"] for r in base) / len(base)
         lz = sum(r["num_tokens"] for r in zero) / len(zero)
         d, se = paired_margin(_per_problem(zero, lambda r: r["num_tokens"]),
                               _per_problem(base, lambda r: r["num_tokens"]))
-        claim(f"R1-Zero RL lengthens responses, {lb:.0f} -> {lz:.0f} tokens ({lz / lb:.2f}x)", d, se, " tokens",
-              f"; target >= 2x: {'met' if lz >= 2 * lb else 'not met'}")
+        claim("zero_length", f"R1-Zero RL lengthens responses, {lb:.0f} -> {lz:.0f} tokens ({lz / lb:.2f}x)", d, se,
+              " tokens", ">= 2x", lz >= 2 * lb)
+        claims[-1]["value"] = lz / lb
         d, se = paired_margin(_per_problem(zero, lambda r: r["correct"]), _per_problem(base, lambda r: r["correct"]))
-        claim("R1-Zero RL raises pass@1 over the base", 100 * d, 100 * se, " points",
-              f"; target >= +15 points: {'met' if d >= 0.15 else 'not met'}")
+        claim("zero_pass1", "R1-Zero RL raises pass@1 over the base", 100 * d, 100 * se, " points",
+              ">= +15 points", d >= 0.15)
         d, se = paired_margin(_per_problem(zero, _checks), _per_problem(base, _checks))
-        claim(f"R1-Zero RL raises the self-check share, {100 * accuracy_by_type(base)['checked']['share']:.1f}% -> "
-              f"{100 * tz['checked']['share']:.1f}%", 100 * d, 100 * se, " points")
-    for text, a, b in (("reasoning RL raises pass@1 over cold start", "reasoning-rl", "cold-start"),
-                       ("the distilled student beats the control student", "student-distill", "student-control")):
+        claim("zero_self_check", f"R1-Zero RL raises the self-check share, "
+              f"{100 * accuracy_by_type(base)['checked']['share']:.1f}% -> {100 * tz['checked']['share']:.1f}%",
+              100 * d, 100 * se, " points")
+    for key, text, a, b in (("rl_over_cold_start", "reasoning RL raises pass@1 over cold start", "reasoning-rl",
+                             "cold-start"),
+                            ("distill_over_control", "the distilled student beats the control student",
+                             "student-distill", "student-control")):
         ra, rb = _samples(out, a), _samples(out, b)
         if ra and rb:
             d, se = paired_margin(_per_problem(ra, lambda r: r["correct"]), _per_problem(rb, lambda r: r["correct"]))
-            claim(text, 100 * d, 100 * se, " points")
+            claim(key, text, 100 * d, 100 * se, " points")
+    return claims
+
+
+def signature(out: Path) -> list[str]:
+    """`signature_claims` as the report's lines: "yes" only at >= 3 SE, and a target's threshold stated."""
+    lines = []
+    for c in signature_claims(out):
+        target = f"; target {c['target']}: {'met' if c['met'] else 'not met'}" if c.get("target") else ""
+        if "z" not in c:
+            lines.append(f"- {c['text']} (target {c['target']}: {'met' if c['met'] else 'not met'})")
+        else:
+            lines.append(f"- {'yes' if c['yes'] else 'NO'}: {c['text']} ({c['diff']:+.1f}{c['unit']}, "
+                         f"{c['z']:.1f} SE){target}")
     return lines
 
 

@@ -457,24 +457,27 @@ class RunningSum:
 
     A serial task for the speedrun's reasoning emergence: answering at once needs the whole sum in one forward
     pass, which a model of a million parameters does poorly, while the worked solution is a chain of local steps
-    a small model learns well. Each step restates the running total and the tagged operand it adds
-    ("10+c5=15"): the total is the previous step's result, and the operand is found by its tag, the same
-    two-token pattern as in the question (a copy, not a count of positions, which is what a tiny model got
-    wrong when steps named bare operands; benchmarks/LOG.md, second session)."""
+    a small model learns well: "a7+b3=10 +c5=15 +d8=23". Each step adds the tagged operand to the number just
+    before it, and the operand is found by its tag, the same two-token pattern as in the question (a copy, not a
+    count of positions, which is what a tiny model got wrong when steps named bare operands; benchmarks/LOG.md,
+    second session); steps are short, so the distance to the operand grows slowly along the chain."""
 
     n_operands: int = 8
     test_fraction: float = 0.2
     shuffled: bool = False  # the question lists the tagged operands in random order (the solution goes a, b, c)
+    modulus: int = 0  # > 0: the sum modulo this ("Add a7 b3 c5 mod 10."), every total in the chain reduced too
     TAGS = "abcdefghijklmnop"
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
             raise ValueError(f"RunningSum.n_operands must be in [2, {len(self.TAGS)}], got {self.n_operands}")
+        if self.modulus < 0 or self.modulus == 1:
+            raise ValueError(f"RunningSum.modulus must be 0 (none) or at least 2, got {self.modulus}")
         _check_common("train", self.test_fraction, "RunningSum")
 
     @property
     def name(self) -> str:
-        return f"running-sum-{self.n_operands}"
+        return f"running-sum-{self.n_operands}" + (f"-mod{self.modulus}" if self.modulus else "")
 
     def split_of(self, key) -> str:
         """Split by the operands (in tag order) alone, so a shuffled listing of a test sum is a test problem."""
@@ -482,75 +485,78 @@ class RunningSum:
 
     def problems(self, n: int, split: str = "train", seed: int = 0) -> list[Problem]:
         _check_common(split, self.test_fraction, "RunningSum")
+        m = self.modulus
 
         def make(rng: random.Random):
             nums = [rng.randint(0, 9) for _ in range(self.n_operands)]
             order = list(range(self.n_operands))
             if self.shuffled:
                 rng.shuffle(order)
-            question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + "."
-            return (tuple(nums), tuple(order)), question, str(sum(nums)), {"operands": nums}
+            question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + (f" mod {m}." if m else ".")
+            answer = sum(nums) % m if m else sum(nums)
+            return (tuple(nums), tuple(order)), question, str(answer), {"operands": nums, "modulus": m}
 
         return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
 
     verify = staticmethod(_verify_number)
 
     @classmethod
-    def _forward(cls, nums: list[int], slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
-        """Steps "total+tD=new" and the running totals (totals[i] after operand i); `slip` = (step, error) adds
-        `error` to that step's result, and the later steps carry the wrong total on."""
-        totals, steps = [nums[0]], []
+    def _forward(cls, nums: list[int], modulus: int = 0,
+                 slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+        """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after operand i; reduced modulo
+        `modulus` when it is set); `slip` = (step, error) adds `error` to that step's result, and the later steps
+        carry the wrong total on. A step is short (the total it adds to is the number just before it), so the
+        distance from a step to its operand in the question grows slowly along the chain."""
+        totals, steps = [nums[0] % modulus if modulus else nums[0]], []
         for i in range(1, len(nums)):
             new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == i else 0)
-            prev = f"a{nums[0]}" if i == 1 else str(totals[-1])
-            steps.append(f"{prev}+{cls.TAGS[i]}{nums[i]}={new}")
+            new = new % modulus if modulus else new
+            steps.append(f"{cls.TAGS[0]}{nums[0]}+{cls.TAGS[i]}{nums[i]}={new}" if i == 1
+                         else f"+{cls.TAGS[i]}{nums[i]}={new}")
             totals.append(new)
         return steps, totals
 
-    @classmethod
-    def _backward(cls, nums: list[int], totals: list[int]) -> tuple[list[str], int | None]:
-        """The check: undo the operands from the last, "44-h6=38", comparing each remainder with the running
-        total written before that operand. Returns the steps and the first operand index whose remainder
-        disagrees (None when every one agrees and the last remainder is 0)."""
-        steps, left = [], totals[-1]
-        for i in range(len(nums) - 1, -1, -1):
-            new = left - nums[i]
-            steps.append(f"{left}-{cls.TAGS[i]}{nums[i]}={new}")
-            if new != (totals[i - 1] if i else 0):
-                return steps, i
-            left = new
-        return steps, None
+    @staticmethod
+    def _meta(problem: Problem) -> tuple[list[int], int]:
+        return problem.meta["operands"], problem.meta.get("modulus", 0)
 
     @classmethod
     def solution(cls, problem: Problem) -> str:
-        """The worked running sum: "a7+b3=10, 10+c5=15, 15+d8=23. The answer is 23." """
-        steps, totals = cls._forward(problem.meta["operands"])
-        return ", ".join(steps) + f". The answer is {totals[-1]}."
+        """The worked running sum: "a7+b3=10 +c5=15 +d8=23. The answer is 23." """
+        steps, totals = cls._forward(*cls._meta(problem))
+        return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
-    def checked_solution(cls, problem: Problem) -> str:
-        """The running sum, then a check that takes the operands back off down to 0:
-        "a7+b3=10, 10+c5=15. Check: 15-c5=10, 10-b3=7, 7-a7=0. The answer is 15." """
-        nums = problem.meta["operands"]
-        steps, totals = cls._forward(nums)
-        back, _ = cls._backward(nums, totals)
-        return ", ".join(steps) + ". Check: " + ", ".join(back) + f". The answer is {totals[-1]}."
+    def _slip(cls, nums: list[int], modulus: int, rng: random.Random) -> tuple[int, int]:
+        """A slip: (step, error), one step's result off by one (never below zero)."""
+        step = rng.randrange(1, len(nums))
+        return step, (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) > 0 else 1)
+
+    @classmethod
+    def slipped_solution(cls, problem: Problem, rng: random.Random) -> str:
+        """A worked running sum with one slip that nobody catches, so its answer is wrong (as worked solutions
+        in real text sometimes are): "a7+b3=10 +c5=16 +d8=24. The answer is 24." """
+        nums, m = cls._meta(problem)
+        steps, totals = cls._forward(nums, m, slip=cls._slip(nums, m, rng))
+        return " ".join(steps) + f". The answer is {totals[-1]}."
+
+    @classmethod
+    def checked_solution(cls, problem: Problem, rng: random.Random | None = None) -> str:
+        """The running sum, then a check that works it out again and compares the totals; the answer is the
+        check's total. With `rng`, the first pass makes a slip (`_slip`) that the check, done with care, does not
+        repeat: "a7+b3=10 +c5=16 +d8=24. Check: a7+b3=10 +c5=15 +d8=23, not 24. Wait, the first pass slipped.
+        The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
+        is 23." """
+        nums, m = cls._meta(problem)
+        steps, totals = cls._forward(nums, m, slip=cls._slip(nums, m, rng) if rng is not None else None)
+        again, right = cls._forward(nums, m)
+        verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]}. Wait, the first pass slipped"
+        return " ".join(steps) + ". Check: " + " ".join(again) + f", {verdict}. The answer is {right[-1]}."
 
     @classmethod
     def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
-        """A running sum with one slip (a step off by one) that the check catches where the remainder stops
-        matching, then redoes from there: "a7+b3=10, 10+c5=16. Check: 16-c5=11, not 10. Wait: 10+c5=15. The
-        answer is 15." """
-        nums = problem.meta["operands"]
-        step = rng.randrange(1, len(nums))
-        error = rng.choice((-1, 1)) if nums[step] + nums[step - 1] > 0 else 1
-        steps, totals = cls._forward(nums, slip=(step, error))
-        back, bad = cls._backward(nums, totals)
-        assert bad == step, (nums, step, bad)
-        good, right = cls._forward(nums)
-        redo = [s for s in good[step - 1:]]
-        return (", ".join(steps) + ". Check: " + ", ".join(back) + f", not {right[step - 1]}. Wait: "
-                + ", ".join(redo) + f". The answer is {right[-1]}.")
+        """A running sum with a slip that its check catches (`checked_solution` with a slip)."""
+        return cls.checked_solution(problem, rng)
 
 
 # ====================================================================== registry

@@ -1,0 +1,144 @@
+"""Run `r1lab speedrun` for several seeds (and setting variants) side by side, then summarise R1-Zero's signature
+over them: each claim of the report per run, and per variant the mean and range over the seeds.
+
+Each run gets its own cores (`--cores`, default 2: a 2-core laptop each) pinned with sched_setaffinity and
+OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slow each other down much.
+
+    python benchmarks/speedrun_seeds.py --preset reasoning --seeds 0 1 2 --out runs/seeds
+    python benchmarks/speedrun_seeds.py --preset reasoning --seeds 0 1 --variant more-checks:check_share=0.5
+    python benchmarks/speedrun_seeds.py --out runs/seeds --summarize      # the table again, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from r1lab.speedrun.report import _samples, accuracy_by_type, signature_claims  # noqa: E402
+
+STAGES = ("base", "r1-zero", "cold-start", "reasoning-rl", "student-distill", "student-control")
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    name, _, sets = spec.partition(":")
+    return name, [s for s in sets.split(",") if s]
+
+
+def launch(args) -> None:
+    variants = [parse_variant(v) for v in args.variant] or [("default", [])]
+    jobs = [(name, sets, seed) for name, sets in variants for seed in args.seeds]
+    cpus = sorted(os.sched_getaffinity(0))
+    slots = [cpus[i:i + args.cores] for i in range(0, len(cpus) - args.cores + 1, args.cores)]
+    slots = slots[:args.parallel] if args.parallel else slots
+    print(f"{len(jobs)} runs, {len(slots)} at a time, {args.cores} cores each", flush=True)
+    running: list[tuple[subprocess.Popen, list[int], str, float]] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    while jobs or running:
+        while jobs and slots:
+            name, sets, seed = jobs.pop(0)
+            cores = slots.pop(0)
+            folder = args.out / f"{name}-s{seed}"
+            cmd = [sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", args.preset, "--out", str(folder),
+                   "--device", "cpu", "--quiet", "--set", f"seed={seed}"]
+            for s in [*args.set, *sets]:
+                cmd += ["--set", s]
+            if args.stages:
+                cmd += ["--stages", args.stages]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.cores), "MKL_NUM_THREADS": str(args.cores)}
+            log = open(args.out / f"{name}-s{seed}.log", "w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=lambda c=tuple(cores): os.sched_setaffinity(0, c))
+            running.append((proc, cores, folder.name, time.time()))
+            print(f"start {folder.name} on cores {cores}: {' '.join(cmd[3:])}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            proc, cores, name, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                slots.append(cores)
+                wall = time.time() - t0
+                (args.out / name / "wall_seconds.txt").write_text(f"{wall:.0f}\n") if (args.out / name).is_dir() else None
+                print(f"done {name}: rc {proc.returncode}, {wall:.0f} s", flush=True)
+
+
+def summarize(out: Path) -> str:
+    runs = sorted(p for p in out.iterdir() if (p / "speedrun.json").is_file())
+    rows, by_variant = [], {}
+    for run in runs:
+        claims = {c["key"]: c for c in signature_claims(run)}
+        acc = {k: (sum(r["correct"] for r in recs) / len(recs) if (recs := _samples(run, k)) else None) for k in STAGES}
+        base = _samples(run, "base")
+        zero = _samples(run, "r1-zero")
+        wall = (run / "wall_seconds.txt").read_text().strip() if (run / "wall_seconds.txt").is_file() else "?"
+        rec = {"run": run.name, "wall_s": wall, **{f"pass1_{k}": v for k, v in acc.items()}}
+        if base and zero:
+            rec["check_base"] = 100 * accuracy_by_type(base)["checked"]["share"]
+            rec["check_zero"] = 100 * accuracy_by_type(zero)["checked"]["share"]
+        for key, c in claims.items():
+            rec[key] = c
+        rows.append(rec)
+        by_variant.setdefault(run.name.rsplit("-s", 1)[0], []).append(rec)
+
+    def cell(c) -> str:
+        if not isinstance(c, dict):
+            return "-"
+        if "z" not in c:
+            return f"{c['value']:.1f}% {'(met)' if c['met'] else '(NOT met)'}"
+        v = f"{c['value']:.2f}x, " if c["key"] == "zero_length" else (
+            f"{c['value']:.1f}%, " if "value" in c else "")
+        tgt = "" if c.get("met") is None else (" met" if c["met"] else " NOT met")
+        return f"{v}{c['diff']:+.1f}{c['unit'].strip()[:3]} {c['z']:.1f} SE{tgt}"
+
+    keys = ("base_reasoning_share", "base_gap", "zero_reasoning_share", "zero_length", "zero_pass1", "zero_self_check",
+            "rl_over_cold_start", "distill_over_control")
+    lines = ["| run | wall s | pass@1 base / R1-Zero / cold / RL / distilled / control | " + " | ".join(keys) + " |",
+             "|" + "---|" * (3 + len(keys))]
+    for r in rows:
+        p = " / ".join("-" if r[f"pass1_{k}"] is None else f"{100 * r[f'pass1_{k}']:.1f}" for k in STAGES)
+        lines.append(f"| {r['run']} | {r['wall_s']} | {p} | " + " | ".join(cell(r.get(k)) for k in keys) + " |")
+    lines += ["", "Per variant, mean [min, max] over seeds:", ""]
+    for name, recs in by_variant.items():
+        def stat(vals):
+            vals = [v for v in vals if v is not None]
+            return f"{sum(vals) / len(vals):.1f} [{min(vals):.1f}, {max(vals):.1f}]" if vals else "-"
+        parts = [f"pass@1 base {stat([100 * r['pass1_base'] for r in recs if r['pass1_base'] is not None])}",
+                 f"R1-Zero {stat([100 * r['pass1_r1-zero'] for r in recs if r['pass1_r1-zero'] is not None])}",
+                 f"reasoning share base {stat([r['base_reasoning_share']['value'] for r in recs if 'base_reasoning_share' in r])}",
+                 f"R1-Zero {stat([r['zero_reasoning_share']['value'] for r in recs if 'zero_reasoning_share' in r])}",
+                 f"length ratio {stat([r['zero_length']['value'] for r in recs if 'zero_length' in r])}",
+                 f"self-check share base {stat([r.get('check_base') for r in recs])} -> "
+                 f"R1-Zero {stat([r.get('check_zero') for r in recs])}",
+                 f"RL - cold start {stat([r['rl_over_cold_start']['diff'] for r in recs if 'rl_over_cold_start' in r])} pts",
+                 f"distilled - control {stat([r['distill_over_control']['diff'] for r in recs if 'distill_over_control' in r])} pts",
+                 f"wall s {stat([float(r['wall_s']) for r in recs if r['wall_s'] != '?'])}"]
+        lines.append(f"- **{name}** ({len(recs)} seeds): " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("runs/seeds"))
+    ap.add_argument("--cores", type=int, default=2, help="cores (and threads) per run")
+    ap.add_argument("--parallel", type=int, default=0, help="runs at a time (default: as many as the cores allow)")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (repeatable)")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:KEY=VALUE,KEY=VALUE, a group of runs over the seeds (repeatable)")
+    ap.add_argument("--stages", default="", help="only these stages of each run, e.g. 0,1,6 (base and R1-Zero)")
+    ap.add_argument("--summarize", action="store_true", help="only print the summary of the runs in --out")
+    args = ap.parse_args()
+    if not args.summarize:
+        launch(args)
+    text = summarize(args.out)
+    (args.out / "summary.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
