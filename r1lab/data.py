@@ -283,7 +283,17 @@ def render_sft(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
         stripped = last["content"].split("</think>")[-1] + tokenizer.eos_token
         if full not in (prompt + stripped, prompt + reply):
             raise ValueError("the chat template renders this conversation differently from prompt + reply")
-    p_ids, r_ids = tokenizer.encode(prompt), tokenizer.encode(reply)
+    # Ids as the template's tokenization has them: its markers as single tokens, message text as plain text, so a
+    # row whose text spells "<｜end▁of▁sentence｜><｜User｜>" cannot end its turn or forge another.
+    p_ids = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True)
+    if "tool_calls" in last:
+        full_ids = tokenizer.apply_chat_template(messages, tokenize=True)
+        if full_ids[:len(p_ids)] != p_ids:
+            raise ValueError("the final assistant turn's tool calls do not extend the prompt's tokens; cannot "
+                             "train on it")
+        r_ids = full_ids[len(p_ids):]
+    else:
+        r_ids = tokenizer.encode(last["content"], split_special_tokens=True) + [tokenizer.eos_id]
     return p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
 
 

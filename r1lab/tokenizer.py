@@ -282,12 +282,16 @@ class Tokenizer:
 
     @cached_property
     def _plain_backend(self) -> tuple[_BackendTokenizer, dict[int, int]]:
-        # The same BPE without the added tokens (markers, BOS/EOS, placeholders) except the think tags, and a
-        # map from its think-tag ids (renumbered from the vocab's end) to ours. Built on first use, since only
-        # text from users needs it; a race builds it twice at worst, which is harmless.
+        # The same BPE without the added tokens that structure a conversation: the special ones (BOS/EOS ...) and
+        # the template's markers, which DeepSeek spells between fullwidth bars (<｜User｜>, <｜tool▁sep｜>,
+        # placeholders). Other added tokens stay: words of the text, as the think tags are in DeepSeek's
+        # vocabulary (its only two) and every word of a speedrun task vocabulary is. Plus a map from the kept
+        # tokens' ids (renumbered) to ours. Built on first use, since only text from users needs it; a race builds
+        # it twice at worst, which is harmless.
         with open(self._tokenizer_file, encoding="utf-8") as f:
             spec = json.load(f)
-        spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["content"] in (THINK_START, THINK_END)]
+        spec["added_tokens"] = [t for t in spec.get("added_tokens", [])
+                                if not t.get("special") and "\uff5c" not in t["content"]]
         plain = _BackendTokenizer.from_str(json.dumps(spec))
         think_ids = {plain.token_to_id(t["content"]): t["id"] for t in spec["added_tokens"]}
         return plain, think_ids

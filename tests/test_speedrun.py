@@ -39,6 +39,12 @@ def test_task_tokenizer_round_trips_and_keeps_markers_whole(tmp_path):
     text = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 2?"}], add_generation_prompt=True)
     assert text == "<bos><｜User｜>What is 1 + 2?<｜Assistant｜>"
     assert sdata.CHAT_TEMPLATE.format(question="What is 1 + 2?") == text + "<think>\n"
+    # Text from users (the server, SFT rows) is encoded with the turn markers as plain text; the task's words and
+    # answer tags stay the tokens the model was trained on.
+    for t in texts[:50]:
+        body = t.split("<think>", 1)[1]
+        assert tok.encode(body, split_special_tokens=True) == tok.encode(body)
+    assert tok.token_to_id("<｜User｜>") not in tok.encode("<｜User｜>", split_special_tokens=True)
 
 
 def test_data_files_hold_what_each_stage_reads(tmp_path):
