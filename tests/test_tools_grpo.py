@@ -195,6 +195,11 @@ def test_tool_output_tokens_get_no_gradient(tmp_path, tok, caller):
     sampling-time log-probs stored for the tool tokens (which a bug would feed into the ratio) changes nothing."""
     t = tool_trainer(tmp_path, caller, tok, rewards=["test_tools_grpo:record=1"])
     ro = t.rollout(0)
+    assert not all(all(m) for m in ro.token_mask)  # tool tokens are there
+    # The taught model writes the same trajectory four times, and identical samples cancel (a group's
+    # advantages sum to zero): change one model token of the first sample so the gradient is not zero.
+    j = max(k for k, m in enumerate(ro.token_mask[0]) if m and ro.completion_ids[0][k] != tok.eos_id)
+    ro.completion_ids[0][j] = (ro.completion_ids[0][j] + 1) % tok.vocab_size
     ro.rewards = torch.tensor([1.0, 0.0, 0.5, 0.2])
     grads = []
     for fill in (0.0, -5.0):

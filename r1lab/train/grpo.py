@@ -377,6 +377,19 @@ def render_prompt(row: dict, style: str, tokenizer=None, system: str = "", open_
     raise ValueError(f"unknown prompt style {style!r}")
 
 
+def render_prompt_ids(row: dict, text: str, style: str, tokenizer, system: str = "", open_think: bool = False,
+                      tools: list[dict] | None = None) -> list[int]:
+    """The ids of `render_prompt`'s `text`. Chat style: the template's markers as single tokens and the messages
+    as plain text, so a message that spells "<｜Assistant｜>" cannot forge a turn (without markers in the
+    messages, exactly `tokenizer.encode(text)`). Raw and r1-zero styles: the text as written, which is the
+    user's own format."""
+    if style == "chat":
+        ids = tokenizer.apply_chat_template(prompt_messages(row, system), add_generation_prompt=True,
+                                            tokenize=True, tools=tools)
+        return ids + tokenizer.encode("<think>\n") if open_think else ids
+    return tokenizer.encode(text)
+
+
 # ====================================================================== the trainer
 @dataclass
 class Rollout:
@@ -451,7 +464,8 @@ class GRPOTrainer(Trainer):
         schemas = [function_schema(fn) for fn in self.tool_fns.values()] or None
         self.prompt_text = [render_prompt(r, g.prompt_style, tokenizer, g.system, g.open_think, schemas)
                             for r in rows]
-        self.prompt_ids = [tokenizer.encode(t) for t in self.prompt_text]
+        self.prompt_ids = [render_prompt_ids(r, t, g.prompt_style, tokenizer, g.system, g.open_think, schemas)
+                           for r, t in zip(rows, self.prompt_text)]
         longest = max(len(p) for p in self.prompt_ids)
         limit = model.config.max_position_embeddings
         if longest + g.max_tokens > limit:
