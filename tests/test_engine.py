@@ -297,13 +297,15 @@ def test_overlapped_steps_equal_synchronous_ones():
 
 
 def test_cache_bytes_match_r1lab_info():
-    """The engine allocates exactly `r1lab info`'s latent bytes per token, per slot position (bf16); slot rows
-    are max_seq_len rounded up to a multiple of 64 positions (aligned attention products)."""
+    """The paged pool holds exactly cache_tokens positions at `r1lab info`'s latent bytes per token (bf16),
+    whatever max_batch and max_seq_len are; one sequence's block table spans max_seq_len rounded up to pages
+    of 64 positions."""
     from r1lab.cli import model_summary
 
     m = tiny().to(torch.bfloat16)
-    for max_seq_len, rows in ((40, 64), (64, 64), (65, 128)):
-        eng = Engine(m, max_batch=3, max_seq_len=max_seq_len)
-        assert eng.cache_len == rows and eng.max_seq_len == max_seq_len
+    per_token = model_summary(m.config)["kv_cache_bytes_per_token_mla_bf16"]
+    for max_seq_len, rows, cache_tokens in ((40, 64, 128), (64, 64, 640), (65, 128, 4096)):
+        eng = Engine(m, max_batch=3, max_seq_len=max_seq_len, cache_tokens=cache_tokens)
+        assert eng.cache_len == rows and eng.max_seq_len == max_seq_len and eng.cache_tokens == cache_tokens
         allocated = sum(c.numel() * c.element_size() for c in eng.cache)
-        assert allocated == 3 * rows * model_summary(m.config)["kv_cache_bytes_per_token_mla_bf16"]
+        assert allocated == cache_tokens * per_token

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from . import kernels
@@ -184,6 +185,8 @@ class MLA(nn.Module):
         write_index: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         prefill: bool = False,
+        block_table: torch.Tensor | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
         """x: (B, S, D); cos/sin: (B, S, R/2) for the tokens' positions.
 
@@ -194,17 +197,29 @@ class MLA(nn.Module):
         Then either `prefill`: the S tokens are a sequence's whole context, so attend among them on the full
         path (compute-efficient for long prompts); or the absorbed path over all T slots of the rows under
         `attn_mask` (bool (B, 1, S, T)), which the caller builds (it knows which slots are live).
+
+        Paged (`block_table` (B, P), the engine's layout): `cache` is a pool of pages (pages, page, C+R) and
+        position p of batch row b lives at slot p % page of page block_table[b, p // page]; T = P * page.
+        `prefix` (prefill only, B = 1): the S tokens follow `prefix` positions already in the cache (a prefix-
+        cache hit, or the earlier chunks of a long prompt), and attend to those as well.
         """
         q_nope, q_pe = self._query(x, cos, sin)
         c, k_pe = self.latent(x, cos, sin)
         if cache is not None:
             new = torch.cat([c, k_pe], dim=-1).to(cache.dtype)  # (B, S, C+R)
-            rows = torch.arange(x.shape[0], device=x.device) if cache_rows is None else cache_rows
             # index_put_, not scatter_: compiled, a scatter_ into the cache becomes a copy of the whole cache
             # plus a copy back (twice the cache's bytes per layer per decode step); this writes B*S rows.
-            cache[rows[:, None], write_index] = new
+            if block_table is not None:
+                page = cache.shape[1]
+                slot = block_table.gather(1, write_index // page) * page + write_index % page  # (B, S)
+                cache.view(-1, cache.shape[-1])[slot] = new
+            else:
+                rows = torch.arange(x.shape[0], device=x.device) if cache_rows is None else cache_rows
+                cache[rows[:, None], write_index] = new
+            if prefill and prefix:
+                return self._prefill_over_cache(q_nope, q_pe, cache, block_table, prefix)
             if not prefill:
-                return self._absorbed(q_nope, q_pe, cache, attn_mask)
+                return self._absorbed(q_nope, q_pe, cache, attn_mask, block_table)
         return self._full(q_nope, q_pe, c, k_pe, attn_mask)
 
     def _full(self, q_nope, q_pe, c, k_pe, attn_mask):
@@ -221,17 +236,45 @@ class MLA(nn.Module):
                                                  scale=self.softmax_scale)  # (B, H, S, V)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
-    def _absorbed(self, q_nope, q_pe, cache, attn_mask):
+    def _prefill_over_cache(self, q_nope, q_pe, cache, block_table, prefix):
+        """Full-path attention of S new tokens (one sequence) over its `prefix` cached positions and
+        themselves: the cached latents are expanded with kv_b_proj as the new ones are, so this equals `_full`
+        over the whole context for the last S queries. Compute-bound like `_full`; the lower-right causal
+        bias keeps SDPA on its fused kernels (no (S, T) mask is built)."""
+        B, S, H, _ = q_nope.shape
+        assert B == 1, "prefill over cached positions runs one sequence at a time"
+        T = prefix + S
+        kv = cache[block_table[:, : -(-T // cache.shape[1])]].flatten(1, 2)[:, :T]  # (1, T, C+R), new ones too
+        c, k_pe = kv.to(q_nope.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c).unflatten(-1, (H, self.nope_dim + self.v_dim))  # (1, T, H, N+V)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)  # (1, S, H, N+R)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1)  # (1, T, H, N+R)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=causal_lower_right(S, T),
+            scale=self.softmax_scale)  # (1, H, S, V)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+    def _absorbed(self, q_nope, q_pe, cache, attn_mask, block_table=None):
         H, C = self.n_heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.unflatten(0, (H, self.nope_dim + self.v_dim))  # (H, N+V, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)
         q_lat = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)  # (B, S, H, C)
         B, S = q_lat.shape[:2]
         q = torch.cat([q_lat, q_pe], dim=-1).flatten(1, 2)  # (B, S*H, C+R): heads fold into rows
-        if S == 1 and attn_mask is not None and cache.shape[0] == B and kernels.attention_enabled(q):
-            out = kernels.latent_attention(q, cache, attn_mask[:, 0, 0], self.softmax_scale, C)  # (B, H, C)
-            out = torch.einsum("bhsc,hvc->bshv", out.to(q.dtype)[:, :, None], w_uv)  # (B, 1, H, V)
-            return self.o_proj(out.flatten(2))
+        if S == 1 and attn_mask is not None and kernels.attention_enabled(q):
+            if block_table is not None:  # reads each sequence's own pages up to its length, nothing more
+                lens = attn_mask[:, 0, 0].sum(-1)  # (B,): the engine's masks are prefixes 0..pos
+                out = kernels.paged_latent_attention(q, cache, block_table, lens, self.softmax_scale, C)
+            elif cache.shape[0] == B:
+                out = kernels.latent_attention(q, cache, attn_mask[:, 0, 0], self.softmax_scale, C)  # (B, H, C)
+            else:
+                out = None
+            if out is not None:
+                out = torch.einsum("bhsc,hvc->bshv", out.to(q.dtype)[:, :, None], w_uv)  # (B, 1, H, V)
+                return self.o_proj(out.flatten(2))
+        if block_table is not None:  # the sequences' pages side by side: (B, P*page, C+R)
+            cache = cache[block_table].flatten(1, 2)
         kv = cache.to(q.dtype)  # (B, T, C+R): one key shared by all heads (MQA in latent space)
         # Plain batched matmuls, not SDPA with enable_gqa: that would materialise K per head (H x the cache).
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, S*H, T)

@@ -288,6 +288,77 @@ if triton is not None:
     def _(q, kv, mask, scale, kv_lora_rank):
         return _attn_outputs(q, kv, kv_lora_rank)[:3]
 
+    @triton.jit
+    def _paged_latent_attn_kernel(q_ptr, pool_ptr, bt_ptr, lens_ptr, m_ptr, l_ptr, o_ptr, bt_stride, scale,
+                                  H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, HB: tl.constexpr,
+                                  CP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr, PAGE: tl.constexpr):
+        """_latent_attn_kernel over a paged cache (FlashMLA's layout): position t of sequence b is row t % PAGE of
+        page bt[b, t // PAGE] of the pool (pages, PAGE, C+R), and the live positions are 0..lens[b]-1. Split s
+        of NS covers its share of the sequence's *own* length, so the work (and the bytes read) follow each
+        sequence's length, not the block table's capacity; the grid stays static for CUDA graphs."""
+        b = tl.program_id(0)
+        sp = tl.program_id(1)
+        ns = tl.num_programs(1)
+        rh = tl.program_id(2) * HB + tl.arange(0, HB)
+        rc = tl.arange(0, CP)
+        rr = tl.arange(0, RP)
+        W: tl.constexpr = C + R
+        qrow = (b * H + rh[:, None]) * W
+        q_c = tl.load(q_ptr + qrow + rc[None, :], mask=(rh < H)[:, None] & (rc < C)[None, :], other=0.0)
+        q_r = tl.load(q_ptr + qrow + C + rr[None, :], mask=(rh < H)[:, None] & (rr < R)[None, :], other=0.0)
+        m_i = tl.full((HB,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((HB,), dtype=tl.float32)
+        acc = tl.zeros((HB, CP), dtype=tl.float32)
+        n = tl.load(lens_ptr + b)
+        span = tl.cdiv(tl.cdiv(n, ns), BT) * BT
+        start = sp * span
+        end = tl.minimum(start + span, n)
+        for t0 in range(start, end, BT):
+            rt = t0 + tl.arange(0, BT)
+            live = rt < end
+            page = tl.load(bt_ptr + b * bt_stride + rt // PAGE, mask=live, other=0)
+            krow = (page.to(tl.int64) * PAGE + rt % PAGE)[:, None] * W
+            kc = tl.load(pool_ptr + krow + rc[None, :], mask=live[:, None] & (rc < C)[None, :], other=0.0)
+            kr = tl.load(pool_ptr + krow + C + rr[None, :], mask=live[:, None] & (rr < R)[None, :], other=0.0)
+            kc = kc.to(q_c.dtype)
+            sc = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr.to(q_r.dtype)))  # (HB, BT) fp32
+            sc = tl.where(live[None, :], sc * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            p = tl.exp(sc - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+            m_i = m_new
+        out = (b * ns + sp) * H + rh
+        tl.store(m_ptr + out, m_i, mask=rh < H)
+        tl.store(l_ptr + out, l_i, mask=rh < H)
+        tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
+
+    def _paged_outputs(q: torch.Tensor, block_table: torch.Tensor, page: int, kv_lora_rank: int):
+        """m, l (B, NS, H), o (B, NS, H, C) fp32 for the paged kernel. NS from the table's capacity and the
+        batch (as _attn_outputs); each sequence spreads its own length over the NS splits."""
+        B, H, _ = q.shape
+        ns = max(1, min(block_table.shape[1] * page // 64, triton.cdiv(264, B)))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return (torch.empty(B, ns, H, **f32), torch.empty(B, ns, H, **f32),
+                torch.empty(B, ns, H, kv_lora_rank, **f32))
+
+    @torch.library.custom_op("r1lab::paged_latent_attention", mutates_args=())
+    def _paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
+                                scale: float, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, H, W = q.shape
+        C, R, page = kv_lora_rank, W - kv_lora_rank, pool.shape[1]
+        m, l, o = _paged_outputs(q, block_table, page, kv_lora_rank)
+        p2 = triton.next_power_of_2
+        _paged_latent_attn_kernel[(B, m.shape[1], triton.cdiv(H, 16))](
+            q, pool, block_table, lens, m, l, o, block_table.stride(0), scale, H=H, C=C, R=R, HB=16,
+            CP=max(16, p2(C)), RP=max(16, p2(R)), BT=ATTN_BT, PAGE=page, num_warps=4)
+        return m, l, o
+
+    @_paged_latent_attention.register_fake
+    def _(q, pool, block_table, lens, scale, kv_lora_rank):
+        return _paged_outputs(q, block_table, pool.shape[1], kv_lora_rank)
+
     @triton_op("r1lab::moe_route", mutates_args={})
     def _route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
                topk_group: int, norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,6 +472,22 @@ def latent_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scal
     weighted latents (what MLA._absorbed gets from its two batched matmuls). Splits of the cache are combined
     here, in torch ops the compiler fuses."""
     m, l, o = _latent_attention(q.contiguous(), kv, mask.contiguous(), float(scale), kv_lora_rank)
+    return _combine(m, l, o)
+
+
+def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_table: torch.Tensor, lens: torch.Tensor,
+                           scale: float, kv_lora_rank: int) -> torch.Tensor:
+    """latent_attention over a paged cache: pool (pages, page, C+R), block_table (B, P) page ids (rows may be
+    a column slice of a wider table), lens (B,) live positions per sequence (>= 1) -> (B, H, C) fp32. Reads
+    only each sequence's first lens[b] positions. page must be a multiple of 32 (the kernel's slot block)."""
+    assert pool.shape[1] % ATTN_BT == 0, f"page size {pool.shape[1]} is not a multiple of {ATTN_BT}"
+    m, l, o = _paged_latent_attention(q.contiguous(), pool, block_table, lens.to(torch.int32).contiguous(),
+                                      float(scale), kv_lora_rank)
+    return _combine(m, l, o)
+
+
+def _combine(m: torch.Tensor, l: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Flash-decoding's combine of the splits' (max, sum, unnormalised output) into softmax-weighted latents."""
     top = m.amax(1, keepdim=True)  # (B, 1, H): every row has a live slot, so this is finite
     w = torch.exp(m - top)  # (B, NS, H); splits without a live slot weigh 0
     return (o * w[..., None]).sum(1) / (l * w).sum(1)[..., None]

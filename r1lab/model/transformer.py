@@ -25,8 +25,10 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask=None, cache=None, write_index=None, cache_rows=None, prefill=False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, write_index, cache_rows, prefill)
+    def forward(self, x, cos, sin, attn_mask=None, cache=None, write_index=None, cache_rows=None, prefill=False,
+                block_table=None, prefix=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache, write_index, cache_rows, prefill,
+                               block_table, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -84,6 +86,8 @@ class Transformer(KeepFP32Buffers):
         write_index: torch.Tensor | None = None,
         cache_rows: torch.Tensor | None = None,
         prefill: bool = False,
+        block_table: torch.Tensor | None = None,
+        prefix: int = 0,
         return_mtp: bool = False,
         return_hidden: bool = False,
     ):
@@ -94,6 +98,9 @@ class Transformer(KeepFP32Buffers):
         qk_rope_head_dim) buffer of [latent ; k_pe], written at `write_index` (B, S) (default: = positions) of
         rows `cache_rows` (B,) (default: batch row b -> cache row b). prefill: the tokens are their sequences'
         whole context (right-padded); attend on the full path while filling the cache.
+        block_table (B, P): a paged cache (the engine's): each layer's cache is a pool (pages, page, width) and
+            position p of row b lives in page block_table[b, p // page] (see MLA.forward); prefix: with prefill
+            and B = 1, the tokens follow `prefix` positions already cached, which they attend to as well.
         return_mtp: also return a list of MTP logits, depth k at position i predicting token i+1+k
             (positions whose future tokens are past the end see a zero embedding; mask them in the loss).
         return_hidden: return the final hidden states (normed, (B, S, D)) instead of logits (and, with
@@ -107,7 +114,8 @@ class Transformer(KeepFP32Buffers):
             write_index = positions
         h = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], write_index, cache_rows, prefill)
+            h = layer(h, cos, sin, attn_mask, None if cache is None else cache[i], write_index, cache_rows, prefill,
+                      block_table, prefix)
         h = self.model.norm(h)
         out = h if return_hidden else self.lm_head(h)
         if not return_mtp:
@@ -124,25 +132,26 @@ class Transformer(KeepFP32Buffers):
         return out, mtp_logits
 
     def _mtp_block(self, m: MTPModule, prev, next_ids, cos, sin, attn_mask=None, cache=None, write_index=None,
-                   cache_rows=None, prefill=False) -> torch.Tensor:
+                   cache_rows=None, prefill=False, block_table=None) -> torch.Tensor:
         e = m.enorm(self.model.embed_tokens(next_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(prev)], dim=-1))  # (B, S, 2D) -> (B, S, D)
-        return m.block(x, cos, sin, attn_mask, cache, write_index, cache_rows, prefill)
+        return m.block(x, cos, sin, attn_mask, cache, write_index, cache_rows, prefill, block_table)
 
     def mtp_forward(self, depth: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, *,
                     attn_mask: torch.Tensor | None = None, cache: torch.Tensor | None = None,
-                    cache_rows: torch.Tensor | None = None, prefill: bool = False) -> torch.Tensor:
+                    cache_rows: torch.Tensor | None = None, prefill: bool = False,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
         """MTP module `depth` (0-based) on its own, for drafting: what `forward(return_mtp=True)` computes per
         depth, with a latent cache of the module's one attention layer.
 
         prev (B, S, D): the main model's final (normed) hidden states for depth 0, the previous depth's output
         otherwise; next_ids (B, S): at each position the token depth+1 ahead; positions (B, S). cache, attn_mask,
-        cache_rows, prefill as for one layer in `forward` (the cache is written at `positions`).
+        cache_rows, prefill, block_table as for one layer in `forward` (the cache is written at `positions`).
         Returns the module's block output (B, S, D): the next depth's `prev`; `mtp_logits` makes it logits.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         return self._mtp_block(self.mtp[depth], prev, next_ids, cos, sin, attn_mask, cache,
-                               None if cache is None else positions, cache_rows, prefill)
+                               None if cache is None else positions, cache_rows, prefill, block_table)
 
     def mtp_logits(self, depth: int, out: torch.Tensor) -> torch.Tensor:
         """Logits of MTP module `depth` from its block output (`mtp_forward`): shared head after its norm."""
