@@ -200,6 +200,7 @@ class Engine:
         self._admitted = 0  # admission counter: preemption takes the youngest sequence
         self._graphs: dict[tuple, tuple] = {}
         self._graph_pool = None  # one memory pool for all captured steps (they never run concurrently)
+        self._pages = 1  # block-table columns of the step being run (read by _draft)
         self.prefill_tokens = prefill_tokens
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: tuple | None = None  # a decode step queued but not yet read: (sequences, outputs, event)
@@ -633,9 +634,10 @@ class Engine:
         return self.model(tok, pos, cache=self.cache, block_table=self.block_table[:, :pages],
                           attn_mask=self.model.cache_mask(pos, pages * PAGE), return_hidden=True)
 
-    def _draft(self, mode: str, pages: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """k draft tokens per slot (B, k) and their log draft distributions (B, k, V) (None when greedy)."""
-        k, n_mtp, model = self.speculate, len(self.mtp_cache), self.model
+    def _draft(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """k draft tokens per slot (B, k) and their log draft distributions (B, k, V) (None when greedy), over
+        the step's `_pages` block-table columns."""
+        k, n_mtp, model, pages = self.speculate, len(self.mtp_cache), self.model, self._pages
         rows = torch.arange(self.max_batch, device=self.device)
         opts = dict(filter_top=mode == "filter", greedy_only=mode == "greedy")
         at = self.prev_pos + self.offsets  # (B, k+1): the last verify's positions
@@ -664,7 +666,7 @@ class Engine:
 
     def _speculative_eager(self, mode: str, pages: int):
         """One speculative step for every slot: draft k, verify k+1, advance each slot by what it accepted."""
-        drafts, logq = self._draft(mode, pages)
+        drafts, logq = self._draft(mode)
         ids = torch.cat([self.tok, drafts], dim=1)  # (B, k+1): the last committed token, then the drafts
         at = self.pos + self.offsets  # (B, k+1)
         h = self._forward_fn(ids, at, pages)
@@ -681,6 +683,7 @@ class Engine:
         return tokens, lps, acc
 
     def _decode(self, mode: str, pages: int):
+        self._pages = pages  # for _draft
         if not self.cuda_graph:
             return self._step_fn(mode, pages)
         while (mode, pages) not in self._graphs:
