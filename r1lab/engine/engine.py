@@ -1,11 +1,21 @@
-"""Batched generation over the MLA latent cache, with continuous batching.
+"""Batched generation over a paged MLA latent cache, with continuous batching.
 
-The cache is a pool of `max_batch` slots, each holding `max_seq_len` positions (rounded up to a multiple of 64)
-of (latent, roped key) per layer: 576 numbers per token per layer for DeepSeek-V3, never expanded K/V. A
-request's sequences take free slots; every decode step runs all slots at once with static shapes (one token
-each, the absorbed attention path), so the step can be captured as a CUDA graph; finished sequences free their
-slot and waiting ones are prefilled into it between steps. The `n` samples of one prompt share one prefill:
-its cache rows are copied.
+The cache is one pool of pages of 64 positions per layer (pages.py), each position holding (latent, roped key):
+576 numbers per token per layer for DeepSeek-V3, never expanded K/V. `cache_tokens` sizes the pool;
+`max_seq_len` only bounds one sequence. A sequence holds a block table of pages (PagedAttention applied to MLA,
+as FlashMLA does). Requests are admitted while slots (`max_batch`) and free pages last; when a decode step needs
+a page the pool lacks, the youngest sequences are preempted: their pages released, and they are recomputed
+later (vLLM's recompute preemption). The `n` samples of a prompt share its full pages and copy the last,
+partial one; full pages released by finished sequences stay in a prefix cache (by hash of their tokens, least
+recently used evicted first), so a shared system prompt or the next turn of a chat is not prefilled again.
+Fresh prompts are prefilled together on the full attention path; long ones, and those with a cached prefix,
+in chunks of `prefill_tokens` between decode steps, each chunk attending to the pages before it.
+
+Every decode step runs all slots at once with static shapes (one token each, the absorbed attention path),
+so it can be captured as a CUDA graph; idle slots point at a reserved page. It reads the first P columns of the
+block tables, P the longest sequence's pages rounded up to a power of two (one graph per P), so its cost follows
+the running sequences, not the capacity; with the Triton decode kernel (R1LAB_ATTN_KERNEL=1) each sequence's
+attention reads only its own length.
 
 Per step the host reads back one token (and log-prob) per slot: that copy is the loop's only synchronisation.
 On a GPU it is also off the critical path (`overlap`): step N+1 is queued before the host waits for step N's
@@ -21,7 +31,9 @@ there, and the tokens now known one ahead of them), which fills its own latent c
 at the last accepted position; deeper drafts come from modules 2.. in the same way, then from the last module
 again, one position at a time, fed its own output (as SGLang's NextN does when k exceeds the modules). Every
 shape is static (k+1 tokens per slot, acceptance applied by gathers and masks), so the step can be graphed as
-the plain one is. Rejected positions leave junk in both caches, overwritten before any query sees it.
+the plain one is. Rejected positions leave junk in both caches, overwritten before any query sees it. The MTP
+caches are pools paged by the same block tables. With speculation the prefix cache is off (a cached prefix
+would lack its MTP latents) and prompts are prefilled whole.
 """
 
 from __future__ import annotations
