@@ -200,7 +200,8 @@ def yarn_config():
 def test_yarn_beyond_4k_matches_transformers_through_the_paged_cache(tmp_path):
     """Logits of a 10,001-token input: transformers' DeepseekV3 against ours three ways: the full path, a chunked
     prefill over the paged cache (4,096 tokens a chunk, each over the pages before it, pages out of order) and
-    one absorbed decode step at position 10,000 over those pages."""
+    one absorbed decode step at position 10,000 over those pages; and the engine's first token after the
+    10,000-token prompt."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
@@ -235,22 +236,13 @@ def test_yarn_beyond_4k_matches_transformers_through_the_paged_cache(tmp_path):
     assert rel_err(full, ref) < 1e-4
     assert rel_err(torch.cat(chunks), ref[:N]) < 1e-4
     assert rel_err(step, ref[N:]) < 1e-4
-
-
-def test_engine_at_10k_tokens_equals_full_forward():
-    """A 10,000-token prompt through the engine (chunked prefill of 4,096, then decoding across a page
-    boundary): greedy tokens of full forward passes."""
-    m = Transformer(yarn_config()).init_weights(seed=1).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(30)  # peaky, as test_engine's tiny(): greedy far from ties
-    (p,) = prompts([9980], seed=13)  # the 5th generated token is written at position 9984, a new page
+    # the engine end to end (chunks of 4,096, then sampling): its first token is transformers' argmax, which
+    # leads the runner-up by far more than the logits' error
+    top = ref[N - 1].topk(2).values
+    assert top[0] - top[1] > 1e-3 * ref[N - 1].abs().max()
     eng = Engine(m, max_batch=1, max_seq_len=16384, prefill_tokens=4096)
-    out = eng.generate([p], SamplingParams(max_tokens=6, **GREEDY))[0].token_ids
-    # greedy tokens are exactly those a full forward over prompt + tokens predicts at each position (one forward
-    # of 10K tokens instead of six: ~18 s each on one CPU thread)
-    with torch.no_grad():
-        logits = m(torch.tensor([p + out]))[0, len(p) - 1:-1]
-    assert logits.argmax(-1).tolist() == out
+    out = eng.generate([x[0, :N].tolist()], SamplingParams(max_tokens=1, **GREEDY))[0]
+    assert out.token_ids == [int(ref[N - 1].argmax())] and eng.stats["prefilled_tokens"] == N
 
 
 @pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
