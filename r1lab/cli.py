@@ -112,7 +112,8 @@ def _load_for_generation(args):
     if args.lora:  # folded into the weights once: decoding then runs at the base model's speed
         lora.merge_and_unload(model, lora.load_adapter(model, args.lora))
     tok = load_tokenizer(args.model)
-    eng = Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len, speculate=args.speculate)
+    eng = Engine(model, tok, max_batch=max(args.n, 1), max_seq_len=args.max_seq_len,
+                 cache_tokens=args.cache_tokens, speculate=args.speculate)
     return eng, tok
 
 
@@ -205,7 +206,11 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: 0.95)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="prompt + generation positions per sequence (default: the model's, at most 4096)")
+                   help="prompt + generated tokens one sequence may hold (default: the model's full context)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="positions the paged latent cache holds, all sequences together, at least one "
+                        "--max-seq-len sequence (default: on a GPU half the free memory, on a CPU 262144, each at "
+                        "most what --n full-length sequences need)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--lora", default=None, metavar="DIR",
                    help="LoRA adapter folder in PEFT's format (adapter_config.json + adapter_model.safetensors, "

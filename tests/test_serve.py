@@ -87,6 +87,26 @@ def test_models_and_health(server, client):
     assert h["status"] == "ok" and h["max_batch"] == MAX_BATCH and h["max_seq_len"] == 1024
 
 
+def test_prefix_cache_hits_in_usage_and_health(server, client, ref):
+    """Two chats with one long system prompt: the second finds the first's full pages of their shared prefix in
+    the engine's prefix cache, reports them as usage.prompt_tokens_details.cached_tokens (OpenAI's field) and
+    still answers as a fresh engine does; /health reports the paged pool."""
+    system = {"role": "system", "content": "You are a careful assistant for a lighthouse keeper. " * 16}
+    msgs = [[system, {"role": "user", "content": q}] for q in ("Which lamp?", "How tall is the tower?")]
+    ids = [chat_ids(ref[1], m) for m in msgs]
+    common = next(i for i, (a, b) in enumerate(zip(*ids)) if a != b)
+    assert common >= 128
+    rs = [client.chat.completions.create(model="tiny-r1", messages=m, max_tokens=6, temperature=0.8, seed=4)
+          for m in msgs]
+    assert rs[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert rs[1].usage.prompt_tokens_details.cached_tokens == common // 64 * 64
+    (exp,) = expected(ref, [(ids[1], 4)], max_tokens=6, temperature=0.8)
+    assert split_text(exp.text) == (rs[1].choices[0].message.reasoning_content, rs[1].choices[0].message.content)
+    cache = health(server)["cache"]
+    assert cache["pages_total"] == cache["pages_used"] + cache["pages_cached"] + cache["pages_free"]
+    assert cache["pages_cached"] >= common // 64 and cache["cached_tokens"] >= common // 64 * 64
+
+
 def test_chat_non_streaming_equals_engine(client, ref):
     r = client.chat.completions.create(model="tiny-r1", messages=MSGS, max_tokens=12, temperature=0.8, seed=3)
     (exp,) = expected(ref, [(chat_ids(ref[1], MSGS), 3)], max_tokens=12, temperature=0.8)

@@ -425,7 +425,9 @@ class Engine:
                 ids += new
                 s.pages += new
         if ids:
-            self.block_table[torch.tensor(rows), torch.tensor(cols)] = torch.tensor(ids).to(self.device)
+            dev = self.device
+            self.block_table[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
+                ids, device=dev)
         longest = max(len(s.pages) for s in running) if running else 1
         return min(1 << (longest - 1).bit_length(), self.pages_per_seq)
 

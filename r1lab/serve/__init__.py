@@ -26,7 +26,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=32,
                    help="sequences decoded together; more requests wait for a free slot (default: 32)")
     p.add_argument("--max-seq-len", type=int, default=None,
-                   help="prompt + generated tokens per sequence (default: the model's, at most 4096)")
+                   help="prompt + generated tokens one sequence may hold (default: the model's full context)")
+    p.add_argument("--cache-tokens", type=int, default=None,
+                   help="positions the paged latent cache holds, all sequences together, at least one "
+                        "--max-seq-len sequence; requests wait for free pages, and the youngest sequence is "
+                        "preempted (recomputed later) when it runs out (default: on a GPU half the free memory "
+                        "after the weights, on a CPU 262144, each at most what --max-batch full-length sequences "
+                        "need); /health reports its use")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients must send (default: the checkpoint folder's name)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -69,7 +75,8 @@ def cmd_serve(args) -> None:
     check_api_key(args.api_key)  # before loading the model: an empty key would let any client in
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-          max_seq_len=args.max_seq_len, device=args.device, model_name=args.served_model_name,
+          max_seq_len=args.max_seq_len, cache_tokens=args.cache_tokens, device=args.device,
+          model_name=args.served_model_name,
           speculate=args.speculate,
           allowed_hosts=split(args.allowed_hosts), allowed_origins=split(args.allowed_origins),
           request_timeout=args.request_timeout, max_connections=args.max_connections, lora=args.lora)

@@ -349,9 +349,15 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
         except ValueError as e:
             raise APIError(400, str(e), "messages", "invalid_value") from None
 
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+        """OpenAI's usage; cached_tokens: prompt tokens found in the engine's prefix cache."""
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+                "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+    def cached(outs) -> int:
+        """Prefix-cache hits of a request's prompts (their samples share them: counted once per prompt)."""
+        return sum(o.cached_tokens for o in outs if o.sample_index == 0)
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
@@ -361,8 +367,11 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             st = engine.stats
             spec = {"speculate": engine.speculate, "speculative": {
                 k: st[k] for k in ("drafted", "accepted", "acceptance_rate", "tokens_per_step")}}
+        st = engine.stats  # the paged latent cache: pages in use, kept for the prefix cache, free; hits
+        cache = {k: st[k] for k in ("cache_tokens", "page_size", "pages_total", "pages_used", "pages_cached",
+                                    "pages_free", "cache_use", "prompt_tokens", "cached_tokens", "preemptions")}
         return {"status": "ok", "model": model_name, "max_batch": engine.max_batch,
-                "max_seq_len": engine.max_seq_len, **worker.stats, **spec}
+                "max_seq_len": engine.max_seq_len, **worker.stats, **spec, "cache": cache}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -398,7 +407,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                     msg["tool_calls"] = [_tool_call(c) for c in parsed[1]]
                 choices.append({"index": i, "message": msg, "logprobs": None, "finish_reason": finish})
             return {**head, "object": "chat.completion", "choices": choices,
-                    "usage": usage(len(ids), sum(len(o.token_ids) for o in outs.values()))}
+                    "usage": usage(len(ids), sum(len(o.token_ids) for o in outs.values()), cached(outs.values()))}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -414,7 +423,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                 {**head, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(params.n)])
-            completion_tokens = 0
+            completion_tokens, cached_tokens = 0, 0
             try:
                 async for batch in events(request, h):
                     merged: dict[int, list] = {}  # a step may bring a choice two tokens (prefill + decode)
@@ -426,6 +435,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                             r2, c2 = splitters[i].flush()
                             r, c = r + r2, c + c2
                             completion_tokens += len(done.token_ids)
+                            cached_tokens += cached([done])
                         if calls:
                             c = calls[i].feed(c)
                             if done is not None:
@@ -457,7 +467,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             finally:
                 worker.cancel(h)  # the client left mid-stream: free its slots now
             if include_usage:
-                yield chunk([], usage=usage(len(ids), completion_tokens))
+                yield chunk([], usage=usage(len(ids), completion_tokens, cached_tokens))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -498,13 +508,14 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             choices = [{"index": i, "text": outs[i].text, "logprobs": None, "finish_reason": outs[i].finish_reason}
                        for i in range(total)]
             return {**head, "choices": choices,
-                    "usage": usage(prompt_tokens, sum(len(o.token_ids) for o in outs.values()))}
+                    "usage": usage(prompt_tokens, sum(len(o.token_ids) for o in outs.values()),
+                                   cached(outs.values()))}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def sse():
             texts = [TextStream(tokenizer, params.stop) for _ in range(total)]
-            completion_tokens = 0
+            completion_tokens, cached_tokens = 0, 0
             try:
                 async for batch in events(request, h):
                     merged: dict[int, list] = {}
@@ -512,6 +523,7 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
                         text = texts[i].push(t) if done is None else texts[i].finish(done.text)
                         if done is not None:
                             completion_tokens += len(done.token_ids)
+                            cached_tokens += cached([done])
                         m = merged.setdefault(i, ["", None])
                         m[0], m[1] = m[0] + text, done.finish_reason if done else None
                     choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": f}
@@ -524,8 +536,8 @@ def create_app(engine, tokenizer, model_name: str, api_key: str | None = None, *
             finally:
                 worker.cancel(h)
             if include_usage:
-                yield "data: " + json.dumps({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}) \
-                    + "\n\n"
+                yield "data: " + json.dumps({**head, "choices": [], "usage": usage(
+                    prompt_tokens, completion_tokens, cached_tokens)}) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream",
@@ -543,7 +555,8 @@ def _tool_call(call) -> dict:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 32, max_seq_len: int | None = None, device: str | None = None,
           model_name: str | None = None, allowed_hosts=(), allowed_origins=(), request_timeout: float = 30.0,
-          max_connections: int = 512, speculate: int = 0, lora: str | None = None) -> None:
+          max_connections: int = 512, speculate: int = 0, lora: str | None = None,
+          cache_tokens: int | None = None) -> None:
     """Load a checkpoint (and merge a LoRA adapter folder into it) and serve it until interrupted (the arguments
     are `r1lab serve`'s flags)."""
     import torch
@@ -561,12 +574,14 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
 
         merge_and_unload(model, load_adapter(model, lora))
     tok = load_tokenizer(model_dir)
-    engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len, speculate=speculate)
+    engine = Engine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len, cache_tokens=cache_tokens,
+                    speculate=speculate)
     name = model_name or Path(model_dir).resolve().name
     app = create_app(engine, tok, name, api_key, host=host, allowed_hosts=allowed_hosts,
                      allowed_origins=allowed_origins, request_timeout=request_timeout)
     max_connections = _fit_open_files(max_connections)
-    print(f"r1lab serve: {name} on {device}, {max_batch} slots x {engine.max_seq_len} positions, "
+    print(f"r1lab serve: {name} on {device}, {max_batch} slots, {engine.max_seq_len} positions per sequence, "
+          f"{engine.cache_tokens} in the paged cache, "
           f"http://{host}:{port}/ (API under /v1)", flush=True)
     # uvicorn's own limit_concurrency is not used: it answers 503 to every request past the limit, /health too
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
