@@ -272,3 +272,54 @@ def test_paged_kernel_equals_softmax_attention(B, H, C, R, lens, monkeypatch):
         out = kernels.paged_latent_attention(q, pool, table, n, scale, C)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert ((out - ref).norm() / ref.norm()) < tol
+
+
+def interpreted_kernels(monkeypatch):
+    """(device, dtype) for the Triton kernels: a GPU natively, else Triton's interpreter on the CPU."""
+    if kernels.triton is None:
+        pytest.skip("triton is not installed")
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU, and Triton's interpreter is off")
+    monkeypatch.setattr(kernels, "CPU_INTERPRET", not cuda)
+    return ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+
+
+def test_paged_kernel_under_torch_compile(monkeypatch):
+    """The paged op inside a whole-graph torch.compile (as in the engine's compiled decode step), with a block
+    table that is a column slice of a wider one: the numbers it gives eagerly."""
+    device, dtype = interpreted_kernels(monkeypatch)
+    torch.manual_seed(0)
+    B, H, C, R = 2, 16, 64, 32
+    pool = torch.randn(9, PAGE, C + R, device=device).to(dtype)
+    table = torch.tensor([[3, 1, 7, 0], [2, 8, 0, 0]], device=device)[:, :3]
+    q = torch.randn(B, H, C + R, device=device).to(dtype)
+    n = torch.tensor([150, 70], device=device)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, t, n: kernels.paged_latent_attention(q * 1, pool, t, n, 0.1, C) + 0,
+                       fullgraph=True)
+    with torch.no_grad():
+        eager = kernels.paged_latent_attention(q, pool, table, n, 0.1, C)
+        compiled = fn(q, table, n)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_with_the_paged_kernel_equals_the_torch_path(monkeypatch):
+    """The engine's decode steps with R1LAB_ATTN_KERNEL=1 (the paged kernel reads each sequence's own pages)
+    against the torch path (pages gathered to the block-table width): same greedy tokens across page
+    boundaries, log-probs within fp32 rounding (interpreter; bf16 on a GPU: tokens only)."""
+    device, dtype = interpreted_kernels(monkeypatch)
+    m = tiny().to(device=device, dtype=dtype)
+    ps = prompts([60, 3, 130], seed=14)
+    sp = SamplingParams(max_tokens=8, logprobs=True, **GREEDY)
+    calls, paged = [], kernels.paged_latent_attention
+    monkeypatch.setattr(kernels, "paged_latent_attention", lambda *a: calls.append(1) or paged(*a))  # counts
+    outs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("R1LAB_ATTN_KERNEL", on)
+        outs[on] = Engine(m, max_batch=3, max_seq_len=256, compile=False).generate(ps, sp)
+        assert bool(calls) == (on == "1")  # the kernel ran for every decode layer only when switched on
+    for a, b in zip(outs["0"], outs["1"]):
+        assert a.token_ids == b.token_ids
+        if dtype == torch.float32:  # the kernel's online softmax sums in another order: observed ~1e-7
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
