@@ -424,10 +424,11 @@ class Engine:
                 cols += range(len(s.pages), len(s.pages) + grow)
                 ids += new
                 s.pages += new
-        if ids:
-            dev = self.device
-            self.block_table[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)] = torch.tensor(
-                ids, device=dev)
+        if ids:  # one small copy: [rows; cols; pages]
+            at = torch.tensor([rows, cols, ids])
+            if self.device.type == "cuda":  # pinned and asynchronous: a pageable copy would wait for the GPU
+                at = at.pin_memory().to(self.device, non_blocking=True)
+            self.block_table[at[0], at[1]] = at[2]
         longest = max(len(s.pages) for s in running) if running else 1
         return min(1 << (longest - 1).bit_length(), self.pages_per_seq)
 
