@@ -323,3 +323,23 @@ def test_engine_with_the_paged_kernel_equals_the_torch_path(monkeypatch):
         assert a.token_ids == b.token_ids
         if dtype == torch.float32:  # the kernel's online softmax sums in another order: observed ~1e-7
             assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4)
+
+
+def test_decode_reads_the_running_sequences_pages_not_the_capacity():
+    """The decode step's block-table width (the torch path gathers that many pages per sequence) is the longest
+    running sequence's pages rounded up to a power of two, never the 16 pages max_seq_len allows, and shrinks
+    when that sequence finishes."""
+    m = tiny()
+    short, long = prompts([10, 200], seed=15)
+    eng = Engine(m, max_batch=2, max_seq_len=1024)
+    assert eng.pages_per_seq == 16
+    a = eng.add_request(short, SamplingParams(max_tokens=30, **GREEDY))[0]
+    eng.step()
+    assert eng._pages == 1
+    b = eng.add_request(long, SamplingParams(max_tokens=3, **GREEDY))[0]
+    eng.step()
+    assert eng._pages == 4  # 200 positions: 4 pages
+    while b.finish_reason is None:
+        eng.step()
+    eng.step()
+    assert eng._pages == 1 and a.finish_reason is None
