@@ -80,9 +80,12 @@ def main():
                "preset": args.preset, "cache_bytes_per_token": per_token, "runs": []}
     g = torch.Generator().manual_seed(0)
 
-    def emit(run):
+    def emit(run):  # printed, and the JSON rewritten after each run (a run cut short keeps what it measured)
         print(json.dumps(run), flush=True)
         results["runs"].append(run)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
 
     # 1. one long prefill, to the first generated token
     L = args.prefill_len
@@ -187,9 +190,6 @@ def main():
             except torch.OutOfMemoryError:
                 emit({"run": "transformers", "context": ctx, "batch": 1, "skipped": "out of memory"})
                 torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
