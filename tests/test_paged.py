@@ -343,3 +343,29 @@ def test_decode_reads_the_running_sequences_pages_not_the_capacity():
         eng.step()
     eng.step()
     assert eng._pages == 1 and a.finish_reason is None
+
+
+def test_reset_prefix_cache_after_a_weight_change():
+    """The prefix cache holds latents of the weights that computed them: after the weights change (an RL step
+    updates the engine's model in place) a hit would attend to stale latents and answer differently from a
+    fresh engine; after reset_prefix_cache() the prompt is prefilled again and the answer is the fresh one."""
+    m = tiny()
+    (p,) = prompts([150], seed=16)
+    params = SamplingParams(max_tokens=12, logprobs=True, **GREEDY)
+    eng = Engine(m, max_batch=1, max_seq_len=256)
+    eng.generate([p], params)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # other latents for the same tokens
+        for layer in m.model.layers:
+            w = layer.self_attn.kv_a_proj_with_mqa.weight
+            w.add_(torch.randn(w.shape, generator=g) * w.std())
+    fresh = Engine(m, max_batch=1, max_seq_len=256).generate([p], params)[0]
+    stale = eng.generate([p], params)[0]
+    # what the reset prevents: log-probs off by far more than fp32 rounding (observed 1.0)
+    assert stale.cached_tokens == 128
+    assert not torch.allclose(torch.tensor(stale.logprobs), torch.tensor(fresh.logprobs), atol=1e-3)
+    eng.reset_prefix_cache()
+    again = eng.generate([p], params)[0]
+    assert again.cached_tokens == 0 and again.token_ids == fresh.token_ids
+    assert torch.allclose(torch.tensor(again.logprobs), torch.tensor(fresh.logprobs), atol=1e-5)
+    assert eng.stats["pages_cached"] == 2  # this run's full pages, under the new weights

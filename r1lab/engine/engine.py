@@ -135,7 +135,7 @@ class Engine:
     tokens (default: on for CUDA models; `step()` then returns each decode token one call later); speculate:
     draft this many tokens per step with the MTP module(s) and verify them in one forward (0 = off; the model
     needs an MTP module). `stats` counts steps, drafted and accepted tokens, pool use, prefix-cache hits and
-    preemptions.
+    preemptions. After changing the model's weights, call `reset_prefix_cache()`.
     """
 
     def __init__(self, model, tokenizer=None, max_batch: int = 32, max_seq_len: int | None = None,
@@ -313,6 +313,11 @@ class Engine:
                 "waiting": sum(len(g) for g in waiting), "cache_tokens": self.cache_tokens, "page_size": PAGE,
                 "pages_total": total, "pages_used": total - free - idle, "pages_cached": idle, "pages_free": free,
                 "cache_use": (total - free - idle) / total}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix. Call it after changing the model's weights (an RL step): cached pages hold
+        latents of the old weights, which a later prompt with the same prefix would otherwise attend to."""
+        self.pool.forget()
 
     def has_work(self) -> bool:
         return (bool(self.waiting) or bool(self._chunks) or any(s is not None for s in self.slots)

@@ -92,6 +92,14 @@ class PagePool:
                 out.append(p)
         return out
 
+    def forget(self) -> None:
+        """Empty the prefix cache (the latents were computed with weights that have changed): cached pages nobody
+        holds are freed, held ones lose their names and are freed when released."""
+        self.free.extend(self.idle)
+        self.idle.clear()
+        self.name.clear()
+        self.by_name.clear()
+
     def register(self, pages: list[int], names: list[bytes]) -> None:
         """Name full pages (their content is final) so later prompts can find them. A name already taken by
         another page keeps that page; this one is then freed normally when released."""

@@ -507,6 +507,7 @@ class GRPOTrainer(Trainer):
         samples (CPU), and so does a run on another number of ranks."""
         g, eng = self.g, self.engine
         eng.model.eval()
+        eng.reset_prefix_cache()  # the weights changed since the last rollout: cached prompt latents are stale
         idx = self.order.rows(position)
         mine = range(len(idx)) if self.world == 1 else parallel.shard(range(len(idx)), self.rank, self.world)
         base = (self.recipe.run.seed * 1_000_003 + position * 7919) * 4096
@@ -897,6 +898,7 @@ def evaluate(engine: Engine, prompts: list[list[int]], answers: list[str], promp
     from ..rewards import accuracy_reward
 
     engine.model.eval()
+    engine.reset_prefix_cache()  # the weights may have changed since the engine last ran
     outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=max_tokens, n=samples,
                                                    seed=seed))
     texts = prompt_texts or [""] * len(prompts)
