@@ -62,7 +62,8 @@ def launch(args) -> None:
                 running.remove(item)
                 slots.append(cores)
                 wall = time.time() - t0
-                (args.out / name / "wall_seconds.txt").write_text(f"{wall:.0f}\n") if (args.out / name).is_dir() else None
+                if (args.out / name).is_dir():
+                    (args.out / name / "wall_seconds.txt").write_text(f"{wall:.0f}\n")
                 print(f"done {name}: rc {proc.returncode}, {wall:.0f} s", flush=True)
 
 

@@ -33,3 +33,13 @@ def _fresh_compiler_state():
     been codegen-ed") that it does not hit alone."""
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls gain nothing from threads, and one thread keeps results independent of the machine's core count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,12 +27,7 @@ EPS32 = torch.finfo(torch.float32).eps
 TOL = 256 * EPS32  # ~3e-5: see the module docstring
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def doc_ids(lengths: list[int]) -> torch.Tensor:

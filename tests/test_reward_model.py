@@ -38,12 +38,7 @@ class Tok:
         return "".join(m["content"] for m in messages) + (":" if add_generation_prompt else "")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed=0):

@@ -18,12 +18,7 @@ V = 64  # the trained model's vocabulary: arithmetic runs over tokens 0..61; 63 
 S = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- a model trained with the MTP loss
