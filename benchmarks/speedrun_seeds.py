@@ -4,8 +4,8 @@ over them: each claim of the report per run, and per variant the mean and range 
 Each run gets its own cores (`--cores`, default 2: a 2-core laptop each) pinned with sched_setaffinity and
 OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slow each other down much.
 
-    python benchmarks/speedrun_seeds.py --preset reasoning --seeds 0 1 2 --out runs/seeds
-    python benchmarks/speedrun_seeds.py --preset reasoning --seeds 0 1 --variant more-checks:check_share=0.5
+    python benchmarks/speedrun_seeds.py --seeds 0 1 2 --out runs/seeds
+    python benchmarks/speedrun_seeds.py --seeds 0 1 --variant more-checks:check_share=0.5
     python benchmarks/speedrun_seeds.py --out runs/seeds --summarize      # the table again, nothing run
 """
 

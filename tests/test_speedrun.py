@@ -211,26 +211,49 @@ def test_paired_margin_counts_problems_not_samples():
     assert abs(diff - 1 / 6) < 1e-12 and abs(se - 1 / 6) < 1e-12
 
 
-def test_reasoning_preset_corpus_mixes_direct_worked_checked_and_fixed(tmp_path):
+def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tmp_path):
     from r1lab.speedrun.report import classify_response
 
-    p = PRESETS["reasoning"]
+    p = PRESETS["cpu"]
+    assert p.textbook_share > 0 and p.reasoning_share <= 0.4
     task = sdata.make_task(p.task, **dict(p.task_knobs))
-    sdata.write_data(tmp_path, task, corpus_docs=2000, reasoning_share=p.reasoning_share, rl_prompts=4, cold_start=4,
-                     test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share)
+    sdata.write_data(tmp_path, task, corpus_docs=3000, reasoning_share=p.reasoning_share, rl_prompts=4, cold_start=4,
+                     test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
+                     textbook_share=p.textbook_share)
     rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
-    docs = [d.split("<think>", 1)[1] for d in rows]
-    kinds = [classify_response(d) for d in docs]
+    head = sdata.TEXTBOOK_TEMPLATE.split("{")[0]
+    examples = [r.startswith(head) for r in rows]
+    assert sum(examples) == round(len(rows) * p.textbook_share)
+    # A worked example is the question and its worked solution outside any dialogue; a dialogue has the R1-Zero
+    # layout. Both end in the answer: the think block's text, then the tagged answer (dialogues only).
+    assert all(r.startswith("User: Add a") and "\nAssistant: <think> " in r and r.endswith("</answer>")
+               for r, e in zip(rows, examples) if not e)
+    assert all("<think>" not in r and r.endswith(".") for r, e in zip(rows, examples) if e)
+    bodies = [r.split("\n", 1)[1] if e else r.split("<think>", 1)[1] for r, e in zip(rows, examples)]
+    kinds = [classify_response(b) for b in bodies]
+    assert all(k != "direct" for k, e in zip(kinds, examples) if e)  # worked examples always work it out
+    dialogue_worked = [k != "direct" for k, e in zip(kinds, examples) if not e]
+    assert abs(sum(dialogue_worked) / len(dialogue_worked) - p.reasoning_share) < 0.04
     n_worked = sum(k != "direct" for k in kinds)
-    worked = n_worked / len(docs)
     checked = sum(k == "checked" for k in kinds) / n_worked
-    fixed = sum(". Wait, " in d for d in docs) / n_worked
+    fixed = sum(". Wait, " in b for b in bodies) / n_worked
     # worked without a check and a wrong answer: the slips nobody catches
     truth = [str(sum(int(w[1:]) for w in r.split("Add ", 1)[1].split(".", 1)[0].split())) for r in rows]
-    answers = [r.rsplit("<answer>", 1)[1].split("</answer>")[0] for r in rows]
+    answers = [b.rsplit("The answer is ", 1)[1].split(".")[0] for b in bodies]
+    assert all(r.endswith(f"<answer>{a}</answer>") for r, a, e in zip(rows, answers, examples) if not e)
     slipped = sum(k == "worked" and a != t for k, a, t in zip(kinds, answers, truth)) / n_worked
     assert all(a == t for k, a, t in zip(kinds, answers, truth) if k != "worked")  # the others are all right
-    assert abs(worked - p.reasoning_share) < 0.04 and abs(checked - p.check_share - p.fix_share) < 0.06
-    assert abs(fixed - p.fix_share) < 0.04
+    assert abs(checked - p.check_share - p.fix_share) < 0.05 and abs(fixed - p.fix_share) < 0.04
     assert abs(slipped - (1 - p.check_share - p.fix_share) * p.slip_share) < 0.04
-    assert all(d.startswith("User: Add a") and d.endswith("</answer>") for d in rows)
+
+def test_a_run_folder_older_than_a_setting_keeps_what_it_ran_with(tmp_path):
+    import dataclasses
+
+    from r1lab.speedrun.pipeline import SINCE
+
+    settings = dataclasses.asdict(PRESETS["mini"])
+    for key in SINCE:
+        settings.pop(key)
+    (tmp_path / "speedrun.json").write_text(json.dumps({"preset": "mini", "settings": settings, "stages": {}}))
+    run = Speedrun(tmp_path, "mini", device="cpu", resume=True, quiet=True)
+    assert {k: getattr(run.p, k) for k in SINCE} == SINCE != {k: getattr(PRESETS["cpu"], k) for k in SINCE}

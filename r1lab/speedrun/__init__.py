@@ -70,10 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "4 rejection sampling, 5 distillation into a smaller student (and a control student), 6 "
                     "evaluation of every stage; then report.md with tables and plots in the run folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets: cpu (default: sums of four one-digit numbers, a 1.4M-parameter model; a 2-core CPU in "
-               "about 12 minutes), gpu (sums and differences of six, a 54M model; one H200 in about 8 minutes), "
-               "reasoning (work in progress on issue 18: running sums of eight tagged numbers, where R1-Zero "
-               "learns to work the answer out and to check it; not yet run in full), mini (every stage at toy sizes, for tests).\n"
+        epilog="Presets: cpu (default: running sums of eight tagged one-digit numbers, a 1.4M-parameter model; "
+               "R1-Zero learns to work the sum out and to check it; a 2-core CPU in about 15 minutes), gpu (sums "
+               "and differences of six, a 54M model; one H200 in about 8 minutes), mini (every stage at toy "
+               "sizes, for tests).\n"
                "Each training stage is an ordinary r1lab pretrain / sft / grpo run with its recipe.toml in its "
                "folder.\nExamples:\n  r1lab speedrun\n  r1lab speedrun --preset gpu --out runs/speedrun-gpu\n"
                "  r1lab speedrun --out runs/speedrun --resume      # after Ctrl-C or a crash\n"

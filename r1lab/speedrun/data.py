@@ -6,7 +6,12 @@ Every file is JSON Lines that the stand-alone commands read too (`r1lab pretrain
                     think block only states the answer); a share `reasoning_share` carries a worked solution in
                     the think block, as web text holds some reasoning, and of those some check their result and
                     a few catch and fix a slip (`worked_body`). The base model can thus sometimes reason, and
-                    RL has something to reinforce.
+                    RL has something to reinforce. A share `textbook_share` of the documents are worked examples
+                    outside any dialogue ("Worked example. Add a7 b3 c5.\na7+b3=10 +c5=15. The answer is 15."),
+                    as textbooks hold worked arithmetic while most dialogues answer at once: the skill is learned
+                    from more text than the dialogues that use it. (They are not dialogues under a heading: a
+                    model this small then works sums out as often as all its documents do, heading or not;
+                    benchmarks/LOG.md, eighth session.)
   zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (`ZERO_TEMPLATE`), for `r1lab grpo` in raw style
   prompts.jsonl     {"prompt", "answer"}: bare questions, for `r1lab grpo` in chat style
   cold_start.jsonl  {"prompt", "response"}: a small set of long, well-formatted worked solutions (cold start)
@@ -31,6 +36,8 @@ ZERO_TEMPLATE = "User: {question}\nAssistant: <think>"
 # The R1 chat template's rendering of one user turn with the think block opened (as r1lab grpo's chat style with
 # open_think writes it), for evaluation of the chat-tuned stages.
 CHAT_TEMPLATE = "<bos><｜User｜>{question}<｜Assistant｜><think>\n"
+# A worked example of the corpus (`textbook_share`): the question and its worked solution, outside any dialogue.
+TEXTBOOK_TEMPLATE = "Worked example. {question}\n{body}"
 
 
 def make_task(name: str, **knobs):
@@ -116,12 +123,14 @@ def write_jsonl(path: Path, rows) -> int:
 
 def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
-               check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0) -> dict[str, int]:
+               check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
+               textbook_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
     `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip, and
-    `slip_share` of the unchecked ones slip (`worked_body`)."""
+    `slip_share` of the unchecked ones slip (`worked_body`). A share `textbook_share` of the corpus are worked
+    examples outside dialogues (`TEXTBOOK_TEMPLATE`; the same mix of checks, fixes and slips)."""
     rng = random.Random(f"speedrun-corpus:{seed}")
     n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
     corpus = task.problems(corpus_docs - n_easy, "train", seed)
@@ -129,7 +138,13 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
         corpus += easy_task.problems(n_easy, "train", seed)
         random.Random(f"speedrun-mix:{seed}").shuffle(corpus)
 
-    def doc(p: Problem) -> dict:
+    textbook = set(random.Random(f"speedrun-textbook:{seed}").sample(range(len(corpus)),
+                                                                     round(len(corpus) * textbook_share)))
+
+    def doc(i: int, p: Problem) -> dict:
+        if i in textbook:
+            body = worked_body(task, p, rng, check_share, fix_share, slip_share)
+            return {"text": TEXTBOOK_TEMPLATE.format(question=p.question, body=body)}
         body = worked_body(task, p, rng, check_share, fix_share, slip_share) if rng.random() < reasoning_share else bare_body(p)
         # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
         answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
@@ -139,7 +154,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     demos = task.problems(cold_start, "train", seed + 2)
     held_out = task.problems(test, "test", seed + 3)
     counts = {
-        "corpus": write_jsonl(folder / "corpus.jsonl", (doc(p) for p in corpus)),
+        "corpus": write_jsonl(folder / "corpus.jsonl", (doc(i, p) for i, p in enumerate(corpus))),
         "zero_prompts": write_jsonl(folder / "zero_prompts.jsonl", (
             {"prompt": ZERO_TEMPLATE.format(question=p.question), "answer": p.answer} for p in rl)),
         "prompts": write_jsonl(folder / "prompts.jsonl", ({"prompt": p.question, "answer": p.answer} for p in rl)),

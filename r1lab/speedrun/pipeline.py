@@ -46,29 +46,32 @@ class Preset:
     """Everything a speedrun varies. `cpu` is the default (a 2-core laptop, <= 15 minutes); `gpu` one H200."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
-    task: str = "arithmetic"  # sums of four one-digit numbers: "What is 3 + 5 + 2 + 4?"
-    task_knobs: tuple = (("digits", 1), ("ops", ("+",)), ("n_operands", 4))
+    task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
+    task_knobs: tuple = (("n_operands", 8),)
     corpus_docs: int = 24_000
-    reasoning_share: float = 0.3  # share of pretraining documents with a worked solution
-    check_share: float = 0.0  # share of the worked documents that check their result (tasks that can)
-    fix_share: float = 0.0  # share of the worked documents that make a slip, catch it and fix it
-    slip_share: float = 0.0  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
+    reasoning_share: float = 0.35  # share of the pretraining dialogues with a worked solution
+    textbook_share: float = 0.25  # share of pretraining documents that are worked examples outside dialogues
+    check_share: float = 0.3  # share of the worked documents that check their result (tasks that can)
+    fix_share: float = 0.1  # share of the worked documents that make a slip, catch it and fix it
+    slip_share: float = 0.2  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
-    seq_len: int = 128
-    pretrain_steps: int = 800
-    pretrain_batch: int = 32
+    seq_len: int = 256
+    pretrain_steps: int = 900
+    pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    student_pretrain_steps: int = 300
+    student_pretrain_steps: int = 600
     rl_prompts: int = 4096  # training prompts available to the RL stages and rejection sampling
-    rl_steps: int = 40
+    rl_steps: int = 80  # R1-Zero's steps (and reasoning RL's, unless reasoning_rl_steps is set)
+    reasoning_rl_steps: int = 40  # reasoning RL's steps (0: rl_steps)
     prompts_per_step: int = 16
     group_size: int = 8
-    rl_lr: float = 3e-5
+    rl_lr: float = 6e-5
     rl_batch: int = 64  # sequences per forward/backward in the GRPO update
-    max_tokens: int = 100
+    rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
+    max_tokens: int = 200
     cold_start: int = 200
-    sft_steps: int = 150
+    sft_steps: int = 60
     sft_batch: int = 16
     sft_lr: float = 1e-3
     rejection_prompts: int = 1024
@@ -82,32 +85,35 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    # Running sums of eight tagged one-digit numbers ("Add a7 b3 c5 d8 e2 f9 g1 h4."), worked out in short local
+    # steps ("a7+b3=10 +c5=15 ..."). A third of the dialogues work the sum out (some of those check it, a few
+    # catch a slip, some slip unnoticed) and a quarter of the corpus are worked examples outside dialogues; the
+    # rest answer at once. RL samples at temperature 0.7. What each choice does: benchmarks/LOG.md, sixth to
+    # eighth sessions.
     "cpu": Preset(),
-    "gpu": Preset(model="speedrun-gpu", student="speedrun-gpu-student",
+    # One H200: sums and differences of six one-digit numbers, a 54M model (not yet the reasoning task: its
+    # first try answered sums of twelve at once 91% right; benchmarks/LOG.md, seventh session).
+    "gpu": Preset(model="speedrun-gpu", student="speedrun-gpu-student", task="arithmetic",
                   task_knobs=(("digits", 1), ("ops", ("+", "-")), ("n_operands", 6)), corpus_docs=100_000,
+                  reasoning_share=0.3, textbook_share=0.0, check_share=0.0, fix_share=0.0, slip_share=0.0,
+                  rl_temperature=1.0, reasoning_rl_steps=0,
                   seq_len=256, pretrain_steps=1500, pretrain_batch=64, pretrain_lr=1e-3, student_pretrain_steps=1000,
                   rl_steps=60, prompts_per_step=32, group_size=8, rl_lr=1e-5, rl_batch=128, max_tokens=200,
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
                   rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8),
-    # Work in progress for reasoning emergence (issue 18; not yet the default): running sums of eight tagged
-    # one-digit numbers in short steps ("a7+b3=10 +c5=15"). 40% of the documents work the sum out; some of those
-    # slip and give a wrong answer, some check by working it out again and answer with the check's total. R1-Zero
-    # took the reasoning share 42% -> 92%, pass@1 +16.6 points, the self-check share 15% -> 33% (seed 0); not yet
-    # met: the base reasoning share <= 40%, length >= 2x (1.80x), the 15-minute budget, the later stages.
-    # benchmarks/LOG.md, sixth and seventh sessions.
-    "reasoning": Preset(task="running-sum", task_knobs=(("n_operands", 8),), reasoning_share=0.4, check_share=0.3,
-                        fix_share=0.1, slip_share=0.2, seq_len=256, pretrain_steps=900, pretrain_batch=16,
-                        rl_steps=80, rl_lr=6e-5, max_tokens=200),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
                    reasoning_share=0.5, check_share=0.3, fix_share=0.1, slip_share=0.2, seq_len=64, pretrain_steps=200,
                    pretrain_batch=16, student_pretrain_steps=3,
-                   rl_prompts=64, rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
+                   rl_prompts=64, rl_steps=2, reasoning_rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
                    cold_start=64, sft_steps=60, sft_batch=8, rejection_prompts=64, rejection_samples=4,
                    rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=3, eval_problems=8, eval_k=2),
 }
+
+# Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
+SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
@@ -190,8 +196,8 @@ class Speedrun:
             p = dataclasses.replace(PRESETS[preset], **(overrides or {}))
             state = {"preset": preset, "settings": dataclasses.asdict(p), "stages": {}}
         self.state = state
-        self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v
-                           for k, v in state["settings"].items()})
+        settings = {**SINCE, **state["settings"]}  # a run folder older than a setting keeps what it ran with
+        self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v for k, v in settings.items()})
         self.task = sdata.make_task(self.p.task, **dict(self.p.task_knobs))
         self.easy_task = (sdata.make_task(self.p.task, **{**dict(self.p.task_knobs), **dict(self.p.easy_knobs)})
                           if self.p.easy_share > 0 else None)
@@ -289,7 +295,7 @@ class Speedrun:
         counts = sdata.write_data(self.data, self.task, corpus_docs=p.corpus_docs, reasoning_share=p.reasoning_share,
                                   rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed,
                                   check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
-                                  easy_task=self.easy_task, easy_share=p.easy_share)
+                                  easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         results = {"data": counts, "vocab_size": tok.vocab_size}
@@ -303,16 +309,17 @@ class Speedrun:
         return results
 
     # ------------------------------------------------------------------ stages 1 and 3
-    def _grpo(self, out: Path, init: Path, prompts: str, style: str) -> dict:
+    def _grpo(self, out: Path, init: Path, prompts: str, style: str, steps: int) -> dict:
         from ..train import grpo
 
         p = self.p
         r = grpo.load_grpo_recipe(None, {"data.train": str(self.data / prompts)})
         r.model.init = str(init)
-        self._common(r, out, p.rl_steps, p.rl_batch, p.rl_lr)
+        self._common(r, out, steps, p.rl_batch, p.rl_lr)
         g = r.grpo
         g.prompt_style, g.open_think = style, style == "chat"
         g.prompts_per_step, g.group_size, g.max_tokens = p.prompts_per_step, p.group_size, p.max_tokens
+        g.temperature = p.rl_temperature
         g.rewards = ["accuracy=1.0", "format=0.5"]
         g.beta, g.eps_low, g.eps_high, g.loss_agg = 0.0, 0.2, 0.28, "token"
         g.log_samples = p.prompts_per_step * p.group_size  # every sample: the report classifies them per step
@@ -320,10 +327,12 @@ class Speedrun:
         return {"reward": last.get("reward"), "accuracy": last.get("accuracy")}
 
     def stage_r1_zero(self) -> dict:
-        return self._grpo(self.out / "1-r1-zero", self.out / "0-pretrain/base/final", "zero_prompts.jsonl", "raw")
+        return self._grpo(self.out / "1-r1-zero", self.out / "0-pretrain/base/final", "zero_prompts.jsonl", "raw",
+                          self.p.rl_steps)
 
     def stage_reasoning_rl(self) -> dict:
-        return self._grpo(self.out / "3-reasoning-rl", self.out / "2-cold-start/final", "prompts.jsonl", "chat")
+        return self._grpo(self.out / "3-reasoning-rl", self.out / "2-cold-start/final", "prompts.jsonl", "chat",
+                          self.p.reasoning_rl_steps or self.p.rl_steps)
 
     # ------------------------------------------------------------------ stages 2 and 5
     def _sft(self, out: Path, init: Path, files: list[Path], steps: int) -> dict:
