@@ -221,15 +221,16 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
                      test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
                      textbook_share=p.textbook_share)
     rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
-    head = sdata.TEXTBOOK_TEMPLATE.split("{")[0]
-    examples = [r.startswith(head) for r in rows]
+    examples = [r.startswith("Example: Add a") for r in rows]
     assert sum(examples) == round(len(rows) * p.textbook_share)
-    # A worked example is the question and its worked solution outside any dialogue; a dialogue has the R1-Zero
-    # layout. Both end in the answer: the think block's text, then the tagged answer (dialogues only).
-    assert all(r.startswith("User: Add a") and "\nAssistant: <think> " in r and r.endswith("</answer>")
-               for r, e in zip(rows, examples) if not e)
-    assert all("<think>" not in r and r.endswith(".") for r, e in zip(rows, examples) if e)
-    bodies = [r.split("\n", 1)[1] if e else r.split("<think>", 1)[1] for r, e in zip(rows, examples)]
+    # A worked example has the R1-Zero layout with other role words, so every position after them is the same.
+    ids = build_task_tokenizer(tmp_path / "tok", sdata.tokenizer_texts(tmp_path)).encode
+    assert len(ids(sdata.TEXTBOOK_TEMPLATE.format(question="Add a1."))) == len(ids(sdata.ZERO_TEMPLATE.format(
+        question="Add a1.")))
+    assert all(r.startswith("User: Add a") for r, e in zip(rows, examples) if not e)
+    assert all("\nSolution: <think> " in r if e else "\nAssistant: <think> " in r for r, e in zip(rows, examples))
+    assert all(r.endswith("</answer>") for r in rows)
+    bodies = [r.split("<think>", 1)[1] for r in rows]
     kinds = [classify_response(b) for b in bodies]
     assert all(k != "direct" for k, e in zip(kinds, examples) if e)  # worked examples always work it out
     dialogue_worked = [k != "direct" for k, e in zip(kinds, examples) if not e]
@@ -240,7 +241,7 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
     # worked without a check and a wrong answer: the slips nobody catches
     truth = [str(sum(int(w[1:]) for w in r.split("Add ", 1)[1].split(".", 1)[0].split())) for r in rows]
     answers = [b.rsplit("The answer is ", 1)[1].split(".")[0] for b in bodies]
-    assert all(r.endswith(f"<answer>{a}</answer>") for r, a, e in zip(rows, answers, examples) if not e)
+    assert all(r.endswith(f"<answer>{a}</answer>") for r, a in zip(rows, answers))
     slipped = sum(k == "worked" and a != t for k, a, t in zip(kinds, answers, truth)) / n_worked
     assert all(a == t for k, a, t in zip(kinds, answers, truth) if k != "worked")  # the others are all right
     assert abs(checked - p.check_share - p.fix_share) < 0.05 and abs(fixed - p.fix_share) < 0.04

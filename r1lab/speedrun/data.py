@@ -7,11 +7,11 @@ Every file is JSON Lines that the stand-alone commands read too (`r1lab pretrain
                     the think block, as web text holds some reasoning, and of those some check their result and
                     a few catch and fix a slip (`worked_body`). The base model can thus sometimes reason, and
                     RL has something to reinforce. A share `textbook_share` of the documents are worked examples
-                    outside any dialogue ("Worked example. Add a7 b3 c5.\na7+b3=10 +c5=15. The answer is 15."),
+                    ("Example: Add a7 b3 c5.\nSolution: <think> a7+b3=10 +c5=15. The answer is 15. </think> ..."),
                     as textbooks hold worked arithmetic while most dialogues answer at once: the skill is learned
-                    from more text than the dialogues that use it. (They are not dialogues under a heading: a
-                    model this small then works sums out as often as all its documents do, heading or not;
-                    benchmarks/LOG.md, eighth session.)
+                    from more text than the dialogues that use it. Their layout is the dialogue's, word for word
+                    but the two role words, because a model this small finds an operand by its distance: in
+                    another layout its lookups did not carry over to dialogues (benchmarks/LOG.md, eighth session).
   zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (`ZERO_TEMPLATE`), for `r1lab grpo` in raw style
   prompts.jsonl     {"prompt", "answer"}: bare questions, for `r1lab grpo` in chat style
   cold_start.jsonl  {"prompt", "response"}: a small set of long, well-formatted worked solutions (cold start)
@@ -36,8 +36,9 @@ ZERO_TEMPLATE = "User: {question}\nAssistant: <think>"
 # The R1 chat template's rendering of one user turn with the think block opened (as r1lab grpo's chat style with
 # open_think writes it), for evaluation of the chat-tuned stages.
 CHAT_TEMPLATE = "<bos><｜User｜>{question}<｜Assistant｜><think>\n"
-# A worked example of the corpus (`textbook_share`): the question and its worked solution, outside any dialogue.
-TEXTBOOK_TEMPLATE = "Worked example. {question}\n{body}"
+# A worked example of the corpus (`textbook_share`): ZERO_TEMPLATE with other role words (one token each, as
+# "User" and "Assistant" are), so every position after them is where it is in a dialogue.
+TEXTBOOK_TEMPLATE = "Example: {question}\nSolution: <think>"
 
 
 def make_task(name: str, **knobs):
@@ -130,7 +131,8 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
     `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip, and
     `slip_share` of the unchecked ones slip (`worked_body`). A share `textbook_share` of the corpus are worked
-    examples outside dialogues (`TEXTBOOK_TEMPLATE`; the same mix of checks, fixes and slips)."""
+    examples (`TEXTBOOK_TEMPLATE`: a dialogue's layout with other role words; the same mix of checks, fixes and
+    slips)."""
     rng = random.Random(f"speedrun-corpus:{seed}")
     n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
     corpus = task.problems(corpus_docs - n_easy, "train", seed)
@@ -142,13 +144,12 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                                                                      round(len(corpus) * textbook_share)))
 
     def doc(i: int, p: Problem) -> dict:
-        if i in textbook:
-            body = worked_body(task, p, rng, check_share, fix_share, slip_share)
-            return {"text": TEXTBOOK_TEMPLATE.format(question=p.question, body=body)}
-        body = worked_body(task, p, rng, check_share, fix_share, slip_share) if rng.random() < reasoning_share else bare_body(p)
+        worked = i in textbook or rng.random() < reasoning_share
+        body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
         # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
         answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
-        return {"text": ZERO_TEMPLATE.format(question=p.question) + zero_completion(body, answer)}
+        template = TEXTBOOK_TEMPLATE if i in textbook else ZERO_TEMPLATE
+        return {"text": template.format(question=p.question) + zero_completion(body, answer)}
 
     rl = task.problems(rl_prompts, "train", seed + 1)
     demos = task.problems(cold_start, "train", seed + 2)
