@@ -50,7 +50,7 @@ class Preset:
     task_knobs: tuple = (("n_operands", 8),)
     corpus_docs: int = 24_000
     reasoning_share: float = 0.35  # share of the pretraining dialogues with a worked solution
-    textbook_share: float = 0.25  # share of pretraining documents that are worked examples outside dialogues
+    textbook_share: float = 0.25  # share of pretraining documents that are worked examples (data.TEXTBOOK_TEMPLATE)
     check_share: float = 0.3  # share of the worked documents that check their result (tasks that can)
     fix_share: float = 0.1  # share of the worked documents that make a slip, catch it and fix it
     slip_share: float = 0.2  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
@@ -86,10 +86,10 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Running sums of eight tagged one-digit numbers ("Add a7 b3 c5 d8 e2 f9 g1 h4."), worked out in short local
-    # steps ("a7+b3=10 +c5=15 ..."). A third of the dialogues work the sum out (some of those check it, a few
-    # catch a slip, some slip unnoticed) and a quarter of the corpus are worked examples outside dialogues; the
-    # rest answer at once. RL samples at temperature 0.7. What each choice does: benchmarks/LOG.md, sixth to
-    # eighth sessions.
+    # steps ("a7+b3=10 +c5=15 ..."). 35% of the dialogues work the sum out (some of those check it, a few catch
+    # a slip, some slip unnoticed), the rest answer at once, and a quarter of the corpus are worked examples (a
+    # dialogue's layout with "Example:"/"Solution:" for its role words). RL samples at temperature 0.7. What each
+    # choice does: benchmarks/LOG.md, sixth to eighth sessions.
     "cpu": Preset(),
     # One H200: sums and differences of six one-digit numbers, a 54M model (not yet the reasoning task: its
     # first try answered sums of twelve at once 91% right; benchmarks/LOG.md, seventh session).
