@@ -171,7 +171,7 @@ def test_chat_style_prompt_with_the_real_template():
 
 
 # ---------------------------------------------------------------------- the trainer
-def small_trainer(tmp_path, **grpo):
+def small_trainer(tmp_path, model=None, **grpo):
     tok = CharTokenizer()
     r = GRPORecipe.defaults()
     r.run.out, r.run.device = str(tmp_path / "run"), "cpu"
@@ -186,7 +186,7 @@ def small_trainer(tmp_path, **grpo):
             setattr(r.grpo, k, v)
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     torch.manual_seed(0)
-    return GRPOTrainer(r, tiny_model(), tok, rows, quiet=True)
+    return GRPOTrainer(r, tiny_model() if model is None else model, tok, rows, quiet=True)
 
 
 def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
