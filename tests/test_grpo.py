@@ -262,6 +262,39 @@ def test_compiled_update_equals_eager(tmp_path):
     assert sc["entropy"] == pytest.approx(se["entropy"], rel=1e-4)
 
 
+def test_compiled_update_compiles_once_for_every_completion_length(tmp_path):
+    """train.compile: four updates on batches of other completion lengths (and micro-batches of 6, 6 and 4
+    sequences) compile the policy forward and the head's chunk math once, at the first update, and give the
+    eager update's loss and gradient. The model is dense: on the CPU the MoE layers take the per-expert loop,
+    whose data-dependent expert counts recompile anyway (the GPU's grouped GEMM does not)."""
+    from torch._dynamo.utils import counters
+
+    trainers = [small_trainer(tmp_path / c, tiny_model(num_hidden_layers=1, first_k_dense_replace=1), max_tokens=8,
+                              mini_batch_size=16, **{"train.compile": c, "train.batch_size": 6})
+                for c in ("false", "true")]
+    grads = [[], []]
+    for t, seen in zip(trainers, grads):  # gradients recorded, no update: both stay at the same weights
+        t.optimizer.step = lambda seen=seen, t=t: seen.append(
+            torch.cat([m.grad.flatten() for m in t.master.master if m.grad is not None]))
+    graphs = []
+    for step, L in enumerate((3, 5, 8, 4)):
+        trainers[0].g.max_tokens = L
+        torch.manual_seed(step)
+        ro = trainers[0].rollout(step)
+        assert max(len(c) for c in ro.completion_ids) == L  # (an untrained model rarely ends early)
+        ro.rewards = torch.rand(len(ro.rewards), generator=torch.Generator().manual_seed(step))
+        delta = torch.linspace(-0.3, 0.3, len(ro.rows)).tolist()  # ratios away from 1: a loss far from 0
+        ro.old_logp = [[x - d for x in lp] for lp, d in zip(ro.old_logp, delta)]
+        eager, compiled = (t._optimise(ro) for t in trainers)
+        graphs.append(counters["stats"]["unique_graphs"])
+        # fp32, the same sums in another order (fused kernels). The loss is a sum of terms ~1 (advantages x
+        # ratios) that nearly cancel (~1e-4 left): compared absolutely, at the rounding of those terms (observed
+        # 2e-8 apart)
+        assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-6), step
+        torch.testing.assert_close(grads[1][-1], grads[0][-1], rtol=1e-4, atol=1e-7)
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3, graphs
+
+
 def test_beta_zero_builds_no_reference_and_beta_positive_reports_kl(tmp_path):
     t0 = small_trainer(tmp_path / "a", beta=0.0)
     assert t0.ref is None

@@ -182,6 +182,12 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     idx[:, :L] = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
     ids, targets, idx, mask = to_device(host, dev).unbind(0)
     ids, targets, idx, mask = ids[:, :S].contiguous(), targets[:, :L], idx[:, :L], mask[:, :L].bool()
+    # One compiled graph for every micro-batch shape (sequences per micro-batch and their lengths change from
+    # step to step): both dimensions dynamic from the first call, where torch.compile would first build a static
+    # graph and recompile at the first new length, then at the first new batch size (each a full forward and
+    # backward compilation). maybe_: a size-1 dimension stays specialised rather than raise.
+    torch._dynamo.maybe_mark_dynamic(ids, 0)
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
     h = forward(ids, return_hidden=True)  # (B, S, D)
     h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
     # fp32 log-probs (precision policy); padding has no target (log-prob 0, no gradient); entropy without gradient
