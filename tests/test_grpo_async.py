@@ -138,6 +138,9 @@ def test_unsupported_combinations_are_refused_and_supported_ones_run(tmp_path, m
     assert frozen and all(any(p is q for q in t.engine.model.parameters()) for p in frozen)
     assert all(not any(p is q for q in t.engine.model.parameters()) for p in t.model.parameters() if p.requires_grad)
     assert [r["policy_lag"] for r in steps(t, 2)] == [0, 1]
+    # speculative rollouts: the snapshot has the MTP module too, and the engine drafts with it
+    t = small_trainer(tmp_path / "mtp", tiny_model(num_nextn_predict_layers=1), speculate=2, **ASYNC)
+    assert [r["policy_lag"] for r in steps(t, 2)] == [0, 1] and t.engine.stats["drafted"] > 0
     monkeypatch.setattr(parallel, "world_size", lambda: 2)
     with pytest.raises(ValueError, match="grpo.async is not supported under torchrun"):
         small_trainer(tmp_path / "dist", **ASYNC)

@@ -40,8 +40,8 @@ class CharTokenizer:
 
 
 def tiny_model(seed=0, **config):
-    cfg = get_preset("tiny").replace(vocab_size=16, max_position_embeddings=64, rope_scaling=None,
-                                     num_nextn_predict_layers=0, **config)
+    cfg = get_preset("tiny").replace(**{"vocab_size": 16, "max_position_embeddings": 64, "rope_scaling": None,
+                                        "num_nextn_predict_layers": 0, **config})
     with torch.device("meta"):
         model = Transformer(cfg)
     return model.to_empty(device="cpu").init_weights(seed=seed)
