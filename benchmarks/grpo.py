@@ -4,6 +4,7 @@
     python benchmarks/grpo.py --only r1lab    # r1lab alone
     python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
     python benchmarks/grpo.py --only r1lab --compile --profile-step 3 --trace t.json   # kernels of one step
+    python benchmarks/grpo.py --only r1lab --compile --async --steps 12   # grpo.async: sampling beside the update
     python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 2  # dry run
 
 Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8, completions of exactly 256 tokens
@@ -54,7 +55,7 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     g.prompt_style, g.prompts_per_step, g.group_size, g.max_tokens, g.beta = "raw", args.prompts, args.g, args.tokens, 0.0
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-6, args.micro, args.steps
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
-    r.train.compile = args.compile
+    r.train.compile, g.async_ = args.compile, args.async_
     model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
     tr = GRPOTrainer(r, model, tok, prompts(args.prompts * args.steps), dtype=_dtype(args),
@@ -79,8 +80,10 @@ def bench_r1lab(model_dir: Path, args) -> dict:
         times.append(time.perf_counter() - t0)
         toks.append(rec["gen_tokens_per_s"])
         gens.append(rec["gen_s"])
+        overlap = (f", overlapped {rec['overlap_s']:.2f} s, waited {rec['wait_s']:.2f} s, lag {rec['policy_lag']}"
+                   if "overlap_s" in rec else "")  # grpo.async: gen_s is the batch sampled during the last step
         print(f"r1lab step {tr.step}: {times[-1]:.2f} s (gen {rec['gen_s']:.2f} s, train {rec['train_s']:.2f} s, "
-              f"{rec['gen_tokens_per_s']:,.0f} rollout tok/s) reward {rec['reward']:.3f}")
+              f"{rec['gen_tokens_per_s']:,.0f} rollout tok/s{overlap}) reward {rec['reward']:.3f}")
         if prof is not None:
             report_profile(prof, args)
         if parts is not None:
@@ -89,7 +92,7 @@ def bench_r1lab(model_dir: Path, args) -> dict:
     eng_mod.SamplingParams.__post_init__ = orig
     gen_share = statistics.median(gs / t for gs, t in zip(gens[1:4], times[1:4]))
     return {"step_s": statistics.median(times[1:4]), "tok_s": statistics.median(toks[1:4]),
-            "gen_share": gen_share}
+            "gen_share": gen_share, "first_s": times[0], "async": args.async_}
 
 
 def profiler(args):
@@ -239,6 +242,8 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=32, help="r1lab sequences per forward/backward (default 32)")
     p.add_argument("--steps", type=int, default=4, help="GRPO steps (default 4; median of steps 2-4)")
     p.add_argument("--compile", action="store_true", help="r1lab: train.compile = true for the policy update")
+    p.add_argument("--async", dest="async_", action="store_true", help="r1lab: grpo.async = true (the next step's "
+                   "rollouts are sampled during this step's update, one step off-policy)")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
     p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")
@@ -266,7 +271,9 @@ def main() -> None:
             res["trl"] = bench_trl(Path(d), args)
     for k, v in res.items():
         print(f"{k:6s} {v['step_s']:.2f} s/step, {v['tok_s']:,.0f} rollout tok/s, generation "
-              f"{v['gen_share']:.0%} of the step (medians of steps 2-4)")
+              f"{v['gen_share']:.0%} of the step{' (beside the update)' if v.get('async') else ''} (medians of "
+              f"steps 2-4)"
+              + (f"; first step {v['first_s']:.1f} s (compilation included)" if "first_s" in v else ""))
     if len(res) == 2:
         print(f"r1lab is {res['trl']['step_s'] / res['r1lab']['step_s']:.1f}x faster per step (goal: >= 10x)")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from r1lab.cli import main
 from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, completion_logprobs,
@@ -171,7 +172,7 @@ def test_chat_style_prompt_with_the_real_template():
 
 
 # ---------------------------------------------------------------------- the trainer
-def small_trainer(tmp_path, **grpo):
+def small_trainer(tmp_path, model=None, **grpo):
     tok = CharTokenizer()
     r = GRPORecipe.defaults()
     r.run.out, r.run.device = str(tmp_path / "run"), "cpu"
@@ -186,7 +187,7 @@ def small_trainer(tmp_path, **grpo):
             setattr(r.grpo, k, v)
     rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
     torch.manual_seed(0)
-    return GRPOTrainer(r, tiny_model(), tok, rows, quiet=True)
+    return GRPOTrainer(r, tiny_model() if model is None else model, tok, rows, quiet=True)
 
 
 def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
@@ -260,6 +261,52 @@ def test_compiled_update_equals_eager(tmp_path):
     assert sc["loss"] == pytest.approx(se["loss"], abs=1e-6)
     assert sc["kl"] == pytest.approx(se["kl"], abs=1e-7)
     assert sc["entropy"] == pytest.approx(se["entropy"], rel=1e-4)
+
+
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run the CPU tests here, or None: Dynamo's platform support, Inductor's C++ compiler."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (Dynamo) does not support this Python or platform"
+    try:  # (a private module: if this torch lacks it, the check says so rather than guess)
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - any reason at all means no compiled CPU kernels
+        return f"Inductor cannot compile CPU kernels here: {type(e).__name__}: {e}"
+    return None
+
+
+def test_compiled_update_compiles_once_for_every_completion_length(tmp_path):
+    """train.compile: four updates on batches of other completion lengths (and micro-batches of 6, 6 and 4
+    sequences) compile the policy forward and the head's chunk math once, at the first update, and give the
+    eager update's loss and gradient. The model is dense: on the CPU the MoE layers take the per-expert loop,
+    whose data-dependent expert counts recompile anyway (the GPU's grouped GEMM does not)."""
+    if why := compile_unavailable():
+        pytest.skip(why)
+    trainers = [small_trainer(tmp_path / c, tiny_model(num_hidden_layers=1, first_k_dense_replace=1), max_tokens=8,
+                              mini_batch_size=16, **{"train.compile": c, "train.batch_size": 6})
+                for c in ("false", "true")]
+    grads = [[], []]
+    for t, seen in zip(trainers, grads):  # gradients recorded, no update: both stay at the same weights
+        t.optimizer.step = lambda seen=seen, t=t: seen.append(
+            torch.cat([m.grad.flatten() for m in t.master.master if m.grad is not None]))
+    graphs = []
+    for step, L in enumerate((3, 5, 8, 4)):
+        trainers[0].g.max_tokens = L
+        torch.manual_seed(step)
+        ro = trainers[0].rollout(step)
+        assert max(len(c) for c in ro.completion_ids) == L  # (an untrained model rarely ends early)
+        ro.rewards = torch.rand(len(ro.rewards), generator=torch.Generator().manual_seed(step))
+        delta = torch.linspace(-0.3, 0.3, len(ro.rows)).tolist()  # ratios away from 1: a loss far from 0
+        ro.old_logp = [[x - d for x in lp] for lp, d in zip(ro.old_logp, delta)]
+        eager, compiled = (t._optimise(ro) for t in trainers)
+        graphs.append(counters["stats"]["unique_graphs"])
+        # fp32, the same sums in another order (fused kernels). The loss is a sum of terms ~1 (advantages x
+        # ratios) that nearly cancel (~1e-4 left): compared absolutely, at the rounding of those terms (observed
+        # 2e-8 apart)
+        assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-6), step
+        torch.testing.assert_close(grads[1][-1], grads[0][-1], rtol=1e-4, atol=1e-7)
+    assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3, graphs
 
 
 def test_beta_zero_builds_no_reference_and_beta_positive_reports_kl(tmp_path):

@@ -39,9 +39,9 @@ class CharTokenizer:
         return "".join(self.chars[i - 2] for i in ids if 2 <= i < len(self.chars) + 2)
 
 
-def tiny_model(seed=0):
-    cfg = get_preset("tiny").replace(vocab_size=16, max_position_embeddings=64, rope_scaling=None,
-                                     num_nextn_predict_layers=0)
+def tiny_model(seed=0, **config):
+    cfg = get_preset("tiny").replace(**{"vocab_size": 16, "max_position_embeddings": 64, "rope_scaling": None,
+                                        "num_nextn_predict_layers": 0, **config})
     with torch.device("meta"):
         model = Transformer(cfg)
     return model.to_empty(device="cpu").init_weights(seed=seed)
@@ -73,8 +73,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def grpo_run(tmp_path, seed: int) -> dict:
-    """Fine-tune on 150 steps of supervised addition, then 60 GRPO steps; the gains of one seed."""
+def grpo_run(tmp_path, seed: int, **keys) -> dict:
+    """Fine-tune on 150 steps of supervised addition, then 60 GRPO steps; the gains of one seed. keys: recipe keys
+    to set besides ({"grpo.async": True})."""
     torch.manual_seed(seed)
     tok = CharTokenizer()
     task = Addition(digits=1, template="{a}+{b}=")
@@ -88,6 +89,8 @@ def grpo_run(tmp_path, seed: int) -> dict:
     r.grpo.prompts_per_step, r.grpo.group_size, r.grpo.beta = 16, 8, 0.0
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-4, 128, 60
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 0
+    for k, v in keys.items():
+        r.set(k, v)
     rows = [{"prompt": p.question, "answer": p.answer} for p in train]
     trainer = GRPOTrainer(r, model, tok, rows, quiet=True)
 
@@ -108,7 +111,11 @@ def grpo_run(tmp_path, seed: int) -> dict:
 
 
 def test_grpo_raises_reward_and_held_out_accuracy(tmp_path):
-    runs = [grpo_run(tmp_path, seed) for seed in range(5)]
+    assert_learns([grpo_run(tmp_path, seed) for seed in range(5)])
+
+
+def assert_learns(runs: list[dict]) -> None:
+    """The margins of the module docstring, on the means over the seeds' runs, and what the log must hold."""
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("reward", "held_out", "greedy")}
     print("mean gains", {k: round(v, 3) for k, v in mean.items()})
     assert mean["reward"] >= 0.06, mean

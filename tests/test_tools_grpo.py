@@ -190,6 +190,18 @@ def test_tool_rollout_trajectory_mask_and_logprobs(tmp_path, tok, caller):
     torch.testing.assert_close(logp[0], torch.tensor(ro.old_logp[i]), rtol=0, atol=1e-3)
 
 
+def test_tool_rollouts_sampled_in_the_background_with_grpo_async(tmp_path, tok, caller):
+    """grpo.async: step 2 trains on the batch sampled in the sampler thread during step 1's update; its tool calls
+    ran from that thread (each in its own child process) as a synchronous rollout's do."""
+    t = tool_trainer(tmp_path, caller, tok, async_=True)
+    first = t.grpo_step()
+    t.step += 1
+    second = t.grpo_step()
+    assert (first["policy_lag"], second["policy_lag"]) == (0, 1)
+    assert first["tool_calls"] == second["tool_calls"] == 1  # every sample called the calculator once
+    assert t._last_rollout.tool_calls == [1] * 4 and 0 in t._last_rollout.token_mask[0]
+
+
 def test_tool_output_tokens_get_no_gradient(tmp_path, tok, caller):
     """The loss's gradient does not depend on what the tool answered beyond its effect as context: changing the
     sampling-time log-probs stored for the tool tokens (which a bug would feed into the ratio) changes nothing."""

@@ -743,7 +743,9 @@ class Engine:
             for t, v in zip(state, saved):
                 t.copy_(v)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
+            # thread_local: only this thread's calls are checked during the capture, so a trainer's update may
+            # allocate and synchronise on another thread meanwhile (GRPO's grpo.async samples beside its update)
+            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
                 out = self._step_fn(mode, pages)
         finally:  # the warm-up steps advanced the slots (capture itself runs nothing): put them back
             for t, v in zip(state, saved):

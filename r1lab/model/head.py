@@ -49,11 +49,22 @@ _compiled: dict = {}
 
 
 def _fn(fn, compiled: bool):
-    """fn or its torch.compile'd twin (fused: one pass over a chunk's logits instead of several)."""
+    """fn or its torch.compile'd twin (fused: one pass over a chunk's logits instead of several), compiled once
+    for every number of tokens: dim 0 of its tensor arguments is marked dynamic before each call (a batch's last
+    chunk is shorter, and GRPO's completion lengths change every step), where torch.compile would first build a
+    graph for the first size and recompile at the second."""
     if not compiled:
         return fn
     if fn not in _compiled:
-        _compiled[fn] = torch.compile(fn)
+        compiled_fn = torch.compile(fn)
+
+        def call(*args):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+            return compiled_fn(*args)
+
+        _compiled[fn] = call
     return _compiled[fn]
 
 

@@ -37,6 +37,19 @@ entropy and do not count in the token denominators. Each turn resubmits the conv
 (its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
 trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
 
+Asynchronous rollouts (grpo.async, one process): step N+1's rollouts are sampled in a background thread while step
+N's update runs, as verl's and AReaL's one-step off-policy modes do. The engine then runs on a snapshot of the
+trained weights (a second copy in the compute dtype: 2 bytes per trained parameter in bf16; with LoRA only the
+adapters, the frozen base is shared), which takes the policy's weights after each step, once the update and the
+sampling beside it are both done. So the rollout of step N+1 always comes from the weights step N's update
+started from, whatever the timing, and between steps the engine's weights are the policy's. The importance ratio
+is taken against the sampling-time log-probs the engine returned, i.e. against that older policy (policy_lag 1
+in the log; the first step samples on-policy, before its update, and equals the synchronous step). The batch in
+flight is finished before a step ends, and a checkpoint holds it: a resumed run trains on the batch the
+uninterrupted run would have (so the last step samples one batch more, overlapped with its update). On a GPU the
+background thread samples on its own CUDA stream. Logged: policy_lag, overlap_s (seconds the update and the next
+batch's sampling ran together) and wait_s (seconds the step waited for that batch after its update).
+
 Logged per step (terminal + metrics.jsonl): reward and each reward's mean, accuracy, pass@G, response
 lengths, share truncated, KL, clip fraction, entropy, share of zero-variance groups, generation vs training
 seconds, tokens/s; `grpo.log_samples` completions per step go to samples.jsonl. Checkpoints and resume as in
@@ -51,6 +64,8 @@ import copy
 import json
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +182,12 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     idx[:, :L] = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
     ids, targets, idx, mask = to_device(host, dev).unbind(0)
     ids, targets, idx, mask = ids[:, :S].contiguous(), targets[:, :L], idx[:, :L], mask[:, :L].bool()
+    # One compiled graph for every micro-batch shape (sequences per micro-batch and their lengths change from
+    # step to step): both dimensions dynamic from the first call, where torch.compile would first build a static
+    # graph and recompile at the first new length, then at the first new batch size (each a full forward and
+    # backward compilation). maybe_: a size-1 dimension stays specialised rather than raise.
+    torch._dynamo.maybe_mark_dynamic(ids, 0)
+    torch._dynamo.maybe_mark_dynamic(ids, 1)
     h = forward(ids, return_hidden=True)  # (B, S, D)
     h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
     # fp32 log-probs (precision policy); padding has no target (log-prob 0, no gradient); entropy without gradient
@@ -232,6 +253,10 @@ class GRPO:
     speculate: int = _key(0, "rollouts by speculative decoding: draft this many tokens per step with the model's MTP "
                           "module (samples and log-probs follow the policy exactly; the draft is not trained here, "
                           "so acceptance falls as the policy moves away from it); 0 = off")
+    async_: bool = _key(False, "sample step N+1's rollouts in the background while step N's update runs, on a snapshot "
+                        "of the weights step N started from (one-step off-policy; the ratio is taken against the "
+                        "sampling-time log-probs); one process only; costs a second copy of the trained weights in "
+                        "the compute dtype")
 
 
 GRPO_DEFAULTS = {("run", "out"): "runs/grpo", ("optim", "lr"): 1e-6, ("optim", "weight_decay"): 0.0,
@@ -429,6 +454,28 @@ class Rollout:
                        None if parts[0].tool_calls is None else f("tool_calls"))
 
 
+@dataclass
+class Sampled:
+    """A step's sampling: every group drawn, the batch kept for the update, the counts the log reports, and the
+    policy version it came from (GRPO steps done when its weights were taken) with its start and end times
+    (time.perf_counter)."""
+    drawn: Rollout
+    batch: Rollout
+    groups: int  # groups drawn
+    zero_var: int  # of which all rewards were equal
+    version: int
+    start: float
+    end: float
+
+    def state(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (lists, strings, numbers, tensors)."""
+        return {**vars(self), "drawn": vars(self.drawn), "batch": vars(self.batch)}
+
+    @staticmethod
+    def from_state(st: dict[str, Any]) -> Sampled:
+        return Sampled(**{**st, "drawn": Rollout(**st["drawn"]), "batch": Rollout(**st["batch"])})
+
+
 class GRPOTrainer(Trainer):
     """GRPO on `model` (fp32 on its device) with prompt `rows`; reuses the training loop's master weights,
     AdamW, schedule, checkpoints and signal handling. `grpo_step()` is one step (what the benchmark times);
@@ -445,6 +492,10 @@ class GRPOTrainer(Trainer):
     def __init__(self, recipe: GRPORecipe, model, tokenizer, rows: list[dict], dtype: torch.dtype | None = None,
                  quiet: bool = False, rewards: list[WeightedReward] | None = None):
         g, world = recipe.grpo, parallel.world_size()
+        if g.async_ and world > 1:
+            raise ValueError(f"grpo.async is not supported under torchrun ({world} ranks) yet: each rank's batch in "
+                             f"flight would have to be saved in the sharded checkpoint; run it on one process or "
+                             f"set grpo.async = false")
         for key, n in (("prompts_per_step", g.prompts_per_step), ("mini_batch_size", g.mini_batch_size)):
             if n % world:
                 raise ValueError(f"grpo.{key}={n} must be a multiple of the {world} ranks: each takes an equal share")
@@ -484,15 +535,29 @@ class GRPOTrainer(Trainer):
             ref = copy.deepcopy(model) if self.world == 1 else parallel.unsharded_copy(model, self.device, self.dtype)
             self.ref = ref.eval().requires_grad_(False)
         # Built after MasterWeights cast the model: the engine (and its CUDA graph) sees the final tensors,
-        # which the optimizer then updates in place (under torchrun: which each step copies into).
-        policy = model if self.world == 1 else self._rollout_copy(model)
+        # which the optimizer then updates in place (under torchrun: which each step copies into; with
+        # grpo.async: a snapshot, which each step copies into).
+        policy = self._rollout_copy(model) if self.world > 1 or g.async_ else model
         slots = g.max_batch or self.share * g.group_size
         self.engine = Engine(policy, tokenizer, max_batch=max(slots, g.group_size),
                              max_seq_len=min(limit, longest + g.max_tokens), speculate=g.speculate)
+        self._next: Sampled | None = None  # grpo.async: the batch sampled during the last update
+        self._sampler = self._side_stream = None
+        if g.async_:
+            self._sampler = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
+            self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            # the snapshot's own tensors, paired with the policy's (the frozen ones they share are left out)
+            own = [(d, p) for d, p in zip(policy.state_dict().values(), model.state_dict().values())
+                   if d.data_ptr() != p.data_ptr()]
+            self._snapshot_pairs = [list(x) for x in zip(*own)] if own else [[], []]
 
     def _rollout_copy(self, model):
         """Under torchrun: a plain full copy of the policy in the compute dtype, adapters included (wrapped as the
-        policy is, so the state-dict names match and each step's copy is by name)."""
+        policy is, so the state-dict names match and each step's copy is by name). With grpo.async on one process:
+        a copy of the policy that shares its frozen tensors (a LoRA base) and owns the trained ones."""
+        if self.world == 1:
+            frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+            return copy.deepcopy(model, frozen).eval().requires_grad_(False)
         if not self.use_lora:
             return parallel.unsharded_copy(model, self.device, self.dtype)
         copy_ = lora.empty_like(model, self.device)
@@ -624,10 +689,61 @@ class GRPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ one GRPO step
     def grpo_step(self) -> dict[str, Any]:
-        g, G = self.g, self.g.group_size
-        t0 = time.perf_counter()
+        """One GRPO step: a rollout batch, then the updates on it; returns the step's metrics. With grpo.async the
+        batch is the one sampled during the previous step's update (see `_async_step`)."""
+        if self.g.async_:
+            return self._async_step()
         if self.world > 1:  # the rollout copy takes the policy's current weights (collective)
             parallel.copy_full_weights(self.model, self.engine.model)
+        s = self._sample()
+        t1 = time.perf_counter()
+        train, lr = self._update(s.batch)
+        return {**self._metrics(s, time.perf_counter() - t1, lr, train), "policy_lag": 0}
+
+    def _async_step(self) -> dict[str, Any]:
+        """grpo.async: train on the batch sampled during the last step (the first step samples its own, on-policy)
+        while the engine samples the next one in a background thread, from the snapshot of the weights this
+        update starts from; the snapshot takes the updated weights once both are done."""
+        s, self._next = self._next, None
+        if s is None:  # nothing in flight: the run's first step (or a checkpoint of a synchronous run)
+            s = self._sample()
+        main = torch.cuda.current_stream(self.device) if self._side_stream is not None else None
+        future = self._sampler.submit(self._sample_in_background, main)
+        t1 = time.perf_counter()
+        try:
+            train, lr = self._update(s.batch)
+        finally:
+            t2 = time.perf_counter()
+            wait_for([future])  # the engine and the snapshot are idle before anything else touches them
+        self._next = nxt = future.result()  # (raises what the sampling raised)
+        self._refresh_snapshot()
+        rec = self._metrics(s, t2 - t1, lr, train)
+        rec.update(policy_lag=self.step - s.version, overlap_s=max(0.0, min(t2, nxt.end) - max(t1, nxt.start)),
+                   wait_s=max(0.0, nxt.end - t2))
+        return rec
+
+    def _sample_in_background(self, main: torch.cuda.Stream | None) -> Sampled:
+        """`_sample` in the sampler thread; on a GPU on its own stream, after what the main stream queued so far."""
+        if main is None:
+            return self._sample()
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_stream(main)
+            s = self._sample()
+            self._side_stream.synchronize()  # its last kernels are done before the snapshot is written again
+        return s
+
+    @torch.no_grad()
+    def _refresh_snapshot(self) -> None:
+        """grpo.async: the engine's snapshot takes the policy's trained weights and router biases."""
+        if self._snapshot_pairs[0]:
+            torch._foreach_copy_(*self._snapshot_pairs)
+
+    def _sample(self) -> Sampled:
+        """The rollout batch of this rank from the engine's model: grpo.prompts_per_step groups, each rollout round
+        at the next rollout position; with dynamic sampling, groups without signal are dropped and more rounds
+        drawn (at most grpo.max_resample more)."""
+        g, G = self.g, self.g.group_size
+        t0 = time.perf_counter()
         parts, kept, sampled, zero_var = [], [], 0, 0
         rounds = 0
         while True:
@@ -645,12 +761,15 @@ class GRPOTrainer(Trainer):
                     or rounds > g.max_resample)
             if self._ranks_with(done) == self.world:  # the rollout position is shared: all ranks sample alike
                 break
-        allr = Rollout.cat(parts)
         batch = Rollout.cat(kept)
         if len(batch.rows) > self.share * G:
             batch = batch.select(list(range(self.share)), G)
-        gen_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        return Sampled(Rollout.cat(parts), batch, sampled, zero_var, self.step, t0, time.perf_counter())
+
+    def _update(self, batch: Rollout) -> tuple[dict[str, Any], float]:
+        """The updates of one step on its batch, the reference refresh and the schedule. Returns the first pass's
+        statistics and the step's learning rate."""
+        g = self.g
         train = self._optimise(batch) if self._ranks_with(bool(batch.rows)) else {
             "loss": None, "kl": None, "clip_frac": None, "entropy": None, "grad_norm": None, "updates": 0}
         if self.ref is not None and g.ref_sync_every and (self.step + 1) % g.ref_sync_every == 0:
@@ -665,8 +784,7 @@ class GRPOTrainer(Trainer):
             self.scheduler.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        train_s = time.perf_counter() - t1
-        return self._metrics(allr, batch, sampled, zero_var, gen_s, train_s, lr, train, rounds)
+        return train, lr
 
     def _counts(self, values: list[int]) -> list[int]:
         """Integer counts summed over all ranks; themselves on one process."""
@@ -722,9 +840,10 @@ class GRPOTrainer(Trainer):
         masks = lambda ids: None if b.token_mask is None else [b.token_mask[i] for i in ids]  # noqa: E731
         ref_logp = None
         if g.beta > 0:  # once per rollout batch; the reference does not move within it
-            # (with LoRA: the rollout model, the policy itself on one process and its full copy under torchrun,
+            # (with LoRA: the base under the policy itself on one process, and under its full copy under torchrun,
             # refreshed at the start of the step, so no forward here is collective)
-            ref = self.ref if self.ref is not None else self.engine.model
+            ref = self.ref if self.ref is not None else self.model if self.world == 1 else self.engine.model
+            ref.eval()
             # In the training passes' own micro-batches: the same shapes as the policy's forward, so while the
             # policy still equals the reference (step 1's first update) the KL and its gradient are exactly 0 on
             # every CPU, not rounding noise that AdamW's first, sign-like update would turn into full-size steps
@@ -805,9 +924,9 @@ class GRPOTrainer(Trainer):
         stats["skipped"] = skipped
         return stats
 
-    def _metrics(self, allr: Rollout, batch: Rollout, sampled: int, zero_var: int, gen_s: float, train_s: float,
-                 lr: float, train: dict, rounds: int) -> dict[str, Any]:
+    def _metrics(self, s: Sampled, train_s: float, lr: float, train: dict) -> dict[str, Any]:
         G = self.g.group_size
+        allr, batch, sampled, zero_var, gen_s = s.drawn, s.batch, s.groups, s.zero_var, s.end - s.start
         trained = [len(batch.rows), sum(len(c) + len(p) for c, p in zip(batch.completion_ids, batch.prompt_ids))]
         if self.world > 1:  # every rank's samples and counts, so that the logged numbers cover the whole step
             parts = [None] * self.world
@@ -859,14 +978,19 @@ class GRPOTrainer(Trainer):
         st = super().state_dict()
         if self.ref is not None and self.g.ref_sync_every:  # a refreshed reference is not the initial model
             st["reference"] = {k: v.detach().to("cpu", copy=True) for k, v in self.ref.state_dict().items()}
+        if self._next is not None:  # grpo.async: the batch the next step trains on, sampled during this one
+            st["next_batch"] = self._next.state()
         return st
 
     def load(self, path: str | Path) -> Path:
         path = super().load(path)
-        if self.ref is not None and self.g.ref_sync_every:
+        if (self.ref is not None and self.g.ref_sync_every) or self.g.async_:
             st = ckpt.load_checkpoint(path)
-            if "reference" in st:
+            if "reference" in st and self.ref is not None:
                 self.ref.load_state_dict(st["reference"])
+            if self.g.async_:
+                self._refresh_snapshot()
+                self._next = Sampled.from_state(st["next_batch"]) if "next_batch" in st else None
         return path
 
     def _log(self, rec: dict[str, Any], bar) -> None:

@@ -7,6 +7,8 @@ every key below can be given in the file or on the command line as `--table.key 
 Paths (data.train, data.tokenizer, model.init) in a recipe file are relative to the file; on the command line,
 and run.out everywhere, relative to the working directory.
 `--help` of `r1lab pretrain` / `r1lab sft` lists every key with its default.
+A key that is a Python keyword (`grpo.async`) is a field with a trailing underscore (`GRPO.async_`); `key_name`
+maps one to the other.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from typing import Any, ClassVar
 from ..lora import expand_targets
 
 KINDS = ("pretrain", "sft")
+
+
+def key_name(field_name: str) -> str:
+    """The recipe key of a table's field: its name, less the trailing underscore of a keyword (`async_`)."""
+    return field_name.removesuffix("_")
 
 
 def _key(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -187,7 +194,7 @@ class Recipe:
         return r
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return {sec: {key_name(k): v for k, v in table.items()} for sec, table in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: dict, kind: str, where: str = "recipe") -> "Recipe":
@@ -209,7 +216,7 @@ class Recipe:
     def set(self, dotted: str, value: Any, where: str = "recipe", base: Path | None = None) -> None:
         sec, _, key = dotted.partition(".")
         obj = getattr(self, sec, None) if sec in self.sections else None
-        names = {f.name: f for f in dataclasses.fields(self.sections[sec])} if obj is not None else {}
+        names = {key_name(f.name): f for f in dataclasses.fields(self.sections[sec])} if obj is not None else {}
         if key not in names:
             known = ", ".join(names) if names else ", ".join(self.sections)
             raise ValueError(f"{where}: unknown key {dotted!r}; known: {known}")
@@ -221,7 +228,7 @@ class Recipe:
             raise ValueError(f"{where}: {dotted} must be one of {', '.join(choices)} (got {value!r})")
         if dotted in PATH_KEYS and base is not None:
             value = [_resolve(p, base) for p in value] if isinstance(value, list) else _resolve(value, base)
-        setattr(obj, key, value)
+        setattr(obj, f.name, value)
 
     def validate(self) -> None:
         """Range checks that need more than one key or a number's sign."""
@@ -343,11 +350,12 @@ def add_recipe_arguments(p: argparse.ArgumentParser, kind: str, recipe_cls: type
             choices = f.metadata.get("choices")
             help_text = f.metadata["help"] + (f" ({' | '.join(choices)})" if choices else "") + f" (default: {shown})"
             metavar = {bool: "BOOL", int: "N", float: "X", list: "LIST", dict: "JSON"}.get(type(dflt), "TEXT")
-            dest = f"recipe:{sec}.{f.name}"
-            g.add_argument(f"--{sec}.{f.name.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS,
+            key = key_name(f.name)
+            dest = f"recipe:{sec}.{key}"
+            g.add_argument(f"--{sec}.{key.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS,
                            metavar=metavar, help=help_text.replace("%", "%%"))
-            if "_" in f.name:
-                g.add_argument(f"--{sec}.{f.name}", dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            if "_" in key:
+                g.add_argument(f"--{sec}.{key}", dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, str]:
