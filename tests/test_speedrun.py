@@ -57,7 +57,8 @@ def test_data_files_hold_what_each_stage_reads(tmp_path):
     worked = [d for d in corpus if "digit by digit" in d["text"]]
     assert 0.15 < len(worked) / len(corpus) < 0.35  # the reasoning share, drawn per document
     d = corpus[0]["text"]
-    assert d.startswith("User: What is ") and "\nAssistant: <think> " in d and d.endswith("</answer>")
+    assert d.startswith("User: What is ") and "? Assistant<think>\n" in d and d.endswith("\n</think>\n\n<answer>"
+                                                                                    + d.rsplit("<answer>", 1)[1])
     # Every completion in the corpus is well formed and right by the rewards the RL stages use.
     from r1lab.rewards import accuracy_reward, format_reward
 
@@ -73,7 +74,7 @@ def test_data_files_hold_what_each_stage_reads(tmp_path):
     zero = read("zero_prompts.jsonl")
     assert zero[0]["prompt"] == sdata.ZERO_TEMPLATE.format(question=read("prompts.jsonl")[0]["prompt"])
     # Held-out problems are never training problems (the split is a property of the instance).
-    train_q = {c["text"].split("\n")[0] for c in corpus} | {"User: " + r["prompt"] for r in cold}
+    train_q = {c["text"].split(" Assistant<think>")[0] for c in corpus} | {"User: " + r["prompt"] for r in cold}
     assert not {"User: " + r["question"] for r in read("test.jsonl")} & train_q
 
 
@@ -228,7 +229,7 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
     assert len(ids(sdata.TEXTBOOK_TEMPLATE.format(question="Add a1."))) == len(ids(sdata.ZERO_TEMPLATE.format(
         question="Add a1.")))
     assert all(r.startswith("User: Add a") for r, e in zip(rows, examples) if not e)
-    assert all("\nSolution: <think> " in r if e else "\nAssistant: <think> " in r for r, e in zip(rows, examples))
+    assert all(". Solution<think>\n" in r if e else ". Assistant<think>\n" in r for r, e in zip(rows, examples))
     assert all(r.endswith("</answer>") for r in rows)
     bodies = [r.split("<think>", 1)[1] for r in rows]
     kinds = [classify_response(b) for b in bodies]
@@ -246,6 +247,52 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
     assert all(a == t for k, a, t in zip(kinds, answers, truth) if k != "worked")  # the others are all right
     assert abs(checked - p.check_share - p.fix_share) < 0.05 and abs(fixed - p.fix_share) < 0.04
     assert abs(slipped - (1 - p.check_share - p.fix_share) * p.slip_share) < 0.04
+
+def test_the_chat_layout_puts_every_token_where_the_chat_template_does(tmp_path):
+    """A model this small finds an operand by its distance: in the default layout, a dialogue of the corpus, a
+    worked example and the cold start's chat rendering of the same solution hold the same tokens at the same
+    offsets from the question's start, but the role words (and the question's first word, which follows "User: "
+    with a space)."""
+    from r1lab.speedrun.vocab import build_task_tokenizer
+
+    p = PRESETS["cpu"]
+    assert p.layout == "chat"
+    task = sdata.make_task(p.task, **dict(p.task_knobs))
+    sdata.write_data(tmp_path, task, corpus_docs=400, reasoning_share=0.5, rl_prompts=4, cold_start=20, test=4,
+                     seed=3, check_share=0.3, fix_share=0.1, slip_share=0.2, textbook_share=0.25)
+    tok = build_task_tokenizer(tmp_path / "tok", sdata.tokenizer_texts(tmp_path))
+    layout = sdata.LAYOUTS["chat"]
+    checked = 0
+    for row in map(json.loads, (tmp_path / "cold_start.jsonl").read_text().splitlines()):
+        q, response = row["prompt"], row["response"]
+        chat = tok.encode(sdata.CHAT_TEMPLATE.format(question=q) + response.removeprefix("<think>\n"))
+        body = response.removeprefix("<think>\n").split("\n</think>")[0]
+        answer = response.rsplit("<answer>", 1)[1].removesuffix("</answer>")
+        for template in (layout.zero, layout.textbook):
+            plain = tok.encode(template.format(question=q) + sdata.zero_completion(body, answer, "chat"))
+            # "User:" / "Example:" (the space after it joins the question's first word) against <bos><｜User｜>
+            aligned = plain[len(tok.encode(template.split("{question}")[0].rstrip())):]
+            assert len(aligned) == len(chat) - 2
+            differ = [i for i, (a, b) in enumerate(zip(aligned, chat[2:])) if a != b]
+            q_len = len(tok.encode(q))
+            assert differ == [0, q_len], (tok.decode(aligned), differ)  # " Add"/"Add", role word/marker
+            checked += 1
+    assert checked == 40
+    # The old layout (run folders made before it) starts the body three tokens further from the question.
+    sdata.write_data(tmp_path / "old", task, corpus_docs=400, reasoning_share=0.5, rl_prompts=4, cold_start=20,
+                     test=4, seed=3, textbook_share=0.25, layout="newline")
+    q = "Add a1 b2."
+    offsets = {}
+    for name, folder in (("chat", tmp_path), ("newline", tmp_path / "old")):
+        encode = build_task_tokenizer(folder / "tok", sdata.tokenizer_texts(folder)).encode
+        lay = sdata.LAYOUTS[name]
+        before_body = lay.zero.format(question=q) + lay.completion.split("{body}")[0]
+        offsets[name] = len(encode(before_body)) - len(encode(lay.zero.split("{")[0] + q))
+        offsets["chat template"] = len(encode(sdata.CHAT_TEMPLATE.format(question=q))) - len(encode("<bos><｜User｜>" + q))
+    assert offsets == {"chat": 3, "chat template": 3, "newline": 6}
+    with pytest.raises(ValueError, match="layout='diagonal': choose one of chat, newline"):
+        Speedrun(tmp_path / "run", "mini", device="cpu", quiet=True, overrides={"layout": "diagonal"})
+
 
 def test_a_run_folder_older_than_a_setting_keeps_what_it_ran_with(tmp_path):
     import dataclasses

@@ -7,12 +7,13 @@ Every file is JSON Lines that the stand-alone commands read too (`r1lab pretrain
                     the think block, as web text holds some reasoning, and of those some check their result and
                     a few catch and fix a slip (`worked_body`). The base model can thus sometimes reason, and
                     RL has something to reinforce. A share `textbook_share` of the documents are worked examples
-                    ("Example: Add a7 b3 c5.\nSolution: <think> a7+b3=10 +c5=15. The answer is 15. </think> ..."),
+                    ("Example: Add a7 b3 c5. Solution<think>\na7+b3=10 +c5=15. The answer is 15.\n</think> ..."),
                     as textbooks hold worked arithmetic while most dialogues answer at once: the skill is learned
                     from more text than the dialogues that use it. Their layout is the dialogue's, word for word
                     but the two role words, because a model this small finds an operand by its distance: in
                     another layout its lookups did not carry over to dialogues (benchmarks/LOG.md, eighth session).
-  zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (`ZERO_TEMPLATE`), for `r1lab grpo` in raw style
+                    For the same reason a dialogue puts every token where the chat template does (`Layout`).
+  zero_prompts.jsonl  {"prompt", "answer"}: R1-Zero prompts (the layout's `zero`), for `r1lab grpo` in raw style
   prompts.jsonl     {"prompt", "answer"}: bare questions, for `r1lab grpo` in chat style
   cold_start.jsonl  {"prompt", "response"}: a small set of long, well-formatted worked solutions (cold start)
   test.jsonl        {"id", "question", "answer"}: held-out problems, for `r1lab eval`
@@ -30,15 +31,38 @@ from pathlib import Path
 from ..tasks.benchmarks import Problem
 from ..tasks.synthetic import TASKS, Arithmetic
 
-# The R1-Zero template of the DeepSeek-R1 paper (Table 1) without its instruction sentence, which a model of a
-# million parameters cannot read: the format is learned in pretraining from documents in this form instead.
-ZERO_TEMPLATE = "User: {question}\nAssistant: <think>"
 # The R1 chat template's rendering of one user turn with the think block opened (as r1lab grpo's chat style with
 # open_think writes it), for evaluation of the chat-tuned stages.
 CHAT_TEMPLATE = "<bos><｜User｜>{question}<｜Assistant｜><think>\n"
-# A worked example of the corpus (`textbook_share`): ZERO_TEMPLATE with other role words (one token each, as
-# "User" and "Assistant" are), so every position after them is where it is in a dialogue.
-TEXTBOOK_TEMPLATE = "Example: {question}\nSolution: <think>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the corpus writes a dialogue (`zero`: the R1-Zero prompt, which RL and evaluation of the base use too),
+    a worked example (`textbook`: the dialogue's layout with other role words, one token each) and the
+    completion after either (`completion`, formatted with body and answer).
+
+    The R1-Zero template of the DeepSeek-R1 paper (Table 1) without its instruction sentence, which a model of a
+    million parameters cannot read: the format is learned in pretraining from documents in this form instead.
+    A model this small finds an operand by its distance, so where the reasoning starts relative to the question
+    decides whether what the base learned carries over to the chat template of the cold start. `chat` puts
+    every token where CHAT_TEMPLATE and `chat_response` put it (a role word, "<think>", a newline, the body;
+    the answer tag after the same newlines), with plain words for the two role markers; `newline` is the
+    layout of run folders made before it (the body three tokens further from the question)."""
+    zero: str
+    textbook: str
+    completion: str
+
+
+LAYOUTS = {
+    "chat": Layout("User: {question} Assistant<think>\n", "Example: {question} Solution<think>\n",
+                   "{body}\n</think>\n\n<answer>{answer}</answer>"),
+    "newline": Layout("User: {question}\nAssistant: <think>", "Example: {question}\nSolution: <think>",
+                      " {body} </think> <answer>{answer}</answer>"),
+}
+# The default layout's templates, for readers of this module.
+ZERO_TEMPLATE = LAYOUTS["chat"].zero
+TEXTBOOK_TEMPLATE = LAYOUTS["chat"].textbook
 
 
 def make_task(name: str, **knobs):
@@ -100,9 +124,9 @@ def bare_body(p: Problem) -> str:
     return f"The answer is {p.answer}."
 
 
-def zero_completion(body: str, answer: str) -> str:
-    """The completion after ZERO_TEMPLATE: reasoning, then the answer in tags."""
-    return f" {body} </think> <answer>{answer}</answer>"
+def zero_completion(body: str, answer: str, layout: str = "chat") -> str:
+    """The completion after a layout's R1-Zero prompt: reasoning, then the answer in tags."""
+    return LAYOUTS[layout].completion.format(body=body, answer=answer)
 
 
 def chat_response(body: str, answer: str) -> str:
@@ -125,14 +149,17 @@ def write_jsonl(path: Path, rows) -> int:
 def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
-               textbook_share: float = 0.0) -> dict[str, int]:
+               textbook_share: float = 0.0, layout: str = "chat") -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
     `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip, and
     `slip_share` of the unchecked ones slip (`worked_body`). A share `textbook_share` of the corpus are worked
-    examples (`TEXTBOOK_TEMPLATE`: a dialogue's layout with other role words; the same mix of checks, fixes and
-    slips)."""
+    examples (the layout's `textbook`: a dialogue's layout with other role words; the same mix of checks, fixes
+    and slips). `layout` names the entry of LAYOUTS that writes dialogues, examples and R1-Zero prompts."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    form = LAYOUTS[layout]
     rng = random.Random(f"speedrun-corpus:{seed}")
     n_easy = round(corpus_docs * easy_share) if easy_task is not None else 0
     corpus = task.problems(corpus_docs - n_easy, "train", seed)
@@ -148,8 +175,8 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
         body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
         # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
         answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
-        template = TEXTBOOK_TEMPLATE if i in textbook else ZERO_TEMPLATE
-        return {"text": template.format(question=p.question) + zero_completion(body, answer)}
+        template = form.textbook if i in textbook else form.zero
+        return {"text": template.format(question=p.question) + zero_completion(body, answer, layout)}
 
     rl = task.problems(rl_prompts, "train", seed + 1)
     demos = task.problems(cold_start, "train", seed + 2)
@@ -157,7 +184,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     counts = {
         "corpus": write_jsonl(folder / "corpus.jsonl", (doc(i, p) for i, p in enumerate(corpus))),
         "zero_prompts": write_jsonl(folder / "zero_prompts.jsonl", (
-            {"prompt": ZERO_TEMPLATE.format(question=p.question), "answer": p.answer} for p in rl)),
+            {"prompt": form.zero.format(question=p.question), "answer": p.answer} for p in rl)),
         "prompts": write_jsonl(folder / "prompts.jsonl", ({"prompt": p.question, "answer": p.answer} for p in rl)),
         "cold_start": write_jsonl(folder / "cold_start.jsonl", (
             {"prompt": p.question, "response": chat_response(solution_body(task, p), p.answer)} for p in demos)),

@@ -50,7 +50,8 @@ class Preset:
     task_knobs: tuple = (("n_operands", 8),)
     corpus_docs: int = 24_000
     reasoning_share: float = 0.35  # share of the pretraining dialogues with a worked solution
-    textbook_share: float = 0.25  # share of pretraining documents that are worked examples (data.TEXTBOOK_TEMPLATE)
+    textbook_share: float = 0.25  # share of pretraining documents that are worked examples (data.Layout.textbook)
+    layout: str = "chat"  # how dialogues, examples and R1-Zero prompts are written (data.LAYOUTS)
     check_share: float = 0.3  # share of the worked documents that check their result (tasks that can)
     fix_share: float = 0.1  # share of the worked documents that make a slip, catch it and fix it
     slip_share: float = 0.2  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
@@ -88,15 +89,16 @@ PRESETS: dict[str, Preset] = {
     # Running sums of eight tagged one-digit numbers ("Add a7 b3 c5 d8 e2 f9 g1 h4."), worked out in short local
     # steps ("a7+b3=10 +c5=15 ..."). 35% of the dialogues work the sum out (some of those check it, a few catch
     # a slip, some slip unnoticed), the rest answer at once, and a quarter of the corpus are worked examples (a
-    # dialogue's layout with "Example:"/"Solution:" for its role words). RL samples at temperature 0.7. What each
-    # choice does: benchmarks/LOG.md, sixth to eighth sessions.
+    # dialogue's layout with "Example:"/"Solution:" for its role words). Dialogues put every token where the chat
+    # template does (layout "chat"). RL samples at temperature 0.7. What each choice does: benchmarks/LOG.md,
+    # sixth to ninth sessions.
     "cpu": Preset(),
     # One H200: sums and differences of six one-digit numbers, a 54M model (not yet the reasoning task: its
     # first try answered sums of twelve at once 91% right; benchmarks/LOG.md, seventh session).
     "gpu": Preset(model="speedrun-gpu", student="speedrun-gpu-student", task="arithmetic",
                   task_knobs=(("digits", 1), ("ops", ("+", "-")), ("n_operands", 6)), corpus_docs=100_000,
                   reasoning_share=0.3, textbook_share=0.0, check_share=0.0, fix_share=0.0, slip_share=0.0,
-                  rl_temperature=1.0, reasoning_rl_steps=0,
+                  rl_temperature=1.0, reasoning_rl_steps=0, layout="newline",
                   seq_len=256, pretrain_steps=1500, pretrain_batch=64, pretrain_lr=1e-3, student_pretrain_steps=1000,
                   rl_steps=60, prompts_per_step=32, group_size=8, rl_lr=1e-5, rl_batch=128, max_tokens=200,
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
@@ -113,17 +115,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
-SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0}
+SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline"}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
          "reasoning-rl": ("2-cold-start/final",), "rejection": ("3-reasoning-rl/final",),
          "distill": ("0-pretrain/student/final", "data/distill.jsonl")}
 
-# Evaluation of each stage: (stage key, model folder relative to the run, prompt template)
+# Evaluation of each stage: (stage key, model folder relative to the run, prompt template; "zero": the run's
+# layout's R1-Zero prompt)
 MODELS = (
-    ("base", "0-pretrain/base/final", sdata.ZERO_TEMPLATE),
-    ("r1-zero", "1-r1-zero/final", sdata.ZERO_TEMPLATE),
+    ("base", "0-pretrain/base/final", "zero"),
+    ("r1-zero", "1-r1-zero/final", "zero"),
     ("cold-start", "2-cold-start/final", sdata.CHAT_TEMPLATE),
     ("reasoning-rl", "3-reasoning-rl/final", sdata.CHAT_TEMPLATE),
     ("student-distill", "5-distill/distilled/final", sdata.CHAT_TEMPLATE),
@@ -198,6 +201,8 @@ class Speedrun:
         self.state = state
         settings = {**SINCE, **state["settings"]}  # a run folder older than a setting keeps what it ran with
         self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v for k, v in settings.items()})
+        if self.p.layout not in sdata.LAYOUTS:
+            raise ValueError(f"speedrun setting layout={self.p.layout!r}: choose one of {', '.join(sdata.LAYOUTS)}")
         self.task = sdata.make_task(self.p.task, **dict(self.p.task_knobs))
         self.easy_task = (sdata.make_task(self.p.task, **{**dict(self.p.task_knobs), **dict(self.p.easy_knobs)})
                           if self.p.easy_share > 0 else None)
@@ -295,7 +300,8 @@ class Speedrun:
         counts = sdata.write_data(self.data, self.task, corpus_docs=p.corpus_docs, reasoning_share=p.reasoning_share,
                                   rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed,
                                   check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
-                                  easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share)
+                                  easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share,
+                                  layout=p.layout)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         results = {"data": counts, "vocab_size": tok.vocab_size}
@@ -404,6 +410,7 @@ class Speedrun:
         p = self.p
         results = {}
         for key, rel, template in MODELS:
+            template = sdata.LAYOUTS[p.layout].zero if template == "zero" else template
             folder = self.out / rel
             if not (folder / "config.json").is_file():
                 self._note(f"eval: {key} has no model at {folder}, skipped")
