@@ -130,7 +130,7 @@ def main():
             prefill_s = time.perf_counter() - t0
             for kernel in ("0", "1"):
                 os.environ["R1LAB_ATTN_KERNEL"] = kernel
-                eng._graphs.clear()
+                eng.reset_graphs()  # the attention path is read at capture
                 for _ in range(3):  # capture (and compile) at this width, outside the timing
                     eng.step()
                 sync()

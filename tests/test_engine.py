@@ -246,6 +246,25 @@ def test_compiled_decode_step_equals_eager(mode, device):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphs_captured_again_after_reset_graphs():
+    """reset_graphs drops every captured step and its memory pool: the next steps capture again (into a fresh
+    pool; the old handle, with no graph left alive, is an internal assert in torch's allocator) and generate
+    what they generated before."""
+    m = tiny().to("cuda")
+    ps = prompts([6, 3, 9])
+    sp = SamplingParams(max_tokens=8, seed=5, logprobs=True, ignore_eos=True)
+    eng = Engine(m, max_batch=4, max_seq_len=32, compile=False)
+    first = eng.generate(ps, sp)
+    assert eng._graphs
+    eng.reset_graphs()
+    assert not eng._graphs
+    again = eng.generate(ps, sp)
+    assert eng._graphs
+    for a, b in zip(first, again):
+        assert a.token_ids == b.token_ids
+
+
 def test_abort_frees_slots_and_queue():
     m = tiny()
     eng = Engine(m, max_batch=2, max_seq_len=64)

@@ -716,10 +716,18 @@ class Engine:
                 warnings.warn(f"torch.compile of the decode {'step' if fallback == 'forward' else 'forward'} failed "
                               f"({type(e).__name__}: {str(e)[:200]}); falling back to compile={fallback!r}")
                 self._set_compile(fallback)
-                self._graphs.clear()
+                self.reset_graphs()
         graph, out = self._graphs[mode, pages]
         graph.replay()
         return out
+
+    def reset_graphs(self) -> None:
+        """Drop every captured decode step (the next step of each width captures again, e.g. after a setting that
+        the graphs baked in changed). Their memory pool goes with them: the allocator keeps a pool only while a
+        graph captured into it lives, so capturing into the old handle after all its graphs are gone is an
+        internal error in torch's caching allocator."""
+        self._graphs.clear()
+        self._graph_pool = None
 
     def _capture(self, mode: str, pages: int):
         """Record the decode step over `pages` block-table columns as a CUDA graph over the static slot buffers.
