@@ -154,3 +154,28 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
         assert extract_answer(m.slipped_solution(q, random.Random(q.question))) != q.answer
     with pytest.raises(ValueError, match="modulus"):
         RunningSum(modulus=1)
+
+
+def test_padded_running_sums_take_the_same_tokens_at_every_step():
+    """padded=True writes every worked total with the largest total's digits, so each step is as long as the
+    next whatever the totals are (a model that finds operands by distance then finds them on sums that stay
+    small); the answer itself is the plain number, and the problems are those of the unpadded task."""
+    import random
+
+    t = RunningSum(n_operands=4, padded=True)
+    assert t.width == 2 and RunningSum(n_operands=12, padded=True).width == 3 and RunningSum().width == 0
+    assert RunningSum(n_operands=4, modulus=10, padded=True).width == 1
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [2, 3, 1, 0], "6"  # a hand-worked instance that stays below ten
+    assert t.solution(p) == "a2+b3=05 +c1=06 +d0=06. The answer is 6."
+    assert t.checked_solution(p) == ("a2+b3=05 +c1=06 +d0=06. Check: a2+b3=05 +c1=06 +d0=06, as before. "
+                                     "The answer is 6.")
+    plain = RunningSum(n_operands=4)
+    assert [q.question for q in t.problems(20, "test", 3)] == [q.question for q in plain.problems(20, "test", 3)]
+    for q in RunningSum(n_operands=8, padded=True).problems(50, "train", 1):
+        text = RunningSum.fixed_solution(q, random.Random(q.question))
+        assert all(len(x) == 2 for x in re.findall(r"=(\d+)", text))  # every total, slipped ones too
+        assert f", not {text.split('. Check: ')[0].rsplit('=', 1)[1]}. Wait, " in text
+        assert extract_answer(text) == q.answer == str(int(q.answer))
+        steps = RunningSum.solution(q).split(". The answer")[0].split(" ")[1:]
+        assert len({len(s) for s in steps}) == 1  # "+c1=06": six characters, one token each in the speedrun

@@ -466,6 +466,7 @@ class RunningSum:
     test_fraction: float = 0.2
     shuffled: bool = False  # the question lists the tagged operands in random order (the solution goes a, b, c)
     modulus: int = 0  # > 0: the sum modulo this ("Add a7 b3 c5 mod 10."), every total in the chain reduced too
+    padded: bool = False  # worked totals written with leading zeros to the width of the largest ("+c1=06")
     TAGS = "abcdefghijklmnop"
 
     def __post_init__(self) -> None:
@@ -478,6 +479,11 @@ class RunningSum:
     @property
     def name(self) -> str:
         return f"running-sum-{self.n_operands}" + (f"-mod{self.modulus}" if self.modulus else "")
+
+    @property
+    def width(self) -> int:
+        """Digits of a worked total when `padded` (the largest total's), else 0 (as many as it has)."""
+        return len(str(self.modulus - 1 if self.modulus else 9 * self.n_operands)) if self.padded else 0
 
     def split_of(self, key) -> str:
         """Split by the operands (in tag order) alone, so a shuffled listing of a test sum is a test problem."""
@@ -494,31 +500,34 @@ class RunningSum:
                 rng.shuffle(order)
             question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + (f" mod {m}." if m else ".")
             answer = sum(nums) % m if m else sum(nums)
-            return (tuple(nums), tuple(order)), question, str(answer), {"operands": nums, "modulus": m}
+            return (tuple(nums), tuple(order)), question, str(answer), {"operands": nums, "modulus": m,
+                                                                        "width": self.width}
 
         return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
 
     verify = staticmethod(_verify_number)
 
     @classmethod
-    def _forward(cls, nums: list[int], modulus: int = 0,
+    def _forward(cls, nums: list[int], modulus: int = 0, width: int = 0,
                  slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
         """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after operand i; reduced modulo
-        `modulus` when it is set); `slip` = (step, error) adds `error` to that step's result, and the later steps
-        carry the wrong total on. A step is short (the total it adds to is the number just before it), so the
-        distance from a step to its operand in the question grows slowly along the chain."""
+        `modulus` when it is set; written with `width` digits, leading zeros included, when it is set);
+        `slip` = (step, error) adds `error` to that step's result, and the later steps carry the wrong total on.
+        A step is short (the total it adds to is the number just before it), so the distance from a step to its
+        operand in the question grows slowly along the chain; with a width, it grows by the same number of tokens
+        at every step whatever the totals are."""
         totals, steps = [nums[0] % modulus if modulus else nums[0]], []
         for i in range(1, len(nums)):
             new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == i else 0)
             new = new % modulus if modulus else new
-            steps.append(f"{cls.TAGS[0]}{nums[0]}+{cls.TAGS[i]}{nums[i]}={new}" if i == 1
-                         else f"+{cls.TAGS[i]}{nums[i]}={new}")
+            steps.append(f"{cls.TAGS[0]}{nums[0]}+{cls.TAGS[i]}{nums[i]}={new:0{width}d}" if i == 1
+                         else f"+{cls.TAGS[i]}{nums[i]}={new:0{width}d}")
             totals.append(new)
         return steps, totals
 
     @staticmethod
-    def _meta(problem: Problem) -> tuple[list[int], int]:
-        return problem.meta["operands"], problem.meta.get("modulus", 0)
+    def _meta(problem: Problem) -> tuple[list[int], int, int]:
+        return problem.meta["operands"], problem.meta.get("modulus", 0), problem.meta.get("width", 0)
 
     @classmethod
     def solution(cls, problem: Problem) -> str:
@@ -536,8 +545,8 @@ class RunningSum:
     def slipped_solution(cls, problem: Problem, rng: random.Random) -> str:
         """A worked running sum with one slip that nobody catches, so its answer is wrong (as worked solutions
         in real text sometimes are): "a7+b3=10 +c5=16 +d8=24. The answer is 24." """
-        nums, m = cls._meta(problem)
-        steps, totals = cls._forward(nums, m, slip=cls._slip(nums, m, rng))
+        nums, m, w = cls._meta(problem)
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng))
         return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
@@ -547,10 +556,10 @@ class RunningSum:
         repeat: "a7+b3=10 +c5=16 +d8=24. Check: a7+b3=10 +c5=15 +d8=23, not 24. Wait, the first pass slipped.
         The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
         is 23." """
-        nums, m = cls._meta(problem)
-        steps, totals = cls._forward(nums, m, slip=cls._slip(nums, m, rng) if rng is not None else None)
-        again, right = cls._forward(nums, m)
-        verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]}. Wait, the first pass slipped"
+        nums, m, w = cls._meta(problem)
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
+        again, right = cls._forward(nums, m, w)
+        verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
         return " ".join(steps) + ". Check: " + " ".join(again) + f", {verdict}. The answer is {right[-1]}."
 
     @classmethod
