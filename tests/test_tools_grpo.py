@@ -176,6 +176,13 @@ def test_tool_rollout_trajectory_mask_and_logprobs(tmp_path, tok, caller):
     assert ids[start:start + len(block)] == block and ids[start - 1] == tok.eos_id  # after the call turn's EOS
     assert mask == [1] * start + [0] * len(block) + [1] * (len(ids) - start - len(block))
     assert all(lp == 0.0 for lp, m in zip(ro.old_logp[i], mask) if not m)
+    # The second turn is the conversation so far resubmitted; every full page of the first turn's context
+    # (prompt and reply; its last token is written by the next step) comes from the prefix cache, not a prefill.
+    from r1lab.engine.pages import PAGE
+
+    assert len(prompt) + start > PAGE  # the tools prompt alone fills a page
+    assert ro.resubmitted[i] == [len(prompt) + start + len(block), (len(prompt) + start - 1) // PAGE * PAGE]
+    assert all((c > 0) == (n > 0) and (r > 0) == (n > 0) for n, (r, c) in zip(ro.tool_calls, ro.resubmitted))
     # the user reward got the trajectory in TRL's conversational format
     ((prompts, completions, _),) = SEEN
     assert prompts[i] == ASK and completions[i] == [
@@ -199,6 +206,7 @@ def test_tool_rollouts_sampled_in_the_background_with_grpo_async(tmp_path, tok, 
     second = t.grpo_step()
     assert (first["policy_lag"], second["policy_lag"]) == (0, 1)
     assert first["tool_calls"] == second["tool_calls"] == 1  # every sample called the calculator once
+    assert 0.5 < first["resubmitted_cached"] < 1  # the full pages of each first turn (the tail is prefilled)
     assert t._last_rollout.tool_calls == [1] * 4 and 0 in t._last_rollout.token_mask[0]
 
 

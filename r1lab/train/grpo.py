@@ -33,8 +33,10 @@ grpo.max_turns model turns. A turn ends at the end of the reply or at a tool-cal
 (r1lab.tools.run_tool: a child process, grpo.tool_timeout seconds, an exception or a hang becomes "Error: ..."
 text), their outputs are appended in the template's tool-output block, and the model continues from there. The
 tool-output tokens are part of the completion's ids but not of its loss: they get no log-prob, no KL, no
-entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine
-(its prefix cache, where it has one, turns the repeated prefill into a cache hit). User rewards get the whole
+entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine,
+whose prefix cache (on unless speculating) serves the full pages of the earlier turns, so only the last partial
+page and the tool output are prefilled again; metrics.jsonl's `resubmitted_cached` is the share served. User
+rewards get the whole
 trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
 
 Asynchronous rollouts (grpo.async, one process): step N+1's rollouts are sampled in a background thread while step
@@ -431,6 +433,9 @@ class Rollout:
     # per completion token: 1 if the model sampled it, 0 for tool output (no loss); None: all the model's
     token_mask: list[list[int]] | None = None
     tool_calls: list[int] | None = None  # calls run per sample (rollouts with tools)
+    # per sample with tools: [tokens of the conversation resubmitted after its tool calls, of them found in the
+    # engine's prefix cache (not prefilled again)]
+    resubmitted: list[list[int]] | None = None
 
     def select(self, groups: list[int], G: int) -> "Rollout":
         idx = [g * G + j for g in groups for j in range(G)]
@@ -438,7 +443,7 @@ class Rollout:
         return Rollout(pick(self.rows), pick(self.prompts), pick(self.prompt_ids), pick(self.completions),
                        pick(self.completion_ids), pick(self.old_logp), pick(self.finish), self.rewards[idx],
                        {k: pick(v) for k, v in self.per_reward.items()}, pick(self.token_mask),
-                       pick(self.tool_calls))
+                       pick(self.tool_calls), pick(self.resubmitted))
 
     def model_tokens(self, i: int) -> int:
         """Completion tokens of sample i that the model sampled (those that get a loss)."""
@@ -451,7 +456,8 @@ class Rollout:
                        f("old_logp"), f("finish"), torch.cat([p.rewards for p in parts]),
                        {k: [x for p in parts for x in p.per_reward[k]] for k in parts[0].per_reward},
                        None if parts[0].token_mask is None else f("token_mask"),
-                       None if parts[0].tool_calls is None else f("tool_calls"))
+                       None if parts[0].tool_calls is None else f("tool_calls"),
+                       None if parts[0].resubmitted is None else f("resubmitted"))
 
 
 @dataclass
@@ -617,7 +623,8 @@ class GRPOTrainer(Trainer):
         for o in outs:
             msgs = prompt_messages(self.rows[idx[o.prompt_index]], g.system)
             trajs.append({"k": o.prompt_index, "ids": [], "mask": [], "logp": [], "messages": [], "calls": 0,
-                          "turns": 0, "finish": None, "outputs_open": any(m.get("role") == "tool" for m in msgs)})
+                          "turns": 0, "finish": None, "outputs_open": any(m.get("role") == "tool" for m in msgs),
+                          "resubmitted": [0, 0]})
         todo = list(zip(trajs, outs))
         while todo:
             resubmit = []
@@ -652,8 +659,9 @@ class GRPOTrainer(Trainer):
                     t["finish"] = "length"
                     continue
                 # The conversation so far goes back to the engine as a prompt (no engine API continues a finished
-                # sequence; a prefix cache makes the repeated prefill a hit). Seeds: a function of the step's
-                # position, the trajectory's place and the turn, as the first turn's are.
+                # sequence): its full pages, released into the prefix cache when the turn finished, are found there
+                # and not prefilled again (counted in `resubmitted`). Seeds: a function of the step's position, the
+                # trajectory's place and the turn, as the first turn's are.
                 seed = (base + 7 * 4096 * t["turns"] + trajs.index(t)) & 0x7FFFFFFF
                 params = SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=room, n=1, seed=seed,
                                         logprobs=True)
@@ -661,6 +669,9 @@ class GRPOTrainer(Trainer):
             while eng.has_work():
                 eng.step()
             todo = [(t, eng.completion(s)) for t, (s,) in resubmit]
+            for t, c in todo:
+                t["resubmitted"][0] += c.prompt_tokens
+                t["resubmitted"][1] += c.cached_tokens
         for m in eng.model.moe_layers():  # rollouts must not steer the router-bias update
             m.expert_load.zero_()
         rows = [self.rows[idx[t["k"]]] for t in trajs]
@@ -675,7 +686,7 @@ class GRPOTrainer(Trainer):
         return Rollout(rows, prompts, [self.prompt_ids[idx[t["k"]]] for t in trajs], completions,
                        [t["ids"] for t in trajs], [t["logp"] for t in trajs], [t["finish"] for t in trajs],
                        torch.tensor(total, dtype=torch.float32), per, [t["mask"] for t in trajs],
-                       [t["calls"] for t in trajs])
+                       [t["calls"] for t in trajs], [t["resubmitted"] for t in trajs])
 
     def _tool_output_ids(self, outputs: list[str], first: bool) -> list[int]:
         """The template's tool-output block for `outputs` as ids (markers as tokens, outputs as plain text). As the
@@ -952,6 +963,9 @@ class GRPOTrainer(Trainer):
                     "train_tokens_per_s": train_tokens * self.g.mu / max(train_s, 1e-9)})
         if allr.tool_calls is not None:
             rec["tool_calls"] = sum(allr.tool_calls) / len(allr.tool_calls)  # calls run per sample
+            again, cached = (sum(x) for x in zip(*allr.resubmitted))
+            # share of the conversations resubmitted after tool calls that the prefix cache served
+            rec["resubmitted_cached"] = cached / again if again else None
         if train.get("skipped"):  # updates left out as non-finite (train.on_nonfinite = "skip")
             rec["skipped"] = train["skipped"]
         self._last_rollout = allr
