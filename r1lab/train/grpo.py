@@ -36,8 +36,8 @@ tool-output tokens are part of the completion's ids but not of its loss: they ge
 entropy and do not count in the token denominators. Each turn resubmits the conversation so far to the engine,
 whose prefix cache (on unless speculating) serves the full pages of the earlier turns, so only the last partial
 page and the tool output are prefilled again; metrics.jsonl's `resubmitted_cached` is the share served. User
-rewards get the whole
-trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the tool messages.
+rewards get the whole trajectory in TRL's conversational format: the assistant turns (with `tool_calls`) and the
+tool messages.
 
 Asynchronous rollouts (grpo.async, one process): step N+1's rollouts are sampled in a background thread while step
 N's update runs, as verl's and AReaL's one-step off-policy modes do. The engine then runs on a snapshot of the
