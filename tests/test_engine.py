@@ -26,6 +26,16 @@ def prompts(lengths, seed=0):
     return [torch.randint(0, VOCAB - 1, (n,), generator=g).tolist() for n in lengths]
 
 
+def transformers_twin(model, folder):
+    """transformers' implementation on the same weights (saved to folder, loaded in fp32): the independent reference;
+    skips without transformers."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    save_pretrained(model, folder, tokenizer=False)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
 @torch.no_grad()
 def reference_greedy(model, prompt, n):
     """Step-by-step argmax of full forward passes, no cache."""
@@ -139,12 +149,8 @@ def test_bad_requests_are_clear_errors():
 
 
 def test_greedy_equals_transformers_generate(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
     m = tiny()
-    save_pretrained(m, tmp_path / "ck", tokenizer=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    hf = transformers_twin(m, tmp_path / "ck")
     ps = prompts([8, 8])
     ours = Engine(m, max_batch=2, max_seq_len=64).generate(ps, SamplingParams(temperature=0, max_tokens=10,
                                                                              ignore_eos=True))

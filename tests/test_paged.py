@@ -3,16 +3,15 @@ a cache, the same requests on an unconstrained engine (preemption, prefix cache,
 logits at YaRN positions beyond 4K, and plain softmax attention (the paged decode kernel)."""
 
 import os
-import warnings
 
 import pytest
 import torch
 
-from r1lab import Engine, SamplingParams, Transformer, get_preset, save_pretrained
+from r1lab import Engine, SamplingParams, Transformer, get_preset
 from r1lab.engine.pages import PAGE, PagePool, page_hashes
 from r1lab.model import kernels
 
-from test_engine import VOCAB, prompts, reference_greedy, tiny
+from test_engine import VOCAB, prompts, reference_greedy, tiny, transformers_twin
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -202,14 +201,10 @@ def test_yarn_beyond_4k_matches_transformers_through_the_paged_cache(tmp_path):
     prefill over the paged cache (4,096 tokens a chunk, each over the pages before it, pages out of order) and
     one absorbed decode step at position 10,000 over those pages; and the engine's first token after the
     10,000-token prompt."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
     cfg = yarn_config()
     torch.manual_seed(0)
     m = Transformer(cfg).init_weights(seed=0).eval()
-    save_pretrained(m, tmp_path / "ck", tokenizer=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32).eval()
+    hf = transformers_twin(m, tmp_path / "ck")
     N = 10000
     x = torch.randint(0, VOCAB, (1, N + 1), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -3,30 +3,16 @@ client, raw HTTP and headless Chromium. The expected outputs come from an Engine
 a pure function of (seed, position), so the server's batching must not change a single token."""
 
 import asyncio
-import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install 'r1lab[serve,test]'")
-try:  # the HTTP client the openai package is built on (httpx, or its successor httpx2)
-    import httpx2 as httpx
-except ImportError:
-    httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi", reason="serving needs FastAPI: pip install 'r1lab[serve]'")
+from r1lab import Engine, SamplingParams, load_pretrained, load_tokenizer
+from r1lab.serve.stream import split_text
 
-from r1lab import Engine, SamplingParams, load_pretrained, load_tokenizer  # noqa: E402
-from r1lab.serve.stream import split_text  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serve_load)
+from serving import collect_stream, httpx, init_tiny, openai, openai_client, post, running_server, serve_load
 
 KEY = "sk-test-key"
 MAX_BATCH = 32
@@ -34,19 +20,13 @@ MAX_BATCH = 32
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "tiny-r1"
-    subprocess.run([sys.executable, "-m", "r1lab.cli", "init", "--preset", "tiny", "--out", str(out)], check=True,
-                   capture_output=True, timeout=120)
-    return out
+    return init_tiny(tmp_path_factory.mktemp("serve") / "tiny-r1")
 
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    port = serve_load.free_port()
-    proc = serve_load.start_server(str(ckpt), port, max_batch=MAX_BATCH, api_key=KEY)
-    yield f"http://127.0.0.1:{port}"
-    out = serve_load.stop_server(proc)
-    assert "Traceback" not in out, out  # no request may have crashed a handler or the engine thread
+    with running_server(ckpt, max_batch=MAX_BATCH, api_key=KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +37,7 @@ def ref(ckpt):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server, KEY)
 
 
 def expected(ref, prompts, **kw):
@@ -118,22 +98,11 @@ def test_chat_non_streaming_equals_engine(client, ref):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
-def _collect_stream(stream, n=1):
-    reasoning, content, finish, usage = [""] * n, [""] * n, [None] * n, None
-    for chunk in stream:
-        usage = chunk.usage or usage
-        for c in chunk.choices:
-            reasoning[c.index] += getattr(c.delta, "reasoning_content", None) or ""
-            content[c.index] += c.delta.content or ""
-            finish[c.index] = c.finish_reason or finish[c.index]
-    return reasoning, content, finish, usage
-
-
 def test_chat_streaming_reasoning_separate(client, ref):
     # The assistant turn is opened with "<think>\n" (DeepSeek prefix completion), so the output is reasoning.
     msgs = MSGS + [{"role": "assistant", "content": "<think>\n", "prefix": True}]
     kw = dict(model="tiny-r1", messages=msgs, max_tokens=10, temperature=1.0, seed=11)
-    reasoning, content, finish, usage = _collect_stream(client.chat.completions.create(
+    reasoning, content, _, finish, usage = collect_stream(client.chat.completions.create(
         **kw, stream=True, stream_options={"include_usage": True}))
     ids = chat_ids(ref[1], MSGS, "<think>\n")
     (exp,) = expected(ref, [(ids, 11)], max_tokens=10, temperature=1.0)
@@ -153,7 +122,7 @@ def test_n_samples(client, ref):
     assert [c.message.content for c in r.choices] == [split_text(e.text)[1] for e in exp]
     assert len({c.message.content for c in r.choices}) == 3  # distinct samples
     assert r.usage.completion_tokens == sum(len(e.token_ids) for e in exp)
-    _, content, finish, _ = _collect_stream(client.chat.completions.create(
+    _, content, _, finish, _ = collect_stream(client.chat.completions.create(
         model="tiny-r1", messages=MSGS, max_tokens=6, n=3, seed=5, temperature=1.0, stream=True), n=3)
     assert content == [c.message.content for c in r.choices] and finish == [c.finish_reason for c in r.choices]
 
@@ -175,13 +144,6 @@ def test_completions_and_stop_sequences(client, ref):
     chat = client.chat.completions.create(model="tiny-r1", messages=MSGS, max_tokens=16, seed=2, stop=["a", "e", " "])
     assert chat.choices[0].finish_reason in ("stop", "length")
     assert not any(s in chat.choices[0].message.content for s in ("a", "e", " "))
-
-
-def _post(server, path, body, key=KEY, raw=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    if raw is not None:
-        return httpx.post(server + path, content=raw, headers={**headers, "Content-Type": "application/json"})
-    return httpx.post(server + path, json=body, headers=headers)
 
 
 OK = {"model": "tiny-r1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -209,8 +171,8 @@ BAD = [  # (body or raw text, key, status, param)
 
 @pytest.mark.parametrize("body, key, status, param", BAD)
 def test_bad_input_gets_status_and_openai_error(server, body, key, status, param):
-    r = _post(server, "/v1/chat/completions", None if isinstance(body, str) else body, key,
-              raw=body if isinstance(body, str) else None)
+    r = post(server, "/v1/chat/completions", None if isinstance(body, str) else body, key,
+             raw=body if isinstance(body, str) else None)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
@@ -226,7 +188,8 @@ def test_bad_input_through_openai_client(server, client):
         client.completions.create(model="tiny-r1", prompt="hi", max_tokens=100_000)
     with pytest.raises(openai.UnprocessableEntityError):
         client.completions.create(model="tiny-r1", prompt=[10**9, "x"], max_tokens=2)
-    assert _post(server, "/v1/completions", {"model": "tiny-r1", "prompt": [10**9], "max_tokens": 2}).status_code == 400
+    assert post(server, "/v1/completions", {"model": "tiny-r1", "prompt": [10**9], "max_tokens": 2},
+                KEY).status_code == 400
     assert httpx.get(server + "/v1/nothing-here").json()["error"]["code"] == "not_found"
     assert health(server)["status"] == "ok"  # still serving
 

@@ -6,30 +6,16 @@ the forced `tool_choice`, a malformed call). The fixture checks with the engine,
 so the server tests below test the server, not the luck of the fine-tune.
 """
 
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-openai = pytest.importorskip("openai", reason="the serve tests need the openai client: pip install 'r1lab[serve,test]'")
-try:  # the HTTP client the openai package is built on (httpx, or its successor httpx2)
-    import httpx2 as httpx
-except ImportError:
-    httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi", reason="serving needs FastAPI: pip install 'r1lab[serve]'")
+from r1lab import Engine, SamplingParams, load_pretrained, load_tokenizer, save_pretrained
+from r1lab.data import render_sft
+from r1lab.tokenizer import tools_prompt
 
-from r1lab import Engine, SamplingParams, load_pretrained, load_tokenizer, save_pretrained  # noqa: E402
-from r1lab.data import render_sft  # noqa: E402
-from r1lab.tokenizer import tools_prompt  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serve_load)
+from serving import collect_stream, init_tiny, openai, openai_client, post, running_server
 
 KEY = "sk-tools"
 WEATHER = {"type": "function", "function": {
@@ -103,9 +89,7 @@ def rendered_reply(tok, lesson):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-tools") / "tool-r1"
-    subprocess.run([sys.executable, "-m", "r1lab.cli", "init", "--preset", "tiny", "--out", str(out)], check=True,
-                   capture_output=True, timeout=120)
+    out = init_tiny(tmp_path_factory.mktemp("serve-tools") / "tool-r1")
     torch.manual_seed(0)
     model, tok = load_pretrained(out), load_tokenizer(out)
     loss = fine_tune(model, tok)
@@ -118,40 +102,23 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    port = serve_load.free_port()
-    proc = serve_load.start_server(str(ckpt), port, max_batch=4, api_key=KEY)
-    yield f"http://127.0.0.1:{port}"
-    out = serve_load.stop_server(proc)
-    assert "Traceback" not in out, out
+    with running_server(ckpt, max_batch=4, api_key=KEY) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    return openai_client(server, KEY)
 
 
 def create(client, messages, **kw):
     return client.chat.completions.create(model="tool-r1", messages=messages, temperature=0.0, max_tokens=64, **kw)
 
 
-def collect_stream(stream):
-    """Accumulate a chat stream as the OpenAI docs show: content and reasoning by concatenation, tool calls by
-    their index (id, type and name from the first delta of each, arguments concatenated)."""
-    reasoning, content, calls, finish, chunks = "", "", {}, None, 0
-    for chunk in stream:
-        for c in chunk.choices:
-            chunks += 1
-            reasoning += getattr(c.delta, "reasoning_content", None) or ""
-            content += c.delta.content or ""
-            for d in c.delta.tool_calls or []:
-                cur = calls.setdefault(d.index, {"id": None, "type": None, "name": "", "arguments": ""})
-                cur["id"] = d.id or cur["id"]
-                cur["type"] = d.type or cur["type"]
-                if d.function:
-                    cur["name"] += d.function.name or ""
-                    cur["arguments"] += d.function.arguments or ""
-            finish = c.finish_reason or finish
-    return reasoning, content, [calls[k] for k in sorted(calls)], finish
+def streamed(client, messages, **kw):
+    """A streamed create, collected: the reasoning, content, tool calls and finish reason of its one choice."""
+    reasoning, content, calls, finish, _ = collect_stream(create(client, messages, stream=True, **kw))
+    return reasoning[0], content[0], calls[0], finish[0]
 
 
 def test_tool_call_round_trip(client):
@@ -175,7 +142,7 @@ def test_tool_call_round_trip(client):
 
 
 def test_tool_call_round_trip_streamed(client):
-    reasoning, content, calls, finish = collect_stream(create(client, ASK_PARIS, tools=TOOLS, stream=True))
+    reasoning, content, calls, finish = streamed(client, ASK_PARIS, tools=TOOLS)
     assert (reasoning, content, finish) == ("I need the weather tool.", "", "tool_calls")
     (tc,) = calls
     assert tc["type"] == "function" and tc["id"].startswith("call_") and tc["name"] == "get_weather"
@@ -184,7 +151,7 @@ def test_tool_call_round_trip_streamed(client):
                             {"id": tc["id"], "type": "function",
                              "function": {"name": tc["name"], "arguments": tc["arguments"]}}]},
                         {"role": "tool", "tool_call_id": tc["id"], "content": '{"temp": 18}'}]
-    _, content, calls, finish = collect_stream(create(client, back, tools=TOOLS, stream=True))
+    _, content, calls, finish = streamed(client, back, tools=TOOLS)
     assert (content, calls, finish) == (ANSWER, [], "stop")
 
 
@@ -203,7 +170,7 @@ def test_tool_choice_none_returns_text(client, stream):
     # no tools in the prompt and nothing parsed: whatever the model writes is content
     kw = dict(tools=TOOLS, tool_choice="none")
     if stream:
-        _, content, calls, finish = collect_stream(create(client, ASK_PARIS, stream=True, **kw))
+        _, content, calls, finish = streamed(client, ASK_PARIS, **kw)
     else:
         r = create(client, ASK_PARIS, **kw)
         m = r.choices[0]
@@ -220,7 +187,7 @@ def test_tool_choice_forces_a_call(client, choice, stream):
     # ASK_ROME was learnt as a call without reasoning: the forced start of the block is exactly its context
     kw = dict(tools=TOOLS, tool_choice=choice)
     if stream:
-        reasoning, content, calls, finish = collect_stream(create(client, ASK_ROME, stream=True, **kw))
+        reasoning, content, calls, finish = streamed(client, ASK_ROME, **kw)
         got = [(c["name"], c["arguments"]) for c in calls]
     else:
         c = create(client, ASK_ROME, **kw).choices[0]
@@ -235,16 +202,11 @@ def test_malformed_call_is_returned_as_content(client, stream):
     # the model calls a function that is not among the tools, with arguments that are not JSON
     expected = rendered_reply(load_tokenizer(), LESSONS[3])  # "Sure.<｜tool▁calls▁begin｜>...launch..."
     if stream:
-        _, content, calls, finish = collect_stream(create(client, ASK_BAD, tools=TOOLS, stream=True))
+        _, content, calls, finish = streamed(client, ASK_BAD, tools=TOOLS)
     else:
         c = create(client, ASK_BAD, tools=TOOLS).choices[0]
         content, calls, finish = c.message.content, c.message.tool_calls, c.finish_reason
     assert content == expected and "<｜tool▁calls▁begin｜>" in content and not calls and finish == "stop"
-
-
-def post(server, body):
-    return httpx.post(server + "/v1/chat/completions", json={"model": "tool-r1", "messages": ASK_PARIS, **body},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
 
 @pytest.mark.parametrize("body, param, words", [
@@ -265,7 +227,7 @@ def post(server, body):
     ({"messages": [{"role": "tool", "content": None}]}, "messages", "content"),
 ])
 def test_bad_tools_requests_get_400(server, body, param, words):
-    r = post(server, body)
+    r = post(server, "/v1/chat/completions", {"model": "tool-r1", "messages": ASK_PARIS, **body}, KEY, timeout=30)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
