@@ -445,6 +445,8 @@ def _lora_ranks(rank: int, world: int, d: str) -> None:
 
     d = Path(d)
     assert cli_main(lora_args(d / "c.jsonl", d / "fsdp", 4, **DIST)) == 0
+    # 1 rank -> 2: the one-process checkpoint of step 2 continues sharded
+    assert cli_main(lora_args(d / "c.jsonl", d / "resumed-on-2", 4, **DIST) + ["--resume"]) == 0
     lora_grpo_trainer(d / "grpo-fsdp").fit()
     lora_rm(d, "rm-fsdp")
 
@@ -481,8 +483,9 @@ DIST = {"train.batch-size": "4", "ckpt.every": "2"}
 def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     """The frozen base and the adapters sharded by FSDP2 over 2 ranks: losses and gradient norms equal the one-
     process run's within test_distributed_train's tolerance (fp32, summation order: rtol 2e-5), the gathered
-    adapters equal too, and the 2-rank checkpoint of step 2 continues in one process as the one-process run;
-    GRPO and rm with adapters on 2 ranks equal one process."""
+    adapters equal too, the 2-rank checkpoint of step 2 continues in one process as the one-process run, and the
+    one-process checkpoint of step 2 continues on 2 ranks as it; GRPO and rm with adapters on 2 ranks equal one
+    process."""
     from test_parallel import run_ranks
 
     from r1lab.cli import main as cli_main
@@ -495,6 +498,11 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
 
     write_pairs(tmp_path / "pairs.jsonl", 64, seed=1)
     lora_rm(tmp_path, "rm-one")
+    ck = "checkpoints/step-00000002"
+    shutil.copytree(tmp_path / "one" / ck, tmp_path / "resumed-on-2" / ck)
+    # the log lines of the steps before the checkpoint, marked: a resumed run keeps them, a fresh one rewrites them
+    lines = [{**json.loads(x), "copied": True} for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    (tmp_path / "resumed-on-2" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     run_ranks(_lora_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
 
@@ -515,8 +523,12 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     a, b = (load_pretrained(tmp_path / r / "final").state_dict() for r in ("fsdp", "one"))
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    # 1 rank -> 2 (above, in _lora_ranks): it continued from step 2, and steps 3 and 4 are the one-process run's
+    resumed = [json.loads(x) for x in (tmp_path / "resumed-on-2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("copied", False) for r in resumed] == [True, True, False, False]
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(col(tmp_path / "resumed-on-2", key), col(tmp_path / "one", key), rtol=2e-5, atol=0)
     # 2 ranks -> 1: the sharded checkpoint of step 2 (base and adapters) continues in one process
-    ck = "checkpoints/step-00000002"
     shutil.copytree(tmp_path / "fsdp" / ck, tmp_path / "resumed" / ck)
     shutil.copy(tmp_path / "fsdp" / "metrics.jsonl", tmp_path / "resumed")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "resumed", 4, **DIST) + ["--resume"]) == 0
