@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained
-from ..tokenizer import load_tokenizer, tools_prompt
+from ..tokenizer import tools_prompt
 from ..tools import calculator, function_schema
 from ..train import grpo, sft
 from ..train.recipe import load_recipe
