@@ -2,6 +2,7 @@
 template and the RL prompts render them, the answer reward, and the whole pipeline at toy sizes."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -79,6 +80,26 @@ def test_demonstrations_call_the_calculator_with_the_question_and_read_the_produ
     assert calls > 0 and answers > 0 and len(demos) == s.demos + answers  # a call turn and an answer per tool demo
 
 
+def test_the_pretraining_corpus_repeats_its_numbers():
+    docs = demo.copy_corpus(50, seed=1)
+    assert len(docs) == 50 and docs == demo.copy_corpus(50, seed=1)
+    for d in docs:
+        for line in d["text"].splitlines():
+            nums = re.findall(r"\d+", line)
+            assert nums and all(nums.count(n) >= 2 for n in nums), line  # every number occurs again
+
+
+def test_the_schema_is_the_built_in_calculator_described_in_a_line(data):
+    folder, s, tok = data
+    assert demo.calculator("347 * 829") == "287663"
+    fn = demo.SCHEMA["function"]
+    assert fn["name"] == "calculator" and "\n" not in fn["description"]
+    assert fn["parameters"]["required"] == ["expression"]
+    row = {"prompt": "What is 347 * 829?"}
+    text = render_prompt(row, "chat", tok, tools=[demo.SCHEMA])
+    assert len(render_prompt_ids(row, text, "chat", tok, tools=[demo.SCHEMA])) < 160  # was about 330
+
+
 def test_the_reward_reads_the_last_turn_only():
     conv = [{"role": "assistant", "content": "x", "tool_calls": []}, {"role": "tool", "content": "42"},
             {"role": "assistant", "content": "The answer is 42."}]
@@ -89,13 +110,14 @@ def test_the_reward_reads_the_last_turn_only():
 
 def test_the_whole_demonstration_at_toy_sizes(tmp_path, capsys):
     """Every stage runs and writes its files; the numbers mean nothing at this size (no learning asserted)."""
-    argv = ["--out", str(tmp_path / "run"), "--train", "24", "--test", "4", "--demos", "8", "--sft-steps", "2",
+    argv = ["--out", str(tmp_path / "run"), "--train", "24", "--test", "4", "--demos", "8", "--corpus", "20",
+            "--pretrain-steps", "2", "--pretrain-batch", "2", "--sft-steps", "2",
             "--sft-batch", "4", "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "2",
             "--max-tokens", "40", "--quiet"]
     assert demo.main(argv) == 0
     out = tmp_path / "run"
     for f in ("data/train.jsonl", "data/test.jsonl", "data/cold_start.jsonl", "data/tokenizer/tokenizer.json",
-              "cold-start/final/model.safetensors", "rl/final/model.safetensors", "rl/metrics.jsonl",
+              "data/corpus.jsonl", "pretrain/final/model.safetensors", "cold-start/final/model.safetensors", "rl/final/model.safetensors", "rl/metrics.jsonl",
               "results.json", "report.md", "curve.png"):
         assert (out / f).is_file(), f
     res = json.loads((out / "results.json").read_text())

@@ -31,12 +31,27 @@ import torch
 
 from ..checkpoint import load_pretrained
 from ..tokenizer import tools_prompt
-from ..tools import calculator, function_schema
-from ..train import grpo, sft
+from ..tools import calculator as _calculator
+from ..tools import function_schema
+from ..train import grpo, pretrain, sft
 from ..train.recipe import load_recipe
 from .vocab import MARKERS, TOOL_MARKERS, build_task_tokenizer
 
+
+
+def calculator(expression: str) -> str:
+    """Evaluate arithmetic."""
+    return _calculator(expression)
+
+
+# The built-in calculator under its own name with a one-line description: the template's tools section (indented
+# JSON of the schema) is then about 110 tokens instead of 330, so every row is cheaper and the question sits closer
+# to the call that copies it. The template is the official one; only the function's description is shorter.
+TOOL = "r1lab.speedrun.calculator:calculator"
 SCHEMA = function_schema(calculator)
+# A new line with its JSON indentation, and JSON's and markdown's frequent punctuation, as one id each, so the
+# schema's indented JSON costs a few ids a line.
+INDENTS = tuple("\n" + " " * k for k in (4, 8, 12, 16)) + ('": "', '": ', '",', "```", "###", "##")
 REWARD = "r1lab.speedrun.calculator:final_answer=1"
 _ANSWER = re.compile(r"The answer is (-?\d+)\.\s*$")
 
@@ -46,6 +61,10 @@ class Settings:
     """Sizes of one demonstration run; the defaults take about 5 minutes on a 2-core CPU."""
     train: int = 2000  # training problems (RL prompts; the demonstrations are the first `demos` of them)
     test: int = 200  # held-out problems, no pair of which is in the training set
+    corpus: int = 3000  # pretraining documents (plain text in which numbers recur), 0: no pretraining
+    pretrain_steps: int = 300
+    pretrain_batch: int = 16
+    pretrain_lr: float = 3e-3
     demos: int = 200  # cold-start demonstrations
     tool_share: float = 0.5  # share of the demonstrations that call the calculator (the rest answer at once)
     sft_steps: int = 400  # 60 and 150 left the digits uncopied too (benchmarks/LOG.md, calculator section)
@@ -73,6 +92,28 @@ def problems(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list
         pairs[(rng.randint(100, 999), rng.randint(100, 999))] = None
     rows = [{"prompt": f"What is {a} * {b}?", "answer": str(a * b), "expression": f"{a} * {b}"} for a, b in pairs]
     return rows[:n_train], rows[n_train:]
+
+
+def copy_corpus(n: int, seed: int = 0) -> list[dict]:
+    """Pretraining documents {"text"} in which numbers recur: a product written out and restated, a number said
+    again, a question's numbers repeated. Nothing in them is computable by a small model except by copying the
+    earlier occurrence, which is what a base model brings to the cold start (induction)."""
+    rng = random.Random(f"calculator-corpus:{seed}")
+    num = lambda: rng.randint(0, 10 ** rng.randint(1, 6) - 1)  # noqa: E731
+    forms = [
+        lambda a, b, c: f"{a} * {b} = {a * b}. So {a} * {b} is {a * b}.",
+        lambda a, b, c: f"What is {a} * {b}? Work out {a} * {b}. It is {a * b}. The answer is {a * b}.",
+        lambda a, b, c: f"Write {c} twice: {c} {c}.",
+        lambda a, b, c: f"The numbers are {a} and {b}. Again: {a} and {b}.",
+        lambda a, b, c: f"Take {a} + {b}. The sum {a} + {b} is {a + b}, and {a + b} is the answer.",
+    ]
+    docs = []
+    for _ in range(n):
+        lines = [rng.choice(forms)(rng.randint(100, 999) if rng.random() < 0.5 else num(),
+                                    rng.randint(100, 999) if rng.random() < 0.5 else num(), num())
+                 for _ in range(4)]
+        docs.append({"text": "\n".join(lines)})
+    return docs
 
 
 def demonstration(row: dict, use_tool: bool) -> list[list[dict]]:
@@ -106,11 +147,14 @@ def write_data(folder: Path, s: Settings):
     train, test = problems(s.train, s.test, s.seed)
     rng = random.Random(s.seed + 1)
     demos = [m for r in train[:s.demos] for m in demonstration(r, rng.random() < s.tool_share)]
-    for name, rows in (("train", train), ("test", test), ("cold_start", [{"messages": m} for m in demos])):
+    corpus = copy_corpus(s.corpus, s.seed)
+    for name, rows in (("train", train), ("test", test), ("cold_start", [{"messages": m} for m in demos]),
+                       ("corpus", corpus)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # Words seen in the demonstrations (the tools prompt included) become single ids; digits stay one id each.
-    texts = [json.dumps(m, ensure_ascii=False) for m in demos] + [m["content"] for d in demos for m in d]
-    return build_task_tokenizer(folder / "tokenizer", texts, min_count=5, markers=MARKERS + TOOL_MARKERS)
+    texts = ([json.dumps(m, ensure_ascii=False) for m in demos] + [m["content"] for d in demos for m in d]
+             + [d["text"] for d in corpus])
+    return build_task_tokenizer(folder / "tokenizer", texts, min_count=5, markers=MARKERS + TOOL_MARKERS + INDENTS)
 
 
 # ---------------------------------------------------------------------- evaluation
@@ -121,7 +165,7 @@ def evaluate(model, tok, rows: list[dict], s: Settings, tools: bool, out: Path) 
     r = grpo.GRPORecipe.defaults()
     r.run.out, r.run.device, r.data.shuffle = str(out), "cpu", False
     g = r.grpo
-    g.prompt_style, g.tools, g.rewards, g.beta = "chat", ["calculator"] if tools else [], [REWARD], 0.0
+    g.prompt_style, g.tools, g.rewards, g.beta = "chat", [TOOL] if tools else [], [REWARD], 0.0
     g.prompts_per_step, g.group_size, g.max_tokens = len(rows), s.eval_samples, s.max_tokens
     g.temperature, g.log_samples, r.train.batch_size = s.eval_temperature, 0, 64
     t = grpo.GRPOTrainer(r, model, tok, rows, quiet=True)
@@ -168,15 +212,29 @@ def run(out: str | Path, s: Settings, quiet: bool = False) -> dict:
     say(f"{len(train)} training and {len(test)} held-out problems, {s.demos} demonstrations "
         f"({s.tool_share:.0%} with the calculator), vocabulary {tok.vocab_size}")
 
+    init, pre = None, {}
+    if s.corpus and s.pretrain_steps:
+        r = load_recipe(None, "pretrain")
+        r.model.preset, r.model.config = s.model, {"vocab_size": tok.vocab_size}
+        _common(r, out / "pretrain", data, s.pretrain_steps, s.pretrain_batch, s.pretrain_lr, s.seed)
+        r.data.train, r.data.seq_len = [str(data / "corpus.jsonl")], 128
+        r.optim.warmup_steps = max(s.pretrain_steps // 20, 1)
+        say(f"pretraining: {s.pretrain_steps} steps of {s.model} on {s.corpus} documents in which numbers recur")
+        pre = pretrain.run(r, quiet=quiet)
+        init = out / "pretrain" / "final"
+
     r = load_recipe(None, "sft")
-    r.model.preset, r.model.config = s.model, {"vocab_size": tok.vocab_size}
+    if init is None:
+        r.model.preset, r.model.config = s.model, {"vocab_size": tok.vocab_size}
+    else:
+        r.model.init = str(init)
     _common(r, out / "cold-start", data, s.sft_steps, s.sft_batch, s.sft_lr, s.seed)
     r.data.train, r.data.seq_len = [str(data / "cold_start.jsonl")], 512
     r.optim.warmup_steps = max(s.sft_steps // 10, 1)
     say(f"cold start: {s.sft_steps} SFT steps of {s.model}")
     sft.run(r, quiet=quiet)
 
-    results: dict = {"settings": asdict(s), "vocab_size": tok.vocab_size}
+    results: dict = {"settings": asdict(s), "vocab_size": tok.vocab_size, "pretrain_loss": pre.get("loss")}
     model = load_pretrained(out / "cold-start" / "final")
     results["cold_start"] = evaluate(model, tok, test, s, True, out / "eval" / "cold-start")
     say(f"cold start, held out: accuracy {results['cold_start']['accuracy']:.3f}, "
@@ -190,7 +248,7 @@ def run(out: str | Path, s: Settings, quiet: bool = False) -> dict:
     _common(r, out / "rl", data, s.rl_steps, 64, s.rl_lr, s.seed)
     r.log.every = 1
     g = r.grpo
-    g.prompt_style, g.tools, g.max_turns, g.rewards = "chat", ["calculator"], 2, [REWARD]
+    g.prompt_style, g.tools, g.max_turns, g.rewards = "chat", [TOOL], 2, [REWARD]
     g.prompts_per_step, g.group_size, g.max_tokens = s.prompts_per_step, s.group_size, s.max_tokens
     g.temperature, g.beta, g.eps_high, g.loss_agg = s.temperature, 0.0, 0.28, "token"
     say(f"RL: {s.rl_steps} GRPO steps, {s.prompts_per_step} prompts x {s.group_size} samples, calculator on")
