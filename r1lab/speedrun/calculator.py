@@ -4,8 +4,10 @@
 output "287663" into "The answer is 287663." is not. The demonstration:
 
   1 data       train and held-out problems (disjoint pairs), the cold-start demonstrations, the task tokenizer
-               (characters, frequent words, the chat and tool markers as single ids: vocab.TOOL_MARKERS)
-  2 cold start `r1lab sft` of a fresh speedrun-student model on the demonstrations: a share of them call the
+               (characters, frequent words, the chat and tool markers as single ids: vocab.TOOL_MARKERS), and a
+               pretraining corpus of plain text in which numbers recur
+  1b pretrain  `r1lab pretrain` of a fresh speedrun-student on that corpus (--corpus 0 skips it)
+  2 cold start `r1lab sft` of that model on the demonstrations: a share of them call the
                calculator, the rest answer at once (right, as a demonstrator who knows the product would), so the
                model starts split between the habits and copies digits imperfectly: room for RL
   3 evaluate   held-out problems, with the calculator and (the control) without it
@@ -58,7 +60,7 @@ _ANSWER = re.compile(r"The answer is (-?\d+)\.\s*$")
 
 @dataclass
 class Settings:
-    """Sizes of one demonstration run; the defaults take about 5 minutes on a 2-core CPU."""
+    """Sizes of one demonstration run; the defaults take about 10 minutes on a 2-core CPU (one thread)."""
     train: int = 2000  # training problems (RL prompts; the demonstrations are the first `demos` of them)
     test: int = 200  # held-out problems, no pair of which is in the training set
     corpus: int = 3000  # pretraining documents (plain text in which numbers recur), 0: no pretraining
@@ -66,14 +68,14 @@ class Settings:
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
     demos: int = 200  # cold-start demonstrations
-    tool_share: float = 0.5  # share of the demonstrations that call the calculator (the rest answer at once)
-    sft_steps: int = 400  # 60 and 150 left the digits uncopied too (benchmarks/LOG.md, calculator section)
+    tool_share: float = 0.8  # share of the demonstrations that call the calculator (the rest answer at once)
+    sft_steps: int = 600  # 400 and fewer, or more varied demonstrations, left the answer uncopied (benchmarks/LOG.md)
     sft_batch: int = 8
     sft_lr: float = 3e-3
     rl_steps: int = 20
     prompts_per_step: int = 8
     group_size: int = 8
-    rl_lr: float = 3e-4
+    rl_lr: float = 3e-4  # 1e-3 collapsed the policy (no tool calls, 6-token answers) within 7 steps
     temperature: float = 1.0  # RL rollouts
     eval_samples: int = 2  # samples per held-out problem (temperature eval_temperature)
     eval_temperature: float = 0.5
