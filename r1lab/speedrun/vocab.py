@@ -24,15 +24,23 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer, load_tokenizer
+from ..tokenizer import (CONFIG_FILE, TOKENIZER_FILE, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN,
+                         TOOL_CALLS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END,
+                         TOOL_SEP, Tokenizer, load_tokenizer)
 
 SPECIAL = ("<bos>", "<eos>", "<pad>", "<unk>")
 MARKERS = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>", "<answer>", "</answer>")
+# The chat template's tool-call and tool-output markers, for tasks that call tools (speedrun/calculator.py).
+TOOL_MARKERS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP, TOOL_OUTPUTS_BEGIN,
+                TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END)
 _WORD = re.compile(r" ?[A-Za-z]+")
 
 
-def build_task_tokenizer(folder: str | Path, texts: Iterable[str], min_count: int = 20) -> Tokenizer:
-    """Write tokenizer.json and tokenizer_config.json for `texts` into `folder` and load them."""
+def build_task_tokenizer(folder: str | Path, texts: Iterable[str], min_count: int = 20,
+                         markers: tuple[str, ...] = MARKERS) -> Tokenizer:
+    """Write tokenizer.json and tokenizer_config.json for `texts` into `folder` and load them. `markers` become
+    one id each (after the special tokens); a task with tool calls adds the template's tool markers
+    (`TOOL_MARKERS`), while the default keeps the speedrun's ids as they were."""
     from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as Backend
 
@@ -41,16 +49,16 @@ def build_task_tokenizer(folder: str | Path, texts: Iterable[str], min_count: in
     chars: set[str] = set()
     words: Counter[str] = Counter()
     for text in texts:
-        for m in MARKERS:
+        for m in markers:
             text = text.replace(m, " ")
         chars.update(text)
         words.update(w for w in _WORD.findall(text) if len(w.strip()) > 1)
     kept = sorted((w for w, c in words.items() if c >= min_count), key=lambda w: (-len(w), w))
-    pieces = list(SPECIAL) + list(MARKERS) + sorted(chars - set(MARKERS)) + kept
+    pieces = list(SPECIAL) + list(markers) + sorted(chars - set(markers)) + kept
     backend = Backend(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL])
-    backend.add_tokens([AddedToken(s, special=False, normalized=False, single_word=False) for s in (*MARKERS, *kept)])
+    backend.add_tokens([AddedToken(s, special=False, normalized=False, single_word=False) for s in (*markers, *kept)])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     backend.save(str(folder / TOKENIZER_FILE))
