@@ -15,6 +15,10 @@ output "287663" into "The answer is 287663." is not. The demonstration:
   5 evaluate   the RL model again; report.md with the numbers and curve.png (tool calls and accuracy per step)
 
     python -m r1lab.speedrun.calculator --out runs/calculator
+
+Status: the pipeline runs end to end, but the demonstration is not yet shown. The cold start copies too rarely
+(3% of held-out samples right), so few GRPO groups have mixed rewards and RL does not raise accuracy. What was
+tried is in benchmarks/LOG.md.
 """
 
 from __future__ import annotations
