@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from r1lab.data import render_sft
 from r1lab.speedrun import calculator as demo
@@ -14,12 +13,7 @@ from r1lab.tokenizer import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
 from r1lab.train.grpo import render_prompt, render_prompt_ids
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_held_out_problems_are_never_trained_on():
