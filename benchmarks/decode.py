@@ -35,7 +35,26 @@ from r1lab.tasks.synthetic import Addition
 from r1lab.train.loop import Trainer
 from r1lab.train.recipe import load_recipe
 
-COPY_BW = 4.2e12  # bytes/s, device-to-device copy measured on the H200 (see benchmarks/LOG.md)
+COPY_BW = 4.2e12  # bytes/s, device-to-device copy on the H200 (see benchmarks/LOG.md); used off the GPU
+
+
+def copy_bandwidth(device, gib: float = 2.0, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), measured on `device` now: the
+    denominator of every bandwidth fraction, so that a fraction means the same on an H100 and an H200."""
+    if torch.device(device).type != "cuda":
+        return COPY_BW
+    n = int(gib * 2**30) // 2
+    a, b = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * n * 2 * reps / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
 
 
 def weight_bytes_per_step(cfg, batch: int, elem: int = 2) -> float:
@@ -109,6 +128,8 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
+    copy_bw = copy_bandwidth(dev)
+    print(f"device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s", flush=True)
     if args.model:
         model = load_pretrained(args.model, device=dev, dtype=torch.bfloat16 if gpu else torch.float32).eval()
     else:
@@ -188,7 +209,7 @@ def main():
             if k == 0:
                 plain_tps, plain_tokens = ours_tps, tokens
                 bw = weight_bytes_per_step(cfg, B) * step_rate  # one token per sequence per step
-                run.update(r1lab_bandwidth_TBps=bw / 1e12, bandwidth_fraction=bw / COPY_BW)
+                run.update(r1lab_bandwidth_TBps=bw / 1e12, bandwidth_fraction=bw / copy_bw)
             else:
                 st = eng.stats
                 drafted, accepted = st["drafted"] - before["drafted"], st["accepted"] - before["accepted"]

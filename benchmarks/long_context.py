@@ -11,7 +11,7 @@
    path (pages gathered up to the block-table width) and with the paged Triton kernel (R1LAB_ATTN_KERNEL=1:
    each sequence reads its own length). Reported: tokens/s, ms per step, the latent-cache bytes one step reads
    (sum over sequences of positions x 576 x 2 bytes x layers), the weight bytes, and the achieved bandwidth as a
-   fraction of the H200's 4.2 TB/s copy bandwidth (goal: >= 50% at 32K context, batch 32; FlashMLA publishes
+   fraction of the device-to-device copy bandwidth measured at the start (goal: >= 50% at 32K context, batch 32; FlashMLA publishes
    ~3,000 GB/s for memory-bound MLA decode on an H800).
 3. --hf: transformers' generate on the same weights at --hf-contexts (batch 1): tokens/s of decoding (time of
    1 + n new tokens minus time of 1), where its expanded K/V cache fits.
@@ -32,21 +32,8 @@ import time
 
 import torch
 
+from decode import copy_bandwidth, weight_bytes_per_step  # benchmarks/decode.py, beside this script
 from r1lab import Engine, SamplingParams, Transformer, get_preset, save_pretrained
-
-COPY_BW = 4.2e12  # bytes/s, device-to-device copy measured on the H200 (see benchmarks/LOG.md)
-
-
-def weight_bytes_per_step(cfg, batch: int, elem: int = 2) -> float:
-    """Bytes of weights a decode step of `batch` tokens reads (as benchmarks/decode.py counts them)."""
-    D = cfg.hidden_size
-    dense = cfg.num_params(active=True, embeddings=False)
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    if n_moe:
-        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-        dense += n_moe * 3 * D * cfg.moe_intermediate_size * (E * (1 - (1 - K / E) ** batch) - K)
-    return elem * (dense + cfg.vocab_size * D + batch * D)
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +65,9 @@ def main():
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype.itemsize
     results = {"gpu": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
                "preset": args.preset, "cache_bytes_per_token": per_token, "runs": []}
+    copy_bw = copy_bandwidth(dev)
+    results["copy_bandwidth_TBps"] = copy_bw / 1e12
+    print(f"device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s", flush=True)
     g = torch.Generator().manual_seed(0)
 
     def emit(run):  # printed, and the JSON rewritten after each run (a run cut short keeps what it measured)
@@ -151,7 +141,7 @@ def main():
                       "tokens_per_s": B / dt, "cache_GB_per_step": cache_bytes / 1e9,
                       "weight_GB_per_step": weights / 1e9, "achieved_TBps": (cache_bytes + weights) / dt / 1e12,
                       "cache_only_TBps": cache_bytes / dt / 1e12,
-                      "copy_bandwidth_fraction": (cache_bytes + weights) / dt / COPY_BW,
+                      "copy_bandwidth_fraction": (cache_bytes + weights) / dt / copy_bw,
                       "block_table_pages": eng._pages, "stats": {k: eng.stats[k] for k in (
                           "pages_used", "pages_total", "preemptions")}})
             os.environ.pop("R1LAB_ATTN_KERNEL", None)
