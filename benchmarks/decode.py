@@ -121,6 +121,9 @@ def main():
     ap.add_argument("--train-steps", type=int, default=0,
                     help="first train the model this many steps with the MTP loss on worked additions, and prompt "
                          "with held-out ones (default: 0 = random weights and random prompts)")
+    ap.add_argument("--eos-rounds", type=int, default=8,
+                    help="with --train-steps/--model, also time answers that end at EOS: this many held-out prompts "
+                         "per slot (default: 8; 0 = off)")
     ap.add_argument("--model", default=None, metavar="DIR", help="load this checkpoint instead of --preset")
     ap.add_argument("--save", default=None, metavar="DIR", help="save the --train-steps model here (for --model)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run of the script (default: cuda)")
@@ -149,7 +152,8 @@ def main():
     text_prompts = None
     if args.train_steps or args.model:  # prompts the model knows how to continue
         tok = load_tokenizer()
-        text_prompts = [tok.encode(q) for q, _ in addition_text(3 * max(args.batches), "test", 1)]
+        text_prompts = [tok.encode(q) for q, _ in addition_text(3 * max(args.batches) * max(args.eos_rounds, 1),
+                                                                 "test", 1)]
     hf = None
     if not args.no_hf:
         import transformers
@@ -162,15 +166,47 @@ def main():
                "preset": args.model or args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "train_steps": args.train_steps, "runs": []}
     g = torch.Generator().manual_seed(0)
+    def timed(eng, prompts, params):
+        """Generate for `prompts` (continuous batching over the engine's slots); returns the run's numbers."""
+        sync()
+        before = eng.stats
+        t0 = time.perf_counter()
+        seqs = [s for p in prompts for s in eng.add_request(p, params)]
+        eng.step()  # admits (prefills) the first slots' prompts, then the first decode step
+        sync()
+        t1 = time.perf_counter()
+        steps = 1
+        while eng.has_work():
+            eng.step()
+            steps += 1
+        sync()
+        t2 = time.perf_counter()
+        st = eng.stats
+        generated = sum(len(s.tokens) for s in seqs)
+        run = {"sequences": len(seqs), "generated_tokens": generated, "r1lab_tokens_per_s": generated / (t2 - t0),
+               "r1lab_decode_steps_per_s": (steps - 1) / (t2 - t1), "r1lab_prefill_s": t1 - t0}
+        if eng.speculate:
+            drafted, accepted = st["drafted"] - before["drafted"], st["accepted"] - before["accepted"]
+            seq_steps = st["sequence_steps"] - before["sequence_steps"]
+            run.update(acceptance_rate=accepted / max(drafted, 1),
+                       tokens_per_step=(accepted + seq_steps) / max(seq_steps, 1))
+        return run, [s.tokens for s in seqs]
+
     for B in args.batches:
         if text_prompts is None:
             prompts = torch.randint(0, cfg.vocab_size - 1, (B, args.prompt_len), generator=g).tolist()
         else:
             prompts = text_prompts[:B]
-        longest = max(len(p) for p in prompts)
-        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        # "fixed": every sequence generates --new-tokens (EOS ignored: past its answer a trained model writes
+        # further documents); "eos": answers as a user gets them, each ended by EOS (at most --new-tokens), with
+        # --eos-rounds x B held-out prompts through the B slots (continuous batching; prefills included)
+        modes = {"fixed": (prompts, SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True))}
+        if args.eos_rounds and text_prompts is not None:
+            modes["eos"] = (text_prompts[:B * args.eos_rounds],
+                            SamplingParams(temperature=0, max_tokens=args.new_tokens))
+        longest = max(len(p) for ps, _ in modes.values() for p in ps)
         warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-        plain_tokens = None
+        base = {}
         for k in [0] + [k for k in args.speculate if k > 0]:
             compiled = args.compile
             opts = dict(max_batch=B, max_seq_len=longest + args.new_tokens, speculate=k)
@@ -184,45 +220,33 @@ def main():
                 compiled, compile_s = False, None
                 eng = Engine(model, compile=False, **opts)
                 eng.generate(prompts, warm)
-            sync()
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
-            before = eng.stats
-            t0 = time.perf_counter()
-            seqs = [s for p in prompts for s in eng.add_request(p, params)]
-            eng.step()  # admits (prefills) everything, then the first decode step
-            sync()
-            t1 = time.perf_counter()
-            steps = 1
-            while eng.has_work():
-                eng.step()
-                steps += 1
-            sync()
-            t2 = time.perf_counter()
-            ours_tps = B * args.new_tokens / (t2 - t0)
-            step_rate = (steps - 1) / (t2 - t1)
-            cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
-            run = {"batch": B, "speculate": k, "compiled": compiled, "warmup_s": compile_s,
-                   "r1lab_tokens_per_s": ours_tps, "r1lab_decode_steps_per_s": step_rate, "r1lab_prefill_s": t1 - t0,
-                   "cache_bytes": cache_bytes, "cache_bytes_per_token": cache_bytes / (B * (longest + args.new_tokens))}
-            tokens = [s.tokens for s in seqs]
-            if k == 0:
-                plain_tps, plain_tokens = ours_tps, tokens
-                bw = weight_bytes_per_step(cfg, B) * step_rate  # one token per sequence per step
-                run.update(r1lab_bandwidth_TBps=bw / 1e12, bandwidth_fraction=bw / copy_bw)
-            else:
-                st = eng.stats
-                drafted, accepted = st["drafted"] - before["drafted"], st["accepted"] - before["accepted"]
-                seq_steps = st["sequence_steps"] - before["sequence_steps"]
-                run.update(speedup_over_speculate_0=ours_tps / plain_tps, acceptance_rate=accepted / max(drafted, 1),
-                           tokens_per_step=(accepted + seq_steps) / max(seq_steps, 1),
-                           greedy_prefix_agreement_min=min(
-                               next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
-                               for x, y in zip(tokens, plain_tokens)))
+            for mode, (mode_prompts, params) in modes.items():
+                run, tokens = timed(eng, mode_prompts, params)
+                run = {"batch": B, "speculate": k, "mode": mode, "compiled": compiled, "warmup_s": compile_s, **run}
+                if k == 0:
+                    base[mode] = run["r1lab_tokens_per_s"], tokens
+                    if mode == "fixed":
+                        cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
+                        bw = weight_bytes_per_step(cfg, B) * run["r1lab_decode_steps_per_s"]  # a token per sequence
+                        run.update(cache_bytes=cache_bytes, r1lab_bandwidth_TBps=bw / 1e12,
+                                   bandwidth_fraction=bw / copy_bw)
+                else:
+                    plain_tps, plain_tokens = base[mode]
+                    run.update(speedup_over_speculate_0=run["r1lab_tokens_per_s"] / plain_tps,
+                               greedy_prefix_agreement_min=min(
+                                   next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
+                                   for x, y in zip(tokens, plain_tokens)))
+                if mode == "fixed" and k == 0:
+                    fixed_run = run
+                    continue  # transformers' numbers join this record below
                 print(json.dumps(run), flush=True)
                 results["runs"].append(run)
+            if k:
                 del eng
                 continue
+            run, ours_tps = fixed_run, fixed_run["r1lab_tokens_per_s"]
             if hf is not None and text_prompts is None:  # (same-length random prompts: no padding for HF)
                 n_hf = args.hf_new_tokens or args.new_tokens
                 x = torch.tensor(prompts, device=dev)
