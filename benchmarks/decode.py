@@ -166,6 +166,13 @@ def main():
                "preset": args.model or args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "train_steps": args.train_steps, "runs": []}
     g = torch.Generator().manual_seed(0)
+    def emit(run):  # printed, and the JSON rewritten after each run (a run cut short keeps what it measured)
+        print(json.dumps(run), flush=True)
+        results["runs"].append(run)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
     def timed(eng, prompts, params):
         """Generate for `prompts` (continuous batching over the engine's slots); returns the run's numbers."""
         sync()
@@ -205,7 +212,8 @@ def main():
             modes["eos"] = (text_prompts[:B * args.eos_rounds],
                             SamplingParams(temperature=0, max_tokens=args.new_tokens))
         longest = max(len(p) for ps, _ in modes.values() for p in ps)
-        warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        # warm-up at full length: the decode step is captured (and compiled) once per block-table width
+        warm = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         base = {}
         for k in [0] + [k for k in args.speculate if k > 0]:
             compiled = args.compile
@@ -241,8 +249,7 @@ def main():
                 if mode == "fixed" and k == 0:
                     fixed_run = run
                     continue  # transformers' numbers join this record below
-                print(json.dumps(run), flush=True)
-                results["runs"].append(run)
+                emit(run)
             if k:
                 del eng
                 continue
@@ -266,14 +273,10 @@ def main():
                                                                  ignore_eos=True))[0].token_ids
                 run["greedy_prefix_agreement_tokens"] = next(
                     (i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-            print(json.dumps(run), flush=True)
-            results["runs"].append(run)
+            emit(run)
             del eng
         if gpu:
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
