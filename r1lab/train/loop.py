@@ -298,9 +298,6 @@ class Trainer:
         """Freeze the model and wrap it with the recipe's adapters (before MasterWeights: only they get fp32 master
         copies and optimizer state; the base is cast to the compute dtype and stays there)."""
         c = self.recipe.lora
-        if self.world > 1 and self.recipe.parallel.ep > 1 and "experts" in lora.expand_targets(c.targets):
-            raise ValueError("lora.targets 'experts' with parallel.ep > 1 is not supported yet: adapt attention and "
-                             "the shared experts, or shard the experts with FSDP (parallel.ep 1)")
         lora.apply_lora(self.model, c.rank, c.alpha, c.targets, c.dropout, seed=self.recipe.run.seed)
         head = getattr(self.model, "score_head", None)
         if head is not None:  # a reward model's new head trains in full (PEFT's modules_to_save)
