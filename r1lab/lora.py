@@ -315,6 +315,20 @@ def active_parameters(model: nn.Module) -> int:
     return n
 
 
+@torch.no_grad()
+def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The frozen base (parameters and floating buffers, as `model.to(dtype)` casts them) in `dtype`, in place; the
+    trained parameters (the adapters) keep their dtype and values. Before FSDP2 (r1lab.parallel): its sharded
+    fp32 adapters are the master weights, and the base, which has no master, is stored sharded in the compute
+    dtype. FSDP2 asks one dtype of the trained parameters of a `fully_shard` unit only (frozen ones may differ;
+    its all-gather takes mixed dtypes), so one unit per block holds both."""
+    keep = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    model.to(dtype)
+    for p, data in keep:
+        p.data = data
+    return model
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts (shared tensors once)."""
     seen, counts = set(), [0, 0]

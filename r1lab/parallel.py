@@ -249,7 +249,9 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, ep_mesh: DeviceMesh | No
 
     Precision (the README's one policy): parameters stay fp32 (the sharded fp32 copy is the master the
     optimizer updates); on CUDA they are all-gathered in bf16 for compute and gradients are reduced in fp32.
-    On the CPU (gloo) everything is fp32. `param_dtype` overrides the all-gather dtype.
+    On the CPU (gloo) everything is fp32. `param_dtype` overrides the all-gather dtype. Frozen parameters may be
+    stored in another dtype than the trained ones of their unit (FSDP2 asks one dtype of the trained ones only):
+    a LoRA base is sharded in the compute dtype (`lora.cast_base`), its fp32 adapters beside it.
     With expert parallelism applied first (pass its `ep_mesh`), each layer's local experts become their own FSDP
     unit over the "edp" dimension (their replicas), with gradients divided by the full dp (module docstring).
     """

@@ -629,6 +629,71 @@ def test_lora_on_routed_experts_under_expert_parallel_equals_one_process(tmp_pat
     torch.testing.assert_close(col(tmp_path / "ep-resumed-on-1", "loss"), col(one, "loss"), rtol=2e-5, atol=0)
 
 
+BF16 = {**DIST, "run.dtype": "bfloat16", "optim.lr": "1e-3"}
+
+
+def _lora_bf16_ranks(rank: int, world: int, d: str) -> None:
+    import torch.distributed as dist
+
+    from r1lab.cli import main as cli_main
+    from r1lab.train.loop import Trainer, build_model
+    from r1lab.train.recipe import load_recipe
+
+    d = Path(d)
+    for ep in (1, 2):  # the experts in the blocks' FSDP units, then in units of their own over the EP ranks
+        r = load_recipe(None, "sft", {"model.config": json.dumps({"vocab_size": 64}), "lora.rank": "4",
+                                      "lora.targets": "all", "parallel.ep": str(ep), "run.out": str(d / f"t{ep}")})
+        model = build_model(r, torch.device("cpu"))
+        t = Trainer(r, model, None, dtype=torch.bfloat16, quiet=True)
+        trained = {n for n, _ in t.master.named}
+        assert trained and not t.master.separate  # FSDP's fp32 shards of the adapters are the masters
+        for n, p in model.named_parameters():  # the base sharded in bf16, no fp32 copy; the adapters in fp32
+            assert p.dtype == (torch.float32 if n in trained else torch.bfloat16), n
+            assert p.requires_grad == (n in trained), n
+        assert {p.dtype for g in t.optimizer.param_groups for p in g["params"]} == {torch.float32}
+        # the plan in the first log line is what the ranks hold: weights as stored, and per trained parameter
+        # an fp32 gradient and AdamW's two fp32 moments
+        held = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+        held += sum(p.to_local().numel() for p in t.master.master) * (4 + 8)
+        held = torch.tensor(float(held), dtype=torch.float64)
+        dist.all_reduce(held)
+        assert t.memory_plan * 2**30 * world == pytest.approx(held.item(), rel=1e-12)
+    assert cli_main(lora_args(d / "c.jsonl", d / "bf16-fsdp", 4, **BF16)) == 0
+    assert cli_main(lora_args(d / "c.jsonl", d / "bf16-ep", 4, **BF16, **{"parallel.ep": "2"})) == 0
+
+
+def test_lora_under_fsdp_keeps_the_base_in_bf16_and_equals_one_process(tmp_path):
+    """run.dtype bfloat16 on 2 FSDP2 ranks (gloo, CPU): the frozen base is sharded in bf16 with no fp32 copy, the
+    adapters in fp32 (FSDP2 wants one dtype among a unit's trained parameters only), all-gathered in bf16 for
+    compute; the memory plan counts that; and the losses equal the one-process bf16 run's."""
+    from test_parallel import run_ranks
+
+    from r1lab.cli import main as cli_main
+
+    before = torch.get_num_threads()
+    corpus(tmp_path / "c.jsonl")
+    assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "bf16-one", 4, **BF16)) == 0
+    run_ranks(_lora_bf16_ranks, 2, str(tmp_path))
+    torch.set_num_threads(before)
+
+    def col(run, key):
+        return torch.tensor([json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()],
+                            dtype=torch.float64)
+
+    # bf16 tolerances (lr 1e-3, as the GRPO test's: AdamW amplifies rounding differences step by step). The ranks
+    # round other partial sums to bf16 than one process does (each its half batch's gradient, summed in fp32 by
+    # the reduce-scatter, against one bf16 gradient of the whole batch): a gradient element may differ by up
+    # to a bf16 ulp of its terms, so the gradient norm by 2^-7 (two ulps; measured 2.6e-3 at step 3). The
+    # loss, a mean over ~190 tokens of fp32 log-probs from bf16 logits, averages those roundings: 2^-11
+    # (measured 6.9e-5). Not a test of bf16 against fp32 compute: one process in fp32 differs from it in bf16
+    # by about as much here (5.8e-5, 1.1e-3); the dtypes above test that.
+    rtol = {"loss": 2**-11, "grad_norm": 2**-7}
+    for run in ("bf16-fsdp", "bf16-ep"):
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(col(tmp_path / run, key), col(tmp_path / "bf16-one", key), rtol=rtol[key],
+                                       atol=0, msg=f"{run} {key}")
+
+
 def test_lora_flops_count_the_work_done():
     """MFU with adapters: the frozen base's matmuls cost 4 x N per token (forward, backward to the inputs), the
     adapters 6 x theirs, routed experts' adapters for the num_experts_per_tok experts a token reaches."""
