@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import parallel
 from .model.layers import MLP
 from .model.moe import Experts, MoE, _grouped_mm
 from .model.transformer import Transformer
@@ -302,15 +303,30 @@ def adapters_off(model: nn.Module):
 
 def active_parameters(model: nn.Module) -> int:
     """Adapter parameters one token passes through: all of the linear layers' adapters, the routed experts'
-    of the num_experts_per_tok experts it is sent to (for MFU)."""
+    of the num_experts_per_tok experts it is sent to (for MFU). Under expert parallelism each rank holds E/ep
+    experts' factors (FSDP's DTensors count whole)."""
     n = 0
     for path, m in lora_modules(model).items():
         size = sum(p.numel() for p in m.parameters() if p.requires_grad)
         if isinstance(m, LoRAExperts):
             moe = model.get_submodule(path.rpartition(".")[0])
-            size = size * moe.top_k // moe.n_experts
+            size = size * getattr(m, "_r1lab_ep", (1,))[0] * moe.top_k // moe.n_experts
         n += size
     return n
+
+
+@torch.no_grad()
+def cast_base(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The frozen base (parameters and floating buffers, as `model.to(dtype)` casts them) in `dtype`, in place; the
+    trained parameters (the adapters) keep their dtype and values. Before FSDP2 (r1lab.parallel): its sharded
+    fp32 adapters are the master weights, and the base, which has no master, is stored sharded in the compute
+    dtype. FSDP2 asks one dtype of the trained parameters of a `fully_shard` unit only (frozen ones may differ;
+    its all-gather takes mixed dtypes), so one unit per block holds both."""
+    keep = [(p, p.data) for p in model.parameters() if p.requires_grad]
+    model.to(dtype)
+    for p, data in keep:
+        p.data = data
+    return model
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -403,9 +419,11 @@ def _peft_targets(path: str) -> tuple[str | None, list[str]]:
     return None, [f"mlp.{leaf}.weight"]
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP shard (a DTensor; collective), else the tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def _full(t: torch.Tensor, mod: nn.Module | None = None) -> torch.Tensor:
+    """The whole tensor of an FSDP shard (a DTensor; collective), else the tensor; a factor of expert-parallel
+    routed experts (`mod` split by `parallel.apply_expert_parallel`) gathered over the EP group, all E experts."""
+    t = t.full_tensor() if hasattr(t, "full_tensor") else t
+    return parallel.gather_experts(t, mod) if getattr(mod, "_r1lab_ep", None) is not None else t
 
 
 def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -426,8 +444,8 @@ def adapter_state(model: Transformer) -> tuple[dict[str, torch.Tensor], dict]:
             continue
         present = [n for n in ("gate_up", "down") if f"{n}_A" in mod._parameters]
         for name in present:
-            a = _full(mod._parameters[f"{name}_A"])  # (E, r, in)
-            b = _full(mod._parameters[f"{name}_B"])  # (E, out, r)
+            a = _full(mod._parameters[f"{name}_A"], mod)  # (E, r, in)
+            b = _full(mod._parameters[f"{name}_B"], mod)  # (E, out, r)
             E, r = a.shape[:2]
             inner = name == "gate_up" and len(present) == 2  # gate_up is wrapped first, so it nests inside
             k = f"{key}.base_layer" if inner else key

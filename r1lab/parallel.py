@@ -44,7 +44,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
-from .model.moe import Experts, MoE
+from .model.moe import MoE
 from .model.transformer import Transformer
 
 
@@ -114,10 +114,12 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def _ep_forward(experts: Experts, group, x: torch.Tensor, counts: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+def _ep_forward(experts: nn.Module, forward, group, x: torch.Tensor, counts: torch.Tensor,
+                impl: str = "auto") -> torch.Tensor:
     """x (M, D): this rank's (token, slot) rows sorted by global expert, counts (E,) -> outputs (M, D), same order.
 
     El = E/ep local experts. Rows for rank r are the contiguous block of experts r*El ... (r+1)*El - 1.
+    `forward` is the experts module's own (`Experts.forward`, or `LoRAExperts.forward` with adapters).
     """
     ep = dist.get_world_size(group)
     El = counts.numel() // ep
@@ -137,7 +139,7 @@ def _ep_forward(experts: Experts, group, x: torch.Tensor, counts: torch.Tensor, 
     out_start = bs.cumsum(0) - bs
     perm = torch.repeat_interleave(st - out_start, bs, output_size=xr.shape[0]) + torch.arange(
         xr.shape[0], device=x.device)  # perm[j]: source row of expert-major row j
-    y = Experts.forward(experts, xr[perm], recv_counts.sum(0), impl)  # the model's own expert computation
+    y = forward(experts, xr[perm], recv_counts.sum(0), impl)  # the model's own expert computation
     back = torch.empty_like(y)
     back[perm] = y  # undo the regrouping: (source rank, local expert) order again
     return all_to_all(back, send, recv, group)
@@ -150,6 +152,8 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
     names are unchanged; `gate_proj`/`up_proj`/`down_proj` become (E/ep, ...) slices, rank r's being experts
     r*E/ep onwards. On its own this is exact: each local expert's gradient is the sum over every token of the
     EP group that it saw. Averaging over data-parallel ranks is `apply_fsdp`'s business.
+    Routed experts with adapters (`lora.LoRAExperts`, applied before this) are split the same way: every
+    parameter of the module, the frozen stacked weights and the (E, ...) factors alike, keeps its rank's experts.
     """
     group, ep, r = ep_mesh.get_group("ep"), ep_mesh.size(1), ep_mesh.get_local_rank("ep")
     dp = ep_mesh.size()
@@ -164,10 +168,12 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> nn.Module:
         if E % ep:
             raise ValueError(f"expert parallelism: ep={ep} must divide the {E} routed experts")
         lo, hi = r * E // ep, (r + 1) * E // ep
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            full = getattr(ex, name)
-            setattr(ex, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
-        ex.forward = lambda x, counts, impl="auto", _ex=ex: _ep_forward(_ex, group, x, counts, impl)
+        for owner in ex.modules():  # (with adapters: the LoRAExperts' factors, then its base's weights)
+            for name, full in list(owner.named_parameters(recurse=False)):
+                assert full.shape[0] == E, f"{name} {tuple(full.shape)}: not stacked by expert"
+                setattr(owner, name, nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad))
+        ex.forward = lambda x, counts, impl="auto", _ex=ex, _f=type(ex).forward: _ep_forward(_ex, _f, group, x,
+                                                                                              counts, impl)
         ex._r1lab_ep = (ep, r, dp)
         ex._r1lab_ep_mesh = ep_mesh["ep"]
         ex._r1lab_ckpt_mesh = ckpt_mesh
@@ -192,8 +198,8 @@ def _moe_modules(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def _ep_experts(model: nn.Module) -> dict[str, Experts]:
-    """Qualified name prefix ("model.layers.1.mlp.experts.") -> expert-parallel Experts module."""
+def _ep_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name prefix ("model.layers.1.mlp.experts.") -> expert-parallel module (Experts or LoRAExperts)."""
     return {name + ".": m for name, m in model.named_modules() if getattr(m, "_r1lab_ep", None) is not None}
 
 
@@ -243,7 +249,9 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, ep_mesh: DeviceMesh | No
 
     Precision (the README's one policy): parameters stay fp32 (the sharded fp32 copy is the master the
     optimizer updates); on CUDA they are all-gathered in bf16 for compute and gradients are reduced in fp32.
-    On the CPU (gloo) everything is fp32. `param_dtype` overrides the all-gather dtype.
+    On the CPU (gloo) everything is fp32. `param_dtype` overrides the all-gather dtype. Frozen parameters may be
+    stored in another dtype than the trained ones of their unit (FSDP2 asks one dtype of the trained ones only):
+    a LoRA base is sharded in the compute dtype (`lora.cast_base`), its fp32 adapters beside it.
     With expert parallelism applied first (pass its `ep_mesh`), each layer's local experts become their own FSDP
     unit over the "edp" dimension (their replicas), with gradients divided by the full dp (module docstring).
     """
@@ -332,11 +340,18 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Te
 
 
 # ---------------------------------------------------------------------- the full model, gathered
-_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+def _expert_keys(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """State-dict key -> (expert-parallel module, parameter name in it) of every tensor split over EP: the
+    stacked weights, and with adapters (`base.gate_proj`, ..., `gate_up_A`, ...) the factors too."""
+    return {prefix + n: (ex, n) for prefix, ex in _ep_experts(model).items() for n, _ in ex.named_parameters()}
 
 
-def _expert_keys(model: nn.Module) -> dict[str, Experts]:
-    return {prefix + w: ex for prefix, ex in _ep_experts(model).items() for w in _EXPERT_WEIGHTS}
+def gather_experts(t: torch.Tensor, ex: nn.Module) -> torch.Tensor:
+    """All E experts' rows of `t`, this EP rank's (E/ep, ...) slice of a parameter of `ex` (FSDP's shards over
+    "edp" already gathered), gathered over the EP group (collective)."""
+    parts = [torch.empty_like(t) for _ in range(ex._r1lab_ep[0])]
+    dist.all_gather(parts, t.contiguous(), group=ex._r1lab_ep_mesh.get_group())
+    return torch.cat(parts)
 
 
 def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -347,10 +362,7 @@ def full_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     for key, t in model.state_dict().items():
         t = t.full_tensor() if isinstance(t, DTensor) else t
         if key in experts:
-            ex = experts[key]
-            parts = [torch.empty_like(t) for _ in range(ex._r1lab_ep[0])]
-            dist.all_gather(parts, t.contiguous(), group=ex._r1lab_ep_mesh.get_group())
-            t = torch.cat(parts)
+            t = gather_experts(t, experts[key][0])
         yield key, t
 
 
@@ -406,8 +418,8 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer | None =
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
-    for key, ex in _expert_keys(model).items():
-        mesh, rows = ex._r1lab_ckpt_mesh, getattr(ex, key.rsplit(".", 1)[1]).shape  # this EP rank's (E/ep, ...)
+    for key, (ex, name) in _expert_keys(model).items():
+        mesh, rows = ex._r1lab_ckpt_mesh, ex.get_parameter(name).shape  # this EP rank's (E/ep, ...)
         full = torch.Size((ex._r1lab_ep[0] * rows[0], *rows[1:]))
 
         def wrap(t):
@@ -454,12 +466,13 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, msd: dic
                                                          set_optimizer_state_dict)
 
     msd, osd = dict(msd), {**osd, "state": dict(osd["state"])}
-    for key, ex in _expert_keys(model).items():
+    for key, (ex, _) in _expert_keys(model).items():
         ep, r, _ = ex._r1lab_ep
 
         def slice_(t):  # this EP rank's experts: rows r*E/ep ... (r+1)*E/ep - 1
             return t.chunk(ep)[r] if torch.is_tensor(t) and t.dim() else t
-        msd[key] = slice_(msd[key])
+        if key in msd:  # (a one-process LoRA checkpoint holds the adapters alone)
+            msd[key] = slice_(msd[key])
         if key in osd["state"]:
             osd["state"][key] = {k: slice_(v) for k, v in osd["state"][key].items()}
     set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True))

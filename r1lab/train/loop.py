@@ -261,6 +261,8 @@ class Trainer:
             if data is not None and recipe.train.batch_size % self.world:
                 raise ValueError(f"train.batch_size={recipe.train.batch_size} must be a multiple of the {self.world} "
                                  f"ranks: each takes an equal share of every micro-batch")
+            if self.use_lora:  # the frozen base sharded in the compute dtype: it has no master to keep in fp32
+                lora.cast_base(model, self.dtype)
             parallel.parallelize(model, recipe.parallel.ep, recipe.train.activation_checkpointing, self.dtype,
                                  recipe.parallel.reshard_after_forward)
             self.master = MasterWeights(model)  # FSDP's sharded fp32 parameters are the master weights
@@ -298,20 +300,22 @@ class Trainer:
         """Freeze the model and wrap it with the recipe's adapters (before MasterWeights: only they get fp32 master
         copies and optimizer state; the base is cast to the compute dtype and stays there)."""
         c = self.recipe.lora
-        if self.world > 1 and self.recipe.parallel.ep > 1 and "experts" in lora.expand_targets(c.targets):
-            raise ValueError("lora.targets 'experts' with parallel.ep > 1 is not supported yet: adapt attention and "
-                             "the shared experts, or shard the experts with FSDP (parallel.ep 1)")
         lora.apply_lora(self.model, c.rank, c.alpha, c.targets, c.dropout, seed=self.recipe.run.seed)
         head = getattr(self.model, "score_head", None)
         if head is not None:  # a reward model's new head trains in full (PEFT's modules_to_save)
             head.requires_grad_(True)
         trainable, frozen = lora.parameter_counts(self.model)
         b = torch.finfo(self.dtype).bits // 8
-        # weights in the compute dtype; per trained parameter also its gradient, an fp32 master (unless the
-        # compute dtype is fp32) with its gradient, and AdamW's two fp32 moments. Activations not counted.
-        plan = (frozen * b + trainable * (2 * b + (8 if b != 4 else 0) + 8)) / 2**30 / self.world
+        # The frozen base in the compute dtype (under torchrun sharded, `lora.cast_base`). Per trained parameter:
+        # one process keeps it and its gradient in the compute dtype, plus an fp32 master with its gradient
+        # unless that is fp32; FSDP keeps an fp32 shard (the master) and its fp32 gradient (the bf16 copies it
+        # gathers for compute are transient). Then AdamW's two fp32 moments. Activations not counted.
+        per_trained = (2 * b + (8 if b != 4 else 0) if self.world == 1 else 8) + 8
+        self.memory_plan = (frozen * b + trainable * per_trained) / 2**30 / self.world  # GiB per process
+        name = str(self.dtype).removeprefix("torch.")
         self._note(f"LoRA rank {c.rank}, alpha {c.alpha:g} on {', '.join(c.targets)}: {trainable:,} trainable and "
-                   f"{frozen:,} frozen parameters; weights and optimizer state {plan:.2f} GiB per process")
+                   f"{frozen:,} frozen parameters (adapters with fp32 masters, the base in {name} without); weights "
+                   f"and optimizer state {self.memory_plan:.2f} GiB per process")
         if self.bias_gamma:
             self._note(f"moe.bias_gamma={self.bias_gamma} ignored: the router bias belongs to the frozen base")
             self.bias_gamma = 0.0
