@@ -255,6 +255,10 @@ if triton is not None:
         tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
 
     ATTN_BT = 32  # cache slots per inner iteration
+    # Launch parameters of the paged kernel: slots per inner iteration (a divisor of the page), warps, software
+    # pipeline stages, and the programs aimed at over the whole batch (2 waves of an H200's 132 SMs), which set
+    # the splits per sequence. benchmarks/paged_attention.py times alternatives.
+    PAGED_ATTN = dict(BT=ATTN_BT, num_warps=4, num_stages=3, programs=264)
 
     def _attn_outputs(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int):
         """The split's outputs m, l (B, NS, H) and o (B, NS, H, C), fp32, and the slots per split."""
@@ -336,9 +340,10 @@ if triton is not None:
 
     def _paged_outputs(q: torch.Tensor, block_table: torch.Tensor, page: int, kv_lora_rank: int):
         """m, l (B, NS, H), o (B, NS, H, C) fp32 for the paged kernel. NS from the table's capacity and the
-        batch (as _attn_outputs); each sequence spreads its own length over the NS splits."""
+        batch (as _attn_outputs, PAGED_ATTN["programs"] in all); each sequence spreads its own length over the
+        NS splits."""
         B, H, _ = q.shape
-        ns = max(1, min(block_table.shape[1] * page // 64, triton.cdiv(264, B)))
+        ns = max(1, min(block_table.shape[1] * page // 64, triton.cdiv(PAGED_ATTN["programs"], B)))
         f32 = dict(dtype=torch.float32, device=q.device)
         return (torch.empty(B, ns, H, **f32), torch.empty(B, ns, H, **f32),
                 torch.empty(B, ns, H, kv_lora_rank, **f32))
@@ -350,9 +355,11 @@ if triton is not None:
         C, R, page = kv_lora_rank, W - kv_lora_rank, pool.shape[1]
         m, l, o = _paged_outputs(q, block_table, page, kv_lora_rank)
         p2 = triton.next_power_of_2
+        t = PAGED_ATTN
         _paged_latent_attn_kernel[(B, m.shape[1], triton.cdiv(H, 16))](
             q, pool, block_table, lens, m, l, o, block_table.stride(0), scale, H=H, C=C, R=R, HB=16,
-            CP=max(16, p2(C)), RP=max(16, p2(R)), BT=ATTN_BT, PAGE=page, num_warps=4)
+            CP=max(16, p2(C)), RP=max(16, p2(R)), BT=t["BT"], PAGE=page, num_warps=t["num_warps"],
+            num_stages=t["num_stages"])
         return m, l, o
 
     @_paged_latent_attention.register_fake
@@ -480,7 +487,8 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_table: tor
     """latent_attention over a paged cache: pool (pages, page, C+R), block_table (B, P) page ids (rows may be
     a column slice of a wider table), lens (B,) live positions per sequence (>= 1) -> (B, H, C) fp32. Reads
     only each sequence's first lens[b] positions. page must be a multiple of 32 (the kernel's slot block)."""
-    assert pool.shape[1] % ATTN_BT == 0, f"page size {pool.shape[1]} is not a multiple of {ATTN_BT}"
+    bt = PAGED_ATTN["BT"]
+    assert pool.shape[1] % bt == 0, f"page size {pool.shape[1]} is not a multiple of {bt}"
     m, l, o = _paged_latent_attention(q.contiguous(), pool, block_table, lens.to(torch.int32).contiguous(),
                                       float(scale), kv_lora_rank)
     return _combine(m, l, o)
