@@ -243,6 +243,8 @@ def main():
                 else:
                     plain_tps, plain_tokens = base[mode]
                     run.update(speedup_over_speculate_0=run["r1lab_tokens_per_s"] / plain_tps,
+                               greedy_sequences_equal=f"{sum(x == y for x, y in zip(tokens, plain_tokens))} of "
+                                                      f"{len(tokens)}",
                                greedy_prefix_agreement_min=min(
                                    next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                                    for x, y in zip(tokens, plain_tokens)))
