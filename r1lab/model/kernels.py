@@ -210,6 +210,30 @@ if triton is not None:
             tl.store(y_ptr + entry[:, None] * D + rn[None, :], acc * gw[:, None], mask=valid[:, None])
 
     @triton.jit
+    def _attn_slots(q_c, q_r, kv_ptr, krow, live, rc, rr, m_i, l_i, acc, scale, C: tl.constexpr, R: tl.constexpr):
+        """One block of cache slots in both latent-attention kernels: load the slots' latents and roped keys
+        (rows `krow` of kv, those `live`), score the block of heads against them, and fold them into the online
+        softmax state (max m_i, sum l_i, unnormalised output acc). Returns the new state."""
+        kc = tl.load(kv_ptr + krow + rc[None, :], mask=live[:, None] & (rc < C)[None, :], other=0.0)
+        kr = tl.load(kv_ptr + krow + C + rr[None, :], mask=live[:, None] & (rr < R)[None, :], other=0.0)
+        kc = kc.to(q_c.dtype)
+        sc = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr.to(q_r.dtype)))  # (HB, BT) fp32
+        sc = tl.where(live[None, :], sc * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_split(m_ptr, l_ptr, o_ptr, out, heads, rc, m_i, l_i, acc, C: tl.constexpr):
+        """A split's softmax state for the combine: rows `out` (those of real `heads`) of m, l and o."""
+        tl.store(m_ptr + out, m_i, mask=heads)
+        tl.store(l_ptr + out, l_i, mask=heads)
+        tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=heads[:, None] & (rc < C)[None, :])
+
+    @triton.jit
     def _latent_attn_kernel(q_ptr, kv_ptr, mask_ptr, m_ptr, l_ptr, o_ptr, T, span, scale,
                             H: tl.constexpr, C: tl.constexpr, R: tl.constexpr, HB: tl.constexpr,
                             CP: tl.constexpr, RP: tl.constexpr, BT: tl.constexpr):
@@ -238,21 +262,8 @@ if triton is not None:
             live = (rt < end) & (tl.load(mask_ptr + b * T + rt, mask=rt < end, other=0) != 0)
             if tl.sum(live.to(tl.int32), axis=0) > 0:
                 krow = (b * T + rt[:, None]).to(tl.int64) * W
-                kc = tl.load(kv_ptr + krow + rc[None, :], mask=live[:, None] & (rc < C)[None, :], other=0.0)
-                kr = tl.load(kv_ptr + krow + C + rr[None, :], mask=live[:, None] & (rr < R)[None, :], other=0.0)
-                kc = kc.to(q_c.dtype)
-                sc = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr.to(q_r.dtype)))  # (HB, BT) fp32
-                sc = tl.where(live[None, :], sc * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                p = tl.exp(sc - m_new[:, None])
-                alpha = tl.exp(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
-                m_i = m_new
-        out = (b * ns + sp) * H + rh
-        tl.store(m_ptr + out, m_i, mask=rh < H)
-        tl.store(l_ptr + out, l_i, mask=rh < H)
-        tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
+                m_i, l_i, acc = _attn_slots(q_c, q_r, kv_ptr, krow, live, rc, rr, m_i, l_i, acc, scale, C, R)
+        _store_split(m_ptr, l_ptr, o_ptr, (b * ns + sp) * H + rh, rh < H, rc, m_i, l_i, acc, C)
 
     ATTN_BT = 32  # cache slots per inner iteration
     # Launch parameters of the paged kernel: slots per inner iteration (a divisor of the page), warps, software
@@ -322,21 +333,8 @@ if triton is not None:
             live = rt < end
             page = tl.load(bt_ptr + b * bt_stride + rt // PAGE, mask=live, other=0)
             krow = (page.to(tl.int64) * PAGE + rt % PAGE)[:, None] * W
-            kc = tl.load(pool_ptr + krow + rc[None, :], mask=live[:, None] & (rc < C)[None, :], other=0.0)
-            kr = tl.load(pool_ptr + krow + C + rr[None, :], mask=live[:, None] & (rr < R)[None, :], other=0.0)
-            kc = kc.to(q_c.dtype)
-            sc = tl.dot(q_c, tl.trans(kc)) + tl.dot(q_r, tl.trans(kr.to(q_r.dtype)))  # (HB, BT) fp32
-            sc = tl.where(live[None, :], sc * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-            p = tl.exp(sc - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kc.dtype), kc)
-            m_i = m_new
-        out = (b * ns + sp) * H + rh
-        tl.store(m_ptr + out, m_i, mask=rh < H)
-        tl.store(l_ptr + out, l_i, mask=rh < H)
-        tl.store(o_ptr + out[:, None] * C + rc[None, :], acc, mask=(rh < H)[:, None] & (rc < C)[None, :])
+            m_i, l_i, acc = _attn_slots(q_c, q_r, pool_ptr, krow, live, rc, rr, m_i, l_i, acc, scale, C, R)
+        _store_split(m_ptr, l_ptr, o_ptr, (b * ns + sp) * H + rh, rh < H, rc, m_i, l_i, acc, C)
 
     def _paged_outputs(q: torch.Tensor, block_table: torch.Tensor, page: int, kv_lora_rank: int):
         """m, l (B, NS, H), o (B, NS, H, C) fp32 for the paged kernel. NS from the table's capacity and the
