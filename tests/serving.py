@@ -5,6 +5,7 @@ show. Importing it skips the importing test module where the serve extras are mi
 import importlib.util
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,14 +32,31 @@ def init_tiny(out):
 
 
 @contextmanager
-def running_server(ckpt, **options):
-    """`r1lab serve` on ckpt (start_server's options) -> its base URL. Its output must hold no traceback when it
-    stops: no request may have crashed a handler or the engine thread."""
+def server_process(ckpt, **options):
+    """`r1lab serve` on ckpt (start_server's options) -> (its process, its base URL). Its output must hold no
+    traceback when it stops: no request may have crashed a handler or the engine thread."""
     port = serve_load.free_port()
     proc = serve_load.start_server(str(ckpt), port, **options)
-    yield f"http://127.0.0.1:{port}"
+    yield proc, f"http://127.0.0.1:{port}"
     out = serve_load.stop_server(proc)
     assert "Traceback" not in out, out
+
+
+@contextmanager
+def running_server(ckpt, **options):
+    """`r1lab serve` on ckpt -> its base URL (server_process without the process)."""
+    with server_process(ckpt, **options) as (_, url):
+        yield url
+
+
+def wait_until(cond, timeout=10.0) -> bool:
+    """Poll cond() every 20 ms until it holds (True) or timeout seconds pass (False)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def openai_client(server, key):

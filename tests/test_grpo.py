@@ -19,12 +19,7 @@ from test_grpo_learning import CharTokenizer, tiny_model
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "grpo-tiny.toml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 # ---------------------------------------------------------------------- the math, by hand

@@ -65,12 +65,7 @@ def sft(model, tok, problems, steps, lr=3e-3, batch=32, seed=0):
     return loss.item()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only add start-up cost and nondeterminism
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 def grpo_run(tmp_path, seed: int, **keys) -> dict:

@@ -13,7 +13,7 @@ from r1lab.model import kernels
 from r1lab.model.config import ModelConfig
 from r1lab.model.attention import MLA
 from r1lab.model.layers import rope_cos_sin, rope_inv_freq
-from r1lab.model.moe import Gate, MoE
+from r1lab.model.moe import MoE
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
 CUDA = torch.cuda.is_available()

@@ -28,12 +28,7 @@ CONFIGS = {"v3": V3, "v2": V2}
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 @pytest.fixture

@@ -26,12 +26,7 @@ from test_train import REPO, SUBPROCESS_ENV, corpus, losses, small_args
 STEPS = 6  # checkpoints at steps 3 and 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls; exact resume compares runs bitwise
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 class RunsCode:

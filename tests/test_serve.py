@@ -12,7 +12,8 @@ import pytest
 from r1lab import Engine, SamplingParams, load_pretrained, load_tokenizer
 from r1lab.serve.stream import split_text
 
-from serving import collect_stream, httpx, init_tiny, openai, openai_client, post, running_server, serve_load
+from serving import (collect_stream, httpx, init_tiny, openai, openai_client, post, running_server, serve_load,
+                     wait_until)
 
 KEY = "sk-test-key"
 MAX_BATCH = 32
@@ -208,15 +209,6 @@ def test_load_64_streaming_clients(server, ref):
         assert r["prompt_tokens"] == len(prompts[r["client"]][0])
 
 
-def _wait(cond, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_disconnect_frees_the_slot(server):
     before = health(server)["aborted"]
     body = {"model": "tiny-r1", "prompt": "Once upon a time", "max_tokens": 1000, "stream": True}
@@ -227,7 +219,7 @@ def test_disconnect_frees_the_slot(server):
         assert next(lines).startswith("data: ")
         assert health(server)["running"] == 1  # 1000 tokens take far longer than this test waits
     # the connection is closed: the engine must abort the sequence and stop generating for it
-    assert _wait(lambda: health(server)["running"] == 0 and health(server)["waiting"] == 0, timeout=5)
+    assert wait_until(lambda: health(server)["running"] == 0 and health(server)["waiting"] == 0, timeout=5)
     assert health(server)["aborted"] == before + 1
     tokens = health(server)["tokens"]
     time.sleep(0.3)
@@ -270,4 +262,4 @@ def test_page_in_headless_chromium(server, tmp_path):
     if os.environ.get("R1LAB_SCREENSHOT"):  # e.g. docs/serve-page.png, to keep
         shutil.copyfile(tmp_path / "serve-page.png", os.environ["R1LAB_SCREENSHOT"])
     assert all(u.startswith(server) for u in requests), requests  # no external network resources
-    assert _wait(lambda: health(server)["running"] == 0, timeout=5)  # stop freed the slot
+    assert wait_until(lambda: health(server)["running"] == 0, timeout=5)  # stop freed the slot

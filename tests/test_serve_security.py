@@ -5,7 +5,6 @@ thousands, megabytes instead of gigabytes, a 2 s request timeout instead of 30 s
 polls /health and every answer must come within 1 s. Only loopback addresses; every loop is bounded.
 """
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -17,20 +16,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("openai", reason="the serve tests need the openai client: pip install 'r1lab[serve,test]'")
-pytest.importorskip("fastapi", reason="serving needs FastAPI: pip install 'r1lab[serve]'")
-try:  # the HTTP client the openai package is built on (httpx, or its successor httpx2)
-    import httpx2 as httpx
-except ImportError:
-    httpx = pytest.importorskip("httpx")
+from r1lab import load_tokenizer
+from r1lab.serve.guard import check_api_key
 
-from r1lab import load_tokenizer  # noqa: E402
-from r1lab.serve.guard import check_api_key  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
-serve_load = importlib.util.module_from_spec(_spec)  # the load benchmark's start/stop helpers
-_spec.loader.exec_module(serve_load)
+from serving import httpx, init_tiny, serve_load, server_process, wait_until  # (skips without the serve extras)
 
 KEY = "clé-ключ-🔑"  # not ASCII: clients send it as UTF-8 bytes, the server compares bytes
 AUTH = b"Bearer " + KEY.encode()
@@ -42,15 +31,12 @@ EXTRA = ["--allowed-hosts", "good.example", "--allowed-origins", "http://good.ex
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve-sec") / "tiny-r1"
-    subprocess.run([sys.executable, "-m", "r1lab.cli", "init", "--preset", "tiny", "--out", str(out)], check=True,
-                   capture_output=True, timeout=120)
-    return out
+    return init_tiny(tmp_path_factory.mktemp("serve-sec") / "tiny-r1")
 
 
 class Server:
-    def __init__(self, proc, port):
-        self.proc, self.port, self.url = proc, port, f"http://127.0.0.1:{port}"
+    def __init__(self, proc, url):
+        self.proc, self.url, self.port = proc, url, int(url.rsplit(":", 1)[1])
 
     def log(self) -> str:
         return serve_load.server_output(self.proc)
@@ -68,11 +54,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def srv(ckpt):
-    port = serve_load.free_port()
-    proc = serve_load.start_server(str(ckpt), port, max_batch=8, api_key=KEY, extra=EXTRA)
-    yield Server(proc, port)
-    out = serve_load.stop_server(proc)
-    assert "Traceback" not in out, out
+    with server_process(ckpt, max_batch=8, api_key=KEY, extra=EXTRA) as (proc, url):
+        yield Server(proc, url)
 
 
 @pytest.fixture(scope="module")
@@ -221,15 +204,6 @@ def test_3_chunked_body_capped_while_reading(srv):
 
 
 # ---------------------------------------------------------------------- 4: disconnects free slots at once
-def _wait(cond, timeout):
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 @pytest.mark.parametrize("stream", [False, True])
 def test_4_disconnected_request_is_aborted_within_steps(srv, stream):
     before = srv.health()
@@ -238,10 +212,10 @@ def test_4_disconnected_request_is_aborted_within_steps(srv, stream):
     with health_watch(srv):
         with connect(srv) as s:
             s.sendall(head("/v1/completions", len(body)) + body)
-            assert _wait(lambda: srv.health()["running"] == 1, 10)
+            assert wait_until(lambda: srv.health()["running"] == 1, 10)
             time.sleep(0.2)  # a few hundred steps in: well past the first token
         t0 = time.perf_counter()
-        assert _wait(lambda: srv.health()["running"] == 0, 1.0), "a disconnected client still holds its slot"
+        assert wait_until(lambda: srv.health()["running"] == 0, 1.0), "a disconnected client still holds its slot"
         gone = time.perf_counter() - t0
     after = srv.health()
     assert after["aborted"] == before["aborted"] + 1

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from r1lab.grading import extract_answer, math_equal
 from r1lab.speedrun import PRESETS, STAGES, Speedrun, parse_stages
@@ -12,12 +11,7 @@ from r1lab.speedrun.vocab import build_task_tokenizer
 from r1lab.tasks.synthetic import Addition
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # toy matmuls: threads only add start-up cost
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 def test_task_tokenizer_round_trips_and_keeps_markers_whole(tmp_path):

@@ -20,12 +20,7 @@ from r1lab.train.grpo import GRPORecipe, GRPOTrainer, completion_logprobs, load_
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matmuls, machine-independent results
 
 
 @pytest.fixture(scope="module")
