@@ -316,6 +316,25 @@ def test_sampled_seeds_reproduce_and_are_batch_independent(trained):
         assert o.token_ids == single.token_ids
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_chunked_prefill_fills_the_mtp_caches(trained, k):
+    """Prompts longer than prefill_tokens are prefilled in chunks under speculation too, each chunk writing the MTP
+    caches at its positions (attending to the module's cache before it): greedy output equals plain decoding, and
+    the draft is accepted exactly as often as after whole prefills (a chunk that left the MTP caches empty drafts
+    from junk: fewer accepted)."""
+    ps = [r for r in arithmetic_runs(6, seed=5, length=(20, 40))]  # runs the draft knows: high acceptance
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = Engine(trained, max_batch=4, max_seq_len=64).generate(ps, params)
+    whole = Engine(trained, max_batch=4, max_seq_len=64, speculate=k)
+    chunked = Engine(trained, max_batch=4, max_seq_len=64, speculate=k, prefill_tokens=7)
+    outs = {"whole": whole.generate(ps, params), "chunked": chunked.generate(ps, params)}
+    assert chunked.stats["prefilled_tokens"] == sum(len(p) for p in ps) and chunked._chunks == []
+    for o in outs.values():
+        assert [x.token_ids for x in o] == [x.token_ids for x in plain]
+    assert chunked.stats["drafted"] == whole.stats["drafted"]
+    assert chunked.stats["accepted"] == whole.stats["accepted"] > 0.7 * whole.stats["drafted"]
+
+
 def test_mixed_greedy_and_sampled_rows(trained):
     """A batch mixing temperature-0 and sampled requests (the general verifier, greedy rows one-hot): the greedy
     rows equal plain greedy decoding, the sampled ones their own run alone."""

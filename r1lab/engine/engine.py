@@ -32,8 +32,9 @@ at the last accepted position; deeper drafts come from modules 2.. in the same w
 again, one position at a time, fed its own output (as SGLang's NextN does when k exceeds the modules). Every
 shape is static (k+1 tokens per slot, acceptance applied by gathers and masks), so the step can be graphed as
 the plain one is. Rejected positions leave junk in both caches, overwritten before any query sees it. The MTP
-caches are pools paged by the same block tables. With speculation the prefix cache is off (a cached prefix
-would lack its MTP latents) and prompts are prefilled whole.
+caches are pools paged by the same block tables, and a prefill (whole or chunked) fills them at the prompt's
+positions. With speculation the prefix cache is off: a cached page's MTP latent at its last position depends on
+the token after the page, which its hash does not cover.
 """
 
 from __future__ import annotations
@@ -477,7 +478,7 @@ class Engine:
             idle_hits = sum(self.pool.ref[p] == 0 for p in hit)
             if self._admission_pages(len(ctx), len(group), len(hit)) > self.pool.available() - idle_hits:
                 break
-            chunked = bool(hit) or (len(ctx) > self.prefill_tokens and not self.speculate)
+            chunked = bool(hit) or len(ctx) > self.prefill_tokens
             if not chunked and batch and len(ctx) > budget:
                 break
             self.waiting.popleft()
@@ -512,6 +513,10 @@ class Engine:
         table = torch.tensor([c.pages], device=dev)
         h = self.model(ids, pos, cache=self.cache, block_table=table, prefill=True, prefix=c.done,
                        return_hidden=True)
+        if self.speculate:  # the MTP caches at this chunk's positions, up to the context's second-to-last
+            m = min(n, len(c.ctx) - 1 - c.done)  # (the last one is the first draft's, as after a whole prefill)
+            if m > 0:
+                self._fill_mtp(h[:, :m], torch.tensor([c.ctx], device=dev), pos[:, :m], table, prefix=c.done)
         c.done += n
         self._counts["prefilled_tokens"] += n
         if c.done == len(c.ctx):
@@ -520,8 +525,23 @@ class Engine:
             if not group:
                 self.pool.release(c.pages)
             else:
-                produced += self._start([(group, c.slots, c.ctx, c.pages)], self.model.lm_head(h[:, -1]), None)
+                produced += self._start([(group, c.slots, c.ctx, c.pages)], self.model.lm_head(h[:, -1]),
+                                        h[:, -1] if self.speculate else None)
         return n
+
+    def _fill_mtp(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, table: torch.Tensor,
+                  prefix: int = 0) -> None:
+        """Write the MTP caches at positions pos (B, S) of a prefill: module d reads the main model's hidden
+        states h (B, S, D) (module 0) or module d-1's outputs, and the token d+1 ahead of each position, taken
+        from ids (B, P), the whole contexts from position 0 (0 past their end: junk that decoding overwrites
+        before any query reads it)."""
+        P = ids.shape[1]
+        prev = h
+        for d, c in enumerate(self.mtp_cache):
+            at = (pos + d + 1).clamp(max=P - 1)
+            ahead = torch.where(pos + d + 1 < P, ids.gather(1, at), 0)
+            prev = self.model.mtp_forward(d, prev, ahead, pos, cache=c, block_table=table, prefill=True,
+                                          prefix=prefix)
 
     def _prefill_batch(self, batch: list) -> list[tuple[_Seq, int]]:
         """One right-padded prefill of several fresh prompts on the full attention path, writing each prompt's
@@ -541,10 +561,7 @@ class Engine:
         h = self.model(ids, pos, cache=self.cache, block_table=table, prefill=True, return_hidden=True)
         self._counts["prefilled_tokens"] += sum(lens)
         if self.speculate and P > 1:  # fill the MTP caches at positions 0..P-2 (decoding's first draft does P-1)
-            prev, ahead = h[:, :-1], ids[:, 1:]
-            for d, c in enumerate(self.mtp_cache):  # module d reads the token d+1 ahead
-                prev = self.model.mtp_forward(d, prev, ahead, pos[:, :-1], cache=c, block_table=table, prefill=True)
-                ahead = torch.cat([ahead[:, 1:], torch.zeros_like(ahead[:, :1])], dim=1)
+            self._fill_mtp(h[:, :-1], ids, pos[:, :-1], table)
         last = torch.tensor(lens, device=dev) - 1
         rows = torch.arange(len(batch), device=dev)
         return self._start(batch, self.model.lm_head(h[rows, last]), h[rows, last] if self.speculate else None)

@@ -132,26 +132,27 @@ class Transformer(KeepFP32Buffers):
         return out, mtp_logits
 
     def _mtp_block(self, m: MTPModule, prev, next_ids, cos, sin, attn_mask=None, cache=None, write_index=None,
-                   cache_rows=None, prefill=False, block_table=None) -> torch.Tensor:
+                   cache_rows=None, prefill=False, block_table=None, prefix=0) -> torch.Tensor:
         e = m.enorm(self.model.embed_tokens(next_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(prev)], dim=-1))  # (B, S, 2D) -> (B, S, D)
-        return m.block(x, cos, sin, attn_mask, cache, write_index, cache_rows, prefill, block_table)
+        return m.block(x, cos, sin, attn_mask, cache, write_index, cache_rows, prefill, block_table, prefix)
 
     def mtp_forward(self, depth: int, prev: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, *,
                     attn_mask: torch.Tensor | None = None, cache: torch.Tensor | None = None,
                     cache_rows: torch.Tensor | None = None, prefill: bool = False,
-                    block_table: torch.Tensor | None = None) -> torch.Tensor:
+                    block_table: torch.Tensor | None = None, prefix: int = 0) -> torch.Tensor:
         """MTP module `depth` (0-based) on its own, for drafting: what `forward(return_mtp=True)` computes per
         depth, with a latent cache of the module's one attention layer.
 
         prev (B, S, D): the main model's final (normed) hidden states for depth 0, the previous depth's output
         otherwise; next_ids (B, S): at each position the token depth+1 ahead; positions (B, S). cache, attn_mask,
-        cache_rows, prefill, block_table as for one layer in `forward` (the cache is written at `positions`).
+        cache_rows, prefill, block_table, prefix as for one layer in `forward` (the cache is written at
+        `positions`; with prefix, a chunk of a prefill attends to the module's cache before it too).
         Returns the module's block output (B, S, D): the next depth's `prev`; `mtp_logits` makes it logits.
         """
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         return self._mtp_block(self.mtp[depth], prev, next_ids, cos, sin, attn_mask, cache,
-                               None if cache is None else positions, cache_rows, prefill, block_table)
+                               None if cache is None else positions, cache_rows, prefill, block_table, prefix)
 
     def mtp_logits(self, depth: int, out: torch.Tensor) -> torch.Tensor:
         """Logits of MTP module `depth` from its block output (`mtp_forward`): shared head after its norm."""
