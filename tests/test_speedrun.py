@@ -72,6 +72,28 @@ def test_data_files_hold_what_each_stage_reads(tmp_path):
     assert not {"User: " + r["question"] for r in read("test.jsonl")} & train_q
 
 
+def test_cold_start_demonstrations_check_and_fix_when_asked(tmp_path):
+    """cold_check_share / cold_fix_share: that share of the cold-start demonstrations checks its result, or slips,
+    catches the slip and fixes it; every one still ends at the right answer. Off by default: plain solutions."""
+    task = sdata.make_task("running-sum", n_operands=4)
+    kw = dict(corpus_docs=50, reasoning_share=0.5, rl_prompts=4, cold_start=400, test=4, seed=0)
+    read = lambda d: [json.loads(ln) for ln in (d / "cold_start.jsonl").read_text().splitlines()]  # noqa: E731
+    sdata.write_data(tmp_path / "plain", task, **kw)
+    plain = read(tmp_path / "plain")
+    assert not any("Check" in r["response"] for r in plain)
+    sdata.write_data(tmp_path / "checked", task, cold_check_share=0.5, cold_fix_share=0.25, **kw)
+    checked = read(tmp_path / "checked")
+    assert [r["prompt"] for r in checked] == [r["prompt"] for r in plain]  # the same problems
+    n_check = sum("Check" in r["response"] for r in checked)
+    n_fix = sum("slipped" in r["response"] for r in checked)
+    assert 0.65 < n_check / len(checked) < 0.85, n_check  # checked or fixed: 75% expected
+    assert 0.15 < n_fix / len(checked) < 0.35, n_fix  # fixed: 25% expected
+    for r, p in zip(checked, plain):  # the answer tag and the text's last answer are the right ones
+        assert r["response"].endswith(p["response"].rsplit("\n\n", 1)[1])
+        body = r["response"].split("</think>")[0]
+        assert body.rsplit("The answer is ", 1)[1].startswith(p["response"].rsplit("<answer>", 1)[1].split("<")[0])
+
+
 def test_parse_stages():
     assert parse_stages("0-6") == list(range(7)) and parse_stages("3") == [3] and parse_stages("5,1-2") == [1, 2, 5]
     for bad in ("7", "2-9", "a", "3-1"):

@@ -149,14 +149,18 @@ def write_jsonl(path: Path, rows) -> int:
 def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, rl_prompts: int,
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
-               textbook_share: float = 0.0, layout: str = "chat") -> dict[str, int]:
+               textbook_share: float = 0.0, layout: str = "chat", cold_check_share: float = 0.0,
+               cold_fix_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
     `check_share` and `fix_share` of the worked documents check their result or catch and fix a slip, and
     `slip_share` of the unchecked ones slip (`worked_body`). A share `textbook_share` of the corpus are worked
     examples (the layout's `textbook`: a dialogue's layout with other role words; the same mix of checks, fixes
-    and slips). `layout` names the entry of LAYOUTS that writes dialogues, examples and R1-Zero prompts."""
+    and slips). `layout` names the entry of LAYOUTS that writes dialogues, examples and R1-Zero prompts. Of the
+    cold-start demonstrations, a share `cold_check_share` checks its result and `cold_fix_share` makes a slip that
+    its check catches and fixes (R1's cold-start data has reflection and verification; the rest are plain worked
+    solutions, none with an unnoticed slip)."""
     if layout not in LAYOUTS:
         raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     form = LAYOUTS[layout]
@@ -178,6 +182,13 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
         template = form.textbook if i in textbook else form.zero
         return {"text": template.format(question=p.question) + zero_completion(body, answer, layout)}
 
+    cold_rng = random.Random(f"speedrun-cold:{seed}")
+
+    def cold_body(p: Problem) -> str:
+        if cold_check_share or cold_fix_share:
+            return worked_body(task, p, cold_rng, cold_check_share, cold_fix_share)
+        return solution_body(task, p)
+
     rl = task.problems(rl_prompts, "train", seed + 1)
     demos = task.problems(cold_start, "train", seed + 2)
     held_out = task.problems(test, "test", seed + 3)
@@ -187,7 +198,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
             {"prompt": form.zero.format(question=p.question), "answer": p.answer} for p in rl)),
         "prompts": write_jsonl(folder / "prompts.jsonl", ({"prompt": p.question, "answer": p.answer} for p in rl)),
         "cold_start": write_jsonl(folder / "cold_start.jsonl", (
-            {"prompt": p.question, "response": chat_response(solution_body(task, p), p.answer)} for p in demos)),
+            {"prompt": p.question, "response": chat_response(cold_body(p), p.answer)} for p in demos)),
         "test": write_jsonl(folder / "test.jsonl", (
             {"id": f"test/{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(held_out))),
     }

@@ -72,6 +72,8 @@ class Preset:
     rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
     max_tokens: int = 200
     cold_start: int = 200
+    cold_check_share: float = 0.0  # share of the cold-start demonstrations that check their result
+    cold_fix_share: float = 0.0  # share of them that make a slip, catch it with the check and fix it
     sft_steps: int = 60
     sft_batch: int = 16
     sft_lr: float = 1e-3
@@ -301,7 +303,8 @@ class Speedrun:
                                   rl_prompts=p.rl_prompts, cold_start=p.cold_start, test=p.eval_problems, seed=p.seed,
                                   check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
                                   easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share,
-                                  layout=p.layout)
+                                  layout=p.layout, cold_check_share=p.cold_check_share,
+                                  cold_fix_share=p.cold_fix_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         results = {"data": counts, "vocab_size": tok.vocab_size}
