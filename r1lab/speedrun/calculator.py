@@ -7,18 +7,23 @@ output "287663" into "The answer is 287663." is not. The demonstration:
                (characters, frequent words, the chat and tool markers as single ids: vocab.TOOL_MARKERS), and a
                pretraining corpus of plain text in which numbers recur
   1b pretrain  `r1lab pretrain` of a fresh speedrun-student on that corpus (--corpus 0 skips it)
-  2 cold start `r1lab sft` of that model on the demonstrations: a share of them call the
-               calculator, the rest answer at once (right, as a demonstrator who knows the product would), so the
-               model starts split between the habits and copies digits imperfectly: room for RL
+  2 cold start `r1lab sft` of that model on the demonstrations: half of them call the calculator, the rest answer
+               at once (right, as a demonstrator who knows the product would), so the model starts split between
+               the habits: when it calls, it copies the digits well; when it answers at once, it guesses
   3 evaluate   held-out problems, with the calculator and (the control) without it
   4 RL         `r1lab grpo` with grpo.tools = ["calculator"] and one reward: the final answer is the product
   5 evaluate   the RL model again; report.md with the numbers and curve.png (tool calls and accuracy per step)
 
     python -m r1lab.speedrun.calculator --out runs/calculator
 
-Status: the pipeline runs end to end, but the demonstration is not yet shown. The cold start copies too rarely
-(3% of held-out samples right), so few GRPO groups have mixed rewards and RL does not raise accuracy. What was
-tried is in benchmarks/LOG.md.
+What it shows (benchmarks/LOG.md, tenth session; the defaults, seeds 0-3, one thread of a shared 2-core CPU,
+about 11 minutes a run): the cold start is right on 13-40% of held-out samples with the calculator and 0% without
+it, calling it on 32-50% of samples; 20 GRPO steps raise accuracy to 35-80% (+22 to +43 points, 7 to 13 standard
+errors) and tool calls to 0.85-0.98 per sample (+0.47 to +0.64, 14 to 26 standard errors), on every seed. RL
+selects the habit that earns reward: direct answers never do, so the share of calls rises, and accuracy with it.
+What it needs is a cold start that copies: the copying of digits appears in a jump during SFT (near step 700 for
+one seed, 1100 for another; with 1200 steps one seed of three never got there), and before it forms every reward
+is 0 and RL has nothing to learn from.
 """
 
 from __future__ import annotations
@@ -67,16 +72,16 @@ _OUTPUT = re.compile(re.escape(TOOL_OUTPUT_BEGIN) + "(.*?)" + re.escape(TOOL_OUT
 
 @dataclass
 class Settings:
-    """Sizes of one demonstration run; the defaults take about 10 minutes on a 2-core CPU (one thread)."""
+    """Sizes of one demonstration run; the defaults take about 11 minutes on one thread of a shared 2-core CPU."""
     train: int = 2000  # training problems (RL prompts; the demonstrations are the first `demos` of them)
     test: int = 200  # held-out problems, no pair of which is in the training set
     corpus: int = 3000  # pretraining documents (plain text in which numbers recur), 0: no pretraining
     pretrain_steps: int = 300
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    demos: int = 200  # cold-start demonstrations
-    tool_share: float = 0.8  # share of the demonstrations that call the calculator (the rest answer at once)
-    sft_steps: int = 600  # 400 and fewer, or more varied demonstrations, left the answer uncopied (benchmarks/LOG.md)
+    demos: int = 400  # cold-start demonstrations
+    tool_share: float = 0.5  # share of the demonstrations that call the calculator (the rest answer at once)
+    sft_steps: int = 2000  # copying forms in a jump, between steps 600 and 1200 by the seed (benchmarks/LOG.md)
     sft_batch: int = 8
     sft_lr: float = 3e-3
     rl_steps: int = 20
