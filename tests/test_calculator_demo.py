@@ -9,7 +9,8 @@ import pytest
 from r1lab.data import render_sft
 from r1lab.speedrun import calculator as demo
 from r1lab.speedrun.vocab import MARKERS, TOOL_MARKERS, build_task_tokenizer
-from r1lab.tokenizer import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END
+from r1lab.tokenizer import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
+                             TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_SEP)
 from r1lab.train.grpo import render_prompt, render_prompt_ids
 
 
@@ -102,6 +103,38 @@ def test_the_reward_reads_the_last_turn_only():
     assert demo.final_answer([None], [thinking], ["42"]) == [0.0]
 
 
+def test_copy_rates_find_where_a_tool_using_sample_went_wrong():
+    """The diagnostics of the report: of the samples that called the calculator, the share whose call copied the
+    question and the share whose answer copied the tool's output (right or wrong); samples without a call do
+    not count."""
+    def sample(expr, output, said):
+        return (f'<think>\nx\n</think>\n\n{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}calculator\n```json\n'
+                f'{{"expression": "{expr}"}}\n```{TOOL_CALL_END}{TOOL_CALLS_END}<eos>{TOOL_OUTPUTS_BEGIN}'
+                f'{TOOL_OUTPUT_BEGIN}{output}{TOOL_OUTPUT_END}{TOOL_OUTPUTS_END}The answer is {said}.<eos>')
+    row = {"expression": "347 * 829", "answer": "287663"}
+    texts = [sample("347 * 829", "287663", "287663"),  # all right
+             sample("347 * 828", "287316", "287316"),  # a wrong call, its output copied
+             sample("347 * 829", "287663", "287668"),  # a right call, the output miscopied
+             "<think>\nx\n</think>\n\nThe answer is 287663."]  # no call: not counted
+    assert demo.copy_rates([row] * 4, texts, [1, 1, 1, 0]) == (2 / 3, 2 / 3)
+    assert demo.copy_rates([row], texts[-1:], [0]) == (None, None)
+
+
+def test_paired_standard_error_by_hand():
+    before, after = {"a": 0.0, "b": 0.5, "c": 1.0}, {"a": 1.0, "b": 0.5, "c": 1.0}
+    mean, se = demo.paired_se(before, after)  # differences 1, 0, 0: mean 1/3, sample variance 1/3
+    assert mean == pytest.approx(1 / 3) and se == pytest.approx((1 / 3 / 3) ** 0.5)
+
+
+def test_the_defaults_start_split_between_the_habits():
+    """The validated preset (benchmarks/LOG.md, tenth session): half the demonstrations call the calculator, so
+    RL has both habits to choose between, and the cold start is long enough for the digits to be copied."""
+    s = demo.Settings()
+    assert 0 < s.tool_share < 1 and s.demos >= 400 and s.sft_steps >= 1200
+    demos = [demo.demonstration(r, use) for r, use in zip(demo.problems(4, 1)[0], (True, False, True, False))]
+    assert [len(d) for d in demos] == [2, 1, 2, 1]  # a call turn and an answer turn; one direct answer
+
+
 def test_the_whole_demonstration_at_toy_sizes(tmp_path, capsys):
     """Every stage runs and writes its files; the numbers mean nothing at this size (no learning asserted)."""
     argv = ["--out", str(tmp_path / "run"), "--train", "24", "--test", "4", "--demos", "8", "--corpus", "20",
@@ -120,4 +153,5 @@ def test_the_whole_demonstration_at_toy_sizes(tmp_path, capsys):
     for key in ("cold_start", "no_tool", "rl"):
         assert 0 <= res[key]["accuracy"] <= 1 and f"{res[key]['accuracy']:.3f}" in report
     assert f"{res['rl']['tool_calls']:.2f}" in report and "standard error" in report
+    assert len(res["tool_call_gain"]) == 2 and "call copies the question" in report
     assert "accuracy" in capsys.readouterr().out

@@ -325,6 +325,31 @@ def test_beta_zero_builds_no_reference_and_beta_positive_reports_kl(tmp_path):
     assert rec["kl"] > 0 and rec["updates"] == 2
 
 
+def test_equal_rewards_give_no_gradient_and_a_fresh_update_moves_nothing(tmp_path):
+    """Every group's rewards equal: every advantage is 0, and with no KL term the loss and its gradient are exactly
+    0 (no entropy or length term leaks in), so the first update leaves every weight as it was. After an update
+    with signal, a zero-gradient update still moves the weights by AdamW's momentum, as in TRL, verl and
+    DeepSeek's GRPO (the optimizer steps every update): the gradient stays exactly 0."""
+    t = small_trainer(tmp_path, beta=0.0, mini_batch_size=16)
+    weights = lambda: [p.detach().clone() for p in t.model.parameters()]  # noqa: E731
+    before = weights()
+    torch.manual_seed(1)
+    ro = t.rollout(0)
+    ro.rewards = torch.ones(len(ro.rewards))
+    st = t._optimise(ro)
+    assert st["loss"] == 0.0 and st["grad_norm"] == 0.0 and st["updates"] == 1
+    assert all(torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
+    ro = t.rollout(1)
+    ro.rewards = torch.rand(len(ro.rewards), generator=torch.Generator().manual_seed(0))
+    assert t._optimise(ro)["grad_norm"] > 0
+    moved = weights()
+    ro = t.rollout(2)
+    ro.rewards = torch.zeros(len(ro.rewards))
+    st = t._optimise(ro)
+    assert st["loss"] == 0.0 and st["grad_norm"] == 0.0
+    assert not all(torch.equal(a, p) for a, p in zip(moved, t.model.parameters()))  # momentum alone
+
+
 def test_reference_refresh_copies_the_policy(tmp_path):
     t = small_trainer(tmp_path, beta=0.1, ref_sync_every=1)
     t.grpo_step()  # step 1 ends with a refresh

@@ -7,18 +7,23 @@ output "287663" into "The answer is 287663." is not. The demonstration:
                (characters, frequent words, the chat and tool markers as single ids: vocab.TOOL_MARKERS), and a
                pretraining corpus of plain text in which numbers recur
   1b pretrain  `r1lab pretrain` of a fresh speedrun-student on that corpus (--corpus 0 skips it)
-  2 cold start `r1lab sft` of that model on the demonstrations: a share of them call the
-               calculator, the rest answer at once (right, as a demonstrator who knows the product would), so the
-               model starts split between the habits and copies digits imperfectly: room for RL
+  2 cold start `r1lab sft` of that model on the demonstrations: half of them call the calculator, the rest answer
+               at once (right, as a demonstrator who knows the product would), so the model starts split between
+               the habits: when it calls, it copies the digits well; when it answers at once, it guesses
   3 evaluate   held-out problems, with the calculator and (the control) without it
   4 RL         `r1lab grpo` with grpo.tools = ["calculator"] and one reward: the final answer is the product
   5 evaluate   the RL model again; report.md with the numbers and curve.png (tool calls and accuracy per step)
 
     python -m r1lab.speedrun.calculator --out runs/calculator
 
-Status: the pipeline runs end to end, but the demonstration is not yet shown. The cold start copies too rarely
-(3% of held-out samples right), so few GRPO groups have mixed rewards and RL does not raise accuracy. What was
-tried is in benchmarks/LOG.md.
+What it shows (benchmarks/LOG.md, tenth session; the defaults, seeds 0-3, one thread of a shared 2-core CPU,
+about 11 minutes a run): the cold start is right on 13-40% of held-out samples with the calculator and 0% without
+it, calling it on 32-50% of samples; 20 GRPO steps raise accuracy to 35-80% (+22 to +43 points, 7 to 13 standard
+errors) and tool calls to 0.85-0.98 per sample (+0.47 to +0.64, 14 to 26 standard errors), on every seed. RL
+selects the habit that earns reward: direct answers never do, so the share of calls rises, and accuracy with it.
+What it needs is a cold start that copies: the copying of digits appears in a jump during SFT (near step 700 for
+one seed, 1100 for another; with 1200 steps one seed of three never got there), and before it forms every reward
+is 0 and RL has nothing to learn from.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_pretrained
-from ..tokenizer import tools_prompt
+from ..tokenizer import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, tools_prompt
 from ..tools import calculator as _calculator
 from ..tools import function_schema
 from ..train import grpo, pretrain, sft
@@ -60,20 +65,23 @@ SCHEMA = function_schema(calculator)
 INDENTS = tuple("\n" + " " * k for k in (4, 8, 12, 16)) + ('": "', '": ', '",', "```", "###", "##")
 REWARD = "r1lab.speedrun.calculator:final_answer=1"
 _ANSWER = re.compile(r"The answer is (-?\d+)\.\s*$")
+_SAID = re.compile(r"The answer is (-?\d+)\.")
+_EXPRESSION = re.compile(r'"expression": "([^"]*)"')
+_OUTPUT = re.compile(re.escape(TOOL_OUTPUT_BEGIN) + "(.*?)" + re.escape(TOOL_OUTPUT_END), re.S)
 
 
 @dataclass
 class Settings:
-    """Sizes of one demonstration run; the defaults take about 10 minutes on a 2-core CPU (one thread)."""
+    """Sizes of one demonstration run; the defaults take about 11 minutes on one thread of a shared 2-core CPU."""
     train: int = 2000  # training problems (RL prompts; the demonstrations are the first `demos` of them)
     test: int = 200  # held-out problems, no pair of which is in the training set
     corpus: int = 3000  # pretraining documents (plain text in which numbers recur), 0: no pretraining
     pretrain_steps: int = 300
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    demos: int = 200  # cold-start demonstrations
-    tool_share: float = 0.8  # share of the demonstrations that call the calculator (the rest answer at once)
-    sft_steps: int = 600  # 400 and fewer, or more varied demonstrations, left the answer uncopied (benchmarks/LOG.md)
+    demos: int = 400  # cold-start demonstrations
+    tool_share: float = 0.5  # share of the demonstrations that call the calculator (the rest answer at once)
+    sft_steps: int = 2000  # copying forms in a jump, between steps 600 and 1200 by the seed (benchmarks/LOG.md)
     sft_batch: int = 8
     sft_lr: float = 3e-3
     rl_steps: int = 20
@@ -179,12 +187,33 @@ def evaluate(model, tok, rows: list[dict], s: Settings, tools: bool, out: Path) 
     correct = ro.rewards.tolist()
     calls = ro.tool_calls or [0] * len(correct)
     per_problem: dict[str, list[float]] = {}
-    for row, c in zip(ro.rows, correct):
+    per_problem_calls: dict[str, list[float]] = {}
+    for row, c, n in zip(ro.rows, correct, calls):
         per_problem.setdefault(row["prompt"], []).append(c)
+        per_problem_calls.setdefault(row["prompt"], []).append(float(n))
     without = [c for c, n in zip(correct, calls) if not n]
+    copies_call, copies_output = copy_rates(ro.rows, ro.completions, calls)
     return {"accuracy": sum(correct) / len(correct), "tool_calls": sum(calls) / len(calls),
             "samples": len(correct), "accuracy_without_call": sum(without) / len(without) if without else None,
-            "per_problem": {k: sum(v) / len(v) for k, v in per_problem.items()}}
+            "call_copies_question": copies_call, "answer_copies_output": copies_output,
+            "per_problem": {k: sum(v) / len(v) for k, v in per_problem.items()},
+            "per_problem_calls": {k: sum(v) / len(v) for k, v in per_problem_calls.items()}}
+
+
+def copy_rates(rows: list[dict], texts: list[str], calls: list[int]) -> tuple[float | None, float | None]:
+    """Where a sample that called the calculator goes wrong: the shares of those samples whose call's expression
+    is the question's, and whose final answer is the tool's output (right or not). None without calls."""
+    call = output = called = 0
+    for row, text, n in zip(rows, texts, calls):
+        if not n:
+            continue
+        called += 1
+        m = _EXPRESSION.search(text)
+        call += bool(m) and m.group(1) == row["expression"]
+        out = _OUTPUT.search(text)
+        said = _SAID.search(text.rpartition(TOOL_OUTPUT_END)[2])
+        output += bool(out and said) and said.group(1) == out.group(1).strip()
+    return (call / called, output / called) if called else (None, None)
 
 
 def paired_se(before: dict, after: dict) -> tuple[float, float]:
@@ -265,6 +294,8 @@ def run(out: str | Path, s: Settings, quiet: bool = False) -> dict:
     say(f"after RL, held out: accuracy {results['rl']['accuracy']:.3f}, "
         f"tool calls {results['rl']['tool_calls']:.2f} per sample")
     results["accuracy_gain"] = paired_se(results["cold_start"]["per_problem"], results["rl"]["per_problem"])
+    results["tool_call_gain"] = paired_se(results["cold_start"]["per_problem_calls"],
+                                          results["rl"]["per_problem_calls"])
     results["curve"] = [{"step": m["step"], "tool_calls": m["tool_calls"], "accuracy": m["reward/final_answer"]}
                         for m in map(json.loads, (out / "rl" / "metrics.jsonl").read_text().splitlines())
                         if "tool_calls" in m]
@@ -298,6 +329,7 @@ def write_report(out: Path, res: dict) -> None:
 
     s, cs, nt, rl = res["settings"], res["cold_start"], res["no_tool"], res["rl"]
     gain, se = res["accuracy_gain"]
+    calls_gain, calls_se = res["tool_call_gain"]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [
         "# RL with a calculator: three-digit products",
@@ -309,15 +341,17 @@ def write_report(out: Path, res: dict) -> None:
         f"answer is the product. Held out: {s['test']} problems never seen in training, {s['eval_samples']} samples "
         f"each at temperature {s['eval_temperature']}. Wall time {res['wall_s']:.0f} s.",
         "",
-        "| model | tools offered | accuracy | tool calls per sample | accuracy when not calling |",
-        "| --- | --- | --- | --- | --- |",
-        f"| cold start | no | {fmt(nt['accuracy'])} | - | {fmt(nt['accuracy'])} |",
-        f"| cold start | calculator | {fmt(cs['accuracy'])} | {cs['tool_calls']:.2f} | "
-        f"{fmt(cs['accuracy_without_call'])} |",
-        f"| after RL | calculator | {fmt(rl['accuracy'])} | {rl['tool_calls']:.2f} | "
-        f"{fmt(rl['accuracy_without_call'])} |",
+        "| model | tools offered | accuracy | tool calls per sample | accuracy when not calling | call copies the "
+        "question | answer copies the output |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| cold start | no | {fmt(nt['accuracy'])} | - | {fmt(nt['accuracy'])} | - | - |",
+        *(f"| {name} | calculator | {fmt(e['accuracy'])} | {e['tool_calls']:.2f} | "
+          f"{fmt(e['accuracy_without_call'])} | {fmt(e.get('call_copies_question'))} | "
+          f"{fmt(e.get('answer_copies_output'))} |" for name, e in (("cold start", cs), ("after RL", rl))),
         "",
-        f"Accuracy gain from RL on the held-out problems: {gain:+.3f} (standard error {se:.3f}, paired by problem).",
+        f"Accuracy gain from RL on the held-out problems: {gain:+.3f} (standard error {se:.3f}, paired by problem); "
+        f"tool calls per sample {calls_gain:+.2f} (standard error {calls_se:.2f}). The copy columns are shares of "
+        f"the samples that called the calculator.",
         "",
         "![tool calls and accuracy per GRPO step](curve.png)",
         "",
@@ -340,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run(a.out, Settings(**{f.name: getattr(a, f.name) for f in fields(Settings)}), quiet=a.quiet)
     print(f"accuracy {res['cold_start']['accuracy']:.3f} -> {res['rl']['accuracy']:.3f} "
           f"(gain {res['accuracy_gain'][0]:+.3f} +- {res['accuracy_gain'][1]:.3f}), tool calls "
-          f"{res['cold_start']['tool_calls']:.2f} -> {res['rl']['tool_calls']:.2f}, without the calculator "
+          f"{res['cold_start']['tool_calls']:.2f} -> {res['rl']['tool_calls']:.2f} "
+          f"(+- {res['tool_call_gain'][1]:.2f}), without the calculator "
           f"{res['no_tool']['accuracy']:.3f}; {res['wall_s']:.0f} s")
     return 0
 
