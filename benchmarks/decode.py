@@ -23,6 +23,7 @@ differently, so long greedy paths may part; on the CPU in fp32 they are identica
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import tempfile
 import time
@@ -38,6 +39,16 @@ from r1lab.train.recipe import load_recipe
 COPY_BW = 4.2e12  # bytes/s, device-to-device copy on the H200 (see benchmarks/LOG.md); used off the GPU
 
 
+def seconds_per_call(fn, reps: int) -> float:
+    """Mean seconds of `fn()` over `reps` calls, the GPU synchronised before and after (warm up first)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
 def copy_bandwidth(device, gib: float = 2.0, reps: int = 20) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written), measured on `device` now: the
     denominator of every bandwidth fraction, so that a fraction means the same on an H100 and an H200."""
@@ -45,16 +56,24 @@ def copy_bandwidth(device, gib: float = 2.0, reps: int = 20) -> float:
         return COPY_BW
     n = int(gib * 2**30) // 2
     a, b = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    bw = 2 * n * 2 * reps / (time.perf_counter() - t0)
-    del a, b
+    copy = functools.partial(b.copy_, a)
+    copy()
+    bw = 2 * n * 2 / seconds_per_call(copy, reps)
+    del a, b, copy
     torch.cuda.empty_cache()
     return bw
+
+
+def emitter(results: dict, out: str | None):
+    """emit(run): print the run as a JSON line, add it to results["runs"] and rewrite `out` (if given) with all of
+    results, so that a benchmark cut short keeps what it measured."""
+    def emit(run: dict) -> None:
+        print(json.dumps(run), flush=True)
+        results["runs"].append(run)
+        if out:
+            with open(out, "w") as f:
+                json.dump(results, f, indent=2)
+    return emit
 
 
 def weight_bytes_per_step(cfg, batch: int, elem: int = 2) -> float:
@@ -166,12 +185,7 @@ def main():
                "preset": args.model or args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "train_steps": args.train_steps, "runs": []}
     g = torch.Generator().manual_seed(0)
-    def emit(run):  # printed, and the JSON rewritten after each run (a run cut short keeps what it measured)
-        print(json.dumps(run), flush=True)
-        results["runs"].append(run)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    emit = emitter(results, args.out)
 
     def timed(eng, prompts, params):
         """Generate for `prompts` (continuous batching over the engine's slots); returns the run's numbers."""

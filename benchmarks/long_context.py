@@ -25,14 +25,13 @@ dry run of the script: python benchmarks/long_context.py --device cpu --preset t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 
 import torch
 
-from decode import copy_bandwidth, weight_bytes_per_step  # benchmarks/decode.py, beside this script
+from decode import copy_bandwidth, emitter, weight_bytes_per_step  # benchmarks/decode.py, beside this script
 from r1lab import Engine, SamplingParams, Transformer, get_preset, save_pretrained
 
 def main():
@@ -70,12 +69,7 @@ def main():
     print(f"device-to-device copy bandwidth: {copy_bw / 1e12:.2f} TB/s", flush=True)
     g = torch.Generator().manual_seed(0)
 
-    def emit(run):  # printed, and the JSON rewritten after each run (a run cut short keeps what it measured)
-        print(json.dumps(run), flush=True)
-        results["runs"].append(run)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+    emit = emitter(results, args.out)
 
     # 1. one long prefill, to the first generated token
     L = args.prefill_len

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import torch
 
-from decode import copy_bandwidth  # benchmarks/decode.py, beside this script
+from decode import copy_bandwidth, seconds_per_call  # benchmarks/decode.py, beside this script
 from r1lab.model import kernels
 
 
@@ -70,14 +69,8 @@ def main():
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 kernels.paged_latent_attention(q, pool, table, lens, scale, C)
-            for _ in range(3):
-                graph.replay()
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                graph.replay()
-            torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / args.iters
+            seconds_per_call(graph.replay, 3)  # warm-up
+            dt = seconds_per_call(graph.replay, args.iters)
             run.update(us=dt * 1e6, TBps=cache_bytes / dt / 1e12, copy_fraction=cache_bytes / dt / copy_bw,
                        rel_err=err)
             del graph

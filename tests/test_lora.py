@@ -240,6 +240,23 @@ def corpus(path, n_docs=40, vocab=64, seed=0):
     return path
 
 
+CK = "checkpoints/step-00000002"  # the 4-step runs' mid-run checkpoint
+
+
+def metric(run: Path, key: str) -> torch.Tensor:
+    """One column of a run's metrics.jsonl, fp64."""
+    return torch.tensor([json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()],
+                        dtype=torch.float64)
+
+
+def seed_resume(src: Path, dst: Path) -> None:
+    """dst starts as src's step-2 checkpoint, with src's log lines marked "copied": a run resumed there keeps
+    them, a run that started afresh would rewrite them (so a test can tell it really resumed)."""
+    shutil.copytree(src / CK, dst / CK)
+    lines = [{**json.loads(x), "copied": True} for x in (src / "metrics.jsonl").read_text().splitlines()]
+    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
 def lora_args(data, out, steps, **extra):
     args = {"model.config": json.dumps({"vocab_size": 64}), "data.train": str(data), "data.seq-len": "32",
             "train.batch-size": "3", "train.grad-accum": "2", "train.steps": str(steps), "ckpt.every": "3",
@@ -493,20 +510,12 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
 
     write_pairs(tmp_path / "pairs.jsonl", 64, seed=1)
     lora_rm(tmp_path, "rm-one")
-    ck = "checkpoints/step-00000002"
-    shutil.copytree(tmp_path / "one" / ck, tmp_path / "resumed-on-2" / ck)
-    # the log lines of the steps before the checkpoint, marked: a resumed run keeps them, a fresh one rewrites them
-    lines = [{**json.loads(x), "copied": True} for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    (tmp_path / "resumed-on-2" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    seed_resume(tmp_path / "one", tmp_path / "resumed-on-2")
     run_ranks(_lora_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
 
-    def col(run, key):
-        return torch.tensor([json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()],
-                            dtype=torch.float64)
-
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(col(tmp_path / "fsdp", key), col(tmp_path / "one", key), rtol=2e-5, atol=0)
+        torch.testing.assert_close(metric(tmp_path / "fsdp", key), metric(tmp_path / "one", key), rtol=2e-5, atol=0)
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "fsdp" / "adapter" / "adapter_model.safetensors"))
@@ -522,26 +531,26 @@ def test_lora_under_fsdp_equals_one_process_and_resumes_on_one(tmp_path):
     resumed = [json.loads(x) for x in (tmp_path / "resumed-on-2" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("copied", False) for r in resumed] == [True, True, False, False]
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(col(tmp_path / "resumed-on-2", key), col(tmp_path / "one", key), rtol=2e-5, atol=0)
+        torch.testing.assert_close(metric(tmp_path / "resumed-on-2", key), metric(tmp_path / "one", key), rtol=2e-5, atol=0)
     # 2 ranks -> 1: the sharded checkpoint of step 2 (base and adapters) continues in one process
-    shutil.copytree(tmp_path / "fsdp" / ck, tmp_path / "resumed" / ck)
+    shutil.copytree(tmp_path / "fsdp" / CK, tmp_path / "resumed" / CK)
     shutil.copy(tmp_path / "fsdp" / "metrics.jsonl", tmp_path / "resumed")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "resumed", 4, **DIST) + ["--resume"]) == 0
-    torch.testing.assert_close(col(tmp_path / "resumed", "loss"), col(tmp_path / "one", "loss"), rtol=2e-5, atol=0)
+    torch.testing.assert_close(metric(tmp_path / "resumed", "loss"), metric(tmp_path / "one", "loss"), rtol=2e-5, atol=0)
     # GRPO: each rank samples its share on a full copy of policy + adapters; the KL to that copy's base. The
     # samples and rewards are the same; loss and KL within test_distributed_train's tolerance.
     one, two = tmp_path / "grpo-one" / "run", tmp_path / "grpo-fsdp" / "run"
     for key in ("reward", "response_len_mean"):
-        assert col(two, key).tolist() == col(one, key).tolist(), key
+        assert metric(two, key).tolist() == metric(one, key).tolist(), key
     for key in ("loss", "grad_norm", "kl", "entropy"):
-        torch.testing.assert_close(col(two, key), col(one, key), rtol=2e-5, atol=1e-7)
-    assert col(one, "kl")[1:].min() > 0
+        torch.testing.assert_close(metric(two, key), metric(one, key), rtol=2e-5, atol=1e-7)
+    assert metric(one, "kl")[1:].min() > 0
     # rm: losses, and the exported (merged) reward models, the one gathered from the 2 ranks' shards
     from r1lab.rewards import load_reward_model
 
     one, two = tmp_path / "rm-one", tmp_path / "rm-fsdp"
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(col(two, key), col(one, key), rtol=2e-5, atol=1e-7)
+        torch.testing.assert_close(metric(two, key), metric(one, key), rtol=2e-5, atol=1e-7)
     (m1, _), (m2, _) = load_reward_model(one / "final"), load_reward_model(two / "final")
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         # (not the head's bias: Bradley-Terry's loss does not depend on it, so its gradient is 0 on one process and
@@ -589,21 +598,14 @@ def test_lora_on_routed_experts_under_expert_parallel_equals_one_process(tmp_pat
     before = torch.get_num_threads()
     corpus(tmp_path / "c.jsonl")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "one", 4, **DIST)) == 0
-    ck = "checkpoints/step-00000002"
-    shutil.copytree(tmp_path / "one" / ck, tmp_path / "ep-resumed-on-2" / ck)
-    lines = [{**json.loads(x), "copied": True} for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    (tmp_path / "ep-resumed-on-2" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    seed_resume(tmp_path / "one", tmp_path / "ep-resumed-on-2")
     run_ranks(_lora_ep_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
-
-    def col(run, key):
-        return torch.tensor([json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()],
-                            dtype=torch.float64)
 
     one = tmp_path / "one"
     for run in ("ep", "ep-half", "ep-resumed-on-2"):
         for key in ("loss", "grad_norm"):
-            torch.testing.assert_close(col(tmp_path / run, key), col(one, key), rtol=2e-5, atol=0, msg=run)
+            torch.testing.assert_close(metric(tmp_path / run, key), metric(one, key), rtol=2e-5, atol=0, msg=run)
     resumed = [json.loads(x) for x in (tmp_path / "ep-resumed-on-2" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("copied", False) for r in resumed] == [True, True, False, False]  # it really resumed
     a = load_file(str(tmp_path / "ep" / "adapter" / "adapter_model.safetensors"))
@@ -618,10 +620,10 @@ def test_lora_on_routed_experts_under_expert_parallel_equals_one_process(tmp_pat
     for k in m2:
         torch.testing.assert_close(m1[k], m2[k], rtol=1e-3, atol=1e-5, msg=k)
     # 2 ranks -> 1: the expert-parallel checkpoint of step 2 continues in one process
-    shutil.copytree(tmp_path / "ep" / ck, tmp_path / "ep-resumed-on-1" / ck)
+    shutil.copytree(tmp_path / "ep" / CK, tmp_path / "ep-resumed-on-1" / CK)
     shutil.copy(tmp_path / "ep" / "metrics.jsonl", tmp_path / "ep-resumed-on-1")
     assert cli_main(lora_args(tmp_path / "c.jsonl", tmp_path / "ep-resumed-on-1", 4, **DIST) + ["--resume"]) == 0
-    torch.testing.assert_close(col(tmp_path / "ep-resumed-on-1", "loss"), col(one, "loss"), rtol=2e-5, atol=0)
+    torch.testing.assert_close(metric(tmp_path / "ep-resumed-on-1", "loss"), metric(one, "loss"), rtol=2e-5, atol=0)
 
 
 BF16 = {**DIST, "run.dtype": "bfloat16", "optim.lr": "1e-3"}
@@ -671,10 +673,6 @@ def test_lora_under_fsdp_keeps_the_base_in_bf16_and_equals_one_process(tmp_path)
     run_ranks(_lora_bf16_ranks, 2, str(tmp_path))
     torch.set_num_threads(before)
 
-    def col(run, key):
-        return torch.tensor([json.loads(x)[key] for x in (run / "metrics.jsonl").read_text().splitlines()],
-                            dtype=torch.float64)
-
     # bf16 tolerances (lr 1e-3, as the GRPO test's: AdamW amplifies rounding differences step by step). The ranks
     # round other partial sums to bf16 than one process does (each its half batch's gradient, summed in fp32 by
     # the reduce-scatter, against one bf16 gradient of the whole batch): a gradient element may differ by up
@@ -685,7 +683,7 @@ def test_lora_under_fsdp_keeps_the_base_in_bf16_and_equals_one_process(tmp_path)
     rtol = {"loss": 2**-11, "grad_norm": 2**-7}
     for run in ("bf16-fsdp", "bf16-ep"):
         for key in ("loss", "grad_norm"):
-            torch.testing.assert_close(col(tmp_path / run, key), col(tmp_path / "bf16-one", key), rtol=rtol[key],
+            torch.testing.assert_close(metric(tmp_path / run, key), metric(tmp_path / "bf16-one", key), rtol=rtol[key],
                                        atol=0, msg=f"{run} {key}")
 
 
