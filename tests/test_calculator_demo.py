@@ -8,6 +8,7 @@ import pytest
 
 from r1lab.data import render_sft
 from r1lab.speedrun import calculator as demo
+from r1lab.speedrun.report import paired_margin
 from r1lab.speedrun.vocab import MARKERS, TOOL_MARKERS, build_task_tokenizer
 from r1lab.tokenizer import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_OUTPUT_BEGIN,
                              TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_SEP)
@@ -121,8 +122,9 @@ def test_copy_rates_find_where_a_tool_using_sample_went_wrong():
 
 
 def test_paired_standard_error_by_hand():
+    """The report's gains (report.paired_margin, after - before, paired by problem), by hand."""
     before, after = {"a": 0.0, "b": 0.5, "c": 1.0}, {"a": 1.0, "b": 0.5, "c": 1.0}
-    mean, se = demo.paired_se(before, after)  # differences 1, 0, 0: mean 1/3, sample variance 1/3
+    mean, se = paired_margin(after, before)  # differences 1, 0, 0: mean 1/3, sample variance 1/3
     assert mean == pytest.approx(1 / 3) and se == pytest.approx((1 / 3 / 3) ** 0.5)
 
 

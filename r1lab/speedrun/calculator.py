@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import re
 import shutil
@@ -46,6 +45,8 @@ from ..tools import calculator as _calculator
 from ..tools import function_schema
 from ..train import grpo, pretrain, sft
 from ..train.recipe import load_recipe
+from .pipeline import stage_recipe
+from .report import paired_margin
 from .vocab import MARKERS, TOOL_MARKERS, build_task_tokenizer
 
 
@@ -216,20 +217,9 @@ def copy_rates(rows: list[dict], texts: list[str], calls: list[int]) -> tuple[fl
     return (call / called, output / called) if called else (None, None)
 
 
-def paired_se(before: dict, after: dict) -> tuple[float, float]:
-    """Mean and standard error of the per-problem difference after - before (same held-out problems)."""
-    d = [after[k] - before[k] for k in before]
-    mean = sum(d) / len(d)
-    var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
-    return mean, math.sqrt(var / len(d))
-
-
 # ---------------------------------------------------------------------- the run
 def _common(r, out: Path, data: Path, steps: int, batch: int, lr: float, seed: int) -> None:
-    r.run.out, r.run.seed, r.run.device = str(out), seed, "cpu"
-    r.data.tokenizer = str(data / "tokenizer")
-    r.train.steps, r.train.batch_size, r.optim.lr = steps, batch, lr
-    r.ckpt.every, r.ckpt.keep, r.log.every, r.log.tensorboard = 0, 1, max(steps // 10, 1), False
+    stage_recipe(r, out, data / "tokenizer", steps, batch, lr, seed, "cpu", ckpt_every=0)
     r.moe.mtp_weight = 0.0
 
 
@@ -293,9 +283,9 @@ def run(out: str | Path, s: Settings, quiet: bool = False) -> dict:
     results["rl"] = evaluate(model, tok, test, s, True, out / "eval" / "rl")
     say(f"after RL, held out: accuracy {results['rl']['accuracy']:.3f}, "
         f"tool calls {results['rl']['tool_calls']:.2f} per sample")
-    results["accuracy_gain"] = paired_se(results["cold_start"]["per_problem"], results["rl"]["per_problem"])
-    results["tool_call_gain"] = paired_se(results["cold_start"]["per_problem_calls"],
-                                          results["rl"]["per_problem_calls"])
+    results["accuracy_gain"] = paired_margin(results["rl"]["per_problem"], results["cold_start"]["per_problem"])
+    results["tool_call_gain"] = paired_margin(results["rl"]["per_problem_calls"],
+                                              results["cold_start"]["per_problem_calls"])
     results["curve"] = [{"step": m["step"], "tool_calls": m["tool_calls"], "accuracy": m["reward/final_answer"]}
                         for m in map(json.loads, (out / "rl" / "metrics.jsonl").read_text().splitlines())
                         if "tool_calls" in m]

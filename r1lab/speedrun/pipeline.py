@@ -256,12 +256,8 @@ class Speedrun:
 
     # ------------------------------------------------------------------ recipes
     def _common(self, recipe, out: Path, steps: int, batch: int, lr: float) -> None:
-        recipe.run.out, recipe.run.seed, recipe.run.device = str(out), self.p.seed, self.device_name
-        recipe.data.tokenizer = str(self.data / "tokenizer")
-        recipe.train.steps, recipe.train.batch_size = steps, batch
-        recipe.optim.lr = lr
-        recipe.ckpt.every, recipe.ckpt.keep = max(steps // 4, 1), 1
-        recipe.log.every, recipe.log.tensorboard = max(steps // 10, 1), False
+        stage_recipe(recipe, out, self.data / "tokenizer", steps, batch, lr, self.p.seed, self.device_name,
+                     ckpt_every=max(steps // 4, 1))
 
     def _train(self, module, recipe) -> dict:
         """Run a trainer, continuing from its checkpoints when the stage was interrupted."""
@@ -434,6 +430,18 @@ class Speedrun:
 
 
 # ---------------------------------------------------------------------- helpers
+def stage_recipe(recipe, out: Path, tokenizer: Path, steps: int, batch: int, lr: float, seed: int, device: str,
+                 ckpt_every: int) -> None:
+    """What every stage's recipe shares (here and in the calculator demonstration): its folder, seed and device,
+    the task tokenizer, steps, batch and learning rate, one kept checkpoint every `ckpt_every` steps (0: none),
+    and ten log lines without TensorBoard."""
+    recipe.run.out, recipe.run.seed, recipe.run.device = str(out), seed, device
+    recipe.data.tokenizer = str(tokenizer)
+    recipe.train.steps, recipe.train.batch_size, recipe.optim.lr = steps, batch, lr
+    recipe.ckpt.every, recipe.ckpt.keep = ckpt_every, 1
+    recipe.log.every, recipe.log.tensorboard = max(steps // 10, 1), False
+
+
 def _last_metrics(run: Path) -> dict:
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
     return json.loads(lines[-1]) if lines else {}
