@@ -25,6 +25,7 @@ dry run of the script: python benchmarks/long_context.py --device cpu --preset t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -33,11 +34,35 @@ import torch
 
 from decode import copy_bandwidth, emitter, weight_bytes_per_step  # benchmarks/decode.py, beside this script
 from r1lab import Engine, SamplingParams, Transformer, get_preset, save_pretrained
+from r1lab.model import kernels
+
+
+def prefill(model, cfg, L, chunk, g, gpu, sync, emit):
+    """One prompt of L tokens through the engine, chunked, to its first token: seconds and peak memory."""
+    eng = Engine(model, max_batch=1, max_seq_len=L + 64, cache_tokens=L + 256, prefill_tokens=chunk,
+                 compile=False, cuda_graph=False)
+    prompt = torch.randint(0, cfg.vocab_size - 1, (L,), generator=g).tolist()
+    warm = torch.randint(0, cfg.vocab_size - 1, (chunk + 100,), generator=g).tolist()
+    eng.generate([warm], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # first calls of kernels
+    sync()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    sync()
+    dt = time.perf_counter() - t0
+    emit({"run": "prefill", "tokens": L, "chunk": chunk, "seconds": dt, "tokens_per_s": L / dt,
+          "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if gpu else None})
+    del eng
+    if gpu:
+        torch.cuda.empty_cache()
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="deepseek-v2-lite", help="model preset (default: deepseek-v2-lite)")
-    ap.add_argument("--prefill-len", type=int, default=131072, help="tokens of the prefill run (default: 131072)")
+    ap.add_argument("--prefill-len", type=int, default=131072,
+                    help="tokens of the prefill run (default: 131072; 0 skips it)")
     ap.add_argument("--chunk", type=int, default=16384, help="prefill chunk, tokens (default: 16384)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[1000, 8000, 32000, 128000],
                     help="decode context lengths, tokens (default: 1000 8000 32000 128000)")
@@ -50,6 +75,9 @@ def main():
                     help="contexts for transformers, batch 1 (default: 1000 8000)")
     ap.add_argument("--memory-fraction", type=float, default=0.85,
                     help="skip decode runs whose pool would exceed this fraction of free memory (default: 0.85)")
+    ap.add_argument("--attn-config", default=None, metavar="JSON",
+                    help="launch parameters of the paged kernel, e.g. '{\"BT\": 64, \"num_warps\": 8}' (default: "
+                         "kernels.PAGED_ATTN; benchmarks/paged_attention.py finds the fastest)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (default: cuda)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
@@ -71,25 +99,11 @@ def main():
 
     emit = emitter(results, args.out)
 
-    # 1. one long prefill, to the first generated token
-    L = args.prefill_len
-    eng = Engine(model, max_batch=1, max_seq_len=L + 64, cache_tokens=L + 256, prefill_tokens=args.chunk,
-                 compile=False, cuda_graph=False)
-    prompt = torch.randint(0, cfg.vocab_size - 1, (L,), generator=g).tolist()
-    warm = torch.randint(0, cfg.vocab_size - 1, (args.chunk + 100,), generator=g).tolist()
-    eng.generate([warm], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))  # first calls of kernels
-    sync()
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    eng.generate([prompt], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    sync()
-    dt = time.perf_counter() - t0
-    emit({"run": "prefill", "tokens": L, "chunk": args.chunk, "seconds": dt, "tokens_per_s": L / dt,
-          "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if gpu else None})
-    del eng
-    if gpu:
-        torch.cuda.empty_cache()
+    if args.attn_config:
+        kernels.PAGED_ATTN.update(json.loads(args.attn_config))
+    results["paged_attn"] = dict(kernels.PAGED_ATTN) if kernels.triton is not None else None
+    if args.prefill_len:  # 1. one long prefill, to the first generated token
+        prefill(model, cfg, args.prefill_len, args.chunk, g, gpu, sync, emit)
 
     # 2. decode by context and batch
     for ctx in args.contexts:
