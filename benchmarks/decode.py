@@ -1,11 +1,22 @@
 """Decode throughput: r1lab's Engine against transformers' generate on the same bf16 weights, same run.
 
-    python benchmarks/decode.py --preset bench-moe-1b --batches 1 32 256 --out decode.json
+    python benchmarks/decode.py --preset bench-moe-1b --batches 1 32 256 --compile --out decode.json
+    python benchmarks/decode.py --device cpu --preset tiny --batches 1 2 --prompt-len 8 --new-tokens 8  # dry run
 
 Greedy, random prompts of --prompt-len tokens, --new-tokens generated (EOS ignored), random bf16 weights.
 Prints tokens/s for both, the ratio, and for r1lab the decode-only step rate, the achieved weight bandwidth
 (bytes of weights one step reads x steps/s, the gpt-fast way; routed experts counted by the expected number
 of distinct experts a batch touches) and its fraction of the H200's measured 4.2 TB/s copy bandwidth.
+
+Transformers runs in two modes, side by side at each batch, each timed after a warm-up, each with its tokens/s
+and the r1lab/transformers ratio ("speedup"):
+  dynamic:          generate's default: a DynamicCache, eager.
+  static_compiled:  generate(cache_implementation="static"): a StaticCache, and generate compiles its decode
+                    forward itself (inductor, reduce-overhead = CUDA graphs); the warm-up, a full-length call at
+                    the same shapes, holds the compile.
+Printed once and written under "transformers": its version, the attention implementation that ran, the experts
+implementation (and the one generate swaps in while decoding); per mode: the cache, whether it compiled and the
+compile config, or the error of a mode that failed (the run goes on).
 
 Speculative decoding with the MTP module (random weights give a meaningless acceptance, so train first):
 
@@ -36,6 +47,7 @@ from r1lab.tasks.synthetic import Addition
 from r1lab.train.loop import Trainer
 from r1lab.train.recipe import load_recipe
 
+HF_MODES = ("dynamic", "static_compiled")  # transformers' default generate, and its fastest (time_transformers)
 COPY_BW = 4.2e12  # bytes/s, device-to-device copy on the H200 (see benchmarks/LOG.md); used off the GPU
 
 
@@ -87,6 +99,60 @@ def weight_bytes_per_step(cfg, batch: int, elem: int = 2) -> float:
     touched = E * (1 - (1 - K / E) ** batch)
     dense += n_moe * expert * (touched - K)
     return elem * (dense + cfg.vocab_size * D + batch * D)
+
+
+def transformers_setup(hf) -> dict:
+    """What transformers runs beside the engine: its version and the attention and experts implementations it
+    chose, and the experts it decodes with (generate swaps grouped_mm for batched_mm on a GPU; asked of it)."""
+    import transformers
+
+    decode_experts = None
+    if hasattr(hf, "_optimize_model_for_decode"):  # private, in 5.17 and 5.25: the swap generate makes
+        with hf._optimize_model_for_decode():
+            decode_experts = hf.config._experts_implementation
+    return {"version": transformers.__version__, "attn_implementation": hf.config._attn_implementation,
+            "experts_implementation": hf.config._experts_implementation,
+            "decode_experts_implementation": decode_experts}
+
+
+def time_transformers(hf, x, n: int, mode: str, sync) -> tuple[dict, list[int] | None]:
+    """Greedy `generate` of exactly n tokens after each prompt of x in one of transformers' modes, timed after a
+    warm-up: "dynamic", its default (a DynamicCache, eager), or "static_compiled", its fastest documented one (a
+    StaticCache, and generate then compiles the decode forward itself: inductor, reduce-overhead = CUDA graphs).
+    Returns the record (tokens/s and the mode's configuration, or the error) and the first sequence's tokens."""
+    import transformers
+
+    kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if mode == "static_compiled":
+        kw["cache_implementation"] = "static"
+        if x.device.type == "cpu":  # generate compiles only on accelerators unless told to (a dry run)
+            kw["compile_config"] = transformers.CompileConfig()
+            kw["compile_config"]._compile_all_devices = True
+    rec = {"mode": mode, "cache_implementation": kw.get("cache_implementation", "dynamic")}
+    try:
+        with torch.no_grad():
+            # a compiled run warms up at the timed shapes (its static cache is prompt + n long); eager needs little.
+            # Each call makes a fresh StaticCache, so the CUDA graphs re-record at the timed call's first decode
+            # step: a cost of every generate call in this mode, kept in its time.
+            warm = 4 if mode == "dynamic" else n
+            t0 = time.perf_counter()
+            hf.generate(x, **{**kw, "max_new_tokens": warm, "min_new_tokens": warm})
+            sync()
+            rec["warmup_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = hf.generate(x, **kw)
+            sync()
+            rec["tokens_per_s"] = x.shape[0] * n / (time.perf_counter() - t0)
+    except Exception as e:  # fail soft: the other mode and the engine's numbers still count
+        rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(f"transformers {mode} failed: {rec['error']}", flush=True)
+        return rec, None
+    # generate builds `_compiled_call` only on its compile path (`_valid_auto_compile_criteria`: device and cache
+    # type, the same at every call), so its presence says this mode compiled
+    compiled = mode != "dynamic" and hasattr(hf, "_compiled_call")
+    rec["compiled"] = compiled
+    rec["compile_config"] = hf._last_compile_config.to_dict() if compiled else None
+    return rec, out[0, x.shape[1]:].tolist()
 
 
 def addition_text(n: int, split: str, seed: int) -> list[tuple[str, str]]:
@@ -180,10 +246,14 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             save_pretrained(model, d, tokenizer=False)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(dev).eval()
+    n_hf = args.hf_new_tokens or args.new_tokens
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     results = {"gpu": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__,
                "preset": args.model or args.preset, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "train_steps": args.train_steps, "runs": []}
+    if hf is not None:
+        results["transformers"] = {**transformers_setup(hf), "new_tokens": n_hf, "modes": list(HF_MODES)}
+        print("transformers:", json.dumps(results["transformers"]), flush=True)
     g = torch.Generator().manual_seed(0)
     emit = emitter(results, args.out)
 
@@ -231,7 +301,8 @@ def main():
         base = {}
         for k in [0] + [k for k in args.speculate if k > 0]:
             compiled = args.compile
-            opts = dict(max_batch=B, max_seq_len=longest + args.new_tokens, speculate=k)
+            # n_hf: the agreement check below
+            opts = dict(max_batch=B, max_seq_len=longest + max(args.new_tokens, n_hf), speculate=k)
             try:
                 eng = Engine(model, compile=compiled, **opts)
                 tc = time.perf_counter()
@@ -271,24 +342,20 @@ def main():
                 continue
             run, ours_tps = fixed_run, fixed_run["r1lab_tokens_per_s"]
             if hf is not None and text_prompts is None:  # (same-length random prompts: no padding for HF)
-                n_hf = args.hf_new_tokens or args.new_tokens
                 x = torch.tensor(prompts, device=dev)
-                with torch.no_grad():
-                    hf.generate(x, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
-                    sync()
-                    t0 = time.perf_counter()
-                    out = hf.generate(x, max_new_tokens=n_hf, min_new_tokens=n_hf, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)
-                    sync()
-                    hf_tps = B * n_hf / (time.perf_counter() - t0)
-                run["transformers_tokens_per_s"] = hf_tps
-                run["speedup"] = ours_tps / hf_tps
                 # bf16 greedy paths drift apart eventually; report how many leading tokens agree (first sequence)
-                ref = out[0, args.prompt_len:].tolist()
-                ours = eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=len(ref),
+                ours = eng.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=n_hf,
                                                                  ignore_eos=True))[0].token_ids
-                run["greedy_prefix_agreement_tokens"] = next(
-                    (i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+                run["transformers"] = []
+                for hf_mode in HF_MODES:
+                    rec, ref = time_transformers(hf, x, n_hf, hf_mode, sync)
+                    if ref is not None:
+                        rec["speedup"] = ours_tps / rec["tokens_per_s"]  # r1lab / transformers
+                        rec["greedy_prefix_agreement_tokens"] = next(
+                            (i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+                    run["transformers"].append(rec)
+                    if gpu:
+                        torch.cuda.empty_cache()
             emit(run)
             del eng
         if gpu:
