@@ -17,6 +17,9 @@ and the r1lab/transformers ratio ("speedup"):
 Printed once and written under "transformers": its version, the attention implementation that ran, the experts
 implementation (and the one generate swaps in while decoding); per mode: the cache, whether it compiled and the
 compile config, or the error of a mode that failed (the run goes on).
+The engine runs at each batch with its cache "sized" to this benchmark's positions (the record transformers
+joins), and with its "default" one, Engine(model, max_batch=B) as a user gets it: max_position_embeddings
+positions per sequence and the page pool from free memory ("speedup_over_sized_cache").
 
 Speculative decoding with the MTP module (random weights give a meaningless acceptance, so train first):
 
@@ -299,10 +302,15 @@ def main():
         # warm-up at full length: the decode step is captured (and compiled) once per block-table width
         warm = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         base = {}
-        for k in [0] + [k for k in args.speculate if k > 0]:
+        # "sized": the engine's cache exactly the positions this benchmark uses; "default": what
+        # Engine(model, max_batch=B) gives a user, max_position_embeddings per sequence and a pool sized by
+        # free memory (its constructor's defaults)
+        variants = [(0, "sized")] + [(k, "sized") for k in args.speculate if k > 0] + [(0, "default")]
+        for k, cache in variants:
             compiled = args.compile
-            # n_hf: the agreement check below
-            opts = dict(max_batch=B, max_seq_len=longest + max(args.new_tokens, n_hf), speculate=k)
+            opts = dict(max_batch=B, speculate=k)
+            if cache == "sized":
+                opts["max_seq_len"] = longest + max(args.new_tokens, n_hf)  # n_hf: the agreement check below
             try:
                 eng = Engine(model, compile=compiled, **opts)
                 tc = time.perf_counter()
@@ -315,11 +323,17 @@ def main():
                 eng.generate(prompts, warm)
             if gpu:
                 torch.cuda.reset_peak_memory_stats()
+            main_run = k == 0 and cache == "sized"  # the one the others and transformers are compared with
             for mode, (mode_prompts, params) in modes.items():
                 run, tokens = timed(eng, mode_prompts, params)
-                run = {"batch": B, "speculate": k, "mode": mode, "compiled": compiled, "warmup_s": compile_s, **run}
+                run = {"batch": B, "speculate": k, "mode": mode, "engine_cache": cache,
+                       "engine_max_seq_len": eng.max_seq_len, "engine_cache_tokens": eng.cache_tokens,
+                       "compiled": compiled, "warmup_s": compile_s, **run}
                 if k == 0:
-                    base[mode] = run["r1lab_tokens_per_s"], tokens
+                    if main_run:
+                        base[mode] = run["r1lab_tokens_per_s"], tokens
+                    else:
+                        run["speedup_over_sized_cache"] = run["r1lab_tokens_per_s"] / base[mode][0]
                     if mode == "fixed":
                         cache_bytes = sum(c.numel() * c.element_size() for c in eng.cache)
                         bw = weight_bytes_per_step(cfg, B) * run["r1lab_decode_steps_per_s"]  # a token per sequence
@@ -333,11 +347,11 @@ def main():
                                greedy_prefix_agreement_min=min(
                                    next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x))
                                    for x, y in zip(tokens, plain_tokens)))
-                if mode == "fixed" and k == 0:
+                if mode == "fixed" and main_run:
                     fixed_run = run
                     continue  # transformers' numbers join this record below
                 emit(run)
-            if k:
+            if not main_run:
                 del eng
                 continue
             run, ours_tps = fixed_run, fixed_run["r1lab_tokens_per_s"]
