@@ -127,7 +127,7 @@ def test_compiled_engine_with_kernels_is_as_accurate_as_the_torch_path(monkeypat
     """The engine's compiled, graphed decode step (kernels inside) and the eager torch path, both bf16, against
     the fp32 model: each run's log-probs are recomputed by a full fp32 forward over its own tokens. The kernels
     keep the experts in fp32 longer, so their error may not exceed the torch path's (x2 + 0.01 for the noise of
-    where bf16 rounding lands). Greedy tokens agree at the start (later, a bf16 near-tie may flip one)."""
+    where bf16 rounding lands). Greedy tokens may part only at a near-tie."""
     torch.manual_seed(0)
     cfg = get_preset("tiny").replace(vocab_size=512, hidden_size=128, moe_intermediate_size=64, eos_token_id=511)
     m32 = Transformer(cfg).init_weights(seed=0).to("cuda").eval()
@@ -151,9 +151,18 @@ def test_compiled_engine_with_kernels_is_as_accurate_as_the_torch_path(monkeypat
             worst = max(worst, (torch.tensor(c.logprobs) - ref).abs().max().item())
         return worst
 
-    for f, s in zip(fast, slow):
-        assert f.token_ids[:8] == s.token_ids[:8]
     assert error(fast) <= 2 * error(slow) + 0.01
+    # Greedy tokens agree until a near-tie: where they first differ, the fp32 model's top two log-probs (after the
+    # shared prefix) lie within the two runs' own bf16 error of each other. (On an H200 the attention kernel
+    # flipped one token whose fp32 top two were 0.019 apart; the errors were 0.030 and 0.054.)
+    noise = 2 * (error(fast) + error(slow))
+    for p, f, s in zip(prompts, fast, slow):
+        d = next((i for i, (a, b) in enumerate(zip(f.token_ids, s.token_ids)) if a != b), None)
+        if d is not None:
+            with torch.no_grad():
+                top2 = m32(torch.tensor([p + s.token_ids[:d]], device="cuda"))[0, -1].float().log_softmax(-1).topk(2)
+            gap = (top2.values[0] - top2.values[1]).item()
+            assert gap <= noise, f"greedy tokens differ at {d}, where fp32's top two are {gap:.3f} apart"
 
 
 @pytest.mark.parametrize("B,H,C,R,T", [(3, 4, 32, 8, 100), (2, 16, 64, 32, 300), (1, 16, 256, 32, 40), (2, 20, 64, 32, 70)])

@@ -17,7 +17,7 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 
-PAGE = 64  # positions per page (FlashMLA's block size; a multiple of the decode kernel's 32-slot block)
+PAGE = 64  # positions per page (FlashMLA's block size; a multiple of the decode kernel's 64-slot block)
 
 
 def page_hashes(tokens: list[int], pages: int) -> list[bytes]:

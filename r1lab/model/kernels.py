@@ -267,9 +267,10 @@ if triton is not None:
 
     ATTN_BT = 32  # cache slots per inner iteration
     # Launch parameters of the paged kernel: slots per inner iteration (a divisor of the page), warps, software
-    # pipeline stages, and the programs aimed at over the whole batch (2 waves of an H200's 132 SMs), which set
-    # the splits per sequence. benchmarks/paged_attention.py times alternatives.
-    PAGED_ATTN = dict(BT=ATTN_BT, num_warps=4, num_stages=3, programs=264)
+    # pipeline stages, and the programs aimed at over the whole batch (8 waves of an H200's 132 SMs), which set
+    # the splits per sequence. The fastest of benchmarks/paged_attention.py's 36 settings on an H200 at 32
+    # sequences x 32,000 positions: 3.04 TB/s, 72% of its copy bandwidth (the old 32/4/3/264: 1.91 TB/s).
+    PAGED_ATTN = dict(BT=64, num_warps=4, num_stages=4, programs=1056)
 
     def _attn_outputs(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int):
         """The split's outputs m, l (B, NS, H) and o (B, NS, H, C), fp32, and the slots per split."""
@@ -465,9 +466,13 @@ def experts(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, routed, shared)
 
 
 def attention_enabled(x: torch.Tensor) -> bool:
-    """The latent-attention decode kernel is opt-in (R1LAB_ATTN_KERNEL=1) until a GPU benchmark has shown it
-    faster than the compiled torch path (bmm, softmax, bmm)."""
-    return os.environ.get("R1LAB_ATTN_KERNEL") == "1" and enabled(x)
+    """The latent-attention decode kernel runs on CUDA by default: on an H200 (benchmarks/long_context.py,
+    deepseek-v2-lite, eager steps in CUDA graphs) it beat the torch path (pages gathered to the block-table
+    width, bmm, softmax, bmm) at batch 32 by 1.3-1.9x from 1K to 32K context; at batch 1 it was 1.35x faster at
+    128K, even at 32K and 7% slower at 8K (before its launch settings were tuned). R1LAB_ATTN_KERNEL=0
+    selects the torch path; =1 also turns it on under Triton's CPU interpreter (off there by default: slow)."""
+    flag = os.environ.get("R1LAB_ATTN_KERNEL")
+    return (x.is_cuda if flag is None else flag == "1") and enabled(x)
 
 
 def latent_attention(q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -484,7 +489,7 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_table: tor
                            scale: float, kv_lora_rank: int) -> torch.Tensor:
     """latent_attention over a paged cache: pool (pages, page, C+R), block_table (B, P) page ids (rows may be
     a column slice of a wider table), lens (B,) live positions per sequence (>= 1) -> (B, H, C) fp32. Reads
-    only each sequence's first lens[b] positions. page must be a multiple of 32 (the kernel's slot block)."""
+    only each sequence's first lens[b] positions. page must be a multiple of PAGED_ATTN["BT"] (64)."""
     bt = PAGED_ATTN["BT"]
     assert pool.shape[1] % bt == 0, f"page size {pool.shape[1]} is not a multiple of {bt}"
     m, l, o = _paged_latent_attention(q.contiguous(), pool, block_table, lens.to(torch.int32).contiguous(),
