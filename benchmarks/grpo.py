@@ -1,6 +1,7 @@
 """GRPO step time and rollout tokens/s: r1lab's GRPOTrainer against TRL's GRPOTrainer, same run, same setup.
 
-    python benchmarks/grpo.py --compile --out grpo.json       # r1lab, then TRL
+    python benchmarks/grpo.py --compile --out grpo.json       # r1lab, then TRL with both generation backends
+    python benchmarks/grpo.py --only trl --trl-modes paged    # TRL with continuous batching alone
     python benchmarks/grpo.py --only r1lab                    # r1lab alone
     python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
     python benchmarks/grpo.py --only r1lab --compile --profile-step 3 --trace t.json   # kernels of one step
@@ -12,14 +13,24 @@ Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8 of exactl
 AdamW lr 1e-6 constant (r1lab's GRPO optimizer defaults on both), one optimizer step per GRPO step (TRL: per-device
 batch 32 x 4 accumulation = 128 sequences, generated in one call), the same constant-in-expectation reward.
 
-What is compared: r1lab's GRPOTrainer (its engine: paged MLA cache, continuous batching, CUDA-graph decode;
-`--compile` compiles the update) against TRL 1.16's GRPOTrainer generating with transformers' `generate` on the
-left-padded batch of 128 (TRL's default without vLLM, which the device lacks); TRL's generation time is measured
-around `GRPOTrainer._generate_single_turn`. A run that fails is recorded with its error, the others go on, and
-the script exits with status 1.
+What is compared (issue 22): r1lab's GRPOTrainer (its engine: paged MLA cache, continuous batching, CUDA-graph
+decode; `--compile` compiles the update) against TRL 1.16's GRPOTrainer in each of --trl-modes:
+  default  transformers' `generate` on the left-padded batch of 128 (TRL's default without vLLM, which the
+           device lacks);
+  paged    `use_transformers_continuous_batching=True` (TRL 1.16's name; `use_transformers_paged` is its
+           deprecated alias): transformers' continuous batching (`generate_batch`, a paged KV cache, the model's
+           "sdpa" attention run over the pages, or flash attention where it is installed), TRL's default
+           ContinuousBatchingConfig (max_memory_percent 0.5) unless --trl-cb-config says otherwise. It needs
+           transformers >= 5.8 with MLA support in the paged cache (keys of qk_nope + qk_rope dims, values of
+           v_head_dim): 5.25 runs it; 5.17 sizes its cache by config.head_dim, the first write fails and
+           generate_batch returns empty completions, which this script turns into an error. A run that fails is
+           recorded with its error, the others go on, and the script exits with status 1.
+Each TRL run prints and records its configuration (generation backend, batch sizes, gradient checkpointing,
+dtypes, attention, versions). TRL's generation time is measured around `GRPOTrainer._generate_single_turn`.
 
 Lengths. No completion ends early, so both sides generate exactly --tokens per completion (r1lab: the engine's
-ignore_eos; TRL: min_new_tokens).
+ignore_eos; TRL default: min_new_tokens; TRL paged, whose continuous batching drops the min_new_tokens processor:
+no EOS id).
 
 Timing: a step is one optimizer step, generation included. Step 1 (r1lab compiles and captures its decode graph;
 TRL warms up) is reported apart; the summary is the median and mean of steps 2..N (--steps, default 12), and
@@ -32,6 +43,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.metadata
+import json
 import statistics
 import sys
 import tempfile
@@ -180,9 +193,9 @@ def breakdown(tr) -> dict:
     return acc
 
 
-def bench_trl(model_dir: Path, args, record: dict) -> dict:
-    """TRL's GRPOTrainer generating with transformers' generate. Fills `record` with each step as it goes, so that
-    a failure keeps what ran."""
+def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
+    """TRL's GRPOTrainer generating with `mode` ("default": transformers' generate; "paged": its continuous
+    batching). Fills `record` as it goes (configuration, then each step), so that a failure keeps what ran."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -211,7 +224,7 @@ def bench_trl(model_dir: Path, args, record: dict) -> dict:
             gens.append(acc["gen_s"])
             toks.append(acc["tokens"])
             self.t0, acc["gen_s"], acc["tokens"] = t, 0.0, 0
-            print(f"trl step {len(times)}: {times[-1]:.2f} s (gen {gens[-1]:.2f} s, train "
+            print(f"trl {mode} step {len(times)}: {times[-1]:.2f} s (gen {gens[-1]:.2f} s, train "
                   f"{times[-1] - gens[-1]:.2f} s, {toks[-1] / max(gens[-1], 1e-9):,.0f} rollout tok/s) mean length "
                   f"{toks[-1] / n_seq:.1f}", flush=True)
 
@@ -228,6 +241,14 @@ def bench_trl(model_dir: Path, args, record: dict) -> dict:
     # ("grpo"; TRL's default is "dapo"), no reference model (beta 0); no gradient checkpointing (TRL's default is
     # on, r1lab's off; --trl-grad-ckpt turns it on).
     assert n_seq % 4 == 0, "prompts x g must be a multiple of the 4 accumulation steps"
+    if mode == "default":
+        gen_kwargs = {"min_new_tokens": args.tokens}  # EOS banned until the last token
+    else:  # continuous batching drops the min_new_tokens processor; no EOS id (-1) keeps every row to --tokens
+        gen_kwargs = {"eos_token_id": -1}
+    paged = mode == "paged"
+    cb_config = args.trl_cb_config
+    if paged and cb_config is None and not cuda:  # sized by free memory, the cache would fill GBs of host RAM
+        cb_config = {"num_blocks": 64, "max_batch_tokens": 512}
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=n_seq // 4,
                      gradient_accumulation_steps=4, num_generations=args.g, max_completion_length=args.tokens,
                      beta=0.0, learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
@@ -235,7 +256,8 @@ def bench_trl(model_dir: Path, args, record: dict) -> dict:
                      epsilon=0.2, scale_rewards="group", loss_type="grpo",
                      gradient_checkpointing=args.trl_grad_ckpt, bf16=cuda, max_steps=args.steps, logging_steps=1,
                      save_strategy="no", report_to=[], disable_tqdm=True, temperature=1.0, top_p=1.0, top_k=0,
-                     generation_kwargs={"min_new_tokens": args.tokens},  # EOS banned until the last token
+                     generation_kwargs=gen_kwargs, use_transformers_continuous_batching=paged,
+                     transformers_continuous_batching_config=cb_config if paged else None,
                      use_cpu=not cuda, dataloader_num_workers=0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(args)).to(args.device)
     # r1lab's config.json has no transformers_version, which transformers 5 takes for an old Mistral tokenizer
@@ -246,7 +268,32 @@ def bench_trl(model_dir: Path, args, record: dict) -> dict:
     ds = Dataset.from_list(prompts(args.prompts * args.steps))
     trainer = GRPOTrainer(model=model, reward_funcs=constant_reward, args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[Timer()])
-    orig = trainer._generate_single_turn  # the transformers generate call (and its unpadding)
+    attn_set = []  # attention implementations continuous batching switches to (and back from)
+    record["config"] = trl_config(trainer, model, mode, attn_set)
+    print(f"trl {mode} configuration: {record['config']}", flush=True)
+
+    orig_set_attn = model.set_attn_implementation
+
+    def set_attn(impl, *a, **k):
+        attn_set.append(impl)
+        return orig_set_attn(impl, *a, **k)
+
+    model.set_attn_implementation = set_attn
+    if paged:
+        # generate_batch logs a failed request and returns it with no tokens, which TRL would train on as an empty
+        # completion: raise its error instead.
+        orig_batch = model.generate_batch
+
+        def generate_batch(inputs, *a, **k):
+            out = orig_batch(inputs, *a, **k)
+            failed = [o.error for o in out.values() if getattr(o, "error", None)]
+            if failed or len(out) != len(inputs):
+                raise RuntimeError(f"generate_batch failed {len(failed)} and lost {len(inputs) - len(out)} of "
+                                   f"{len(inputs)} requests: {sorted(set(failed))}")
+            return out
+
+        model.generate_batch = generate_batch
+    orig = trainer._generate_single_turn  # the generate / generate_batch call (and its unpadding)
 
     def timed(*a, **k):
         sync()
@@ -260,10 +307,38 @@ def bench_trl(model_dir: Path, args, record: dict) -> dict:
     trainer._generate_single_turn = timed
     trainer.train()
     logs = record["logs"]
-    print(f"trl completion lengths (min-max per step, cap {args.tokens}): "
+    print(f"trl {mode} completion lengths (min-max per step, cap {args.tokens}): "
           f"{[(x['completions/min_length'], x['completions/max_length']) for x in logs]}")
-    print(f"trl reward (mean per step): {[round(x['reward'], 3) for x in logs]}")
+    print(f"trl {mode} reward (mean per step): {[round(x['reward'], 3) for x in logs]}")
     return summarise(times, gens, toks, n_seq)
+
+
+def trl_config(trainer, model, mode: str, attn_set: list) -> dict:
+    """What a TRL run used, as TRL resolved it: backend, batch sizes, checkpointing, dtypes, attention, versions."""
+    a = trainer.args
+    cb = trainer.continuous_batching_config
+    versions = {}
+    for pkg in ("trl", "transformers", "accelerate", "datasets", "torch"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[pkg] = importlib.metadata.version(pkg)
+    return {
+        "mode": mode,
+        "generation": ("transformers continuous batching (generate_batch, paged KV cache)" if mode == "paged"
+                       else "transformers generate (left-padded batch)"),
+        "continuous_batching_config": ({k: v for k, v in vars(cb).items() if v is not None and not k.startswith("_")}
+                                       if cb is not None else None),
+        "per_device_train_batch_size": a.per_device_train_batch_size,
+        "gradient_accumulation_steps": a.gradient_accumulation_steps,
+        "generation_batch_size": a.generation_batch_size, "steps_per_generation": a.steps_per_generation,
+        "num_generations": a.num_generations, "max_completion_length": a.max_completion_length,
+        "gradient_checkpointing": a.gradient_checkpointing, "bf16": a.bf16,
+        "model_dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
+        "attn_switches": attn_set,  # filled during training
+        "loss_type": a.loss_type, "beta": a.beta, "learning_rate": a.learning_rate,
+        "generation_kwargs": a.generation_kwargs,
+        "eos_token_ids": trainer.eos_token_ids,
+        "versions": versions,
+    }
 
 
 def _dtype(args) -> torch.dtype:
@@ -295,6 +370,12 @@ def main() -> None:
     p.add_argument("--async", dest="async_", action="store_true", help="r1lab: grpo.async = true (the next step's "
                    "rollouts are sampled during this step's update, one step off-policy)")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
+    p.add_argument("--trl-modes", nargs="+", choices=("default", "paged"), default=["default", "paged"],
+                   help="TRL generation backends, run one after the other: default (transformers' generate) and "
+                        "paged (use_transformers_continuous_batching) (default: both)")
+    p.add_argument("--trl-cb-config", type=json.loads, default=None, metavar="JSON",
+                   help="paged: keyword arguments of transformers' ContinuousBatchingConfig, e.g. "
+                        "'{\"max_memory_percent\": 0.3}' (default: TRL's; on --device cpu a small cache)")
     p.add_argument("--trl-grad-ckpt", action="store_true", help="TRL with gradient checkpointing (its default)")
     p.add_argument("--device", default="cuda", help="cuda (default; bf16) or cpu (an fp32 dry run of both sides)")
     p.add_argument("--breakdown", action="store_true", help="r1lab: print where each step's generation time goes")
@@ -321,16 +402,17 @@ def main() -> None:
         model = model.to_empty(device=args.device).init_weights(seed=0)
         save_pretrained(model, d, tokenizer=tok)
         del model
-        sides = [s for s in ("r1lab", "trl") if args.only in (None, s)]
+        sides = ([] if args.only == "trl" else ["r1lab"]) + ([] if args.only == "r1lab" else
+                                                             [f"trl {m}" for m in args.trl_modes])
         for side in sides:
             record = {"run": side, "step_s": [], "gen_s": [], "tokens": [], "logs": []}
             try:
                 if side == "r1lab":
                     res[side] = bench_r1lab(Path(d), args, record)
                 else:
-                    res[side] = bench_trl(Path(d), args, record)
+                    res[side] = bench_trl(Path(d), args, side.split()[1], record)
                 record["summary"] = res[side]
-            except Exception as e:  # recorded; the other side still runs
+            except Exception as e:  # e.g. TRL paged on a transformers whose paged cache has no MLA: record, go on
                 traceback.print_exc()
                 record["error"] = res[side] = f"{type(e).__name__}: {e}"
             if not record["logs"]:
