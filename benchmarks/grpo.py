@@ -1,15 +1,16 @@
 """GRPO step time and rollout tokens/s: r1lab's GRPOTrainer against TRL's GRPOTrainer, same run, same setup.
 
     python benchmarks/grpo.py --compile --out grpo.json       # r1lab, then TRL with both generation backends
+    python benchmarks/grpo.py --compile --eos --out eos.json  # the same, completions ending at stop tokens
     python benchmarks/grpo.py --only trl --trl-modes paged    # TRL with continuous batching alone
     python benchmarks/grpo.py --only r1lab                    # r1lab alone
     python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
     python benchmarks/grpo.py --only r1lab --compile --profile-step 3 --trace t.json   # kernels of one step
     python benchmarks/grpo.py --only r1lab --compile --async   # grpo.async: sampling beside the update
-    python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 3
+    python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 3 --eos 4
                                                               # dry run of every path (TRL needs trl, datasets)
 
-Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8 of exactly 256 completion tokens, beta 0,
+Setup (issue 5): `bench-moe-1b` random weights, bf16, 16 prompts x G=8 of at most 256 completion tokens, beta 0,
 AdamW lr 1e-6 constant (r1lab's GRPO optimizer defaults on both), one optimizer step per GRPO step (TRL: per-device
 batch 32 x 4 accumulation = 128 sequences, generated in one call), the same constant-in-expectation reward.
 
@@ -28,9 +29,16 @@ decode; `--compile` compiles the update) against TRL 1.16's GRPOTrainer in each 
 Each TRL run prints and records its configuration (generation backend, batch sizes, gradient checkpointing,
 dtypes, attention, versions). TRL's generation time is measured around `GRPOTrainer._generate_single_turn`.
 
-Lengths. No completion ends early, so both sides generate exactly --tokens per completion (r1lab: the engine's
-ignore_eos; TRL default: min_new_tokens; TRL paged, whose continuous batching drops the min_new_tokens processor:
-no EOS id).
+Lengths. By default no completion ends early, so both sides generate exactly --tokens per completion (r1lab: the
+engine's ignore_eos; TRL default: min_new_tokens; TRL paged, whose continuous batching drops the min_new_tokens
+processor: no EOS id). With --eos [L] completions end at a stop token, so lengths vary (a finished sequence frees
+its slot in r1lab and TRL paged; in TRL default it rides along as padding until the batch's longest one ends): the
+stop set is EOS plus one in L of the vocabulary's other ids, drawn with a fixed seed (stop_ids).
+Random weights make next-token distributions nearly uniform (largest probability ~1e-4 over 129k ids), so each
+token ends its completion with probability ~1/L, lengths are geometric, capped at --tokens (L = 128 and 256
+tokens: mean ~111), and the distribution is the same on both sides: the weights are the same, and so is the stop
+set (r1lab: SamplingParams.stop_token_ids; TRL: the model's generation_config.eos_token_id). Each side reports its
+mean completion length, so the work can be compared, and tokens/s counts the tokens generated.
 
 Timing: a step is one optimizer step, generation included. Step 1 (r1lab compiles and captures its decode graph;
 TRL warms up) is reported apart; the summary is the median and mean of steps 2..N (--steps, default 12), and
@@ -71,6 +79,19 @@ def constant_reward(prompts, completions, **_):  # the same signal in both train
     return [float(len(c) % 7) for c in completions]
 
 
+def stop_ids(vocab_size: int, every: int, eos: int, bos: int) -> list[int]:
+    """The --eos stop set: `eos` and vocab_size // every of the other ids (not `bos`), drawn with a fixed seed, so
+    that a nearly uniform sampler meets one with probability ~1/every per token whatever came before."""
+    g = torch.Generator().manual_seed(22)
+    others = [i for i in torch.randperm(vocab_size, generator=g).tolist() if i not in (eos, bos)]
+    return [eos, *sorted(others[: vocab_size // every])]
+
+
+def expected_length(p: float, cap: int) -> float:
+    """Mean length of a completion that stops with probability p per token, cut at `cap` tokens."""
+    return (1 - (1 - p) ** cap) / p
+
+
 def summarise(times: list[float], gens: list[float], tokens: list[float], n_seq: int) -> dict:
     """Step 1 apart (compilation, graph capture, warm-up); medians and means over steps 2..N."""
     t, gs, tk = times[1:], gens[1:], tokens[1:]
@@ -84,7 +105,7 @@ def summarise(times: list[float], gens: list[float], tokens: list[float], n_seq:
             "measured_steps": len(t)}
 
 
-def bench_r1lab(model_dir: Path, args, record: dict) -> dict:
+def bench_r1lab(model_dir: Path, args, stops: list[int] | None, record: dict) -> dict:
     from r1lab import load_pretrained
     from r1lab.engine import engine as eng_mod
     from r1lab.rewards import WeightedReward
@@ -98,19 +119,26 @@ def bench_r1lab(model_dir: Path, args, record: dict) -> dict:
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
     r.train.compile, g.async_ = args.compile, args.async_
     record["config"] = {"micro_batch": args.micro, "compile": args.compile, "async": args.async_,
-                        "dtype": str(_dtype(args)), "master_weights": "float32", "stop": "none (ignore_eos)"}
+                        "dtype": str(_dtype(args)), "master_weights": "float32",
+                        "stop": f"{len(stops)} stop ids" if stops else "none (ignore_eos)"}
     model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
     tr = GRPOTrainer(r, model, tok, prompts(args.prompts * args.steps), dtype=_dtype(args),
                      rewards=[WeightedReward("constant", constant_reward, 1.0)])
-    # Same lengths as TRL: no stop token (the engine's ignore_eos) in every SamplingParams the trainer makes.
+    # The trainer builds its SamplingParams itself: set the stopping rule on every one it makes. Fixed lengths: no
+    # stop token (ignore_eos). --eos: EOS and the stop set; a frozenset, so that the engine's per-token membership
+    # test is a hash lookup (transformers' continuous batching keeps its EOS ids in a set too).
     orig = eng_mod.SamplingParams.__post_init__
+    stop_set = frozenset(stops) if stops else None
 
-    def no_eos(self):
+    def stopping(self):
         orig(self)
-        self.ignore_eos = True
+        if stop_set is None:
+            self.ignore_eos = True
+        else:
+            self.stop_token_ids = stop_set
 
-    eng_mod.SamplingParams.__post_init__ = no_eos
+    eng_mod.SamplingParams.__post_init__ = stopping
     parts = breakdown(tr) if args.breakdown else None
     n_seq = args.prompts * args.g
     times, gens, toks = record["step_s"], record["gen_s"], record["tokens"]
@@ -193,7 +221,7 @@ def breakdown(tr) -> dict:
     return acc
 
 
-def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
+def bench_trl(model_dir: Path, args, mode: str, stops: list[int] | None, record: dict) -> dict:
     """TRL's GRPOTrainer generating with `mode` ("default": transformers' generate; "paged": its continuous
     batching). Fills `record` as it goes (configuration, then each step), so that a failure keeps what ran."""
     from datasets import Dataset
@@ -241,7 +269,9 @@ def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
     # ("grpo"; TRL's default is "dapo"), no reference model (beta 0); no gradient checkpointing (TRL's default is
     # on, r1lab's off; --trl-grad-ckpt turns it on).
     assert n_seq % 4 == 0, "prompts x g must be a multiple of the 4 accumulation steps"
-    if mode == "default":
+    if stops:
+        gen_kwargs = None  # the stop set is the model's EOS ids (below), which TRL passes to both backends
+    elif mode == "default":
         gen_kwargs = {"min_new_tokens": args.tokens}  # EOS banned until the last token
     else:  # continuous batching drops the min_new_tokens processor; no EOS id (-1) keeps every row to --tokens
         gen_kwargs = {"eos_token_id": -1}
@@ -260,6 +290,8 @@ def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
                      transformers_continuous_batching_config=cb_config if paged else None,
                      use_cpu=not cuda, dataloader_num_workers=0, seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_dtype(args)).to(args.device)
+    if stops:
+        model.generation_config.eos_token_id = stops  # TRL stops and masks completions at each of these
     # r1lab's config.json has no transformers_version, which transformers 5 takes for an old Mistral tokenizer
     # and warns about; the DeepSeek pre-tokenizer is right as it is.
     tok = AutoTokenizer.from_pretrained(model_dir, fix_mistral_regex=False)
@@ -269,7 +301,7 @@ def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=constant_reward, args=cfg, train_dataset=ds,
                           processing_class=tok, callbacks=[Timer()])
     attn_set = []  # attention implementations continuous batching switches to (and back from)
-    record["config"] = trl_config(trainer, model, mode, attn_set)
+    record["config"] = trl_config(trainer, model, mode, stops, attn_set)
     print(f"trl {mode} configuration: {record['config']}", flush=True)
 
     orig_set_attn = model.set_attn_implementation
@@ -313,7 +345,7 @@ def bench_trl(model_dir: Path, args, mode: str, record: dict) -> dict:
     return summarise(times, gens, toks, n_seq)
 
 
-def trl_config(trainer, model, mode: str, attn_set: list) -> dict:
+def trl_config(trainer, model, mode: str, stops: list[int] | None, attn_set: list) -> dict:
     """What a TRL run used, as TRL resolved it: backend, batch sizes, checkpointing, dtypes, attention, versions."""
     a = trainer.args
     cb = trainer.continuous_batching_config
@@ -336,7 +368,7 @@ def trl_config(trainer, model, mode: str, attn_set: list) -> dict:
         "attn_switches": attn_set,  # filled during training
         "loss_type": a.loss_type, "beta": a.beta, "learning_rate": a.learning_rate,
         "generation_kwargs": a.generation_kwargs,
-        "eos_token_ids": trainer.eos_token_ids,
+        "eos_token_ids": f"{len(trainer.eos_token_ids)} ids" if stops else trainer.eos_token_ids,
         "versions": versions,
     }
 
@@ -362,10 +394,14 @@ def main() -> None:
     p.add_argument("--preset", default="bench-moe-1b", help="model preset, random weights (default: bench-moe-1b)")
     p.add_argument("--prompts", type=int, default=16, help="prompts per step (default 16)")
     p.add_argument("--g", type=int, default=8, help="samples per prompt (default 8)")
-    p.add_argument("--tokens", type=int, default=256, help="completion tokens (default 256)")
+    p.add_argument("--tokens", type=int, default=256, help="completion tokens, the cap with --eos (default 256)")
     p.add_argument("--micro", type=int, default=32, help="r1lab sequences per forward/backward (default 32)")
     p.add_argument("--steps", type=int, default=12, help="GRPO steps (default 12: step 1 apart, then median and "
                    "mean of steps 2-12)")
+    p.add_argument("--eos", type=int, nargs="?", const=128, default=0, metavar="L",
+                   help="completions end at a stop token: EOS and one in L of the other token ids (alone: L = "
+                        "128), so lengths are geometric with mean ~L, capped at --tokens (default: off, every "
+                        "completion is exactly --tokens long)")
     p.add_argument("--compile", action="store_true", help="r1lab: train.compile = true for the policy update")
     p.add_argument("--async", dest="async_", action="store_true", help="r1lab: grpo.async = true (the next step's "
                    "rollouts are sampled during this step's update, one step off-policy)")
@@ -390,9 +426,16 @@ def main() -> None:
         sys.exit("benchmarks/grpo.py needs a CUDA GPU (or --device cpu for a dry run)")
     cfg = get_preset(args.preset)
     tok = load_tokenizer()
+    stops = stop_ids(cfg.vocab_size, args.eos, tok.eos_id, tok.bos_id) if args.eos else None
     setup = {k: v for k, v in vars(args).items() if k not in ("trace", "out")}
     setup.update(device_name=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                  torch=torch.__version__, vocab_size=cfg.vocab_size)
+    if stops:
+        p_stop = len(stops) / cfg.vocab_size
+        setup.update(stop_ids=len(stops), expected_mean_len=expected_length(p_stop, args.tokens))
+        print(f"--eos {args.eos}: {len(stops)} stop ids of {cfg.vocab_size} (EOS {tok.eos_id} among them); with "
+              f"near-uniform sampling a completion stops with p = {p_stop:.4f} per token, expected mean length "
+              f"{setup['expected_mean_len']:.1f} of at most {args.tokens}")
     results = {"setup": setup, "runs": []}
     emit = emitter(results, args.out)
     res = {}
@@ -408,9 +451,9 @@ def main() -> None:
             record = {"run": side, "step_s": [], "gen_s": [], "tokens": [], "logs": []}
             try:
                 if side == "r1lab":
-                    res[side] = bench_r1lab(Path(d), args, record)
+                    res[side] = bench_r1lab(Path(d), args, stops, record)
                 else:
-                    res[side] = bench_trl(Path(d), args, side.split()[1], record)
+                    res[side] = bench_trl(Path(d), args, side.split()[1], stops, record)
                 record["summary"] = res[side]
             except Exception as e:  # e.g. TRL paged on a transformers whose paged cache has no MLA: record, go on
                 traceback.print_exc()
