@@ -1,4 +1,4 @@
-"""Serving under open-loop load: `r1lab serve` at several request rates, streamed with the `openai` client.
+"""Serving under open-loop load: `r1lab serve` beside `transformers serve`, same checkpoint, same requests.
 
 For each of --rates (requests/s), requests arrive as a Poisson process (exponential gaps from a seeded RNG)
 for --duration seconds (or --requests of them), and each is sent when it arrives, whether or not the earlier
@@ -16,11 +16,25 @@ failed (count and the first error's text); the offered rate (arrivals per second
 the achieved one (completions per second between the first and the last completion), which falls behind
 once the server saturates; and the client's own lag (how late the p99 request was sent: if it grows, the
 load generator, not the server, is the limit). --out FILE is rewritten after every rate, so a run cut
-short keeps what it measured.
+short keeps what it measured; each started server's output goes to FILE.SERVER.log.
+
+The servers run one after the other on --model, each started here on a free loopback port and stopped at
+the end (or give --url for one already running):
+  r1lab         python -m r1lab.cli serve --model DIR --max-batch 64 --device D --max-connections 4096
+  transformers  python -m transformers.cli.transformers serve /abs/DIR --continuous-batching --device D
+                --dtype bfloat16 (float32 on a CPU, as r1lab serve) --host 127.0.0.1 --port P
+                with HF_HUB_OFFLINE=1 (flags that exist in transformers 5.17 and 5.25; more with
+                --transformers-args). transformers-nocb: the same without --continuous-batching.
+A server that fails to start or to answer is recorded as {"server", "failed": its error and output} and the
+next one runs; the exit status is 1 only where r1lab (or --url) failed, or every server did.
+transformers 5.17's continuous batching cannot serve DeepSeek-V3 (its paged cache is sized by config.head_dim,
+which DeepseekV3Config sets to qk_rope_head_dim, and the first step fails in index_copy_); 5.25's can.
+transformers-nocb works in both, one request at a time. 5.17's continuous batching also ignores
+stream_options, so without usage the tokens are counted as chunks ("tokens_counted_from").
 
     python benchmarks/serve_load.py --model ckpt/ --rates 1 2 4 --requests 6 --prompt-words 8 32 \\
-        --max-tokens 4 12 --out serve_load_cpu.json                                     # CPU, tiny
-    python benchmarks/serve_load.py --model B --out serve_load.json                    # H200, bench-moe-1b
+        --max-tokens 4 12 --max-batch 8 --out serve_load_cpu.json                 # CPU, tiny, ~2 min
+    python benchmarks/serve_load.py --model B --out serve_load.json               # H200, bench-moe-1b
 
 (`r1lab init --preset bench-moe-1b --out B` makes the H200 benchmark's checkpoint.) `run_load` (N clients
 at once, one closed burst) is the earlier benchmark, kept for the serving tests.
@@ -30,15 +44,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
+
+import torch
 
 # One token each in the DeepSeek tokenizer after a space, so a prompt of n of them is n tokens (plus the
 # chat template's).
@@ -49,6 +68,12 @@ side kind head house service friend father power hour game line end member law c
 president team minute idea kid body information back parent face others level office door health person
 art war history party result change morning reason research girl guy moment air teacher force
 education""".split()
+
+
+SERVERS = {"r1lab": "r1lab serve",
+           "transformers": "transformers serve --continuous-batching (the peer)",
+           "transformers-nocb": "transformers serve without continuous batching, one request at a time "
+                                "(transformers 5.17's continuous batching cannot run DeepSeek-V3's MLA)"}
 
 
 def free_port() -> int:
@@ -85,6 +110,22 @@ def start_server(model: str, port: int, max_batch: int = 32, api_key: str | None
     if api_key:
         cmd += ["--api-key", api_key]
     return launch(cmd + (extra or []), port, timeout)
+
+
+def start_transformers(model: str, port: int, device: str, extra: list[str] | None = None,
+                       timeout: float = 600, continuous_batching: bool = True) -> subprocess.Popen:
+    """Start `transformers serve` (transformers' own OpenAI-compatible server) on the checkpoint folder,
+    with continuous batching unless told otherwise (then its one inference thread runs one request's
+    generate at a time), in this interpreter, offline, and wait until /health answers. Its flags here
+    exist in transformers 5.17 and 5.25 alike; requests must name the model as the folder is given here
+    (the absolute path)."""
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"  # as r1lab serve loads it
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", os.path.abspath(model),
+           *(["--continuous-batching"] if continuous_batching else []), "--device", device,
+           "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
+    # no network: the hub offline, and no check for a newer release at start
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}
+    return launch(cmd + (extra or []), port, timeout, env)
 
 
 def server_output(proc: subprocess.Popen) -> str:
@@ -253,12 +294,12 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 
 def table(runs: list[dict]) -> str:
     """The runs side by side, one line per server and rate."""
-    head = (f"{'server':<13}{'rate':>6}{'offered':>8}{'achieved':>9}{'done':>9}{'err':>5}"
+    head = (f"{'server':<18}{'rate':>6}{'offered':>8}{'achieved':>9}{'done':>9}{'err':>5}"
             f"{'ttft p50':>9}{'p99':>7}{'itl p50':>8}{'p99':>7}{'tok/s':>8}")
     lines = [head]
     for r in sorted((r for r in runs if "rate" in r), key=lambda r: (r["rate"], r["server"])):
         lines.append(
-            f"{r['server']:<13}{r['rate']:>6g}{fmt(r['offered_rate'], '.2f'):>8}"
+            f"{r['server']:<18}{r['rate']:>6g}{fmt(r['offered_rate'], '.2f'):>8}"
             f"{fmt(r['achieved_rate'], '.2f'):>9}{r['completed']:>5}/{r['requests']:<3}{r['errors']:>5}"
             f"{fmt(r['ttft_p50_s']):>9}{fmt(r['ttft_p99_s']):>7}{fmt(r['itl_p50_s']):>8}"
             f"{fmt(r['itl_p99_s']):>7}{r['output_tokens_per_s']:>8.0f}")
@@ -293,7 +334,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4,
                    help="concurrent requests of the longest prompt and max_tokens sent before the rates "
                         "(default: 4; 0 = none)")
+    p.add_argument("--servers", nargs="+", choices=list(SERVERS), default=["r1lab", "transformers"],
+                   metavar="SERVER",
+                   help="servers to start on --model, one after the other: "
+                        + "; ".join(f"{k}: {v}" for k, v in SERVERS.items())
+                        + " (default: r1lab transformers)")
+    p.add_argument("--device", default=None, help="cpu or cuda for the servers (default: cuda if any)")
     p.add_argument("--max-batch", type=int, default=64, help="r1lab serve's slots (default: 64)")
+    p.add_argument("--transformers-args", default="",
+                   help="more flags for transformers serve, one string, e.g. '--cb-use-cuda-graph "
+                        "--compile' (default: none)")
     p.add_argument("--start-timeout", type=float, default=600,
                    help="seconds a started server has to answer /health (default: 600)")
     p.add_argument("--out", default=None, help="JSON file of all runs, rewritten after each (default: none)")
@@ -303,40 +353,96 @@ def main() -> None:
     if args.prompt_words[0] < 1 or args.max_tokens[0] < 1:
         p.error("--prompt-words and --max-tokens take ranges of at least 1")
 
-    results = {"benchmark": "serve_load", "args": vars(args), "runs": []}
-    emit = emitter(results, args.out)
-    proc = None
-    if args.url:
-        url = args.url
-        with urllib.request.urlopen(url.rstrip("/") + "/models") as r:
-            name = args.model_name or json.load(r)["data"][0]["id"]
-    else:
-        port = free_port()
-        proc = start_server(args.model, port, max_batch=args.max_batch, timeout=args.start_timeout,
-                            extra=["--max-connections", "4096"])
-        url, name = f"http://127.0.0.1:{port}/v1", os.path.basename(os.path.abspath(args.model))
-    server = "url" if args.url else "r1lab"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if args.warmup:
-            rng = random.Random(args.seed)
-            warm = [{"at": 0.0, "prompt": " ".join(rng.choices(WORDS, k=args.prompt_words[1])),
-                     "max_tokens": args.max_tokens[1]}] * args.warmup
-            res, _ = asyncio.run(open_loop(url, name, warm, args.temperature, args.start_timeout,
-                                           args.api_key))
-            if all("error" in r for r in res):
-                raise RuntimeError(f"every warm-up request failed: {res[0]['error']}")
-        for rate in args.rates:
-            reqs = make_requests(rate, args.seed, args.duration, args.requests, args.prompt_words,
-                                 args.max_tokens)
-            res, unfinished = asyncio.run(open_loop(url, name, reqs, args.temperature,
-                                                    args.drain_timeout, args.api_key))
-            span = reqs[-1]["at"] if args.requests and reqs else args.duration
-            emit({"server": server} | summarize(rate, reqs, res, unfinished, span))
-    finally:
-        if proc is not None:
-            stop_server(proc)
+        tf_version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        tf_version = None
+    results = {"benchmark": "serve_load", "args": vars(args), "device": device,
+               "transformers": tf_version, "commands": {}, "runs": []}
+    emit = emitter(results, args.out)
+    servers, failed = (["url"] if args.url else args.servers), []
+    for kind in servers:
+        try:
+            if kind == "url":
+                bench(kind, None, args.url, args, emit)
+                continue
+            with serving(kind, args, device) as (proc, url):
+                results["commands"][kind] = shlex.join(proc.args)
+                print(f"{kind} ({'transformers ' + str(tf_version) if kind == 'transformers' else device}):"
+                      f" {shlex.join(proc.args)}", flush=True)
+                bench(kind, proc, url, args, emit)
+        except Exception as e:  # noqa: BLE001 - one server failing must not lose the other's runs
+            failed.append(kind)
+            why = str(e) if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+            emit({"server": kind, "failed": why})
     print(table(results["runs"]))
+    # the peer fails soft: an error only where r1lab (or --url) failed, or every server did
+    if set(failed) - {"transformers", "transformers-nocb"} or len(failed) == len(servers):
+        sys.exit(1)
 
+
+@contextmanager
+def serving(kind: str, args, device: str):
+    """Start `kind`'s server (one of SERVERS) on args.model -> (its process, its /v1 URL);
+    stops it at the end and writes its output beside --out (OUT.KIND.log) if given."""
+    port = free_port()
+    log = f"{args.out}.{kind}.log" if args.out else None
+    try:
+        if kind == "r1lab":
+            proc = start_server(args.model, port, max_batch=args.max_batch, timeout=args.start_timeout,
+                                extra=["--device", device, "--max-connections", "4096"])
+        else:
+            proc = start_transformers(args.model, port, device, shlex.split(args.transformers_args),
+                                      args.start_timeout, continuous_batching=kind == "transformers")
+    except RuntimeError as e:  # it did not start: keep what it printed
+        if log:
+            with open(log, "w") as f:
+                f.write(str(e))
+        raise
+    out = None
+    try:
+        yield proc, f"http://127.0.0.1:{port}/v1"
+    except Exception as e:  # a client sees "An error occurred during streaming": the cause is in here
+        out = stop_server(proc)
+        raise RuntimeError(f"{type(e).__name__}: {e}\nthe server's output ends:\n{out[-3000:]}") from e
+    finally:
+        out = stop_server(proc) if out is None else out
+        if log:
+            with open(log, "w") as f:
+                f.write(out)
+
+
+def bench(kind: str, proc: subprocess.Popen | None, url: str, args, emit) -> None:
+    """The warm-up, then one open-loop run per rate against the server at url, each emitted."""
+    if kind.startswith("transformers"):
+        # the folder as it was given; 5.17's /v1/models fails (500) where the hub cache folder is missing
+        name = os.path.abspath(args.model)
+    elif kind == "r1lab":
+        name = os.path.basename(os.path.abspath(args.model))
+    elif args.model_name:
+        name = args.model_name
+    else:
+        auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        with urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + "/models", headers=auth)) as r:
+            name = json.load(r)["data"][0]["id"]
+    if args.warmup:
+        rng = random.Random(args.seed)
+        warm = [{"at": 0.0, "prompt": " ".join(rng.choices(WORDS, k=args.prompt_words[1])),
+                 "max_tokens": args.max_tokens[1]}] * args.warmup
+        res, _ = asyncio.run(open_loop(url, name, warm, args.temperature, args.start_timeout,
+                                       args.api_key))
+        if all("error" in r for r in res):
+            raise RuntimeError(f"every warm-up request failed, the first with {res[0]['error']}")
+    for rate in args.rates:
+        reqs = make_requests(rate, args.seed, args.duration, args.requests, args.prompt_words,
+                             args.max_tokens)
+        res, unfinished = asyncio.run(open_loop(url, name, reqs, args.temperature, args.drain_timeout,
+                                                args.api_key))
+        span = reqs[-1]["at"] if args.requests and reqs else args.duration
+        emit({"server": kind} | summarize(rate, reqs, res, unfinished, span))
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
 
 if __name__ == "__main__":
     main()
