@@ -11,8 +11,9 @@ of the longest requests comes first (on a GPU it triggers compilation and CUDA-g
 Per rate it reports: p50/p99 time to first token; p50/p99 inter-token latency (the gaps between streamed
 chunks with text; a chunk may carry more than one token) and p50 time per output token (first to last chunk
 over the tokens after the first); output tokens/s (from the first arrival to the last completion);
-requests completed, unfinished (still running --drain-timeout s after the last arrival: cancelled) and
-failed (count and the first error's text); the offered rate (arrivals per second of arrival window) against
+requests completed, unfinished (still running --drain-timeout s after the last arrival: cancelled, and
+counted in the latencies and tokens with what they streamed until then) and failed (count and the first
+error's text); the offered rate (arrivals per second of arrival window) against
 the achieved one (completions per second between the first and the last completion), which falls behind
 once the server saturates; and the client's own lag (how late the p99 request was sent: if it grows, the
 load generator, not the server, is the limit). --out FILE is rewritten after every rate, so a run cut
@@ -29,14 +30,16 @@ A server that fails to start or to answer is recorded as {"server", "failed": it
 next one runs; the exit status is 1 only where r1lab (or --url) failed, or every server did.
 transformers 5.17's continuous batching cannot serve DeepSeek-V3 (its paged cache is sized by config.head_dim,
 which DeepseekV3Config sets to qk_rope_head_dim, and the first step fails in index_copy_); 5.25's can.
-transformers-nocb works in both, one request at a time. 5.17's continuous batching also ignores
-stream_options, so without usage the tokens are counted as chunks ("tokens_counted_from").
+transformers-nocb works in both, one request at a time. Output tokens come from the streams' usage; a
+server that sends none would have them counted as chunks ("tokens_counted_from").
 
     python benchmarks/serve_load.py --model ckpt/ --rates 1 2 4 --requests 6 --prompt-words 8 32 \\
-        --max-tokens 4 12 --max-batch 8 --out serve_load_cpu.json                 # CPU, tiny, ~2 min
-    python benchmarks/serve_load.py --model B --out serve_load.json               # H200, bench-moe-1b
+        --max-tokens 4 12 --max-batch 8 --out serve_load_cpu.json                 # CPU, tiny, ~1.5 min
+    python benchmarks/serve_load.py --model B --out serve_load.json               # H200, ~5 min
+    python benchmarks/serve_load.py --model B --servers transformers-nocb --out serve_load_nocb.json
 
-(`r1lab init --preset bench-moe-1b --out B` makes the H200 benchmark's checkpoint.) `run_load` (N clients
+(`r1lab init --preset bench-moe-1b --out B` makes the H200 benchmark's checkpoint; each of the two H200 runs
+stays under 10 minutes, the second, saturated at every rate, cut by --drain-timeout.) `run_load` (N clients
 at once, one closed burst) is the earlier benchmark, kept for the serving tests.
 """
 
@@ -145,12 +148,15 @@ def stop_server(proc: subprocess.Popen) -> str:
 
 
 async def one_client(client, model: str, i: int, max_tokens: int, temperature: float,
-                     messages: list[dict] | None = None, seed: int | None = None) -> dict:
+                     messages: list[dict] | None = None, seed: int | None = None,
+                     chunk_s: list[float] | None = None) -> dict:
     """Stream one chat completion (by default the question "Client i: what is i + i?") -> its reasoning
     and content, finish reason, token counts (None where the server sends no usage), time to first token
-    and when each chunk with text came (`chunk_s`), in seconds from the send."""
+    and when each chunk with text came (`chunk_s`, appended to the list given if any, which the caller
+    keeps if the request is cancelled), in seconds from the send."""
     t0 = time.perf_counter()
-    chunk_s, reasoning, content, finish, usage = [], "", "", None, None
+    chunk_s = [] if chunk_s is None else chunk_s
+    reasoning, content, finish, usage = "", "", None, None
     messages = messages or [{"role": "user", "content": f"Client {i}: what is {i} + {i}?"}]
     stream = await client.chat.completions.create(
         model=model, messages=messages, stream=True, max_tokens=max_tokens, temperature=temperature,
@@ -215,33 +221,40 @@ def make_requests(rate: float, seed: int, duration: float, count: int, prompt_wo
 
 
 async def open_loop(base_url: str, model: str, reqs: list[dict], temperature: float, drain_timeout: float,
-                    api_key: str | None = None) -> tuple[list[dict], int]:
+                    api_key: str | None = None) -> dict:
     """Send each request at its arrival time, not waiting for the others; requests still running
-    drain_timeout s after the last arrival are cancelled -> (the results, failures as
-    {"error": text}; each with `sent_s`, `lag_s` and `done_s` from the start), the number cancelled."""
-    if not reqs:
-        return [], 0
+    drain_timeout s after the last arrival are cancelled -> {"results": one_client's, or {"error": text}
+    for a failure; "cut": the cancelled ones, what they streamed so far (`chunk_s`); "end_s": when the
+    last finished or the rest were cancelled}. Times in seconds from the start; each request has
+    `sent_s` and `lag_s` (how late it was sent), each finished one `done_s`."""
     client = async_client(base_url, api_key)
     t0 = time.perf_counter()
+    state = [{"client": i, "chunk_s": []} for i in range(len(reqs))]  # survives a cancelled request
 
     async def send(i: int, req: dict) -> dict:
         await asyncio.sleep(max(0.0, t0 + req["at"] - time.perf_counter()))
-        sent = time.perf_counter() - t0
-        times = {"sent_s": sent, "lag_s": sent - req["at"]}
+        st = state[i]
+        st["sent_s"] = time.perf_counter() - t0
+        st["lag_s"] = st["sent_s"] - req["at"]
         messages = [{"role": "user", "content": req["prompt"]}]
         try:
-            res = await one_client(client, model, i, req["max_tokens"], temperature, messages)
+            res = await one_client(client, model, i, req["max_tokens"], temperature, messages,
+                                   chunk_s=st["chunk_s"])
         except Exception as e:  # noqa: BLE001 - a failed request is a result: count it, keep its text
             res = {"client": i, "error": f"{type(e).__name__}: {e}"}
-        return res | times | {"done_s": time.perf_counter() - t0}
+        return st | res | {"done_s": time.perf_counter() - t0}
 
     tasks = [asyncio.create_task(send(i, r)) for i, r in enumerate(reqs)]
-    done, pending = await asyncio.wait(tasks, timeout=reqs[-1]["at"] + drain_timeout)
-    for t in pending:  # the client closes their streams, which frees the server's slots for the next rate
+    if tasks:
+        await asyncio.wait(tasks, timeout=reqs[-1]["at"] + drain_timeout)
+    end = time.perf_counter() - t0
+    cut = [state[i] for i, t in enumerate(tasks) if not t.done()]
+    for t in tasks:  # the client closes their streams, which frees the server's slots for the next rate
         t.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    await asyncio.gather(*tasks, return_exceptions=True)
     await client.close()
-    return sorted((t.result() for t in done), key=lambda r: r["client"]), len(pending)
+    done = [t.result() for t in tasks if not t.cancelled()]
+    return {"results": done, "cut": cut, "end_s": end}
 
 
 def percentile(xs: list[float], q: float) -> float | None:
@@ -254,37 +267,44 @@ def percentile(xs: list[float], q: float) -> float | None:
     return xs[i] + (xs[min(i + 1, len(xs) - 1)] - xs[i]) * (k - i)
 
 
-def summarize(rate: float, reqs: list[dict], results: list[dict], unfinished: int, span: float) -> dict:
-    """One rate's metrics (see the module docstring); span: the arrival window in seconds."""
-    ok = [r for r in results if "error" not in r]
-    errors = [r["error"] for r in results if "error" in r]
-    # transformers serve before 5.18 or so ignores stream_options, so sends no usage: count chunks instead
+def summarize(rate: float, reqs: list[dict], load: dict, span: float) -> dict:
+    """One rate's metrics (see the module docstring) from open_loop's `load`; span: the arrival window
+    in seconds. Requests cancelled at the drain timeout count with what they streamed (their time to
+    first token, their gaps, their chunks as tokens): leaving them out would hide the slowest."""
+    ok = [r for r in load["results"] if "error" not in r]
+    errors = [r["error"] for r in load["results"] if "error" in r]
+    # a server that sends no usage (stream_options is not in every server's API): count chunks instead
     counted = "usage" if all(r["completion_tokens"] is not None for r in ok) else "chunks"
 
-    def tokens(r: dict) -> int:
-        return r["completion_tokens"] if counted == "usage" else len(r["chunk_s"])
+    def tokens(r: dict) -> int:  # a cancelled request has no usage: its chunks
+        n = r.get("completion_tokens") if counted == "usage" else None
+        return len(r["chunk_s"]) if n is None else n
 
-    out = sum(tokens(r) for r in ok)
+    streamed = ok + load["cut"]
+    out = sum(tokens(r) for r in streamed)
     done = sorted(r["done_s"] for r in ok)
-    first = min((r["sent_s"] for r in results), default=0.0)
-    itl = [b - a for r in ok for a, b in zip(r["chunk_s"], r["chunk_s"][1:])]
+    sent = [r for r in load["results"] + load["cut"] if "sent_s" in r]
+    first = min((r["sent_s"] for r in sent), default=0.0)
+    end = load["end_s"] if load["cut"] else max(done, default=first)
+    ttft = [r["chunk_s"][0] for r in streamed if r["chunk_s"]]
+    itl = [b - a for r in streamed for a, b in zip(r["chunk_s"], r["chunk_s"][1:])]
     tpot = [(r["chunk_s"][-1] - r["chunk_s"][0]) / (tokens(r) - 1) for r in ok
             if tokens(r) > 1 and len(r["chunk_s"]) > 1]
     prompt = [r["prompt_tokens"] for r in ok if r["prompt_tokens"] is not None]
     return {
         "rate": rate, "requests": len(reqs), "offered_rate": len(reqs) / span if span else None,
         "achieved_rate": (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else None,
-        "completed": len(ok), "unfinished": unfinished, "errors": len(errors),
+        "completed": len(ok), "unfinished": len(load["cut"]), "errors": len(errors),
         "first_error": errors[0] if errors else None,
         "stopped_early": sum(r["finish_reason"] != "length" for r in ok),
-        "ttft_p50_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 50),
-        "ttft_p99_s": percentile([r["ttft_s"] for r in ok if r["ttft_s"] is not None], 99),
+        "no_first_token": sum(not r["chunk_s"] for r in load["cut"]),
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
         "tpot_p50_s": percentile(tpot, 50),
-        "output_tokens": out, "output_tokens_per_s": out / (done[-1] - first) if done else 0.0,
+        "output_tokens": out, "output_tokens_per_s": out / (end - first) if end > first else 0.0,
         "tokens_counted_from": counted,
         "prompt_tokens_mean": sum(prompt) / len(prompt) if prompt else None,
-        "send_lag_p99_s": percentile([r["lag_s"] for r in results], 99),
+        "send_lag_p99_s": percentile([r["lag_s"] for r in sent], 99),
     }
 
 
@@ -294,13 +314,14 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
 
 def table(runs: list[dict]) -> str:
     """The runs side by side, one line per server and rate."""
-    head = (f"{'server':<18}{'rate':>6}{'offered':>8}{'achieved':>9}{'done':>9}{'err':>5}"
+    head = (f"{'server':<18}{'rate':>6}{'offered':>8}{'achieved':>9}{'done':>11}{'cut':>6}{'err':>5}"
             f"{'ttft p50':>9}{'p99':>7}{'itl p50':>8}{'p99':>7}{'tok/s':>8}")
     lines = [head]
     for r in sorted((r for r in runs if "rate" in r), key=lambda r: (r["rate"], r["server"])):
         lines.append(
             f"{r['server']:<18}{r['rate']:>6g}{fmt(r['offered_rate'], '.2f'):>8}"
-            f"{fmt(r['achieved_rate'], '.2f'):>9}{r['completed']:>5}/{r['requests']:<3}{r['errors']:>5}"
+            f"{fmt(r['achieved_rate'], '.2f'):>9}{str(r['completed']) + '/' + str(r['requests']):>11}"
+            f"{r['unfinished']:>6}{r['errors']:>5}"
             f"{fmt(r['ttft_p50_s']):>9}{fmt(r['ttft_p99_s']):>7}{fmt(r['itl_p50_s']):>8}"
             f"{fmt(r['itl_p99_s']):>7}{r['output_tokens_per_s']:>8.0f}")
     return "\n".join(lines)
@@ -369,8 +390,8 @@ def main() -> None:
                 continue
             with serving(kind, args, device) as (proc, url):
                 results["commands"][kind] = shlex.join(proc.args)
-                print(f"{kind} ({'transformers ' + str(tf_version) if kind == 'transformers' else device}):"
-                      f" {shlex.join(proc.args)}", flush=True)
+                on = f"{device}, transformers {tf_version}" if kind != "r1lab" else device
+                print(f"{kind} ({on}): {shlex.join(proc.args)}", flush=True)
                 bench(kind, proc, url, args, emit)
         except Exception as e:  # noqa: BLE001 - one server failing must not lose the other's runs
             failed.append(kind)
@@ -419,7 +440,7 @@ def bench(kind: str, proc: subprocess.Popen | None, url: str, args, emit) -> Non
         # the folder as it was given; 5.17's /v1/models fails (500) where the hub cache folder is missing
         name = os.path.abspath(args.model)
     elif kind == "r1lab":
-        name = os.path.basename(os.path.abspath(args.model))
+        name = os.path.basename(os.path.realpath(args.model))  # r1lab serve's default name
     elif args.model_name:
         name = args.model_name
     else:
@@ -430,17 +451,19 @@ def bench(kind: str, proc: subprocess.Popen | None, url: str, args, emit) -> Non
         rng = random.Random(args.seed)
         warm = [{"at": 0.0, "prompt": " ".join(rng.choices(WORDS, k=args.prompt_words[1])),
                  "max_tokens": args.max_tokens[1]}] * args.warmup
-        res, _ = asyncio.run(open_loop(url, name, warm, args.temperature, args.start_timeout,
-                                       args.api_key))
+        res = asyncio.run(open_loop(url, name, warm, args.temperature, args.start_timeout,
+                                    args.api_key))["results"]
         if all("error" in r for r in res):
-            raise RuntimeError(f"every warm-up request failed, the first with {res[0]['error']}")
+            raise RuntimeError("every warm-up request failed, the first with "
+                               + (res[0]["error"] if res else "none finishing in --start-timeout"))
     for rate in args.rates:
         reqs = make_requests(rate, args.seed, args.duration, args.requests, args.prompt_words,
                              args.max_tokens)
-        res, unfinished = asyncio.run(open_loop(url, name, reqs, args.temperature, args.drain_timeout,
-                                                args.api_key))
+        load = asyncio.run(open_loop(url, name, reqs, args.temperature, args.drain_timeout, args.api_key))
         span = reqs[-1]["at"] if args.requests and reqs else args.duration
-        emit({"server": kind} | summarize(rate, reqs, res, unfinished, span))
+        emit({"server": kind} | summarize(rate, reqs, load, span))
+        if load["cut"]:  # time for the server to see the closed streams and free their slots
+            time.sleep(5)
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
 
