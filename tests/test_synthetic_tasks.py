@@ -179,3 +179,40 @@ def test_padded_running_sums_take_the_same_tokens_at_every_step():
         assert extract_answer(text) == q.answer == str(int(q.answer))
         steps = RunningSum.solution(q).split(". The answer")[0].split(" ")[1:]
         assert len({len(s) for s in steps}) == 1  # "+c1=06": six characters, one token each in the speedrun
+
+
+def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreement():
+    """check_route="backward": the check sums from the last operand to the first (other totals, so other
+    lookups than the first pass); agreeing totals end it, and where they differ a third pass (odd tags, then
+    even) gives the answer, whichever of the first two slipped. Hand-worked, then every slip over many draws."""
+    import random
+
+    t = RunningSum(n_operands=4, check_route="backward")
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
+    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."  # worked solutions are unchanged
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: d8+c5=13 +b3=16 +a7=23, as before. "
+                                     "The answer is 23.")
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(400):
+        text = t.fixed_solution(p, rng)
+        first, rest = text.split(". Check: ")
+        check, third = rest.split(". Wait, a third way: ")
+        a, b = first.rsplit("=", 1)[1], check.split(", not ")[0].rsplit("=", 1)[1]
+        assert check.split(", not ")[1] == a and a != b and "23" in (a, b)  # exactly one of the two slipped
+        assert check.startswith("d8+c5=") and third.startswith("a7+c5=12 +b3=15 +d8=23.")
+        assert extract_answer(text) == "23"
+        seen.add("first" if b == "23" else "check")
+    assert seen == {"first", "check"}
+    for q in t.problems(60, "train", 2):  # any instance: the answer is right and no total goes below zero
+        text = t.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(int(x) >= 0 for x in re.findall(r"=(-?\d+)", text))
+    m = RunningSum(n_operands=5, modulus=10, check_route="backward")
+    for q in m.problems(40, "train", 3):
+        text = m.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+    same = [q.question for q in RunningSum().problems(20, "test", 4)]  # the problems are the default task's
+    assert [q.question for q in RunningSum(check_route="backward").problems(20, "test", 4)] == same
+    with pytest.raises(ValueError, match="check_route"):
+        RunningSum(check_route="sideways")

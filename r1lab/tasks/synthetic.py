@@ -467,13 +467,21 @@ class RunningSum:
     shuffled: bool = False  # the question lists the tagged operands in random order (the solution goes a, b, c)
     modulus: int = 0  # > 0: the sum modulo this ("Add a7 b3 c5 mod 10."), every total in the chain reduced too
     padded: bool = False  # worked totals written with leading zeros to the width of the largest ("+c1=06")
+    # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
+    # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
+    # (odd tags, then even) settles it.
+    check_route: str = "same"
     TAGS = "abcdefghijklmnop"
+    CHECK_ROUTES = ("same", "backward")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
             raise ValueError(f"RunningSum.n_operands must be in [2, {len(self.TAGS)}], got {self.n_operands}")
         if self.modulus < 0 or self.modulus == 1:
             raise ValueError(f"RunningSum.modulus must be 0 (none) or at least 2, got {self.modulus}")
+        if self.check_route not in self.CHECK_ROUTES:
+            raise ValueError(f"RunningSum.check_route must be one of {', '.join(self.CHECK_ROUTES)}, "
+                             f"got {self.check_route!r}")
         _check_common("train", self.test_fraction, "RunningSum")
 
     @property
@@ -501,27 +509,31 @@ class RunningSum:
             question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + (f" mod {m}." if m else ".")
             answer = sum(nums) % m if m else sum(nums)
             return (tuple(nums), tuple(order)), question, str(answer), {"operands": nums, "modulus": m,
-                                                                        "width": self.width}
+                                                                        "width": self.width,
+                                                                        "check_route": self.check_route}
 
         return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
 
     verify = staticmethod(_verify_number)
 
     @classmethod
-    def _forward(cls, nums: list[int], modulus: int = 0, width: int = 0,
-                 slip: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
-        """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after operand i; reduced modulo
-        `modulus` when it is set; written with `width` digits, leading zeros included, when it is set);
-        `slip` = (step, error) adds `error` to that step's result, and the later steps carry the wrong total on.
-        A step is short (the total it adds to is the number just before it), so the distance from a step to its
-        operand in the question grows slowly along the chain; with a width, it grows by the same number of tokens
-        at every step whatever the totals are."""
-        totals, steps = [nums[0] % modulus if modulus else nums[0]], []
-        for i in range(1, len(nums)):
-            new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == i else 0)
+    def _forward(cls, nums: list[int], modulus: int = 0, width: int = 0, slip: tuple[int, int] | None = None,
+                 order: list[int] | None = None) -> tuple[list[str], list[int]]:
+        """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after the i-th operand added;
+        reduced modulo `modulus` when it is set; written with `width` digits, leading zeros included, when it is
+        set); `slip` = (step, error) adds `error` to that step's result, and the later steps carry the wrong total
+        on. `order`: the operands' indices in the order they are added (default: a, b, c, ...). A step is short
+        (the total it adds to is the number just before it), so the distance from a step to its operand in the
+        question grows slowly along the chain; with a width, it grows by the same number of tokens at every step
+        whatever the totals are."""
+        order = list(range(len(nums))) if order is None else order
+        first = order[0]
+        totals, steps = [nums[first] % modulus if modulus else nums[first]], []
+        for k, i in enumerate(order[1:], 1):
+            new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == k else 0)
             new = new % modulus if modulus else new
-            steps.append(f"{cls.TAGS[0]}{nums[0]}+{cls.TAGS[i]}{nums[i]}={new:0{width}d}" if i == 1
-                         else f"+{cls.TAGS[i]}{nums[i]}={new:0{width}d}")
+            head = f"{cls.TAGS[first]}{nums[first]}" if k == 1 else ""
+            steps.append(f"{head}+{cls.TAGS[i]}{nums[i]}={new:0{width}d}")
             totals.append(new)
         return steps, totals
 
@@ -537,7 +549,7 @@ class RunningSum:
 
     @classmethod
     def _slip(cls, nums: list[int], modulus: int, rng: random.Random) -> tuple[int, int]:
-        """A slip: (step, error), one step's result off by one (never below zero)."""
+        """A slip: (step, error), one step's result off by one (never below zero); `nums` in the order added."""
         step = rng.randrange(1, len(nums))
         return step, (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) > 0 else 1)
 
@@ -557,10 +569,35 @@ class RunningSum:
         The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
         is 23." """
         nums, m, w = cls._meta(problem)
+        if problem.meta.get("check_route", "same") == "backward":
+            return cls._checked_backward(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
         return " ".join(steps) + ". Check: " + " ".join(again) + f", {verdict}. The answer is {right[-1]}."
+
+    @classmethod
+    def _checked_backward(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+        """check_route "backward": the sum a to h, then a check from h back to a, which passes through other
+        totals and so other lookups than the first pass. Equal totals end it; different ones call for a third
+        pass (odd tags, then even: "a7+c5=12 +e2=14 ..."), whose total is the answer. With `rng`, one of the first
+        two passes (either, at random) makes a slip that the other two do not repeat:
+        "a7+b3=10 +c5=16 +d8=24. Check: d8+c5=13 +b3=16 +a7=23, not 24. Wait, a third way: a7+c5=12 +b3=15
+        +d8=23. The answer is 23." A model whose errors depend on the route it takes can catch them this way:
+        two routes agree on a wrong total rarely, and the third decides."""
+        n = len(nums)
+        routes = [list(range(n)), list(range(n - 1, -1, -1)), [*range(0, n, 2), *range(1, n, 2)]]
+        slipped = rng.randrange(2) if rng is not None else None
+        passes = []
+        for r, order in enumerate(routes):
+            slip = cls._slip([nums[i] for i in order], m, rng) if r == slipped else None
+            passes.append(cls._forward(nums, m, w, slip=slip, order=order))
+        (steps, totals), (check, again), (third, right) = passes
+        text = " ".join(steps) + ". Check: " + " ".join(check)
+        if again[-1] == totals[-1]:
+            return text + f", as before. The answer is {totals[-1]}."
+        return (text + f", not {totals[-1]:0{w}d}. Wait, a third way: " + " ".join(third)
+                + f". The answer is {right[-1]}.")
 
     @classmethod
     def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
