@@ -33,6 +33,7 @@ within their EP slice), which is what `clip_grad_norm_` and the checkpoints rely
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
@@ -208,35 +209,36 @@ def apply_activation_checkpointing(model: Transformer) -> Transformer:
     """Recompute every decoder block's activations (main layers and MTP blocks) during the backward pass.
 
     Applied from outside: each block's `forward` is replaced on the instance, so parameter names (and
-    checkpoints) do not change. A MoE layer counts its routed tokens in `expert_load` and stores its balance
-    loss during forward; the recomputation puts both back, so loads are counted once.
+    checkpoints) do not change; by a method bound to the block, which calls the forward it wraps on that
+    block, so that a deep copy of the model (GRPO's reference, grpo.async's rollout copy) runs its own blocks,
+    not the original's. A MoE layer counts its routed tokens in `expert_load` and stores its balance loss
+    during forward; the recomputation puts both back, so loads are counted once.
     """
     blocks = list(model.model.layers) + [m.block for m in model.mtp]
     for block in blocks:
         if getattr(block, "_r1lab_checkpointed", False):
             continue
-        inner, moe = block.forward, block.mlp if isinstance(block.mlp, MoE) else None
 
-        def forward(*args, _inner=inner, _moe=moe, **kwargs):
-            calls = 0
+        def forward(self, *args, _inner=block.forward.__func__, **kwargs):
+            moe, calls = self.mlp if isinstance(self.mlp, MoE) else None, 0
 
             def run(*a, **k):
                 nonlocal calls
                 calls += 1
-                if calls == 1 or _moe is None:
-                    return _inner(*a, **k)
-                load, bal = _moe.expert_load.clone(), _moe.balance_loss  # recomputation: undo its side effects
+                if calls == 1 or moe is None:
+                    return _inner(self, *a, **k)
+                load, bal = moe.expert_load.clone(), moe.balance_loss  # recomputation: undo its side effects
                 try:
-                    return _inner(*a, **k)
+                    return _inner(self, *a, **k)
                 finally:  # also when torch stops the recomputation early (by raising) once it has what it needs
-                    _moe.expert_load.copy_(load)
-                    _moe.balance_loss = bal
+                    moe.expert_load.copy_(load)
+                    moe.balance_loss = bal
 
             if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
+                return _inner(self, *args, **kwargs)
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
-        block.forward = forward
+        block.forward = types.MethodType(forward, block)
         block._r1lab_checkpointed = True
     return model
 
