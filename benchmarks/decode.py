@@ -299,7 +299,7 @@ def main():
             modes["eos"] = (text_prompts[:B * args.eos_rounds],
                             SamplingParams(temperature=0, max_tokens=args.new_tokens))
         longest = max(len(p) for ps, _ in modes.values() for p in ps)
-        # warm-up at full length: the decode step is captured (and compiled) once per block-table width
+        # warm-up at full length: the decode step is captured once per block-table width (compiled once)
         warm = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         base = {}
         # "sized": the engine's cache exactly the positions this benchmark uses; "default": what

@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="decode batch sizes (default: 1 32)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps per run (default: 32)")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the decode step (~30 s per block-table width; default: eager, graphed)")
+                    help="torch.compile the decode step (~30 s once; default: eager, graphed)")
     ap.add_argument("--hf", action="store_true", help="also time transformers' generate at --hf-contexts")
     ap.add_argument("--hf-contexts", type=int, nargs="+", default=[1000, 8000],
                     help="contexts for transformers, batch 1 (default: 1000 8000)")

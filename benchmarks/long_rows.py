@@ -151,7 +151,7 @@ def bench_grpo(args, dev: torch.device) -> dict:
         total, ent_sum = torch.zeros((), device=dev), torch.zeros((), device=dev)
         for s in range(0, N, micro):
             logp, mask, ent = completion_logprobs(trainer.model, prompts[s:s + micro], completions[s:s + micro],
-                                                  1.0, trainer.forward, with_entropy=True,
+                                                  1.0, with_entropy=True,
                                                   compiled=args.compile, chunk=args.head_chunk)
             old = logp.detach() + old_shift[s:s + micro]
             obj, _ = clipped_surrogate(logp, old, adv[s:s + micro], 0.2, 0.28)

@@ -42,7 +42,7 @@ Configurations (--configs; default the first four, in this order):
                      layers (--v2-layers): 6.93B total / 1.41B active parameters, whose fp32 weights + gradients
                      + AdamW (16 B/param) take ~52 GB per GPU on 2 GPUs; the full 27 layers (15.7B, 234 GB) do not
                      fit 2 x 141 GB with activations. FSDP + EP=2, seq 4096, 4 rows per GPU, 10 steps.
-  moe1b-ep2-compile  moe1b-ep2 with train.compile = true (torch.compile of the FSDP model), 16 steps; may fail
+  moe1b-ep2-compile  moe1b-ep2 with train.compile = true (each block compiled, then FSDP), 16 steps; may fail
                      or run out of time: that is reported and the others are kept.
   extras: v2lite12-fsdp (EP=1), v2lite12-ep2-compile; `all` selects every configuration.
 Memory (estimated from the saved activations of one layer on the CPU, ~2.7 MB/token for bench-moe-1b and

@@ -3,9 +3,10 @@
     init_distributed()                      process group from torchrun's environment variables
     make_meshes(ep)                         a 1-D data-parallel mesh over all ranks, and a 2-D (edp, ep) mesh
     apply_expert_parallel(model, mesh2d)    routed experts split over the EP group, tokens sent by all-to-all
+    compile_blocks(model, dynamic)          torch.compile each block on its own (regional compilation)
     apply_activation_checkpointing(model)   recompute each block's activations in the backward pass
     apply_fsdp(model, dp_mesh, ...)         FSDP2 `fully_shard` per block, then the root
-    parallelize(model, ep, ...)             the three above, in that order (what the trainers call)
+    parallelize(model, ep, ...)             the four above, in that order (what the trainers call)
     shard(items, rank, world)               each rank's share of a batch
     grad_norm(params) / clip_grad_norm_(params, max_norm)
                                             the global gradient norm over every rank's shards (and clipping)
@@ -32,7 +33,9 @@ within their EP slice), which is what `clip_grad_norm_` and the checkpoints rely
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 
@@ -40,12 +43,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
 
 from .model.moe import MoE
-from .model.transformer import Transformer
+from .model.transformer import Block, Transformer
 
 
 # ---------------------------------------------------------------------- process group and meshes
@@ -203,40 +206,85 @@ def _ep_experts(model: nn.Module) -> dict[str, nn.Module]:
     return {name + ".": m for name, m in model.named_modules() if getattr(m, "_r1lab_ep", None) is not None}
 
 
+# ---------------------------------------------------------------------- regional compilation
+def compile_blocks(model: Transformer, dynamic: bool = False) -> Transformer:
+    """torch.compile each decoder block (main layers and MTP blocks) on its own, for training: regional
+    compilation, as torch's recipe and torchtitan do.
+
+    Every block runs one compiled `Block.forward`, whose graphs take the block's parameters as inputs (guarded
+    by shape and dtype, not identity): all blocks of one kind share one graph, one for the dense blocks and one
+    for the MoE blocks however deep the model (with LoRA the first block compiles apart: its input, from the
+    frozen embedding, needs no gradient), where a compile of the whole model traces and compiles every layer,
+    unrolled, forward and backward (~77 s for bench-moe-1b's 12 layers on an H200). The price: nothing fuses
+    across a block boundary (one block's last residual add with the next one's first norm).
+
+    Training mode only: a block in eval mode runs eagerly (the engine's prefill, and its decode step, which the
+    engine compiles whole; the no-grad reference passes). dynamic: the batch and sequence dimensions of the
+    blocks' inputs are marked dynamic before every call, so that micro-batches of every shape share the graphs
+    (GRPO's completions change in number and length every step); otherwise they are specialised to the first
+    shape, and torch.compile makes them symbolic when a second one comes (a second compilation).
+
+    Apply before activation checkpointing, which then recomputes the compiled block from outside, and before
+    FSDP, whose hooks around each block then stay eager. torchtitan compiles the checkpointed block instead;
+    here Dynamo cannot trace the checkpoint wrapper (it counts its calls to undo a MoE's side effects in the
+    recomputation: a graph break, after which nothing of the block was compiled, tried on the CPU). The forward
+    is replaced on the instance (parameter names do not change), as a bound method: a deep copy of the model
+    (GRPO's reference) runs its own blocks.
+    """
+    compiled = torch.compile(Block.forward)
+    for block in list(model.model.layers) + [m.block for m in model.mtp]:
+        if getattr(block, "_r1lab_checkpointed", False) or isinstance(block, FSDPModule):
+            raise ValueError("compile_blocks: compile the blocks before activation checkpointing and FSDP wrap them")
+        block.forward = types.MethodType(functools.partial(_block_forward, compiled, dynamic), block)
+    return model
+
+
+def _block_forward(compiled, dynamic: bool, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   *args, **kwargs) -> torch.Tensor:
+    if not block.training:
+        return Block.forward(block, x, cos, sin, *args, **kwargs)
+    if dynamic:
+        for t in (x, cos, sin):  # (B, S, ...); maybe_: a dimension of size 1 stays specialised rather than raise
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+    return compiled(block, x, cos, sin, *args, **kwargs)
+
+
 # ---------------------------------------------------------------------- activation checkpointing
 def apply_activation_checkpointing(model: Transformer) -> Transformer:
     """Recompute every decoder block's activations (main layers and MTP blocks) during the backward pass.
 
     Applied from outside: each block's `forward` is replaced on the instance, so parameter names (and
-    checkpoints) do not change. A MoE layer counts its routed tokens in `expert_load` and stores its balance
-    loss during forward; the recomputation puts both back, so loads are counted once.
+    checkpoints) do not change; by a method bound to the block, which calls the forward it wraps (Block.forward,
+    or compile_blocks') on that block, so that a deep copy of the model (GRPO's reference, grpo.async's rollout
+    copy) runs its own blocks, not the original's. A MoE layer counts its routed tokens in `expert_load` and
+    stores its balance loss during forward; the recomputation puts both back, so loads are counted once.
     """
     blocks = list(model.model.layers) + [m.block for m in model.mtp]
     for block in blocks:
         if getattr(block, "_r1lab_checkpointed", False):
             continue
-        inner, moe = block.forward, block.mlp if isinstance(block.mlp, MoE) else None
 
-        def forward(*args, _inner=inner, _moe=moe, **kwargs):
-            calls = 0
+        def forward(self, *args, _inner=block.forward.__func__, **kwargs):
+            moe, calls = self.mlp if isinstance(self.mlp, MoE) else None, 0
 
             def run(*a, **k):
                 nonlocal calls
                 calls += 1
-                if calls == 1 or _moe is None:
-                    return _inner(*a, **k)
-                load, bal = _moe.expert_load.clone(), _moe.balance_loss  # recomputation: undo its side effects
+                if calls == 1 or moe is None:
+                    return _inner(self, *a, **k)
+                load, bal = moe.expert_load.clone(), moe.balance_loss  # recomputation: undo its side effects
                 try:
-                    return _inner(*a, **k)
+                    return _inner(self, *a, **k)
                 finally:  # also when torch stops the recomputation early (by raising) once it has what it needs
-                    _moe.expert_load.copy_(load)
-                    _moe.balance_loss = bal
+                    moe.expert_load.copy_(load)
+                    moe.balance_loss = bal
 
             if not torch.is_grad_enabled():
-                return _inner(*args, **kwargs)
+                return _inner(self, *args, **kwargs)
             return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
-        block.forward = forward
+        block.forward = types.MethodType(forward, block)
         block._r1lab_checkpointed = True
     return model
 
@@ -280,13 +328,18 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, ep_mesh: DeviceMesh | No
 
 
 def parallelize(model: Transformer, ep: int = 1, activation_checkpointing: bool = False,
-                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> Transformer:
-    """Expert parallelism (when ep > 1), activation checkpointing (when asked), then FSDP2, over every rank of
-    the process group: the order torchtitan uses, so the recomputation repeats the all-to-alls on every rank
-    alike and FSDP wraps the final modules. `model` must be the same full fp32 model on every rank."""
+                param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
+                compile: bool = False, dynamic: bool = False) -> Transformer:
+    """Expert parallelism (when ep > 1), regional compilation (when asked; `compile_blocks(model, dynamic)`),
+    activation checkpointing (when asked), then FSDP2, over every rank of the process group: torchtitan's order,
+    so the recomputation repeats the all-to-alls on every rank alike and FSDP wraps the final modules (except
+    that torchtitan compiles the checkpointed blocks; see compile_blocks). `model` must be the same full fp32
+    model on every rank."""
     dp_mesh, ep_mesh = make_meshes(ep, model.device.type)
     if ep > 1:
         apply_expert_parallel(model, ep_mesh)
+    if compile:
+        compile_blocks(model, dynamic)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     return apply_fsdp(model, dp_mesh, ep_mesh, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)

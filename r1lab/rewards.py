@@ -257,10 +257,9 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int = 0,
     return ids, torch.tensor([len(s) for s in seqs])
 
 
-def last_token_scores(model, ids: torch.Tensor, lengths: torch.Tensor, forward=None) -> torch.Tensor:
+def last_token_scores(model, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Scores (B,) fp32: score_head on the final normed hidden state of each row's last real token."""
-    forward = model if forward is None else forward  # (a compiled module has no truth value)
-    h = forward(ids.to(model.device), return_hidden=True)  # (B, S, D)
+    h = model(ids.to(model.device), return_hidden=True)  # (B, S, D)
     last = h[torch.arange(len(ids), device=h.device), (lengths - 1).to(h.device)]  # (B, D)
     return model.score_head(last).float().squeeze(-1)
 

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from r1lab import Engine, SamplingParams, Transformer, get_preset, load_tokenizer, save_pretrained
 from r1lab.engine.sampling import sample, uniform_noise
@@ -242,11 +243,37 @@ def test_compiled_decode_step_equals_eager(mode, device):
     m = tiny().to(device)
     ps = prompts([6, 3, 9])
     sp = SamplingParams(max_tokens=8, seed=5, logprobs=True, ignore_eos=True, **mode)
-    ref = Engine(m, max_batch=4, max_seq_len=32, compile=False, cuda_graph=False).generate(ps, sp)
+    ref = Engine(m, max_batch=4, max_seq_len=512, compile=False, cuda_graph=False).generate(ps, sp)
     torch._dynamo.reset()
-    eng = Engine(m, max_batch=4, max_seq_len=32, compile=True)
+    eng = Engine(m, max_batch=4, max_seq_len=512, compile=True)
     out = eng.generate(ps, sp)
     assert eng._compile_mode == "step"  # no fallback happened
+    for a, b in zip(ref, out):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_compiled_decode_step_compiles_once_for_every_width(device):
+    """The decode step reads the block table as wide as the longest sequence's pages (rounded up to a power of
+    two): 2, 4 and 8 pages here as it grows past 128 and 256 positions. Compiled, all widths share one graph
+    (a GPU still captures a CUDA graph per width), and greedy decoding gives the eager engine's tokens and
+    log-probs (fp32)."""
+    m = tiny().to(device)
+    ps = prompts([60, 3, 20])
+    sp = SamplingParams(temperature=0, max_tokens=200, logprobs=True, ignore_eos=True)
+    ref = Engine(m, max_batch=4, max_seq_len=512, compile=False, cuda_graph=False).generate(ps, sp)
+    torch._dynamo.reset()
+    counters.clear()
+    eng = Engine(m, max_batch=4, max_seq_len=512, compile=True)
+    widths, decode = set(), eng._decode
+    eng._decode = lambda mode, pages: widths.add(pages) or decode(mode, pages)
+    out = eng.generate(ps, sp)
+    assert eng._compile_mode == "step"  # no fallback happened
+    assert counters["stats"]["unique_graphs"] == 1 and widths == {2, 4, 8}, (counters["stats"], widths)
+    if eng.cuda_graph:
+        assert set(eng._graphs) == {("greedy", w) for w in widths}
     for a, b in zip(ref, out):
         assert a.token_ids == b.token_ids
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)

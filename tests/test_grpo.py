@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from r1lab.cli import main
+from r1lab.model.transformer import Block
 from r1lab.train.grpo import (GRPORecipe, GRPOTrainer, aggregate, clipped_surrogate, completion_logprobs,
                               group_advantages, k3_kl, load_grpo_recipe, load_prompt_rows, loss_denominator,
                               render_prompt, render_prompt_ids)
@@ -273,13 +275,16 @@ def compile_unavailable() -> str | None:
 
 def test_compiled_update_compiles_once_for_every_completion_length(tmp_path):
     """train.compile: four updates on batches of other completion lengths (and micro-batches of 6, 6 and 4
-    sequences) compile the policy forward and the head's chunk math once, at the first update, and give the
-    eager update's loss and gradient. The model is dense: on the CPU the MoE layers take the per-expert loop,
-    whose data-dependent expert counts recompile anyway (the GPU's grouped GEMM does not)."""
+    sequences) compile the policy's blocks and the head's chunk math once, at the first update, and give the
+    eager update's loss and gradient. Regional compilation: the three identical blocks run one compiled block
+    (one graph whatever the depth), which activation checkpointing recomputes. The model is dense: on the CPU
+    the MoE layers take the per-expert loop, whose data-dependent expert counts recompile anyway (the GPU's
+    grouped GEMM does not)."""
     if why := compile_unavailable():
         pytest.skip(why)
-    trainers = [small_trainer(tmp_path / c, tiny_model(num_hidden_layers=1, first_k_dense_replace=1), max_tokens=8,
-                              mini_batch_size=16, **{"train.compile": c, "train.batch_size": 6})
+    trainers = [small_trainer(tmp_path / c, tiny_model(num_hidden_layers=3, first_k_dense_replace=3), max_tokens=8,
+                              mini_batch_size=16, **{"train.compile": c, "train.activation_checkpointing": c,
+                                                     "train.batch_size": 6})
                 for c in ("false", "true")]
     grads = [[], []]
     for t, seen in zip(trainers, grads):  # gradients recorded, no update: both stay at the same weights
@@ -302,6 +307,7 @@ def test_compiled_update_compiles_once_for_every_completion_length(tmp_path):
         assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-6), step
         torch.testing.assert_close(grads[1][-1], grads[0][-1], rtol=1e-4, atol=1e-7)
     assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 3, graphs
+    assert len(_debug_get_cache_entry_list(Block.forward.__code__)) == 1  # one compiled block for all three
 
 
 def test_beta_zero_builds_no_reference_and_beta_positive_reports_kl(tmp_path):

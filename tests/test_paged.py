@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from r1lab import Engine, SamplingParams, Transformer, get_preset
 from r1lab.engine.pages import PAGE, PagePool, page_hashes
@@ -282,21 +283,29 @@ def interpreted_kernels(monkeypatch):
 
 def test_paged_kernel_under_torch_compile(monkeypatch):
     """The paged op inside a whole-graph torch.compile (as in the engine's compiled decode step), with a block
-    table that is a column slice of a wider one: the numbers it gives eagerly."""
+    table that is a column slice of a wider one, its width symbolic (the engine's one graph for every width):
+    the numbers it gives eagerly, at widths 3 and 4 from one graph, though the splits per sequence stop
+    following the width between them."""
     device, dtype = interpreted_kernels(monkeypatch)
+    monkeypatch.setitem(kernels.PAGED_ATTN, "programs", 6)  # at most 3 splits per sequence at B = 2
     torch.manual_seed(0)
     B, H, C, R = 2, 16, 64, 32
     pool = torch.randn(9, PAGE, C + R, device=device).to(dtype)
-    table = torch.tensor([[3, 1, 7, 0], [2, 8, 0, 0]], device=device)[:, :3]
+    wide = torch.tensor([[3, 1, 7, 0, 0], [2, 8, 0, 0, 0]], device=device)
     q = torch.randn(B, H, C + R, device=device).to(dtype)
     n = torch.tensor([150, 70], device=device)
     torch._dynamo.reset()
+    counters.clear()
     fn = torch.compile(lambda q, t, n: kernels.paged_latent_attention(q * 1, pool, t, n, 0.1, C) + 0,
                        fullgraph=True)
-    with torch.no_grad():
-        eager = kernels.paged_latent_attention(q, pool, table, n, 0.1, C)
-        compiled = fn(q, table, n)
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for width in (3, 4):
+        table = wide[:, :width]
+        torch._dynamo.mark_dynamic(table, 1)
+        with torch.no_grad():
+            eager = kernels.paged_latent_attention(q, pool, table, n, 0.1, C)
+            compiled = fn(q, table, n)
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_engine_with_the_paged_kernel_equals_the_torch_path(monkeypatch):
@@ -322,22 +331,24 @@ def test_engine_with_the_paged_kernel_equals_the_torch_path(monkeypatch):
 
 def test_decode_reads_the_running_sequences_pages_not_the_capacity():
     """The decode step's block-table width (the torch path gathers that many pages per sequence) is the longest
-    running sequence's pages rounded up to a power of two, never the 16 pages max_seq_len allows, and shrinks
-    when that sequence finishes."""
+    running sequence's pages rounded up to a power of two (at least 2), never the 16 pages max_seq_len allows,
+    and shrinks when that sequence finishes."""
     m = tiny()
     short, long = prompts([10, 200], seed=15)
     eng = Engine(m, max_batch=2, max_seq_len=1024)
     assert eng.pages_per_seq == 16
+    widths, decode = [], eng._decode
+    eng._decode = lambda mode, pages: widths.append(pages) or decode(mode, pages)
     a = eng.add_request(short, SamplingParams(max_tokens=30, **GREEDY))[0]
     eng.step()
-    assert eng._pages == 1
+    assert widths[-1] == 2  # 11 positions: 1 page
     b = eng.add_request(long, SamplingParams(max_tokens=3, **GREEDY))[0]
     eng.step()
-    assert eng._pages == 4  # 200 positions: 4 pages
+    assert widths[-1] == 4  # 200 positions: 4 pages
     while b.finish_reason is None:
         eng.step()
     eng.step()
-    assert eng._pages == 1 and a.finish_reason is None
+    assert widths[-1] == 2 and a.finish_reason is None
 
 
 def test_reset_prefix_cache_after_a_weight_change():

@@ -137,7 +137,7 @@ def oracle_draft(engine, wrong_every=3):
     read from the host), with every `wrong_every`-th position made wrong, so acceptance is high but partial."""
     V_, k = engine.model.config.vocab_size, engine.speculate
 
-    def draft(mode):
+    def draft(mode, table):
         out = torch.zeros(engine.max_batch, k, dtype=torch.long)
         for slot, s in enumerate(engine.slots):
             if s is None:

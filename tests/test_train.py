@@ -8,13 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
 import torch
 
-from r1lab import load_pretrained
+from r1lab import Transformer, get_preset, load_pretrained
 from r1lab.data import IGNORE, Sequences
+from r1lab.parallel import apply_activation_checkpointing
 from r1lab.train import state
 from r1lab.cli import main as cli_main
 from r1lab.train.loop import NonFiniteLoss, Trainer, build_model, train_flops_per_token
@@ -319,6 +321,24 @@ def test_activation_checkpointing_equals_plain_backward(tmp_path):
     for (n, p), q in zip(plain.model.named_parameters(), ckpt.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
     assert rp["grad_norm"] == pytest.approx(rc["grad_norm"], rel=1e-5)
+
+
+def test_a_deep_copy_of_a_checkpointed_model_runs_its_own_blocks():
+    """Activation checkpointing replaces each block's forward; a deep copy of the model made after that (GRPO's
+    reference, grpo.async's rollout copy) must run its own weights, with and without gradients, and leave the
+    original alone."""
+    model = Transformer(get_preset("tiny").replace(vocab_size=64)).init_weights(seed=0)
+    apply_activation_checkpointing(model)
+    copy = deepcopy(model)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = copy(ids)
+        for p in model.parameters():
+            p.add_(0.1)
+        assert torch.equal(copy(ids), before)
+    copy(ids).sum().backward()  # through the checkpoint: the gradients are the copy's
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in copy.model.layers.parameters() if p.requires_grad)
 
 
 def test_compiled_training_equals_eager(tmp_path):

@@ -13,9 +13,9 @@ in chunks of `prefill_tokens` between decode steps, each chunk attending to the 
 
 Every decode step runs all slots at once with static shapes (one token each, the absorbed attention path),
 so it can be captured as a CUDA graph; idle slots point at a reserved page. It reads the first P columns of the
-block tables, P the longest sequence's pages rounded up to a power of two (one graph per P), so its cost follows
-the running sequences, not the capacity; with the Triton decode kernel (R1LAB_ATTN_KERNEL=1) each sequence's
-attention reads only its own length.
+block tables, P the longest sequence's pages rounded up to a power of two, at least 2 (one CUDA graph per P;
+compiled, one compilation for all P), so its cost follows the running sequences, not the capacity; with the
+Triton decode kernel (R1LAB_ATTN_KERNEL=1) each sequence's attention reads only its own length.
 
 Per step the host reads back one token (and log-prob) per slot: that copy is the loop's only synchronisation.
 On a GPU it is also off the critical path (`overlap`): step N+1 is queued before the host waits for step N's
@@ -129,7 +129,7 @@ class Engine:
     max_batch full-length sequences; on a CPU, the smaller of 262,144 and max_batch full-length sequences);
     prefix_cache: keep released full pages for later prompts with the same prefix (default: on, except with
     speculation); cuda_graph: capture the decode step (default: on for CUDA models); compile: torch.compile the
-    model's decode forward first (fuses its small kernels; ~30 s per engine and block-table size; default: on
+    model's decode forward first (fuses its small kernels; ~30 s per engine and sampler mode; default: on
     for CUDA models, and a failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens
     prefilled per step (fresh prompts are batched; longer ones, and those with a prefix-cache hit, are prefilled
     in chunks of this size between decode steps); overlap: queue the next decode step before reading this one's
@@ -182,8 +182,10 @@ class Engine:
         self.pool = PagePool(num_pages, prefix_cache=not k if prefix_cache is None else prefix_cache)
         if k and self.pool.prefix_cache:
             raise ValueError("prefix_cache needs speculate=0: the MTP caches of a cached prefix are not kept")
-        # Each slot's pages, as the decode step reads them; unused entries point at the reserved page 0.
-        self.block_table = torch.zeros(B, self.pages_per_seq, dtype=torch.long, device=dev)
+        # Each slot's pages, as the decode step reads them; unused entries point at the reserved page 0. One spare
+        # column, never used: no decode step's view of the first columns (_table) then spans whole rows, so the
+        # views of all widths are laid out alike (none contiguous) and one compiled step serves them all.
+        self.block_table = torch.zeros(B, self.pages_per_seq + 1, dtype=torch.long, device=dev)
         # Static per-slot state read by the decode step.
         self.tok = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)
@@ -213,7 +215,6 @@ class Engine:
         self._admitted = 0  # admission counter: preemption takes the youngest sequence
         self._graphs: dict[tuple, tuple] = {}
         self._graph_pool = None  # one memory pool for all captured steps (they never run concurrently)
-        self._pages = 1  # block-table columns of the step being run (read by _draft)
         self.prefill_tokens = prefill_tokens
         self.overlap = self.device.type == "cuda" if overlap is None else overlap
         self._inflight: tuple | None = None  # a decode step queued but not yet read: (sequences, outputs, event)
@@ -225,20 +226,24 @@ class Engine:
         # torch.compile of the whole decode step (model + sampler: the sampler's noise over the vocabulary is
         # ~20 elementwise passes over (B, vocab) when eager), or, should that fail, of the model's forward only.
         compile = self.device.type == "cuda" if compile is None else compile
-        if compile:  # one compiled variant per sampler mode and block-table size (powers of two of pages)
-            limit = 3 * (self.pages_per_seq.bit_length() + 1)
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), limit))
         self._set_compile("step" if compile else "off")
 
     def _set_compile(self, mode: str) -> None:
-        """mode "step": compile forward + sampling; "forward": the model's forward only; "off": eager."""
+        """mode "step": compile forward + sampling; "forward": the model's forward only; "off": eager.
+
+        One compiled variant per sampler mode serves every block-table width: the width is marked dynamic
+        (_table). Every other size stays static, the kernels specialised to the batch and the model: automatic
+        dynamic shapes are off, so an engine of another batch size compiles a variant of its own rather than
+        turn the batch dimension symbolic in the first one's."""
         self._compile_mode = mode
         forward = self._verify_forward if self.speculate else self._forward
         step = self._speculative_eager if self.speculate else self._decode_eager
-        self._forward_fn = torch.compile(forward, dynamic=False) if mode == "forward" else forward
-        self._step_fn = torch.compile(step, dynamic=False) if mode == "step" else step
+
+        def compiled(fn):
+            return torch._dynamo.config.patch(automatic_dynamic_shapes=False)(torch.compile(fn))
+
+        self._forward_fn = compiled(forward) if mode == "forward" else forward
+        self._step_fn = compiled(step) if mode == "step" else step
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | None = None, on_token=None) -> list[Completion]:
@@ -410,7 +415,7 @@ class Engine:
         """Give running sequences the pages the next step writes to, preempting the youngest sequences while
         the pool is short (vLLM's recompute preemption: their pages are released, into the prefix cache where
         full, and they wait at the head of the queue). Returns the block-table width the step reads: the
-        longest sequence's pages, rounded up to a power of two (one compiled graph per width)."""
+        longest sequence's pages, rounded up to a power of two (one CUDA graph per width), at least 2."""
         inflight = {id(s) for s, _ in self._inflight[0]} if self._inflight is not None else set()
         while True:
             want = sum(max(0, self._need(s, inflight) - len(s.pages)) for s in running)
@@ -436,7 +441,8 @@ class Engine:
                 at = at.pin_memory().to(self.device, non_blocking=True)
             self.block_table[at[0], at[1]] = at[2]
         longest = max(len(s.pages) for s in running) if running else 1
-        return min(1 << (longest - 1).bit_length(), self.pages_per_seq)
+        # not 1: torch.compile takes a size of 1 for a constant, and would compile that width a graph of its own
+        return min(max(2, 1 << (longest - 1).bit_length()), self.pages_per_seq)
 
     def _release(self, s: _Seq) -> None:
         """Let go of s's pages, naming its full ones for the prefix cache first. The cache holds positions
@@ -600,7 +606,7 @@ class Engine:
                              filter_top=any(p.top_p < 1 or p.top_k > 0 for p in params),
                              greedy_only=all(p.temperature == 0 for p in params))
         slots = torch.tensor([slot for _, _, slot, _ in seqs], device=dev)
-        table = torch.zeros(len(seqs), self.pages_per_seq, dtype=torch.long)
+        table = torch.zeros(len(seqs), self.block_table.shape[1], dtype=torch.long)
         for i, (_, s, _, _) in enumerate(seqs):
             table[i, : len(s.pages)] = torch.tensor(s.pages)
         self.block_table[slots] = table.to(dev)
@@ -652,13 +658,13 @@ class Engine:
         tail = self.tokenizer.decode(s.tokens[-(longest + 4):])
         return any(x in tail for x in s.params.stop)
 
-    def _forward(self, tok: torch.Tensor, pos: torch.Tensor, pages: int) -> torch.Tensor:
-        return self.model(tok, pos, cache=self.cache, block_table=self.block_table[:, :pages],
-                          attn_mask=self.model.cache_mask(pos, pages * PAGE))[:, -1]
+    def _forward(self, tok: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.model(tok, pos, cache=self.cache, block_table=table,
+                          attn_mask=self.model.cache_mask(pos, table.shape[1] * PAGE))[:, -1]
 
-    def _decode_eager(self, mode: str, pages: int):
-        """One decode step over the first `pages` block-table columns of every slot."""
-        logits = self._forward_fn(self.tok, self.pos, pages)
+    def _decode_eager(self, mode: str, table: torch.Tensor):
+        """One decode step of every slot over `table`, the first columns of the block table (_table)."""
+        logits = self._forward_fn(self.tok, self.pos, table)
         nxt, lp = sample(logits, self.temperature, self.top_p, self.top_k, self.seeds, self.pos[:, 0] + 1,
                          filter_top=mode == "filter", greedy_only=mode == "greedy")
         # advance running slots on the device, so the next step needs no host-built inputs
@@ -666,20 +672,19 @@ class Engine:
         self.pos.add_(self.active)
         return nxt, lp
 
-    def _verify_forward(self, tok: torch.Tensor, pos: torch.Tensor, pages: int) -> torch.Tensor:
+    def _verify_forward(self, tok: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(B, k+1) tokens at positions (B, k+1) -> the main model's final hidden states (B, k+1, D)."""
-        return self.model(tok, pos, cache=self.cache, block_table=self.block_table[:, :pages],
-                          attn_mask=self.model.cache_mask(pos, pages * PAGE), return_hidden=True)
+        return self.model(tok, pos, cache=self.cache, block_table=table,
+                          attn_mask=self.model.cache_mask(pos, table.shape[1] * PAGE), return_hidden=True)
 
-    def _draft(self, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draft(self, mode: str, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """k draft tokens per slot (B, k) and their log draft distributions (B, k, V) (None when greedy), over
-        the step's `_pages` block-table columns."""
-        k, n_mtp, model, pages = self.speculate, len(self.mtp_cache), self.model, self._pages
+        the step's block-table columns `table`."""
+        k, n_mtp, model, width = self.speculate, len(self.mtp_cache), self.model, table.shape[1] * PAGE
         rows = torch.arange(self.max_batch, device=self.device)
         opts = dict(filter_top=mode == "filter", greedy_only=mode == "greedy")
         at = self.prev_pos + self.offsets  # (B, k+1): the last verify's positions
-        mask = model.cache_mask(at, pages * PAGE)
-        table = self.block_table[:, :pages]
+        mask = model.cache_mask(at, width)
         prev, ahead = self.hid, self.ahead
         drafts, logqs = [], []
         for d in range(k):
@@ -690,7 +695,7 @@ class Engine:
             else:  # the last module again, one position further, fed its own output and the previous draft
                 p1 = self.prev_pos + self.acc[:, None] + 1 + d - n_mtp  # (B, 1)
                 last = model.mtp_forward(n_mtp - 1, last[:, None], drafts[-1][:, None], p1,
-                                         attn_mask=model.cache_mask(p1, pages * PAGE),
+                                         attn_mask=model.cache_mask(p1, width),
                                          cache=self.mtp_cache[-1], block_table=table)[:, 0]
             # draft d is the token at pos + 1 + d (pos: the last committed token's position)
             tok, logq = draft_sample(model.mtp_logits(min(d, n_mtp - 1), last), self.temperature, self.top_p,
@@ -701,12 +706,12 @@ class Engine:
                 ahead = torch.cat([ahead[:, 1:], ahead[:, :1]], dim=1).scatter(1, self.acc[:, None], tok[:, None])
         return torch.stack(drafts, 1), None if mode == "greedy" else torch.stack(logqs, 1)
 
-    def _speculative_eager(self, mode: str, pages: int):
+    def _speculative_eager(self, mode: str, table: torch.Tensor):
         """One speculative step for every slot: draft k, verify k+1, advance each slot by what it accepted."""
-        drafts, logq = self._draft(mode)
+        drafts, logq = self._draft(mode, table)
         ids = torch.cat([self.tok, drafts], dim=1)  # (B, k+1): the last committed token, then the drafts
         at = self.pos + self.offsets  # (B, k+1)
-        h = self._forward_fn(ids, at, pages)
+        h = self._forward_fn(ids, at, table)
         tokens, lps, acc = speculative_sample(
             self.model.lm_head(h), drafts, logq, self.temperature, self.top_p, self.top_k, self.seeds,
             self.pos[:, 0] + 1, filter_top=mode == "filter", greedy_only=mode == "greedy")
@@ -720,9 +725,8 @@ class Engine:
         return tokens, lps, acc
 
     def _decode(self, mode: str, pages: int):
-        self._pages = pages  # for _draft
         if not self.cuda_graph:
-            return self._step_fn(mode, pages)
+            return self._step_fn(mode, self._table(pages))
         while (mode, pages) not in self._graphs:
             try:
                 self._graphs[mode, pages] = self._capture(mode, pages)
@@ -738,6 +742,17 @@ class Engine:
         graph.replay()
         return out
 
+    def _table(self, pages: int) -> torch.Tensor:
+        """The first `pages` columns of every slot's block table, which one decode step reads (a view: a CUDA
+        graph reads their live entries). Compiled, their number is a symbolic size, so one graph serves every
+        width, where each width used to cost a full compilation (~25-30 s on an H200; a GRPO rollout of 256
+        tokens crosses several). Each width is still captured as a CUDA graph of its own (capture needs fixed
+        shapes; it takes milliseconds)."""
+        table = self.block_table[:, :pages]
+        if self._compile_mode != "off":  # (maybe_: an engine of one page has one width, left specialised)
+            torch._dynamo.maybe_mark_dynamic(table, 1)
+        return table
+
     def reset_graphs(self) -> None:
         """Drop every captured decode step (the next step of each width captures again, e.g. after a setting that
         the graphs baked in changed). Their memory pool goes with them: the allocator keeps a pool only while a
@@ -752,6 +767,7 @@ class Engine:
         outputs are copied out (or into the engine's own buffers) before the next step runs."""
         state = self._state + [self.active, self.block_table] + ([self.prev_pos] if self.speculate else [])
         saved = [t.clone() for t in state]
+        table = self._table(pages)  # a view of the block table: the graph reads its live entries
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         try:
@@ -763,7 +779,7 @@ class Engine:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._step_fn(mode, pages)
+                    self._step_fn(mode, table)
             torch.cuda.current_stream().wait_stream(side)
             for t, v in zip(state, saved):
                 t.copy_(v)
@@ -771,7 +787,7 @@ class Engine:
             # thread_local: only this thread's calls are checked during the capture, so a trainer's update may
             # allocate and synchronise on another thread meanwhile (GRPO's grpo.async samples beside its update)
             with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                out = self._step_fn(mode, pages)
+                out = self._step_fn(mode, table)
         finally:  # the warm-up steps advanced the slots (capture itself runs nothing): put them back
             for t, v in zip(state, saved):
                 t.copy_(v)

@@ -340,9 +340,12 @@ if triton is not None:
     def _paged_outputs(q: torch.Tensor, block_table: torch.Tensor, page: int, kv_lora_rank: int):
         """m, l (B, NS, H), o (B, NS, H, C) fp32 for the paged kernel. NS from the table's capacity and the
         batch (as _attn_outputs, PAGED_ATTN["programs"] in all); each sequence spreads its own length over the
-        NS splits."""
+        NS splits. sym_min/sym_max: under torch.compile with a symbolic table width (the engine's one decode
+        graph for every width) NS stays an expression of it, where min/max would guard on the comparison and
+        recompile the step at the width where it flips."""
         B, H, _ = q.shape
-        ns = max(1, min(block_table.shape[1] * page // 64, triton.cdiv(PAGED_ATTN["programs"], B)))
+        cap = triton.cdiv(PAGED_ATTN["programs"], B)
+        ns = torch.sym_max(1, torch.sym_min(block_table.shape[1] * page // 64, cap))
         f32 = dict(dtype=torch.float32, device=q.device)
         return (torch.empty(B, ns, H, **f32), torch.empty(B, ns, H, **f32),
                 torch.empty(B, ns, H, kv_lora_rank, **f32))

@@ -150,7 +150,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denom: flo
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], temperature: float,
-                        forward=None, with_entropy: bool = False, compiled: bool = False,
+                        with_entropy: bool = False, compiled: bool = False,
                         chunk: int = DEFAULT_CHUNK, token_mask: list[list[int]] | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Log-probs of each completion token under `model` at `temperature` (fp32), as the engine computes them.
@@ -164,7 +164,6 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     token_mask: per completion, 1 for the model's tokens and 0 for others (tool outputs): those are 0 / False
     in logp and mask, as padding is.
     """
-    forward = model if forward is None else forward  # (a compiled module has no truth value)
     dev = model.device
     B = len(prompts)
     full = [p + c for p, c in zip(prompts, completions)]
@@ -184,13 +183,7 @@ def completion_logprobs(model, prompts: list[list[int]], completions: list[list[
     idx[:, :L] = (starts[:, None] + torch.arange(L)[None]).clamp(max=S - 1)  # (B, L)
     ids, targets, idx, mask = to_device(host, dev).unbind(0)
     ids, targets, idx, mask = ids[:, :S].contiguous(), targets[:, :L], idx[:, :L], mask[:, :L].bool()
-    # One compiled graph for every micro-batch shape (sequences per micro-batch and their lengths change from
-    # step to step): both dimensions dynamic from the first call, where torch.compile would first build a static
-    # graph and recompile at the first new length, then at the first new batch size (each a full forward and
-    # backward compilation). maybe_: a size-1 dimension stays specialised rather than raise.
-    torch._dynamo.maybe_mark_dynamic(ids, 0)
-    torch._dynamo.maybe_mark_dynamic(ids, 1)
-    h = forward(ids, return_hidden=True)  # (B, S, D)
+    h = model(ids, return_hidden=True)  # (B, S, D)
     h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, D)
     # fp32 log-probs (precision policy); padding has no target (log-prob 0, no gradient); entropy without gradient
     logp, ent = model.logprobs(h, targets.masked_fill(~mask, IGNORE), temperature, chunk=chunk,
@@ -830,7 +823,7 @@ class GRPOTrainer(Trainer):
         """A forward/backward with zero loss, so that a rank without rows takes part in FSDP's (and EP's)
         collectives; the token it routes is not counted in the expert load."""
         load = [m.expert_load.clone() for m in self.model.moe_layers()]
-        logp, _, _ = completion_logprobs(self.model, [[0]], [[0]], 1.0, self.forward)
+        logp, _, _ = completion_logprobs(self.model, [[0]], [[0]], 1.0)
         (logp.sum() * 0).backward()
         for m, x in zip(self.model.moe_layers(), load):
             m.expert_load.copy_(x)
@@ -892,7 +885,7 @@ class GRPOTrainer(Trainer):
                         continue
                     logp, mask, ent = completion_logprobs(model, [b.prompt_ids[i] for i in ids],
                                                           [b.completion_ids[i] for i in ids], g.temperature,
-                                                          self.forward, with_entropy=p == 0,
+                                                          with_entropy=p == 0,
                                                           compiled=self.recipe.train.compile,
                                                           chunk=self.recipe.train.head_chunk, token_mask=masks(ids))
                     L = logp.shape[1]

@@ -39,7 +39,7 @@ from ..checkpoint import load_pretrained, save_pretrained
 from ..data import IGNORE, Batch, BatchOrder, Sequences
 from ..model.config import ModelConfig, get_preset
 from ..model.transformer import Transformer
-from ..parallel import apply_activation_checkpointing
+from ..parallel import apply_activation_checkpointing, compile_blocks
 from . import state as ckpt
 from .recipe import Recipe
 
@@ -257,6 +257,10 @@ class Trainer:
         self.use_lora = recipe.lora.rank > 0
         if self.use_lora:
             self._apply_lora()
+        # train.compile: regional compilation (parallel.compile_blocks). The loop's own data are rows of
+        # data.seq_len tokens, one shape; trainers that bring their own batches (GRPO's completions, a reward
+        # model's padded pairs) change shape every micro-batch, so theirs are compiled symbolic from the start.
+        compile, dynamic = recipe.train.compile, data is None
         if self.world > 1:
             if data is not None and recipe.train.batch_size % self.world:
                 raise ValueError(f"train.batch_size={recipe.train.batch_size} must be a multiple of the {self.world} "
@@ -264,15 +268,16 @@ class Trainer:
             if self.use_lora:  # the frozen base sharded in the compute dtype: it has no master to keep in fp32
                 lora.cast_base(model, self.dtype)
             parallel.parallelize(model, recipe.parallel.ep, recipe.train.activation_checkpointing, self.dtype,
-                                 recipe.parallel.reshard_after_forward)
+                                 recipe.parallel.reshard_after_forward, compile, dynamic)
             self.master = MasterWeights(model)  # FSDP's sharded fp32 parameters are the master weights
         else:
             if recipe.parallel.ep > 1:
                 self._note(f"parallel.ep={recipe.parallel.ep} ignored: one process (expert parallelism needs torchrun)")
             self.master = MasterWeights(model, self.dtype)
+            if compile:  # (before checkpointing, as parallelize does)
+                compile_blocks(model, dynamic)
             if recipe.train.activation_checkpointing:
                 apply_activation_checkpointing(model)
-        self.forward = torch.compile(model) if recipe.train.compile else model
         self.head_chunk = recipe.train.head_chunk
         o = recipe.optim
         decay = [m for (n, _), m in zip(self.master.named, self.master.master) if m.dim() >= 2]
@@ -343,8 +348,8 @@ class Trainer:
         zero = torch.zeros((), device=self.device)
         ce_sum, mtp_sum, bal_sum = zero.clone(), zero.clone(), zero.clone()
         for i, b in enumerate(batches):
-            out = self.forward(b.input_ids, b.positions, attn_mask=b.attn_mask, return_mtp=bool(self.mtp_depth),
-                               return_hidden=True)
+            out = model(b.input_ids, b.positions, attn_mask=b.attn_mask, return_mtp=bool(self.mtp_depth),
+                        return_hidden=True)
             h, mtp_h = out if self.mtp_depth else (out, [])
             # fp32 loss (precision policy), the head in chunks; summed here, divided by the step's target count so
             # that accumulated micro-batches give the gradient of one large batch

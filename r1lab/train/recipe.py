@@ -94,7 +94,8 @@ class Train:
                            "seq_len)")
     activation_checkpointing: bool = _key(False, "recompute each block's activations in the backward pass "
                                           "(less memory, ~1/3 more compute)")
-    compile: bool = _key(False, "torch.compile the model (GPU; the first steps compile)")
+    compile: bool = _key(False, "torch.compile each decoder block (regional: one graph for all blocks of a kind; "
+                         "GPU; the first step compiles)")
     head_chunk: int = _key(2048, "tokens per chunk of the output head and its fp32 loss / log-probs, so the fp32 "
                            "(tokens x vocab) logits are never held whole (2048 x V3's 129,280 vocabulary: 1.06 GB); "
                            "0 = all tokens at once")

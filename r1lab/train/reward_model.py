@@ -284,7 +284,7 @@ class RewardTrainer(Trainer):
             rows = b.rows
             c, rj = [self.pairs.chosen[i] for i in rows], [self.pairs.rejected[i] for i in rows]
             ids, lens = pad_right(c + rj, length=b.length)
-            scores = last_token_scores(model, ids, lens, self.forward)
+            scores = last_token_scores(model, ids, lens)
             rc, rr = scores[: len(rows)], scores[len(rows):]
             loss = bradley_terry_loss(rc, rr, "sum") / local  # accumulated micro-batches = one large batch
             bal = model.balance_loss()
