@@ -93,6 +93,14 @@ def profile_steps(step, n: int, step_s: float) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
+def dynamo_counts() -> dict[str, int]:
+    """What torch.compile did so far in this process: graph breaks, graphs compiled, and frames it gave up on
+    and ran eagerly (a backend failure, or the recompile limit reached; these are not graph breaks)."""
+    f = counters["frames"]
+    return {"graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
+            "frames_run_eagerly": f["total"] - f["ok"]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bench-moe-1b", help="model preset (default: bench-moe-1b)")
@@ -186,10 +194,10 @@ def main():
             reset_memory()
             try:
                 step, config = transformers_step(weights, batches, dev, compiled, args.hf_experts)
-                breaks = sum(counters["graph_break"].values())
+                before = dynamo_counts()
                 dt, losses = timed(step, args.warmup, args.steps, sync)
                 if compiled:  # a break splits the graph and runs the code between in Python: slower, not wrong
-                    config["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
+                    config.update({k: v - before[k] for k, v in dynamo_counts().items()})
             except Exception as e:  # fail soft: the other numbers still count
                 res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 print(f"{name:>21}: failed: {res[f'{name}_error']}", flush=True)
