@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import torch
 
+from decode import seconds_per_call  # benchmarks/decode.py, beside this script
 from r1lab import Transformer, get_preset, load_pretrained, save_pretrained
 
 
@@ -28,13 +28,8 @@ def rel(a, b):
 
 
 def timed(fn, reps=10):
-    fn(), fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / reps
+    fn(), fn()  # warm-up
+    return seconds_per_call(fn, reps)
 
 
 def set_impl(model, impl):
