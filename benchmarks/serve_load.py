@@ -40,7 +40,8 @@ server that sends none would have them counted as chunks ("tokens_counted_from")
 
 (`r1lab init --preset bench-moe-1b --out B` makes the H200 benchmark's checkpoint; each of the two H200 runs
 stays under 10 minutes, the second, saturated at every rate, cut by --drain-timeout.) `run_load` (N clients
-at once, one closed burst) is the earlier benchmark, kept for the serving tests.
+at once, one closed burst) is the earlier benchmark, kept for the serving tests and reachable with --burst N:
+    python benchmarks/serve_load.py --model B --servers r1lab --burst 64 --max-tokens 256 256 --max-batch 64
 """
 
 from __future__ import annotations
@@ -352,6 +353,9 @@ def main() -> None:
     p.add_argument("--drain-timeout", type=float, default=60,
                    help="seconds after a rate's last arrival before requests still running are "
                         "cancelled and counted unfinished (default: 60)")
+    p.add_argument("--burst", type=int, default=0, metavar="N",
+                   help="instead of the rates: one closed burst of N streaming chats sent at once, each of the "
+                        "--max-tokens range's top (the README's earlier serving numbers; default: 0 = off)")
     p.add_argument("--warmup", type=int, default=4,
                    help="concurrent requests of the longest prompt and max_tokens sent before the rates "
                         "(default: 4; 0 = none)")
@@ -456,6 +460,11 @@ def bench(kind: str, proc: subprocess.Popen | None, url: str, args, emit) -> Non
         if all("error" in r for r in res):
             raise RuntimeError("every warm-up request failed, the first with "
                                + (res[0]["error"] if res else "none finishing in --start-timeout"))
+    if args.burst:  # the closed burst instead of the rates: N streams at once, max_tokens the range's top
+        burst = asyncio.run(run_load(url, name, args.burst, args.max_tokens[1], args.temperature, args.api_key))
+        emit({"server": kind, "burst": args.burst, "max_tokens": args.max_tokens[1]}
+             | {k: v for k, v in burst.items() if k != "results"})
+        return
     for rate in args.rates:
         reqs = make_requests(rate, args.seed, args.duration, args.requests, args.prompt_words,
                              args.max_tokens)
