@@ -449,11 +449,15 @@ def main() -> None:
                                                              [f"trl {m}" for m in args.trl_modes])
         for side in sides:
             record = {"run": side, "step_s": [], "gen_s": [], "tokens": [], "logs": []}
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
             try:
                 if side == "r1lab":
                     res[side] = bench_r1lab(Path(d), args, stops, record)
                 else:
                     res[side] = bench_trl(Path(d), args, side.split()[1], stops, record)
+                if torch.cuda.is_available():  # weights, optimizer, the rollout pool and the update's activations
+                    res[side]["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 record["summary"] = res[side]
             except Exception as e:  # e.g. TRL paged on a transformers whose paged cache has no MLA: record, go on
                 traceback.print_exc()
@@ -471,7 +475,7 @@ def main() -> None:
         print(f"{k:12s} {v['step_s']:.2f} s/step median, {v['step_s_mean']:.2f} mean (steps 2-{args.steps}), "
               f"{v['tok_s']:,.0f} rollout tok/s, mean length {v['mean_len']:.1f}, generation {v['gen_share']:.0%} "
               f"of the step{' (beside the update)' if k == 'r1lab' and args.async_ else ''}; first step "
-              f"{v['first_s']:.1f} s")
+              f"{v['first_s']:.1f} s" + (f", peak memory {v['peak_gb']:.1f} GB" if "peak_gb" in v else ""))
     if isinstance(res.get("r1lab"), dict):
         for k, v in res.items():
             if k != "r1lab" and isinstance(v, dict):

@@ -150,7 +150,7 @@ def main():
                       "weight_GB_per_step": weights / 1e9, "achieved_TBps": (cache_bytes + weights) / dt / 1e12,
                       "cache_only_TBps": cache_bytes / dt / 1e12,
                       "copy_bandwidth_fraction": (cache_bytes + weights) / dt / copy_bw,
-                      "block_table_pages": eng._pages, "stats": {k: eng.stats[k] for k in (
+                      "longest_seq_pages": max(len(s.pages) for s in eng.slots if s is not None), "stats": {k: eng.stats[k] for k in (
                           "pages_used", "pages_total", "preemptions")}})
             os.environ.pop("R1LAB_ATTN_KERNEL", None)
             eng.abort([s for s in eng.slots if s is not None])

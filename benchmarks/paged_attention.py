@@ -5,7 +5,7 @@
 One decode token per sequence, DeepSeek-V2-Lite's shapes (16 heads, latent 512 + roped key 64, bf16), --batch
 sequences of --context positions each in a pool of 64-position pages (pages shuffled, as a long-running engine
 leaves them). For each combination of --bt (slots per inner iteration), --warps, --stages and --programs (the
-programs aimed at over the batch, which set the splits per sequence) the op `kernels.paged_latent_attention`
+programs aimed at over the batch, which set the splits per sequence) and --span (least positions per split) the op `kernels.paged_latent_attention`
 (kernel + flash-decoding combine) is timed over --iters CUDA-graphed calls; reported: microseconds per call, the
 cache bytes read (positions x 576 x 2 bytes), the bandwidth and its fraction of the copy bandwidth measured at the
 start. The fastest setting is what `kernels.PAGED_ATTN` should hold; issue 19's goal is >= 50% of copy
@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4], help="num_stages (default: 2 3 4)")
     ap.add_argument("--programs", type=int, nargs="+", default=[264, 528, 1056],
                     help="programs over the batch (default: 264 528 1056)")
+    ap.add_argument("--span", type=int, nargs="+", default=[64], help="least positions per split (default: 64)")
     ap.add_argument("--iters", type=int, default=50, help="timed calls per setting (default: 50)")
     ap.add_argument("--out", default=None, help="write results as JSON here")
     args = ap.parse_args()
@@ -58,8 +59,9 @@ def main():
                "batch": B, "context": args.context, "default": default, "runs": []}
     print(f"{results['gpu']}: copy {copy_bw / 1e12:.2f} TB/s; {B} x {args.context} positions, "
           f"{cache_bytes / 1e9:.2f} GB of cache per call; default {default}", flush=True)
-    for bt, warps, stages, programs in itertools.product(args.bt, args.warps, args.stages, args.programs):
-        setting = dict(BT=bt, num_warps=warps, num_stages=stages, programs=programs)
+    for bt, warps, stages, programs, span in itertools.product(args.bt, args.warps, args.stages, args.programs,
+                                                               args.span):
+        setting = dict(BT=bt, num_warps=warps, num_stages=stages, programs=programs, span=span)
         kernels.PAGED_ATTN.update(setting)
         run = dict(setting)
         try:

@@ -268,9 +268,13 @@ if triton is not None:
     ATTN_BT = 32  # cache slots per inner iteration
     # Launch parameters of the paged kernel: slots per inner iteration (a divisor of the page), warps, software
     # pipeline stages, and the programs aimed at over the whole batch (8 waves of an H200's 132 SMs), which set
-    # the splits per sequence. The fastest of benchmarks/paged_attention.py's 36 settings on an H200 at 32
-    # sequences x 32,000 positions: 3.04 TB/s, 72% of its copy bandwidth (the old 32/4/3/264: 1.91 TB/s).
-    PAGED_ATTN = dict(BT=64, num_warps=4, num_stages=4, programs=1056)
+    # the splits per sequence, with at least `span` positions in each (a split writes H x C fp32 partial outputs
+    # that the combine reads back: at 64 positions per split that is ~40% more traffic than the split's cache
+    # reads, which is what a batch-1 step at long context pays). The fastest of benchmarks/paged_attention.py's 36
+    # settings on an H200 at 32 sequences x 32,000 positions: 3.04 TB/s, 72% of its copy bandwidth (the old
+    # 32/4/3/264: 1.91 TB/s). span 256 against 64 on an H100: 65 against 73 us at 1 x 32,000, the same (487 us)
+    # at 32 x 32,000.
+    PAGED_ATTN = dict(BT=64, num_warps=4, num_stages=4, programs=1056, span=256)
 
     def _attn_outputs(q: torch.Tensor, kv: torch.Tensor, kv_lora_rank: int):
         """The split's outputs m, l (B, NS, H) and o (B, NS, H, C), fp32, and the slots per split."""
@@ -345,7 +349,7 @@ if triton is not None:
         recompile the step at the width where it flips."""
         B, H, _ = q.shape
         cap = triton.cdiv(PAGED_ATTN["programs"], B)
-        ns = torch.sym_max(1, torch.sym_min(block_table.shape[1] * page // 64, cap))
+        ns = torch.sym_max(1, torch.sym_min(block_table.shape[1] * page // PAGED_ATTN["span"], cap))
         f32 = dict(dtype=torch.float32, device=q.device)
         return (torch.empty(B, ns, H, **f32), torch.empty(B, ns, H, **f32),
                 torch.empty(B, ns, H, kv_lora_rank, **f32))
