@@ -110,6 +110,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3; more with --compile)")
     ap.add_argument("--compile", action="store_true", help="r1lab: train.compile = true (torch.compile the model)")
     ap.add_argument("--checkpointing", action="store_true", help="r1lab: activation checkpointing on")
+    ap.add_argument("--head-chunk", type=int, default=None, metavar="N",
+                    help="r1lab: train.head_chunk, tokens per chunk of the output head and its loss (default: the "
+                         "recipe's; 0 = all tokens at once)")
     ap.add_argument("--hf-experts", default=None,
                     help="transformers' experts_implementation (e.g. eager, grouped_mm; default: its default)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
@@ -130,6 +133,8 @@ def main():
     r.run.out = tempfile.mkdtemp(prefix="r1lab-bench-")
     r.train.batch_size, r.data.seq_len, r.data.attention = B, S, "causal"
     r.train.compile, r.train.activation_checkpointing = args.compile, args.checkpointing
+    if args.head_chunk is not None:
+        r.train.head_chunk = args.head_chunk
     r.optim.lr, r.optim.warmup_steps, r.optim.schedule = 1e-4, 0, "constant"
     r.moe.mtp_weight, r.moe.balance_alpha = 0.0, 0.0
     r.log.tensorboard = False
@@ -154,7 +159,8 @@ def main():
     res = {"gpu": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__, "preset": args.preset,
            "batch": B, "seq": S, "steps": args.steps, "peak_tflops": peak / 1e12 if peak else None,
            "flops_per_token": fpt,
-           "r1lab_compile": args.compile, "r1lab_activation_checkpointing": args.checkpointing}
+           "r1lab_compile": args.compile, "r1lab_activation_checkpointing": args.checkpointing,
+           "r1lab_head_chunk": r.train.head_chunk}
 
     def report(name, dt, losses):
         tps = B * S / dt

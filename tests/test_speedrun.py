@@ -321,3 +321,16 @@ def test_a_run_folder_older_than_a_setting_keeps_what_it_ran_with(tmp_path):
     (tmp_path / "speedrun.json").write_text(json.dumps({"preset": "mini", "settings": settings, "stages": {}}))
     run = Speedrun(tmp_path, "mini", device="cpu", resume=True, quiet=True)
     assert {k: getattr(run.p, k) for k in SINCE} == SINCE != {k: getattr(PRESETS["cpu"], k) for k in SINCE}
+
+
+def test_dynamic_sampling_setting_reaches_both_rl_stages(tmp_path):
+    """`--set dynamic_sampling=true` turns on GRPO's dynamic sampling in R1-Zero and in reasoning RL (off by
+    default: the run folders of the README were made without it)."""
+    assert PRESETS["cpu"].dynamic_sampling is False
+    for flag in (False, True):
+        run = Speedrun(tmp_path / str(flag), "mini", device="cpu", quiet=True, overrides={"dynamic_sampling": flag})
+        seen = []
+        run._train = lambda module, recipe: seen.append(recipe.grpo.dynamic_sampling) or {}
+        run.stage_r1_zero()
+        run.stage_reasoning_rl()
+        assert seen == [flag, flag]

@@ -70,6 +70,9 @@ class Preset:
     rl_lr: float = 6e-5
     rl_batch: int = 64  # sequences per forward/backward in the GRPO update
     rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
+    # DAPO's dynamic sampling in both RL stages: groups whose rewards are all equal (no signal) are dropped and
+    # more prompts sampled, up to grpo.max_resample extra rounds a step
+    dynamic_sampling: bool = False
     max_tokens: int = 200
     cold_start: int = 200
     cold_check_share: float = 0.0  # share of the cold-start demonstrations that check their result
@@ -324,7 +327,7 @@ class Speedrun:
         g = r.grpo
         g.prompt_style, g.open_think = style, style == "chat"
         g.prompts_per_step, g.group_size, g.max_tokens = p.prompts_per_step, p.group_size, p.max_tokens
-        g.temperature = p.rl_temperature
+        g.temperature, g.dynamic_sampling = p.rl_temperature, p.dynamic_sampling
         g.rewards = ["accuracy=1.0", "format=0.5"]
         g.beta, g.eps_low, g.eps_high, g.loss_agg = 0.0, 0.2, 0.28, "token"
         g.log_samples = p.prompts_per_step * p.group_size  # every sample: the report classifies them per step
