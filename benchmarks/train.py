@@ -48,15 +48,21 @@ def timed(step, warmup: int, steps: int, sync) -> tuple[float, list[float]]:
     return (time.perf_counter() - t) / steps, losses
 
 
-def transformers_step(weights: str, batches: list, dev: torch.device, compiled: bool, experts: str | None):
+def transformers_step(weights: str, batches: list, dev: torch.device, compiled: bool, experts: str | None,
+                      capture_scalars: bool = False):
     """One optimizer step of transformers' DeepseekV3ForCausalLM on the next of `batches`, by the recipe of its
     Trainer with bf16=True: fp32 weights under autocast(bfloat16), fused AdamW, clipping at 1.0; `compiled` as
-    its torch_compile=True does it, torch.compile(model) with inductor's default mode. Returns the step (it
-    returns the loss) and the configuration that runs."""
+    its torch_compile=True does it, torch.compile(model) with inductor's default mode. No KV cache
+    (use_cache=False: a training step has no use for one, and under torch.compile the cache's `is_initialized`
+    guard recompiled each step). `capture_scalars`: Dynamo traces `.item()` calls (the grouped-mm experts'
+    offsets) into the graph instead of breaking it there. Returns the step (it returns the loss) and the
+    configuration that runs."""
     import transformers
 
     kw = {"experts_implementation": experts} if experts else {}
     hf = transformers.AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32, **kw).to(dev).train()
+    if compiled and capture_scalars:
+        torch._dynamo.config.capture_scalar_outputs = True
     forward = torch.compile(hf) if compiled else hf
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     it = iter(batches)
@@ -64,7 +70,7 @@ def transformers_step(weights: str, batches: list, dev: torch.device, compiled: 
     def step():
         x = next(it).input_ids
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            loss = forward(input_ids=x, labels=x).loss
+            loss = forward(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
@@ -74,7 +80,9 @@ def transformers_step(weights: str, batches: list, dev: torch.device, compiled: 
     config = {"attn_implementation": hf.config._attn_implementation,
               "experts_implementation": hf.config._experts_implementation, "weights": "float32",
               "autocast": "bfloat16", "optimizer": "AdamW(fused)", "compiled": compiled,
-              "compile": {"backend": "inductor", "mode": "default"} if compiled else None}
+              "use_cache": False,
+              "compile": {"backend": "inductor", "mode": "default", "capture_scalar_outputs": capture_scalars}
+              if compiled else None}
     return step, config
 
 
@@ -115,6 +123,9 @@ def main():
                          "recipe's; 0 = all tokens at once)")
     ap.add_argument("--hf-experts", default=None,
                     help="transformers' experts_implementation (e.g. eager, grouped_mm; default: its default)")
+    ap.add_argument("--hf-capture-scalars", action="store_true",
+                    help="transformers compiled: torch._dynamo.config.capture_scalar_outputs = True (no graph break "
+                         "at .item())")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, profile N more r1lab steps and print the GPU kernels by time")
@@ -199,7 +210,8 @@ def main():
         for name, compiled in (("transformers", False), ("transformers_compiled", True)):
             reset_memory()
             try:
-                step, config = transformers_step(weights, batches, dev, compiled, args.hf_experts)
+                step, config = transformers_step(weights, batches, dev, compiled, args.hf_experts,
+                                                 args.hf_capture_scalars)
                 before = dynamo_counts()
                 dt, losses = timed(step, args.warmup, args.steps, sync)
                 if compiled:  # a break splits the graph and runs the code between in Python: slower, not wrong
