@@ -216,3 +216,36 @@ def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreem
     assert [q.question for q in RunningSum(check_route="backward").problems(20, "test", 4)] == same
     with pytest.raises(ValueError, match="check_route"):
         RunningSum(check_route="sideways")
+
+
+def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
+    """check_route="inverse": each step of the first pass undone in turn ("10-b3=7" checks "a7+b3=10"), using
+    only numbers and tagged operands the first pass wrote; the first step whose undoing disagrees is the slip,
+    and the sum goes on from the total before it. Hand-worked, then every slip over many draws."""
+    import random
+
+    t = RunningSum(n_operands=4, check_route="inverse")
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
+    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."  # worked solutions are unchanged
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15, as before. "
+                                     "The answer is 23.")
+    texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
+    assert ("a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
+            "+d8=23. The answer is 23.") in texts
+    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
+    e = RunningSum(check_route="inverse")
+    for q in e.problems(80, "train", 2):
+        for k in range(3):
+            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
+            first, check = text.split(". Check: ")
+            check = check.split(", not ")[0]
+            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
+            written = set(re.findall(r"[a-p]\d|\d+", first))
+            for step in check.split():  # "15-c5=10": the total and the operand stand in the first pass
+                total, operand = re.fullmatch(r"(\d+)-([a-p]\d)=-?\d+", step).groups()
+                assert total in written and operand in written
+    m = RunningSum(n_operands=5, modulus=10, check_route="inverse")
+    for q in m.problems(40, "train", 3):
+        text = m.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))

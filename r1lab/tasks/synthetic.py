@@ -469,10 +469,11 @@ class RunningSum:
     padded: bool = False  # worked totals written with leading zeros to the width of the largest ("+c1=06")
     # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
     # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
-    # (odd tags, then even) settles it.
+    # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
+    # operand it added should give the total before it), reading only what the first pass wrote.
     check_route: str = "same"
     TAGS = "abcdefghijklmnop"
-    CHECK_ROUTES = ("same", "backward")
+    CHECK_ROUTES = ("same", "backward", "inverse")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -569,8 +570,11 @@ class RunningSum:
         The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
         is 23." """
         nums, m, w = cls._meta(problem)
-        if problem.meta.get("check_route", "same") == "backward":
+        route = problem.meta.get("check_route", "same")
+        if route == "backward":
             return cls._checked_backward(nums, m, w, rng)
+        if route == "inverse":
+            return cls._checked_inverse(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
@@ -598,6 +602,31 @@ class RunningSum:
             return text + f", as before. The answer is {totals[-1]}."
         return (text + f", not {totals[-1]:0{w}d}. Wait, a third way: " + " ".join(third)
                 + f". The answer is {right[-1]}.")
+
+    @classmethod
+    def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+        """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
+        before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
+        length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
+        `rng`, the first pass makes a slip (`_slip`); the first check step past it disagrees with the total before,
+        and the sum is worked again from there: "a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait,
+        the first pass slipped: 10+c5=15 +d8=23. The answer is 23." """
+        slip = cls._slip(nums, m, rng) if rng is not None else None
+        steps, totals = cls._forward(nums, m, w, slip=slip)
+        text = " ".join(steps) + ". Check:"
+        for i in range(1, len(nums)):
+            back = totals[i] - nums[i]
+            back = back % m if m else back
+            text += f" {totals[i]:0{w}d}-{cls.TAGS[i]}{nums[i]}={back:0{w}d}"
+            if back != totals[i - 1]:  # the slip is step i: the totals before it are right, so go on from there
+                total, redo = totals[i - 1], []
+                for j in range(i, len(nums)):
+                    head = f"{total:0{w}d}" if j == i else ""
+                    total = (total + nums[j]) % m if m else total + nums[j]
+                    redo.append(f"{head}+{cls.TAGS[j]}{nums[j]}={total:0{w}d}")
+                return (text + f", not {totals[i - 1]:0{w}d}. Wait, the first pass slipped: " + " ".join(redo)
+                        + f". The answer is {total}.")
+        return text + f", as before. The answer is {totals[-1]}."
 
     @classmethod
     def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
