@@ -181,16 +181,23 @@ def test_padded_running_sums_take_the_same_tokens_at_every_step():
         assert len({len(s) for s in steps}) == 1  # "+c1=06": six characters, one token each in the speedrun
 
 
+def _hand_worked(route: str):
+    """a7 + b3 + c5 + d8 = 23 as a RunningSum problem whose checks take `route`; its plain worked solution is the
+    same whatever the route."""
+    t = RunningSum(n_operands=4, check_route=route)
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
+    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."
+    return t, p
+
+
 def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreement():
     """check_route="backward": the check sums from the last operand to the first (other totals, so other
     lookups than the first pass); agreeing totals end it, and where they differ a third pass (odd tags, then
     even) gives the answer, whichever of the first two slipped. Hand-worked, then every slip over many draws."""
     import random
 
-    t = RunningSum(n_operands=4, check_route="backward")
-    p = t.problems(1, "train", 0)[0]
-    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
-    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."  # worked solutions are unchanged
+    t, p = _hand_worked("backward")
     assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: d8+c5=13 +b3=16 +a7=23, as before. "
                                      "The answer is 23.")
     rng = random.Random(0)
@@ -224,10 +231,7 @@ def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
     and the sum goes on from the total before it. Hand-worked, then every slip over many draws."""
     import random
 
-    t = RunningSum(n_operands=4, check_route="inverse")
-    p = t.problems(1, "train", 0)[0]
-    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
-    assert t.solution(p) == "a7+b3=10 +c5=15 +d8=23. The answer is 23."  # worked solutions are unchanged
+    t, p = _hand_worked("inverse")
     assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15, as before. "
                                      "The answer is 23.")
     texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
