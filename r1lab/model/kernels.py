@@ -269,8 +269,8 @@ if triton is not None:
     # Launch parameters of the paged kernel: slots per inner iteration (a divisor of the page), warps, software
     # pipeline stages, and the programs aimed at over the whole batch (8 waves of an H200's 132 SMs), which set
     # the splits per sequence, with at least `span` positions in each (a split writes H x C fp32 partial outputs
-    # that the combine reads back: at 64 positions per split that is ~40% more traffic than the split's cache
-    # reads, which is what a batch-1 step at long context pays). The fastest of benchmarks/paged_attention.py's 36
+    # that the combine reads back: with V2-Lite's 16 heads and 64 positions per split, ~90% more traffic than the
+    # split's cache reads, which is what a batch-1 step at long context pays). The fastest of benchmarks/paged_attention.py's 36
     # settings on an H200 at 32 sequences x 32,000 positions: 3.04 TB/s, 72% of its copy bandwidth (the old
     # 32/4/3/264: 1.91 TB/s). span 256 against 64 on an H100: 65 against 73 us at 1 x 32,000, the same (487 us)
     # at 32 x 32,000.
