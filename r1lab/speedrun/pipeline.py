@@ -47,7 +47,8 @@ class Preset:
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
     task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
-    task_knobs: tuple = (("n_operands", 8),)
+    # checks undo each step of the first pass ("15-c5=10"), reading only what it wrote (RunningSum.check_route)
+    task_knobs: tuple = (("n_operands", 8), ("check_route", "inverse"))
     corpus_docs: int = 24_000
     reasoning_share: float = 0.35  # share of the pretraining dialogues with a worked solution
     textbook_share: float = 0.25  # share of pretraining documents that are worked examples (data.Layout.textbook)
@@ -75,8 +76,10 @@ class Preset:
     dynamic_sampling: bool = False
     max_tokens: int = 200
     cold_start: int = 200
-    cold_check_share: float = 0.0  # share of the cold-start demonstrations that check their result
-    cold_fix_share: float = 0.0  # share of them that make a slip, catch it with the check and fix it
+    # the cold start's demonstrations check and fix slips as often as the corpus's worked documents do: sampled
+    # policies then differ, so reasoning RL's groups carry a signal (benchmarks/LOG.md, thirteenth session)
+    cold_check_share: float = 0.3  # share of the cold-start demonstrations that check their result
+    cold_fix_share: float = 0.1  # share of them that make a slip, catch it with the check and fix it
     sft_steps: int = 60
     sft_batch: int = 16
     sft_lr: float = 1e-3
@@ -92,11 +95,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # Running sums of eight tagged one-digit numbers ("Add a7 b3 c5 d8 e2 f9 g1 h4."), worked out in short local
-    # steps ("a7+b3=10 +c5=15 ..."). 35% of the dialogues work the sum out (some of those check it, a few catch
-    # a slip, some slip unnoticed), the rest answer at once, and a quarter of the corpus are worked examples (a
-    # dialogue's layout with "Example:"/"Solution:" for its role words). Dialogues put every token where the chat
-    # template does (layout "chat"). RL samples at temperature 0.7. What each choice does: benchmarks/LOG.md,
-    # sixth to ninth sessions.
+    # steps ("a7+b3=10 +c5=15 ..."). 35% of the dialogues work the sum out (some of those check it by undoing
+    # each step, a few catch a slip that way, some slip unnoticed), the rest answer at once, and a quarter of the
+    # corpus are worked examples (a dialogue's layout with "Example:"/"Solution:" for its role words). Dialogues
+    # put every token where the chat template does (layout "chat"). RL samples at temperature 0.7. The cold
+    # start's demonstrations check and fix as the corpus does. What each choice does: benchmarks/LOG.md, sixth to
+    # thirteenth sessions.
     "cpu": Preset(),
     # One H200: sums and differences of six one-digit numbers, a 54M model (not yet the reasoning task: its
     # first try answered sums of twelve at once 91% right; benchmarks/LOG.md, seventh session).
@@ -108,7 +112,8 @@ PRESETS: dict[str, Preset] = {
                   rl_steps=60, prompts_per_step=32, group_size=8, rl_lr=1e-5, rl_batch=128, max_tokens=200,
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
-                  rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8),
+                  rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8, cold_check_share=0.0,
+                  cold_fix_share=0.0),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
@@ -116,11 +121,13 @@ PRESETS: dict[str, Preset] = {
                    pretrain_batch=16, student_pretrain_steps=3,
                    rl_prompts=64, rl_steps=2, reasoning_rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
                    cold_start=64, sft_steps=60, sft_batch=8, rejection_prompts=64, rejection_samples=4,
-                   rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=3, eval_problems=8, eval_k=2),
+                   rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=3, eval_problems=8, eval_k=2,
+                   cold_check_share=0.0, cold_fix_share=0.0),
 }
 
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
-SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline"}
+SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
+         "cold_check_share": 0.0, "cold_fix_share": 0.0}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
