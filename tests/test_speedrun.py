@@ -96,27 +96,34 @@ def test_cold_start_demonstrations_check_and_fix_when_asked(tmp_path):
 
 
 
-def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_path):
+def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_path, monkeypatch):
     """The cpu preset's checks undo each step of the first pass ("15-c5=10"), in the corpus and in the cold start,
     and its cold-start demonstrations check and fix at the corpus's shares (thirteenth session: the checked cold
-    start leaves reasoning RL groups with a signal); the gpu and mini presets keep plain demonstrations."""
+    start leaves reasoning RL groups with a signal); the gpu and mini presets keep plain demonstrations. The data
+    are written by the speedrun's own stage 0 (its training stubbed out), so the wiring is what is tested."""
+    import r1lab.speedrun.pipeline as pipeline
+
     p = PRESETS["cpu"]
-    assert dict(p.task_knobs)["check_route"] == "inverse"
-    assert (p.cold_check_share, p.cold_fix_share) == (p.check_share, p.fix_share)
+    assert (p.cold_check_share, p.cold_fix_share) == (p.check_share, p.fix_share) != (0.0, 0.0)
     assert all((q.cold_check_share, q.cold_fix_share) == (0.0, 0.0) for q in (PRESETS["gpu"], PRESETS["mini"]))
-    task = sdata.make_task(p.task, **dict(p.task_knobs))
-    sdata.write_data(tmp_path, task, corpus_docs=20, reasoning_share=p.reasoning_share, rl_prompts=4,
-                     cold_start=300, test=4, seed=5, cold_check_share=p.cold_check_share,
-                     cold_fix_share=p.cold_fix_share)
-    rows = [json.loads(ln)["response"] for ln in (tmp_path / "cold_start.jsonl").read_text().splitlines()]
-    checks = [r.split("Check:", 1)[1] for r in rows if "Check:" in r]
-    assert 0.3 < len(checks) / len(rows) < 0.5  # 40% expected
+    run = Speedrun(tmp_path, "cpu", device="cpu", quiet=True,
+                   overrides={"corpus_docs": 400, "cold_start": 300, "rl_prompts": 4, "eval_problems": 4})
+    run._train = lambda module, recipe: {}
+    monkeypatch.setattr(pipeline, "_params", lambda folder: {})
+    run.stage_pretrain()
+    read = lambda name, key: [json.loads(ln)[key] for ln in (tmp_path / "data" / name).read_text().splitlines()]  # noqa: E731
+    cold = read("cold_start.jsonl", "response")
+    corpus = [t for t in read("corpus.jsonl", "text") if "Check:" in t]
+    assert len(corpus) > 20
+    checks = [r.split("Check:", 1)[1] for r in cold if "Check:" in r]
+    assert 0.3 < len(checks) / len(cold) < 0.5  # 40% expected
     # a check begins by undoing the first pass's first step ("total-tag operand=total before") and looks nothing
     # up anew until it finds a slip
-    assert all(re.match(r" \d+-b\d=\d+", c) for c in checks), checks[:3]
-    assert all("+" not in c.split("Wait")[0] for c in checks)
-    fixed = [r for r in rows if "the first pass slipped" in r]
-    assert 0.05 < len(fixed) / len(rows) < 0.17  # 10% expected
+    for c in checks + [t.split("Check:", 1)[1] for t in corpus]:
+        assert re.match(r" \d+-b\d=\d+", c) and "+" not in c.split("Wait")[0], c
+    fixed = [r for r in cold if "the first pass slipped" in r]
+    assert 0.05 < len(fixed) / len(cold) < 0.17  # 10% expected
+
 
 def test_parse_stages():
     assert parse_stages("0-6") == list(range(7)) and parse_stages("3") == [3] and parse_stages("5,1-2") == [1, 2, 5]

@@ -43,8 +43,8 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 21.4 minutes measured on a slow day, about
-    14 at the speed that ran the previous default in 14.3; README); `gpu` one H200."""
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 21.4 minutes measured, README); `gpu` one
+    H200."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
     task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
