@@ -279,8 +279,9 @@ class MLA(nn.Module):
             if out is not None:
                 out = torch.einsum("bhsc,hvc->bshv", out.to(q.dtype)[:, :, None], w_uv)  # (B, 1, H, V)
                 return self.o_proj(out.flatten(2))
-        if block_table is not None:  # the sequences' pages side by side: (B, P*page, C+R)
-            cache = cache[block_table].flatten(1, 2)
+        if block_table is not None:  # the sequences' pages side by side: (B, P*page, C+R); index_select copies
+            # whole pages (1.6x faster than cache[block_table] on a CPU, where this gather was a third of decode)
+            cache = cache.index_select(0, block_table.flatten()).unflatten(0, block_table.shape).flatten(1, 2)
         kv = cache.to(q.dtype)  # (B, T, C+R): one key shared by all heads (MQA in latent space)
         # Plain batched matmuls, not SDPA with enable_gqa: that would materialise K per head (H x the cache).
         scores = torch.bmm(q, kv.transpose(1, 2)).float() * self.softmax_scale  # (B, S*H, T)
