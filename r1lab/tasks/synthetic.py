@@ -470,11 +470,10 @@ class RunningSum:
     # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
     # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
-    # operand it added should give the total before it), reading only what the first pass wrote; "reverse" starts
-    # from the answer and takes the operands away again, last to first, each step local like the first pass's.
+    # operand it added should give the total before it), reading only what the first pass wrote.
     check_route: str = "same"
     TAGS = "abcdefghijklmnop"
-    CHECK_ROUTES = ("same", "backward", "inverse", "reverse")
+    CHECK_ROUTES = ("same", "backward", "inverse")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -576,8 +575,6 @@ class RunningSum:
             return cls._checked_backward(nums, m, w, rng)
         if route == "inverse":
             return cls._checked_inverse(nums, m, w, rng)
-        if route == "reverse":
-            return cls._checked_reverse(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
@@ -630,30 +627,6 @@ class RunningSum:
                 return (text + f", not {totals[i - 1]:0{w}d}. Wait, the first pass slipped: " + " ".join(redo)
                         + f". The answer is {total}.")
         return text + f", as before. The answer is {totals[-1]}."
-
-    @classmethod
-    def _checked_reverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
-        """check_route "reverse": the sum, then the operands taken away again from the answer, last to first, down
-        to the first operand: "a7+b3=10 +c5=15 +d8=23. Check: 23-d8=15 -c5=10 -b3=7, as a7. The answer is 23."
-        Each check step is local, as a first-pass step is (the number just before it, minus the operand its tag
-        names in the question), and the answer stands at the check's start. With `rng`, the first pass makes a
-        slip (`_slip`); whatever step it was at, the check then ends off the first operand, and the sum is worked
-        again from the start: "... +d8=24. Check: 24-d8=16 -c5=11 -b3=8, not a7. Wait, the first pass slipped:
-        a7+b3=10 +c5=15 +d8=23. The answer is 23." (Where the model's check slips instead, the sum is worked twice:
-        a false alarm costs length, not the answer.)"""
-        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
-        back, undo = totals[-1], []
-        for i in range(len(nums) - 1, 0, -1):
-            head = f"{back:0{w}d}" if not undo else ""
-            back = (back - nums[i]) % m if m else back - nums[i]
-            undo.append(f"{head}-{cls.TAGS[i]}{nums[i]}={back:0{w}d}")
-        text = " ".join(steps) + ". Check: " + " ".join(undo)
-        first = f"{cls.TAGS[0]}{nums[0]}"
-        if back == (nums[0] % m if m else nums[0]):
-            return text + f", as {first}. The answer is {totals[-1]}."
-        again, right = cls._forward(nums, m, w)
-        return (text + f", not {first}. Wait, the first pass slipped: " + " ".join(again)
-                + f". The answer is {right[-1]}.")
 
     @classmethod
     def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
