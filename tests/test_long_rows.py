@@ -67,12 +67,13 @@ def qkv(B, H, S, E, Ev, seed=0, grad=True):
 def test_per_document_attention_equals_the_dense_mask_values_and_gradients():
     """The CPU path (SDPA per document) against SDPA under the dense block-diagonal causal mask, with documents of
     length 1, a continued document at the row start and rows of different splits; qk and v widths differ as in
-    MLA."""
+    MLA. Two rows hold one document each with the same number: the batch is split into documents as a whole, so a
+    document must not run on into the next row."""
     S = 29
-    doc = torch.stack([doc_ids([5, 1, 11, 12]), doc_ids([29])])  # (2, S)
+    doc = torch.stack([doc_ids([5, 1, 11, 12]), doc_ids([29]), doc_ids([29])])  # (3, S)
     mask = document_mask(doc, flex=False)
-    q, k, v = qkv(2, 3, S, 12, 8)
-    g = torch.randn(2, 3, S, 8, generator=torch.Generator().manual_seed(1))
+    q, k, v = qkv(3, 3, S, 12, 8)
+    g = torch.randn(3, 3, S, 8, generator=torch.Generator().manual_seed(1))
     out = document_attention(q, k, v, mask, scale=0.3)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), scale=0.3)
