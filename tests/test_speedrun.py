@@ -341,6 +341,17 @@ def test_the_chat_layout_puts_every_token_where_the_chat_template_does(tmp_path)
         Speedrun(tmp_path / "run", "mini", device="cpu", quiet=True, overrides={"layout": "diagonal"})
 
 
+def test_seq_len_is_checked_against_both_models_context_before_any_stage(tmp_path):
+    """A seq_len longer than the main model's or the student's context fails when the run is set up, naming the
+    setting; one that fits gives SFT rows of twice seq_len, capped at the context (a GPU run with seq_len 512 on
+    512-position models failed at the cold start, after pretraining and R1-Zero)."""
+    with pytest.raises(ValueError, match=r"seq_len=513 is longer than the models' context: 512 positions"):
+        Speedrun(tmp_path / "a", "cpu", device="cpu", quiet=True, overrides={"seq_len": 513})
+    assert Speedrun(tmp_path / "b", "cpu", device="cpu", quiet=True, overrides={"seq_len": 512}).sft_seq_len == 512
+    assert Speedrun(tmp_path / "c", "cpu", device="cpu", quiet=True, overrides={"seq_len": 200}).sft_seq_len == 400
+    assert Speedrun(tmp_path / "d", "mini", device="cpu", quiet=True).sft_seq_len == 128
+
+
 def test_a_run_folder_older_than_a_setting_keeps_what_it_ran_with(tmp_path):
     import dataclasses
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..model.config import get_preset
 from . import data as sdata
 from .report import write_report
 
@@ -216,6 +217,13 @@ class Speedrun:
         self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v for k, v in settings.items()})
         if self.p.layout not in sdata.LAYOUTS:
             raise ValueError(f"speedrun setting layout={self.p.layout!r}: choose one of {', '.join(sdata.LAYOUTS)}")
+        # The shorter context of the two models bounds every stage's rows (the SFT stages pack up to twice
+        # seq_len): checked here, not minutes later when a stage builds its recipe.
+        self.context = min(get_preset(self.p.model).max_position_embeddings,
+                           get_preset(self.p.student).max_position_embeddings)
+        if self.p.seq_len > self.context:
+            raise ValueError(f"speedrun setting seq_len={self.p.seq_len} is longer than the models' context: "
+                             f"{self.context} positions ({self.p.model}, {self.p.student})")
         self.task = sdata.make_task(self.p.task, **dict(self.p.task_knobs))
         self.easy_task = (sdata.make_task(self.p.task, **{**dict(self.p.task_knobs), **dict(self.p.easy_knobs)})
                           if self.p.easy_share > 0 else None)
@@ -357,10 +365,16 @@ class Speedrun:
         p = self.p
         r = self._model_recipe("sft", out, init=init)
         self._common(r, out, steps, p.sft_batch, p.sft_lr)
-        r.data.train, r.data.seq_len = [str(f) for f in files], p.seq_len * 2
+        r.data.train, r.data.seq_len = [str(f) for f in files], self.sft_seq_len
         r.optim.warmup_steps = max(steps // 10, 1)
         last = self._train(sft, r)
         return {"loss": last.get("loss")}
+
+    @property
+    def sft_seq_len(self) -> int:
+        """Rows of the SFT stages: twice the pretraining rows (a dialogue and its worked answer are longer than
+        most corpus documents), at most the models' context."""
+        return min(2 * self.p.seq_len, self.context)
 
     def stage_cold_start(self) -> dict:
         return self._sft(self.out / "2-cold-start", self.out / "0-pretrain/base/final",
