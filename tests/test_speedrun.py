@@ -350,6 +350,8 @@ def test_seq_len_is_checked_against_both_models_context_before_any_stage(tmp_pat
     assert Speedrun(tmp_path / "b", "cpu", device="cpu", quiet=True, overrides={"seq_len": 512}).sft_seq_len == 512
     assert Speedrun(tmp_path / "c", "cpu", device="cpu", quiet=True, overrides={"seq_len": 200}).sft_seq_len == 400
     assert Speedrun(tmp_path / "d", "mini", device="cpu", quiet=True).sft_seq_len == 128
+    with pytest.raises(ValueError, match=r"max_tokens=512 leaves no room for a prompt"):
+        Speedrun(tmp_path / "e", "cpu", device="cpu", quiet=True, overrides={"max_tokens": 512})
 
 
 def test_a_run_folder_older_than_a_setting_keeps_what_it_ran_with(tmp_path):

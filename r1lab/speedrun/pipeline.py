@@ -224,6 +224,9 @@ class Speedrun:
         if self.p.seq_len > self.context:
             raise ValueError(f"speedrun setting seq_len={self.p.seq_len} is longer than the models' context: "
                              f"{self.context} positions ({self.p.model}, {self.p.student})")
+        if self.p.max_tokens >= self.context:
+            raise ValueError(f"speedrun setting max_tokens={self.p.max_tokens} leaves no room for a prompt in the "
+                             f"models' context of {self.context} positions")
         self.task = sdata.make_task(self.p.task, **dict(self.p.task_knobs))
         self.easy_task = (sdata.make_task(self.p.task, **{**dict(self.p.task_knobs), **dict(self.p.easy_knobs)})
                           if self.p.easy_share > 0 else None)
