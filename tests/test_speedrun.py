@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -98,13 +99,14 @@ def test_cold_start_demonstrations_check_and_fix_when_asked(tmp_path):
 
 def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_path, monkeypatch):
     """The cpu preset's checks undo each step of the first pass ("15-c5=10"), in the corpus and in the cold start,
-    and its cold-start demonstrations check and fix at the corpus's shares (thirteenth session: the checked cold
-    start leaves reasoning RL groups with a signal); the gpu and mini presets keep plain demonstrations. The data
-    are written by the speedrun's own stage 0 (its training stubbed out), so the wiring is what is tested."""
+    and its cold-start demonstrations check (30%) and fix a slip (10%) too, if less often than the corpus's worked
+    documents (50% and 15%; thirteenth session: the checked cold start leaves reasoning RL groups with a signal);
+    the gpu and mini presets keep plain demonstrations. The data are written by the speedrun's own stage 0 (its
+    training stubbed out), so the wiring is what is tested."""
     import r1lab.speedrun.pipeline as pipeline
 
     p = PRESETS["cpu"]
-    assert (p.cold_check_share, p.cold_fix_share) == (p.check_share, p.fix_share) != (0.0, 0.0)
+    assert (p.cold_check_share, p.cold_fix_share) == (0.3, 0.1) and (p.check_share, p.fix_share) == (0.5, 0.15)
     assert all((q.cold_check_share, q.cold_fix_share) == (0.0, 0.0) for q in (PRESETS["gpu"], PRESETS["mini"]))
     run = Speedrun(tmp_path, "cpu", device="cpu", quiet=True,
                    overrides={"corpus_docs": 400, "cold_start": 300, "rl_prompts": 4, "eval_problems": 4})
@@ -123,6 +125,21 @@ def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_pat
         assert re.match(r" \d+-b\d=\d+", c) and "+" not in c.split("Wait")[0], c
     fixed = [r for r in cold if "the first pass slipped" in r]
     assert 0.05 < len(fixed) / len(cold) < 0.17  # 10% expected
+
+
+def test_r1_zero_and_reasoning_rl_take_their_own_learning_rates(tmp_path):
+    """zero_rl_lr sets R1-Zero's learning rate (0: rl_lr's), rl_lr reasoning RL's; each stage trains from its own
+    start with its own prompts."""
+    seen = {}
+    for zero_lr, want in ((2e-4, 2e-4), (0.0, 5e-5)):
+        run = Speedrun(tmp_path / str(zero_lr), "mini", device="cpu", quiet=True,
+                       overrides={"zero_rl_lr": zero_lr, "rl_lr": 5e-5})
+        run._train = lambda module, recipe: seen.update({Path(recipe.run.out).name: recipe}) or {}
+        run.stage_r1_zero(), run.stage_reasoning_rl()
+        zero, reasoning = seen["1-r1-zero"], seen["3-reasoning-rl"]
+        assert (zero.optim.lr, reasoning.optim.lr) == (want, 5e-5)
+        assert zero.model.init.endswith("0-pretrain/base/final") and zero.data.train[0].endswith("zero_prompts.jsonl")
+        assert reasoning.model.init.endswith("2-cold-start/final") and reasoning.data.train[0].endswith("/prompts.jsonl")
 
 
 def test_parse_stages():

@@ -55,8 +55,8 @@ class Preset:
     reasoning_share: float = 0.35  # share of the pretraining dialogues with a worked solution
     textbook_share: float = 0.25  # share of pretraining documents that are worked examples (data.Layout.textbook)
     layout: str = "chat"  # how dialogues, examples and R1-Zero prompts are written (data.LAYOUTS)
-    check_share: float = 0.3  # share of the worked documents that check their result (tasks that can)
-    fix_share: float = 0.1  # share of the worked documents that make a slip, catch it and fix it
+    check_share: float = 0.5  # share of the worked documents that check their result (tasks that can)
+    fix_share: float = 0.15  # share of the worked documents that make a slip, catch it and fix it
     slip_share: float = 0.2  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
@@ -64,13 +64,16 @@ class Preset:
     pretrain_steps: int = 900
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    student_pretrain_steps: int = 600
+    student_pretrain_steps: int = 1200
     rl_prompts: int = 4096  # training prompts available to the RL stages and rejection sampling
-    rl_steps: int = 80  # R1-Zero's steps (and reasoning RL's, unless reasoning_rl_steps is set)
+    rl_steps: int = 50  # R1-Zero's steps (and reasoning RL's, unless reasoning_rl_steps is set)
     reasoning_rl_steps: int = 40  # reasoning RL's steps (0: rl_steps)
     prompts_per_step: int = 16
     group_size: int = 8
-    rl_lr: float = 6e-5
+    rl_lr: float = 6e-5  # reasoning RL's learning rate (and R1-Zero's, unless zero_rl_lr is set)
+    # R1-Zero's learning rate (0: rl_lr). Twice reasoning RL's: the base must move from answering at once to
+    # working out within 50 steps; at 6e-5 one seed's reasoning share stalled at 75% (benchmarks/LOG.md, 15th)
+    zero_rl_lr: float = 1.2e-4
     rl_batch: int = 64  # sequences per forward/backward in the GRPO update
     rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
     # DAPO's dynamic sampling in both RL stages: groups whose rewards are all equal (no signal) are dropped and
@@ -82,7 +85,7 @@ class Preset:
     # policies then differ, so reasoning RL's groups carry a signal (benchmarks/LOG.md, thirteenth session)
     cold_check_share: float = 0.3  # share of the cold-start demonstrations that check their result
     cold_fix_share: float = 0.1  # share of them that make a slip, catch it with the check and fix it
-    sft_steps: int = 60
+    sft_steps: int = 30
     sft_batch: int = 16
     sft_lr: float = 1e-3
     rejection_prompts: int = 1024
@@ -111,7 +114,7 @@ PRESETS: dict[str, Preset] = {
                   reasoning_share=0.3, textbook_share=0.0, check_share=0.0, fix_share=0.0, slip_share=0.0,
                   rl_temperature=1.0, reasoning_rl_steps=0, layout="newline",
                   seq_len=256, pretrain_steps=1500, pretrain_batch=64, pretrain_lr=1e-3, student_pretrain_steps=1000,
-                  rl_steps=60, prompts_per_step=32, group_size=8, rl_lr=1e-5, rl_batch=128, max_tokens=200,
+                  rl_steps=60, prompts_per_step=32, group_size=8, rl_lr=1e-5, zero_rl_lr=0.0, rl_batch=128, max_tokens=200,
                   cold_start=500, sft_steps=150, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0,
                   rejection_top_p=1.0, distill_steps=400, eval_problems=300, eval_k=8, cold_check_share=0.0,
@@ -129,7 +132,7 @@ PRESETS: dict[str, Preset] = {
 
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
-         "cold_check_share": 0.0, "cold_fix_share": 0.0}
+         "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
@@ -336,13 +339,13 @@ class Speedrun:
         return results
 
     # ------------------------------------------------------------------ stages 1 and 3
-    def _grpo(self, out: Path, init: Path, prompts: str, style: str, steps: int) -> dict:
+    def _grpo(self, out: Path, init: Path, prompts: str, style: str, steps: int, lr: float) -> dict:
         from ..train import grpo
 
         p = self.p
         r = grpo.load_grpo_recipe(None, {"data.train": str(self.data / prompts)})
         r.model.init = str(init)
-        self._common(r, out, steps, p.rl_batch, p.rl_lr)
+        self._common(r, out, steps, p.rl_batch, lr)
         g = r.grpo
         g.prompt_style, g.open_think = style, style == "chat"
         g.prompts_per_step, g.group_size, g.max_tokens = p.prompts_per_step, p.group_size, p.max_tokens
@@ -355,11 +358,11 @@ class Speedrun:
 
     def stage_r1_zero(self) -> dict:
         return self._grpo(self.out / "1-r1-zero", self.out / "0-pretrain/base/final", "zero_prompts.jsonl", "raw",
-                          self.p.rl_steps)
+                          self.p.rl_steps, self.p.zero_rl_lr or self.p.rl_lr)
 
     def stage_reasoning_rl(self) -> dict:
         return self._grpo(self.out / "3-reasoning-rl", self.out / "2-cold-start/final", "prompts.jsonl", "chat",
-                          self.p.reasoning_rl_steps or self.p.rl_steps)
+                          self.p.reasoning_rl_steps or self.p.rl_steps, self.p.rl_lr)
 
     # ------------------------------------------------------------------ stages 2 and 5
     def _sft(self, out: Path, init: Path, files: list[Path], steps: int) -> dict:
