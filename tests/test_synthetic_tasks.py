@@ -142,6 +142,15 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
     assert any(not q.question.startswith("Add a") for q in s.problems(30, "train", 0))
     with pytest.raises(ValueError, match="n_operands"):
         RunningSum(n_operands=1)
+    with pytest.raises(ValueError, match=r"n_operands must be in \[2, 26\]"):
+        RunningSum(n_operands=27)
+    # up to one operand per letter: a 24-operand sum is tagged a..x, and its worked chain ends at the sum
+    long = RunningSum(n_operands=24, check_route="inverse")
+    q = long.problems(1, "train", 5)[0]
+    words = q.question.removeprefix("Add ").rstrip(".").split()
+    assert [w[0] for w in words] == list("abcdefghijklmnopqrstuvwx")
+    assert q.answer == str(sum(q.meta["operands"])) and long.verify(q, extract_answer(long.solution(q)))
+    assert long.solution(q).endswith(f"+x{q.meta['operands'][-1]}={q.answer}. The answer is {q.answer}.")
     # Modulo 10: every total of the chain is a digit, the answer the sum's last digit; slips wrap around.
     m = RunningSum(n_operands=4, modulus=10)
     p = m.problems(1, "train", 0)[0]

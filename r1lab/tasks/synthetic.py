@@ -472,7 +472,7 @@ class RunningSum:
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
     # operand it added should give the total before it), reading only what the first pass wrote.
     check_route: str = "same"
-    TAGS = "abcdefghijklmnop"
+    TAGS = "abcdefghijklmnopqrstuvwxyz"  # up to 26 operands
     CHECK_ROUTES = ("same", "backward", "inverse")
 
     def __post_init__(self) -> None:
