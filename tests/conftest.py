@@ -25,6 +25,16 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): one worker per core, at most 4 (each loads torch and compiles its own kernels)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    # the workers share the cores: each takes its share as torch threads instead of all of them
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_compiler_state():
     """Each test compiles from a clean torch.compile state. Dynamo remembers the shapes it saw per function across
