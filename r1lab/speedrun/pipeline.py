@@ -44,7 +44,7 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 21.4 minutes measured, README); `gpu` one
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 21.9 minutes measured, README); `gpu` one
     H200."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
@@ -103,9 +103,10 @@ PRESETS: dict[str, Preset] = {
     # steps ("a7+b3=10 +c5=15 ..."). 35% of the dialogues work the sum out (some of those check it by undoing
     # each step, a few catch a slip that way, some slip unnoticed), the rest answer at once, and a quarter of the
     # corpus are worked examples (a dialogue's layout with "Example:"/"Solution:" for its role words). Dialogues
-    # put every token where the chat template does (layout "chat"). RL samples at temperature 0.7. The cold
-    # start's demonstrations check and fix as the corpus does. What each choice does: benchmarks/LOG.md, sixth to
-    # thirteenth sessions.
+    # put every token where the chat template does (layout "chat"). Half the worked documents check their sum and
+    # 15% catch and fix a slip; the cold start's 200 demonstrations check (30%) and fix (10%) too. R1-Zero runs 50
+    # steps at 1.2e-4, reasoning RL 40 at 6e-5, both sampling at temperature 0.7. What each choice does:
+    # benchmarks/LOG.md, sixth to sixteenth sessions.
     "cpu": Preset(),
     # One H200: sums and differences of six one-digit numbers, a 54M model (not yet the reasoning task: its
     # first try answered sums of twelve at once 91% right; benchmarks/LOG.md, seventh session).
