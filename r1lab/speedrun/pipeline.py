@@ -72,7 +72,7 @@ class Preset:
     group_size: int = 8
     rl_lr: float = 6e-5  # reasoning RL's learning rate (and R1-Zero's, unless zero_rl_lr is set)
     # R1-Zero's learning rate (0: rl_lr). Twice reasoning RL's: the base must move from answering at once to
-    # working out within 50 steps; at 6e-5 one seed's reasoning share stalled at 75% (benchmarks/LOG.md, 15th)
+    # working out within 50 steps; at 6e-5 one seed stalled at a 75% reasoning share (LOG, fifteenth session)
     zero_rl_lr: float = 1.2e-4
     rl_batch: int = 64  # sequences per forward/backward in the GRPO update
     rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
