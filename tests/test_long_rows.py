@@ -67,20 +67,24 @@ def qkv(B, H, S, E, Ev, seed=0, grad=True):
 def test_per_document_attention_equals_the_dense_mask_values_and_gradients():
     """The CPU path (SDPA per document) against SDPA under the dense block-diagonal causal mask, with documents of
     length 1, a continued document at the row start and rows of different splits; qk and v widths differ as in
-    MLA. Two rows hold one document each with the same number: the batch is split into documents as a whole, so a
-    document must not run on into the next row."""
+    MLA (either wider: the narrower heads are padded for the fused kernel). Two rows hold one document each with
+    the same number: the batch is split into documents as a whole, so a document must not run on into the next
+    row."""
     S = 29
     doc = torch.stack([doc_ids([5, 1, 11, 12]), doc_ids([29]), doc_ids([29])])  # (3, S)
     mask = document_mask(doc, flex=False)
-    q, k, v = qkv(3, 3, S, 12, 8)
-    g = torch.randn(3, 3, S, 8, generator=torch.Generator().manual_seed(1))
-    out = document_attention(q, k, v, mask, scale=0.3)
-    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), scale=0.3)
-    ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
-    close(out, ref)
-    for a, b in zip(grads, ref_grads):
-        close(a, b)
+    for e, ev in ((12, 8), (8, 12), (8, 8)):
+        q, k, v = qkv(3, 3, S, e, ev)
+        g = torch.randn(3, 3, S, ev, generator=torch.Generator().manual_seed(1))
+        out = document_attention(q, k, v, mask, scale=0.3)
+        assert out.shape == (3, 3, S, ev)
+        grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(), scale=0.3)
+        ref_grads = torch.autograd.grad((ref * g).sum(), (q, k, v))
+        close(out, ref)
+        for a, b in zip(grads, ref_grads):
+            assert a.shape == b.shape
+            close(a, b)
     # the masking matters here: plain causal attention differs (so the comparison can fail)
     causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
     assert (causal[0] - ref[0]).abs().max() > 1e-2
