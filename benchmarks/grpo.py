@@ -317,7 +317,17 @@ def bench_trl(model_dir: Path, args, mode: str, stops: list[int] | None, record:
         orig_batch = model.generate_batch
 
         def generate_batch(inputs, *a, **k):
-            out = orig_batch(inputs, *a, **k)
+            # Under bf16, accelerate wraps the model's forward to cast its outputs to fp32, and that cast fails on
+            # the paged cache continuous batching returns ("'PagedAttentionCache' object has no attribute 'float'"):
+            # generate with the forward it wrapped (the weights are bf16 already; training keeps the wrapper).
+            wrapped = model.__dict__.get("forward")
+            if wrapped is not None and hasattr(model, "_original_forward"):
+                model.forward = model._original_forward
+            try:
+                out = orig_batch(inputs, *a, **k)
+            finally:
+                if wrapped is not None:
+                    model.forward = wrapped
             failed = [o.error for o in out.values() if getattr(o, "error", None)]
             if failed or len(out) != len(inputs):
                 raise RuntimeError(f"generate_batch failed {len(failed)} and lost {len(inputs) - len(out)} of "
