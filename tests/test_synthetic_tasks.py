@@ -262,3 +262,60 @@ def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
     for q in m.problems(40, "train", 3):
         text = m.fixed_solution(q, random.Random(q.question))
         assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+
+
+def test_pair_checks_add_the_question_again_and_a_third_pass_settles_a_disagreement():
+    """check_route="pairs": the check adds the question's operands two by two, then the pair sums (totals worked
+    afresh, not copied from the first pass); where the two totals differ, the sum is worked once more the first
+    way, and that total is the answer. In the corpus either pass slips: the first by a result off by one or a
+    misread operand (a neighbouring digit, added right), the check by a pair sum or a running total off by one.
+    Hand-worked, then every slip over many draws."""
+    import random
+
+    t, p = _hand_worked("pairs")
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: a7+b3=10 c5+d8=13, 10+13=23, as before. "
+                                     "The answer is 23.")
+    texts = {t.fixed_solution(p, random.Random(k)) for k in range(600)}
+    again = ". Wait, once more: a7+b3=10 +c5=15 +d8=23. The answer is 23."
+    assert ("a7+b3=10 +c5=16 +d8=24. Check: a7+b3=10 c5+d8=13, 10+13=23, not 24" + again) in texts  # a slip
+    assert ("a7+b3=10 +c4=14 +d8=22. Check: a7+b3=10 c5+d8=13, 10+13=23, not 22" + again) in texts  # a misread
+    assert ("a7+b3=10 +c5=15 +d8=23. Check: a7+b3=10 c5+d8=14, 10+14=24, not 23" + again) in texts  # check's pair
+    assert ("a7+b3=10 +c5=15 +d8=23. Check: a7+b3=10 c5+d8=13, 10+13=22, not 23" + again) in texts  # check's total
+    # first pass: +1 or -1 at three steps, as a slip or a misread; check: +1 or -1 at two pair sums or one total
+    assert len(texts) == 12 + 6
+    odd = RunningSum(n_operands=5, check_route="pairs")
+    q = odd.problems(1, "train", 0)[0]
+    q.meta["operands"], q.answer = [2, 1, 1, 6, 9], "19"
+    assert odd.checked_solution(q).endswith("Check: a2+b1=3 c1+d6=7 e9, 3+7=10 +9=19, as before. The answer is 19.")
+    task = RunningSum(check_route="pairs")
+    kinds = set()
+    for q in task.problems(80, "train", 2):
+        ops = dict(re.findall(r"([a-h])(\d)", q.question))
+        for k in range(3):
+            text = task.fixed_solution(q, random.Random(f"{q.question}/{k}"))
+            first, rest = text.split(". Check: ")
+            check, third = rest.split(", not ")
+            assert extract_answer(text) == q.answer
+            assert third.split(". Wait, once more: ")[1] == RunningSum.solution(q)  # the plain chain, right
+            assert all(ops[tag] == x for tag, x in re.findall(r"([a-h])(\d)", check))  # read from the question
+            pairs, chain = check.split(", ")
+            assert "".join(re.findall(r"([a-h])\d", pairs)) == "abcdefgh"
+            sums = [int(x) + int(y) for x, y in re.findall(r"[a-h](\d)\+[a-h](\d)", pairs)]
+            written = [int(x) for x in re.findall(r"=(\d+)", pairs)]
+            totals = [int(x) for x in re.findall(r"=(\d+)", chain)]
+            if first != RunningSum.solution(q).split(". The answer")[0]:  # the first pass slipped, the check not
+                assert written == sums and totals == [sum(sums[:i]) for i in (2, 3, 4)]
+                kinds.add("misread" if any(ops[tag] != x for tag, x in re.findall(r"([a-h])(\d)", first))
+                          else "slip")
+            else:  # the check slipped: one pair sum or one running total off by one, carried on
+                assert totals[-1] != int(q.answer) and sum(abs(a - b) for a, b in zip(written, sums)) <= 1
+                kinds.add("check")
+        assert task.checked_solution(q).endswith(", as before. The answer is " + q.answer + ".")
+    assert kinds == {"misread", "slip", "check"}
+    for n, m in ((5, 10), (2, 0), (3, 10)):
+        mt = RunningSum(n_operands=n, modulus=m, check_route="pairs")
+        for q in mt.problems(40, "train", 3):
+            text = mt.fixed_solution(q, random.Random(q.question))
+            assert extract_answer(text) == q.answer and "Wait, once more: " in text
+            assert all(0 <= int(x) < (m or 99) for x in re.findall(r"=(-?\d+)", text))
+            assert all(0 <= int(x) <= 9 for x in re.findall(r"[a-e](\d+)", text))

@@ -470,10 +470,12 @@ class RunningSum:
     # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
     # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
-    # operand it added should give the total before it), reading only what the first pass wrote.
+    # operand it added should give the total before it), reading only what the first pass wrote; "pairs" adds
+    # the question's operands two by two (a+b, c+d, ...), then the pair sums, and where its total differs from the
+    # first pass's, works the sum once more the first way, whose total is the answer.
     check_route: str = "same"
     TAGS = "abcdefghijklmnopqrstuvwxyz"  # up to 26 operands
-    CHECK_ROUTES = ("same", "backward", "inverse")
+    CHECK_ROUTES = ("same", "backward", "inverse", "pairs")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -519,11 +521,12 @@ class RunningSum:
 
     @classmethod
     def _forward(cls, nums: list[int], modulus: int = 0, width: int = 0, slip: tuple[int, int] | None = None,
-                 order: list[int] | None = None) -> tuple[list[str], list[int]]:
+                 order: list[int] | None = None, misread: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
         """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after the i-th operand added;
         reduced modulo `modulus` when it is set; written with `width` digits, leading zeros included, when it is
         set); `slip` = (step, error) adds `error` to that step's result, and the later steps carry the wrong total
-        on. `order`: the operands' indices in the order they are added (default: a, b, c, ...). A step is short
+        on; `misread` = (step, digit) writes and adds that digit in place of the step's operand (a wrong lookup,
+        added right). `order`: the operands' indices in the order they are added (default: a, b, c, ...). A step is short
         (the total it adds to is the number just before it), so the distance from a step to its operand in the
         question grows slowly along the chain; with a width, it grows by the same number of tokens at every step
         whatever the totals are."""
@@ -531,10 +534,11 @@ class RunningSum:
         first = order[0]
         totals, steps = [nums[first] % modulus if modulus else nums[first]], []
         for k, i in enumerate(order[1:], 1):
-            new = totals[-1] + nums[i] + (slip[1] if slip and slip[0] == k else 0)
+            x = misread[1] if misread and misread[0] == k else nums[i]
+            new = totals[-1] + x + (slip[1] if slip and slip[0] == k else 0)
             new = new % modulus if modulus else new
             head = f"{cls.TAGS[first]}{nums[first]}" if k == 1 else ""
-            steps.append(f"{head}+{cls.TAGS[i]}{nums[i]}={new:0{width}d}")
+            steps.append(f"{head}+{cls.TAGS[i]}{x}={new:0{width}d}")
             totals.append(new)
         return steps, totals
 
@@ -575,6 +579,8 @@ class RunningSum:
             return cls._checked_backward(nums, m, w, rng)
         if route == "inverse":
             return cls._checked_inverse(nums, m, w, rng)
+        if route == "pairs":
+            return cls._checked_pairs(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
@@ -627,6 +633,54 @@ class RunningSum:
                 return (text + f", not {totals[i - 1]:0{w}d}. Wait, the first pass slipped: " + " ".join(redo)
                         + f". The answer is {total}.")
         return text + f", as before. The answer is {totals[-1]}."
+
+    @classmethod
+    def _checked_pairs(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+        """check_route "pairs": the check adds the question's operands again two by two, then the pair sums, so
+        its totals are computed afresh rather than copied from the first pass: "a7+b3=10 +c5=15 +d8=23 +e2=25.
+        Check: a7+b3=10 c5+d8=13 e2, 10+13=23 +2=25, as before. The answer is 25." (an odd operand out stands
+        alone). Where the two totals differ, either may have slipped, so the sum is worked once more the first
+        way, and that third total is the answer: "..., not 26. Wait, once more: a7+b3=10 +c5=15 +d8=23 +e2=25.
+        The answer is 25." With `rng`, one of the two passes slips (either, at random): the first pass's result
+        off by one at a step (`_slip`) or an operand misread (a neighbouring digit, added right); the check's pair
+        sum or running total off by one. A model whose slips vary between passes gets its answer right whenever
+        two of its three passes are, and a check that slips costs a third pass, not a wrong answer."""
+        n = len(nums)
+        red = (lambda v: v % m) if m else (lambda v: v)  # noqa: E731
+        groups = [list(range(i, min(i + 2, n))) for i in range(0, n, 2)]
+        sums = [red(sum(nums[i] for i in g)) for g in groups]
+        slip = misread = check_slip = None
+        if rng is not None:
+            if rng.random() < 0.5:  # the first pass slips: a result or a lookup
+                step, error = cls._slip(nums, m, rng)
+                if rng.random() < 0.5:
+                    slip = (step, error)
+                else:  # a neighbouring digit, kept a digit
+                    misread = (step, nums[step] + error if 0 <= nums[step] + error <= 9 else nums[step] - error)
+            else:  # the check slips: a pair sum (when there are pairs) or a total of its running sum
+                at = rng.randrange(sum(len(g) == 2 for g in groups) + len(groups) - 1)
+                check_slip = (at, rng.choice((-1, 1)) if m else 1 if rng.random() < 0.5 else -1)
+        steps, totals = cls._forward(nums, m, w, slip=slip, misread=misread)
+        written = list(sums)
+        pairs = [j for j, g in enumerate(groups) if len(g) == 2]
+        if check_slip and check_slip[0] < len(pairs):  # a pair sum off by one (never below zero)
+            j = pairs[check_slip[0]]
+            written[j] = red(sums[j] + (check_slip[1] if m or sums[j] + check_slip[1] >= 0 else 1))
+        words = [f"{cls.TAGS[g[0]]}{nums[g[0]]}+{cls.TAGS[g[1]]}{nums[g[1]]}={s:0{w}d}" if len(g) == 2
+                 else f"{cls.TAGS[g[0]]}{nums[g[0]]}" for g, s in zip(groups, written)]
+        total, chain = written[0], []
+        for k, s in enumerate(written[1:], 1):
+            total = total + s
+            if check_slip and check_slip[0] - len(pairs) == k - 1:  # a running total off by one
+                total += check_slip[1] if m or total + check_slip[1] >= 0 else 1
+            total = red(total)
+            chain.append(f"{written[0]:0{w}d}+{s:0{w}d}={total:0{w}d}" if k == 1 else f"+{s:0{w}d}={total:0{w}d}")
+        text = " ".join(steps) + ". Check: " + " ".join(words) + (", " + " ".join(chain) if chain else "")
+        if totals[-1] == total:
+            return text + f", as before. The answer is {total}."
+        again, right = cls._forward(nums, m, w)
+        return (text + f", not {totals[-1]:0{w}d}. Wait, once more: " + " ".join(again)
+                + f". The answer is {right[-1]}.")
 
     @classmethod
     def fixed_solution(cls, problem: Problem, rng: random.Random) -> str:
