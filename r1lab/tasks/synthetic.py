@@ -659,7 +659,7 @@ class RunningSum:
                     misread = (step, nums[step] + error if 0 <= nums[step] + error <= 9 else nums[step] - error)
             else:  # the check slips: a pair sum (when there are pairs) or a total of its running sum
                 at = rng.randrange(sum(len(g) == 2 for g in groups) + len(groups) - 1)
-                check_slip = (at, rng.choice((-1, 1)) if m else 1 if rng.random() < 0.5 else -1)
+                check_slip = (at, rng.choice((-1, 1)))
         steps, totals = cls._forward(nums, m, w, slip=slip, misread=misread)
         written = list(sums)
         pairs = [j for j, g in enumerate(groups) if len(g) == 2]
