@@ -44,7 +44,7 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 21.9 minutes measured, README); `gpu` one
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 17.5 minutes measured, README); `gpu` one
     H200."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
