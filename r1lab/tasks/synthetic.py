@@ -521,15 +521,16 @@ class RunningSum:
 
     @classmethod
     def _forward(cls, nums: list[int], modulus: int = 0, width: int = 0, slip: tuple[int, int] | None = None,
-                 order: list[int] | None = None, misread: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
+                 order: list[int] | None = None,
+                 misread: tuple[int, int] | None = None) -> tuple[list[str], list[int]]:
         """Steps "a7+b3=10", "+c5=15", ... and the running totals (totals[i] after the i-th operand added;
         reduced modulo `modulus` when it is set; written with `width` digits, leading zeros included, when it is
         set); `slip` = (step, error) adds `error` to that step's result, and the later steps carry the wrong total
         on; `misread` = (step, digit) writes and adds that digit in place of the step's operand (a wrong lookup,
-        added right). `order`: the operands' indices in the order they are added (default: a, b, c, ...). A step is short
-        (the total it adds to is the number just before it), so the distance from a step to its operand in the
-        question grows slowly along the chain; with a width, it grows by the same number of tokens at every step
-        whatever the totals are."""
+        added right). `order`: the operands' indices in the order they are added (default: a, b, c, ...). A step
+        is short (the total it adds to is the number just before it), so the distance from a step to its operand
+        in the question grows slowly along the chain; with a width, it grows by the same number of tokens at
+        every step whatever the totals are."""
         order = list(range(len(nums))) if order is None else order
         first = order[0]
         totals, steps = [nums[first] % modulus if modulus else nums[first]], []
