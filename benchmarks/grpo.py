@@ -320,8 +320,8 @@ def bench_trl(model_dir: Path, args, mode: str, stops: list[int] | None, record:
             # Under bf16, accelerate wraps the model's forward to cast its outputs to fp32, and that cast fails on
             # the paged cache continuous batching returns ("'PagedAttentionCache' object has no attribute 'float'"):
             # generate with the forward it wrapped (the weights are bf16 already; training keeps the wrapper).
-            wrapped = model.__dict__.get("forward")
-            if wrapped is not None and hasattr(model, "_original_forward"):
+            wrapped = model.__dict__.get("forward") if hasattr(model, "_original_forward") else None
+            if wrapped is not None:
                 model.forward = model._original_forward
             try:
                 out = orig_batch(inputs, *a, **k)
