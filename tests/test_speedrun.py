@@ -159,11 +159,13 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
     assert list(state["stages"]) == ["pretrain", "r1-zero", "cold-start"]
     with pytest.raises(ValueError, match="--resume"):
         Speedrun(out, "mini", device="cpu", quiet=True)
-    # --resume: the finished stages are skipped (their models are not retrained), the rest run.
+    # --resume: the finished stages are skipped (their models are not retrained), the rest run, here on two
+    # lanes (worker processes of one thread each, as on a 2-core CPU).
     before = (out / "1-r1-zero/final/model.safetensors").stat().st_mtime_ns
-    state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run()
+    state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run(lanes=2, threads=2)
     assert (out / "1-r1-zero/final/model.safetensors").stat().st_mtime_ns == before
-    assert list(state["stages"]) == list(STAGES)
+    assert list(state["stages"]) == list(STAGES) and not state["parts"]
+    assert state["wall_seconds"] > 0 and all(v["seconds"] > 0 for v in state["stages"].values())
     for folder in ("0-pretrain/base", "0-pretrain/student", "1-r1-zero", "2-cold-start", "3-reasoning-rl",
                    "5-distill/distilled", "5-distill/control"):
         assert (out / folder / "final/config.json").is_file(), folder
@@ -210,6 +212,77 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
     # --stages reruns part of the recipe on the same folder.
     state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6])
     assert set(state["stages"]) == set(STAGES)
+    assert state["stages"]["eval"]["base"] == ev["base"]  # the same seeds, here or in a lane's worker
+    # A job that fails in a lane's worker stops the run with its own error; its stage stays unfinished.
+    good = (out / "data/test.jsonl").read_text()
+    (out / "data/test.jsonl").write_text(good + "{not json\n")
+    with pytest.raises(ValueError, match="test.jsonl"):
+        Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6], lanes=2, threads=2)
+    state = json.loads((out / "speedrun.json").read_text())
+    assert "eval" not in state["stages"] and list(state["stages"]) == list(STAGES[:-1])
+
+
+def test_jobs_wait_for_what_they_read_and_lanes_share_the_threads():
+    from r1lab.speedrun.pipeline import JOBS, MODELS, _dependents, _schedule, job_name
+
+    names = [job_name(st, part) for st, part, _ in JOBS]
+    assert len(set(names)) == len(names) and {st for st, _, _ in JOBS} == set(STAGES)
+    for i, (st, part, needs) in enumerate(JOBS):  # JOBS in order is a valid serial order
+        assert set(needs) <= set(names[:i]), names[i]
+    after = _dependents()
+    # What each job reads, from whom: the model stages wait for their init model, evaluation for its model.
+    assert {"cold-start", "reasoning-rl", "rejection", "distill/distilled", "r1-zero"} <= after["pretrain/base"]
+    assert "distill/control" in after["pretrain/student"] and "distill/control" not in after["pretrain/base"]
+    assert "distill/distilled" in after["rejection"] and "eval/student-distill" in after["rejection"]
+    assert {f"eval/{k}" for k, _, _ in MODELS} | {"eval/expert-load"} == {n for n in names if n.startswith("eval/")}
+    assert "eval/expert-load" in after["eval/reasoning-rl"] and "eval/base" not in after["reasoning-rl"]
+
+    def start(done, busy, threads=2, lanes=2, pending=None):
+        pending = [j for j in JOBS if job_name(*j[:2]) not in done] if pending is None else pending
+        return [(job_name(*j[:2]), n) for j, n in _schedule(pending, set(done), busy, threads, lanes)]
+
+    assert start(set(), []) == [("pretrain/data", 2)]  # everything waits for the data: every thread
+    assert start({"pretrain/data"}, []) == [("pretrain/base", 1), ("pretrain/student", 1)]
+    assert start({"pretrain/data"}, [], threads=8) == [("pretrain/base", 4), ("pretrain/student", 4)]
+    assert start({"pretrain/data"}, [], lanes=1) == [("pretrain/base", 2)]  # one lane: one job, every thread
+    assert start({"pretrain/data"}, [1, 1]) == []  # no lane free
+    # The student is done while the base trains: the control student (it reads the cold-start data only) goes.
+    assert start({"pretrain/data", "pretrain/student"}, [1],
+                 pending=[j for j in JOBS if job_name(*j[:2]) not in {"pretrain/data", "pretrain/student",
+                                                                      "pretrain/base"}]) == [("distill/control", 1)]
+    # At the end, the distilled student and its evaluation wait for rejection sampling: it takes both threads.
+    tail = {"pretrain/data", "pretrain/base", "pretrain/student", "cold-start", "reasoning-rl", "r1-zero",
+            "distill/control", *(f"eval/{k}" for k in ("base", "r1-zero", "cold-start", "reasoning-rl",
+                                                       "student-control")), "eval/expert-load"}
+    assert start(tail, []) == [("rejection", 2)]
+    assert start(tail - {"eval/base"}, []) == [("rejection", 1), ("eval/base", 1)]
+
+
+def test_a_stage_of_several_jobs_continues_from_its_finished_ones(tmp_path, monkeypatch):
+    from r1lab.speedrun import pipeline
+
+    calls = []
+
+    class Recorded(Speedrun):  # each job returns which call it was
+        def job(self, stage, part=""):
+            calls.append(pipeline.job_name(stage, part))
+            return {part or stage: len(calls)}
+
+    monkeypatch.setattr(pipeline, "write_report", lambda out, state: out / "report.md")
+    run = Recorded(tmp_path, "mini", device="cpu", quiet=True)
+    run.state["parts"] = {"pretrain": {"student": {"seconds": 3.0, "result": {"student": "s"}},
+                                       "data": {"seconds": 2.0, "result": {"data": "d"}}}}
+    run._save()
+    state = Recorded(tmp_path, resume=True, quiet=True).run()
+    assert calls[0] == "pretrain/base" and "pretrain/data" not in calls and "pretrain/student" not in calls
+    pre = state["stages"]["pretrain"]
+    assert list(pre) == ["seconds", "data", "base", "student"] and pre["base"] == 1 and pre["seconds"] > 5.0
+    assert list(state["stages"]) == list(STAGES) and state["parts"] == {}
+    assert list(state["stages"]["eval"])[1:] == [k for k, _, _ in pipeline.MODELS] + ["expert-load"]
+    # A damaged record of finished jobs is one clear error.
+    (tmp_path / "speedrun.json").write_text(json.dumps({**state, "parts": {"pretrain": 3}}))
+    with pytest.raises(ValueError, match="'parts' must map stage names"):
+        Speedrun(tmp_path, resume=True)
 
 
 def test_command_line_errors_are_clear(tmp_path, capsys):
@@ -229,6 +302,11 @@ def test_command_line_errors_are_clear(tmp_path, capsys):
     assert "speedrun task 'running-sum' has no knob n_operand; its knobs: n_operands" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "a"), "--stages", "9"]) == 2
     assert "outside 0-6" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--lanes", "0"]) == 2
+    assert "--lanes 0: give 1 or more" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "a"), "--lanes", "2", "--device", "cuda"]) == 2
+    assert "jobs run side by side on a CPU only" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
     # A run folder remembers its preset: another --preset on it is refused, no --preset continues it.
     (tmp_path / "b").mkdir()
     Speedrun(tmp_path / "b", "mini", device="cpu", quiet=True)._save()

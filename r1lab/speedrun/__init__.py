@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .pipeline import PRESETS, STAGES, Preset, Speedrun, parse_stages
@@ -48,8 +49,19 @@ def cmd_speedrun(args) -> None:
                          f"drop --preset to continue it, or choose another --out")
     if overrides and run.state["stages"]:
         raise ValueError(f"--set changes a new run's settings; {args.out} already has finished stages")
+    lanes = args.lanes
+    if lanes is None:  # two on a CPU of two threads or more, one on a GPU
+        import torch
+
+        lanes = 2 if _device_type(args.device) == "cpu" and torch.get_num_threads() >= 2 and os.name == "posix" else 1
+    elif lanes < 1:
+        raise ValueError(f"--lanes {lanes}: give 1 or more")
+    elif lanes > 1 and _device_type(args.device) != "cpu":
+        raise ValueError(f"--lanes {lanes}: jobs run side by side on a CPU only; a GPU runs them one after another")
+    elif lanes > 1 and os.name != "posix":
+        raise ValueError(f"--lanes {lanes}: side-by-side jobs need a POSIX system (Linux, macOS)")
     try:
-        run.run(stages)
+        run.run(stages, lanes=lanes)
     except KeyboardInterrupt as e:
         print(f"\n[speedrun] interrupted ({e or 'Ctrl-C'}); continue with: r1lab speedrun --out {args.out} --resume",
               file=sys.stderr)
@@ -59,6 +71,12 @@ def cmd_speedrun(args) -> None:
     print(headline(run.state))
     print("\n".join(claims(run.state, run.out)))
     print(f"report: {run.out / 'report.md'}")
+
+
+def _device_type(name: str) -> str:
+    from .pipeline import _device
+
+    return _device(name).type
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -91,6 +109,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one preset setting for a new run, e.g. --set rl_steps=80 (repeatable); task "
                         "knobs as a JSON object: --set 'task_knobs={\"n_operands\": 6}'")
+    p.add_argument("--lanes", type=int, default=None, metavar="N",
+                   help="jobs run side by side, each in a process of its own with a share of the threads "
+                        "(default: 2 on a CPU with two threads or more, 1 on a GPU); the recipe and its seeds are "
+                        "the same either way")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     p.set_defaults(fn=cmd_speedrun)
     return p

@@ -16,6 +16,12 @@ grpo` runs whose recipe.toml is there, so each can also be rerun or continued as
 State: `speedrun.json` in the run folder holds the preset and each finished stage's wall time and results.
 `--resume` skips finished stages and continues an interrupted training stage from its last checkpoint;
 Ctrl-C stops after a checkpoint. `--stages 3-6` reruns part of the recipe on an existing run folder.
+
+Lanes: the stages are made of jobs (JOBS: the base and the student pretrain apart, each model is evaluated as soon
+as it exists, ...). On a CPU of two or more threads the speedrun runs two jobs at once whenever two are ready, each
+in a worker process with half the threads (`lanes=2`): the models are small, so one thread per job does more work
+than two threads on one job. A job that everything left waits for takes every thread. On a GPU the jobs run one
+after another in this process. Every job seeds itself, so the lanes change the schedule, not the recipe.
 """
 
 from __future__ import annotations
@@ -151,6 +157,30 @@ MODELS = (
     ("student-control", "5-distill/control/final", sdata.CHAT_TEMPLATE),
 )
 
+# The jobs of each stage, in the order a free lane takes them (the longest chain first: cold start, reasoning RL,
+# rejection sampling and the distilled student), each with the jobs it waits for ("stage" or "stage/part"). A
+# stage is finished when all its parts are; a job of a stage that is not being run counts as done.
+JOBS = (
+    ("pretrain", "data", ()),
+    ("pretrain", "base", ("pretrain/data",)),
+    ("pretrain", "student", ("pretrain/data",)),
+    ("cold-start", "", ("pretrain/base",)),
+    ("reasoning-rl", "", ("cold-start",)),
+    ("rejection", "", ("reasoning-rl",)),
+    ("distill", "distilled", ("pretrain/student", "rejection")),
+    ("distill", "control", ("pretrain/student",)),
+    ("r1-zero", "", ("pretrain/base",)),
+    *(("eval", key, (_job,)) for key, _job in (("reasoning-rl", "reasoning-rl"), ("base", "pretrain/base"),
+                                                ("r1-zero", "r1-zero"), ("cold-start", "cold-start"),
+                                                ("student-control", "distill/control"),
+                                                ("student-distill", "distill/distilled"))),
+    ("eval", "expert-load", ("eval/reasoning-rl",)),
+)
+
+
+def job_name(stage: str, part: str) -> str:
+    return f"{stage}/{part}" if part else stage
+
 
 def parse_stages(spec: str) -> list[int]:
     """"0-6", "3", "1,2,5" -> stage numbers; raises ValueError naming the bad part."""
@@ -196,6 +226,11 @@ def read_state(path: Path) -> dict:
             ok, what = isinstance(value, want), f"a {'string' if want is str else want.__name__}"
         if not ok:
             raise ValueError(f"{path}: settings.{key} must be {what}, got {value!r}")
+    parts = state.get("parts", {})  # finished jobs of unfinished stages
+    if not (isinstance(parts, dict) and all(st in STAGES and isinstance(v, dict) for st, v in parts.items())):
+        raise ValueError(f"{path}: 'parts' must map stage names to objects of finished jobs")
+    if not isinstance(state.get("wall_seconds", 0.0), (int, float)):
+        raise ValueError(f"{path}: 'wall_seconds' must be a number")
     return state
 
 
@@ -237,39 +272,182 @@ class Speedrun:
         self.data = self.out / "data"
 
     # ------------------------------------------------------------------ driver
-    def run(self, stages: list[int] | None = None) -> dict:
+    def run(self, stages: list[int] | None = None, lanes: int = 1, threads: int | None = None) -> dict:
         """All stages (finished ones skipped, an interrupted one continued), or exactly `stages`, redone from
-        scratch."""
+        scratch. `lanes` > 1 (CPU only) runs up to that many ready jobs at once in worker processes, sharing out
+        `threads` (default: torch's) between them (module docstring)."""
         rerun = stages is not None
         stages = list(range(len(STAGES))) if stages is None else stages
         self.out.mkdir(parents=True, exist_ok=True)
-        self._save()
-        for i in stages:
-            name = STAGES[i]
+        names = [STAGES[i] for i in stages]
+        for i, name in zip(stages, names):
             if name in self.state["stages"] and not rerun:
                 self._note(f"stage {i} {name}: done ({self.state['stages'][name]['seconds']:.0f} s), skipped")
-                continue
-            if rerun:
+            elif rerun:
                 self.state["stages"].pop(name, None)
+                self.state.get("parts", {}).pop(name, None)
                 for rel in OUTPUTS[name]:
                     path = self.out / rel
                     if path.is_dir():
                         shutil.rmtree(path)
                     elif path.exists():
                         path.unlink()
-            missing = [rel for rel in NEEDS.get(name, ()) if not (self.out / rel).exists()]
+        todo = [name for name in names if name not in self.state["stages"]]
+        for name in todo:  # what the first stage to run reads from the stages not run now must exist
+            missing = [rel for rel in NEEDS.get(name, ()) if not (self.out / rel).exists()
+                       and not any(rel.startswith(prefix) for t in todo for prefix in OUTPUTS[t])]
             if missing:
-                raise ValueError(f"stage {i} {name} needs {', '.join(str(self.out / m) for m in missing)}: run the "
-                                 f"earlier stages first (r1lab speedrun --out {self.out} --resume)")
-            self._note(f"stage {i} {name}")
-            t0 = time.perf_counter()
-            result = getattr(self, "stage_" + name.replace("-", "_"))()
-            self.state["stages"][name] = {"seconds": time.perf_counter() - t0, **(result or {})}
+                raise ValueError(f"stage {STAGES.index(name)} {name} needs "
+                                 f"{', '.join(str(self.out / m) for m in missing)}: run the earlier stages first "
+                                 f"(r1lab speedrun --out {self.out} --resume)")
+        self._save()
+        done = {job_name(st, part) for st, part, _ in JOBS if st not in todo}
+        done |= {job_name(st, part) for st, parts in self.state.get("parts", {}).items() for part in parts}
+        jobs = [(st, part, needs) for st, part, needs in JOBS if st in todo and job_name(st, part) not in done]
+        for name in todo:
+            if not self.state.get("parts", {}).get(name):
+                self._note(f"stage {STAGES.index(name)} {name}")
+        t0 = time.perf_counter()
+        try:
+            if lanes > 1 and jobs:
+                self._run_lanes(jobs, done, lanes, threads or torch.get_num_threads())
+            else:
+                for st, part, _ in jobs:
+                    self._finish_job(st, part, *_timed(self.job, st, part))
+        finally:
+            self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + time.perf_counter() - t0
             self._save()
-
         path = write_report(self.out, self.state)
         self._note(f"report: {path}")
         return self.state
+
+    def job(self, stage: str, part: str = "") -> dict:
+        """One job of the recipe (JOBS) in this process; its results, merged into its stage's."""
+        if stage == "pretrain":
+            return self._pretrain_data() if part == "data" else self._pretrain(part)
+        if stage == "distill":
+            return self._distill(part)
+        if stage == "eval":
+            return self._eval_expert_load() if part == "expert-load" else self._eval(part)
+        return getattr(self, "stage_" + stage.replace("-", "_"))()
+
+    def _stage(self, stage: str) -> dict:
+        """Every job of one stage, one after another, here (what a stage_* method does)."""
+        result: dict = {}
+        for st, part, _ in sorted((j for j in JOBS if j[0] == stage), key=lambda j: _part_order(*j[:2])):
+            result.update(self.job(st, part))
+        return result
+
+    def _finish_job(self, stage: str, part: str, result: dict, seconds: float) -> None:
+        """Record a finished job; when it was its stage's last, the stage is finished (its seconds: the sum of
+        its jobs', work rather than wall time when they ran side by side)."""
+        parts = self.state.setdefault("parts", {}).setdefault(stage, {})
+        parts[part] = {"seconds": seconds, "result": result}
+        if all(p in parts for st, p, _ in JOBS if st == stage):
+            merged: dict = {}
+            for p in sorted(parts, key=lambda p: _part_order(stage, p)):
+                merged.update(parts[p]["result"])
+            self.state["stages"][stage] = {"seconds": sum(v["seconds"] for v in parts.values()), **merged}
+            del self.state["parts"][stage]
+            self.state["stages"] = {k: self.state["stages"][k] for k in STAGES if k in self.state["stages"]}
+            self._note(f"stage {STAGES.index(stage)} {stage}: done")
+        self._save()
+
+    def _run_lanes(self, jobs: list, done: set, lanes: int, threads: int) -> None:
+        """Run `jobs` (in JOBS order, with what each waits for) on `lanes` worker processes: a free lane takes
+        the first job whose needs are done, with an even share of the threads, or all free threads when every
+        job left waits for it; a job left running alone with everything else waiting for it gets the threads that
+        came free. Ctrl-C reaches the workers once (SIGTERM), so a training job saves a checkpoint first; an error
+        in one job stops the others the same way and is raised here."""
+        import signal
+        import threading
+
+        # A worker inherits SIGUSR1 ignored until its initializer handles it (else a signal sent while it starts
+        # would end it); off the main thread signals cannot be handled, and a lone job keeps its threads.
+        can_grow = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if can_grow else None
+        try:
+            self._lanes_loop(jobs, done, lanes, threads, can_grow)
+        finally:
+            if can_grow:
+                signal.signal(signal.SIGUSR1, before)
+
+    def _lanes_loop(self, jobs: list, done: set, lanes: int, threads: int, can_grow: bool) -> None:
+        import concurrent.futures as cf
+        import multiprocessing
+        import signal
+
+        running: dict = {}  # future -> (stage, part, threads, start)
+        pending = list(jobs)
+        error = None
+        with cf.ProcessPoolExecutor(lanes, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_init, initargs=(threads,)) as pool:
+            try:
+                while pending or running:
+                    starts = [] if error is not None else _schedule(pending, done, [r[2] for r in running.values()],
+                                                                    threads, lanes)
+                    for job, n in starts:
+                        st, part, _ = job
+                        pending.remove(job)
+                        fut = pool.submit(_worker_job, str(self.out), self.device_name, st, part, n)
+                        running[fut] = (st, part, n, time.perf_counter())
+                        self._note(f"{job_name(st, part)}: started ({n} thread{'s' if n > 1 else ''})")
+                    if not running:
+                        break
+                    if can_grow and len(running) == 1 and not starts:  # one job alone, and all the rest wait for it: grow it
+                        (fut, (st, part, n, start)), = running.items()
+                        rest = {job_name(s, p) for s, p, _ in pending}
+                        if n < threads and rest <= _dependents()[job_name(st, part)]:
+                            _signal_workers(pool, signal.SIGUSR1)  # the idle worker ignores it
+                            running[fut] = (st, part, threads, start)
+                            self._note(f"{job_name(st, part)}: now {threads} threads")
+                    finished, _ = cf.wait(running, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+                    for fut in finished:
+                        st, part, n, start = running.pop(fut)
+                        try:
+                            result, seconds = fut.result()
+                        except BaseException as e:  # noqa: BLE001 -- stop the others, then raise the first
+                            if error is None:
+                                error = e
+                                _signal_workers(pool, signal.SIGTERM)
+                            continue
+                        self._note(f"{job_name(st, part)}: done in {seconds:.0f} s")
+                        self._finish_job(st, part, result, seconds)
+                        done.add(job_name(st, part))
+                    if running and not finished:
+                        self._status(running)
+            except KeyboardInterrupt:
+                _signal_workers(pool, signal.SIGTERM)  # each training job saves a checkpoint, then stops
+                cf.wait(running)
+                raise
+        if error is not None:
+            raise error
+
+    def _status(self, running: dict) -> None:
+        """One line on a terminal: each running job with its progress (training steps from its metrics)."""
+        if self.quiet or not sys.stderr.isatty():
+            return
+        items = []
+        for st, part, _, start in running.values():
+            info = f"{time.perf_counter() - start:.0f} s"
+            folder, steps = self._job_folder(st, part)
+            if folder is not None and steps:
+                last = _last_metrics(folder).get("step")
+                info = f"step {last or 0}/{steps}"
+            items.append(f"{job_name(st, part)} {info}")
+        print(f"\r[speedrun] {' | '.join(items)}\x1b[K", end="", file=sys.stderr, flush=True)
+        self._line_open = True
+
+    def _job_folder(self, stage: str, part: str) -> tuple[Path | None, int]:
+        p = self.p
+        return {("pretrain", "base"): (self.out / "0-pretrain/base", p.pretrain_steps),
+                ("pretrain", "student"): (self.out / "0-pretrain/student", p.student_pretrain_steps),
+                ("r1-zero", ""): (self.out / "1-r1-zero", p.rl_steps),
+                ("cold-start", ""): (self.out / "2-cold-start", p.sft_steps),
+                ("reasoning-rl", ""): (self.out / "3-reasoning-rl", p.reasoning_rl_steps or p.rl_steps),
+                ("distill", "distilled"): (self.out / "5-distill/distilled", p.distill_steps),
+                ("distill", "control"): (self.out / "5-distill/control", p.distill_steps)}.get((stage, part),
+                                                                                               (None, 0))
 
     def _save(self) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -278,6 +456,9 @@ class Speedrun:
 
     def _note(self, text: str) -> None:
         if not self.quiet:
+            if getattr(self, "_line_open", False):  # over the status line of running jobs
+                print("\r\x1b[K", end="", file=sys.stderr)
+                self._line_open = False
             print(f"[speedrun] {text}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ recipes
@@ -317,7 +498,9 @@ class Speedrun:
 
     # ------------------------------------------------------------------ stage 0
     def stage_pretrain(self) -> dict:
-        from ..train import pretrain
+        return self._stage("pretrain")
+
+    def _pretrain_data(self) -> dict:
         from .vocab import build_task_tokenizer
 
         p = self.p
@@ -329,15 +512,20 @@ class Speedrun:
                                   cold_fix_share=p.cold_fix_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
-        results = {"data": counts, "vocab_size": tok.vocab_size}
-        for who, preset, steps in (("base", p.model, p.pretrain_steps), ("student", p.student, p.student_pretrain_steps)):
-            r = self._model_recipe("pretrain", self.out / "0-pretrain" / who, preset=preset)
-            self._common(r, self.out / "0-pretrain" / who, steps, p.pretrain_batch, p.pretrain_lr)
-            r.data.train, r.data.seq_len = [str(self.data / "corpus.jsonl")], p.seq_len
-            r.optim.warmup_steps = max(steps // 20, 1)
-            last = self._train(pretrain, r)
-            results[who] = {"loss": last.get("loss"), "params": _params(self.out / "0-pretrain" / who / "final")}
-        return results
+        return {"data": counts, "vocab_size": tok.vocab_size}
+
+    def _pretrain(self, who: str) -> dict:
+        """The base model or the student's base, from scratch on the corpus."""
+        from ..train import pretrain
+
+        p = self.p
+        preset, steps = (p.model, p.pretrain_steps) if who == "base" else (p.student, p.student_pretrain_steps)
+        r = self._model_recipe("pretrain", self.out / "0-pretrain" / who, preset=preset)
+        self._common(r, self.out / "0-pretrain" / who, steps, p.pretrain_batch, p.pretrain_lr)
+        r.data.train, r.data.seq_len = [str(self.data / "corpus.jsonl")], p.seq_len
+        r.optim.warmup_steps = max(steps // 20, 1)
+        last = self._train(pretrain, r)
+        return {who: {"loss": last.get("loss"), "params": _params(self.out / "0-pretrain" / who / "final")}}
 
     # ------------------------------------------------------------------ stages 1 and 3
     def _grpo(self, out: Path, init: Path, prompts: str, style: str, steps: int, lr: float) -> dict:
@@ -388,13 +576,14 @@ class Speedrun:
                          [self.data / "cold_start.jsonl"], self.p.sft_steps)
 
     def stage_distill(self) -> dict:
-        student = self.out / "0-pretrain/student/final"
-        return {
-            "distilled": self._sft(self.out / "5-distill/distilled", student, [self.data / "distill.jsonl"],
-                                   self.p.distill_steps),
-            "control": self._sft(self.out / "5-distill/control", student, [self.data / "cold_start.jsonl"],
-                                 self.p.distill_steps),
-        }
+        return self._stage("distill")
+
+    def _distill(self, which: str) -> dict:
+        """The student base fine-tuned on the RL model's rejection samples ("distilled") or, the control, on the
+        cold-start demonstrations only."""
+        data = self.data / ("distill.jsonl" if which == "distilled" else "cold_start.jsonl")
+        return {which: self._sft(self.out / "5-distill" / which, self.out / "0-pretrain/student/final", [data],
+                                 self.p.distill_steps)}
 
     # ------------------------------------------------------------------ stage 4
     @torch.no_grad()
@@ -436,29 +625,33 @@ class Speedrun:
 
     # ------------------------------------------------------------------ stage 6
     def stage_eval(self) -> dict:
+        return self._stage("eval")
+
+    def _eval(self, key: str) -> dict:
+        """One stage's model on the held-out problems (MODELS); nothing when that model does not exist."""
         from ..eval import evaluate
 
         p = self.p
-        results = {}
-        for key, rel, template in MODELS:
-            template = sdata.LAYOUTS[p.layout].zero if template == "zero" else template
-            folder = self.out / rel
-            if not (folder / "config.json").is_file():
-                self._note(f"eval: {key} has no model at {folder}, skipped")
-                continue
-            res = evaluate(folder, str(self.data / "test.jsonl"), k=p.eval_k, temperature=0.6, top_p=0.95,
-                           max_tokens=p.max_tokens, out=self.out / "eval" / f"{key}.jsonl", seed=p.seed,
-                           device=None if self.device_name == "auto" else self.device_name,
-                           batch=256, template=template, progress=not self.quiet and sys.stderr.isatty(), report=False,
-                           compile=False,  # a small model: the CUDA graph alone is fast; compiling costs more
-                           redo_hint=f"redo the evaluation: r1lab speedrun --out {self.out} --stages "
-                                     f"{STAGES.index('eval')}")
-            results[key] = {k: res[k] for k in ("pass@1", "cons@k", "mean_tokens", "truncated")}
-            self._note(f"eval {key}: pass@1 {res['pass@1']:.3f}, cons@{p.eval_k} {res['cons@k']:.3f}, "
-                       f"{res['mean_tokens']:.0f} tokens")
-        results["expert_load"] = _expert_load(self.out / "3-reasoning-rl/final", self.out / "eval/reasoning-rl.jsonl",
-                                              sdata.CHAT_TEMPLATE, self.data / "test.jsonl", self.device_name)
-        return results
+        rel, template = {k: (rel, t) for k, rel, t in MODELS}[key]
+        template = sdata.LAYOUTS[p.layout].zero if template == "zero" else template
+        folder = self.out / rel
+        if not (folder / "config.json").is_file():
+            self._note(f"eval: {key} has no model at {folder}, skipped")
+            return {}
+        res = evaluate(folder, str(self.data / "test.jsonl"), k=p.eval_k, temperature=0.6, top_p=0.95,
+                       max_tokens=p.max_tokens, out=self.out / "eval" / f"{key}.jsonl", seed=p.seed,
+                       device=None if self.device_name == "auto" else self.device_name,
+                       batch=256, template=template, progress=not self.quiet and sys.stderr.isatty(), report=False,
+                       compile=False,  # a small model: the CUDA graph alone is fast; compiling costs more
+                       redo_hint=f"redo the evaluation: r1lab speedrun --out {self.out} --stages "
+                                 f"{STAGES.index('eval')}")
+        self._note(f"eval {key}: pass@1 {res['pass@1']:.3f}, cons@{p.eval_k} {res['cons@k']:.3f}, "
+                   f"{res['mean_tokens']:.0f} tokens")
+        return {key: {k: res[k] for k in ("pass@1", "cons@k", "mean_tokens", "truncated")}}
+
+    def _eval_expert_load(self) -> dict:
+        return {"expert_load": _expert_load(self.out / "3-reasoning-rl/final", self.out / "eval/reasoning-rl.jsonl",
+                                            sdata.CHAT_TEMPLATE, self.data / "test.jsonl", self.device_name)}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -472,6 +665,95 @@ def stage_recipe(recipe, out: Path, tokenizer: Path, steps: int, batch: int, lr:
     recipe.train.steps, recipe.train.batch_size, recipe.optim.lr = steps, batch, lr
     recipe.ckpt.every, recipe.ckpt.keep = ckpt_every, 1
     recipe.log.every, recipe.log.tensorboard = max(steps // 10, 1), False
+
+
+def _part_order(stage: str, part: str) -> int:
+    """Where a job's results go in its stage's: pretraining's data, base, student; distillation's distilled,
+    control; evaluation in MODELS order, the expert load last."""
+    order = {"pretrain": ("data", "base", "student"), "distill": ("distilled", "control"),
+             "eval": (*(k for k, _, _ in MODELS), "expert-load")}.get(stage, ("",))
+    return order.index(part)
+
+
+def _schedule(pending: list, done: set, busy: list[int], threads: int, lanes: int) -> list[tuple[tuple, int]]:
+    """Which pending jobs (JOBS entries, in JOBS order) start now, and with how many threads, given the jobs
+    done and the threads of each running one: the first ready jobs while a lane and a thread are free, each with
+    an even share of the threads, or every free thread when all the jobs left wait for it."""
+    after = _dependents()
+    free, out = threads - sum(busy), []
+    for job in pending:
+        if len(busy) + len(out) >= lanes or free <= 0:
+            break
+        st, part, needs = job
+        if not all(n in done for n in needs):
+            continue
+        rest = {job_name(s, p) for s, p, _ in pending if (s, p) != (st, part)}
+        n = free if rest <= after[job_name(st, part)] else min(max(threads // lanes, 1), free)
+        out.append((job, n))
+        free -= n
+    return out
+
+
+def _dependents() -> dict[str, set[str]]:
+    """Each job's name -> the names of every job in JOBS that waits for it, directly or not."""
+    out: dict[str, set[str]] = {job_name(st, part): set() for st, part, _ in JOBS}
+    for _ in JOBS:  # a fixed point: JOBS is small
+        for st, part, needs in JOBS:
+            for n in needs:
+                out[n] |= {job_name(st, part)} | out[job_name(st, part)]
+    return out
+
+
+def _timed(fn, *args) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
+_IN_JOB = False  # in a lane's worker: whether it is running a job now
+
+
+def _worker_init(threads: int) -> None:
+    """A lane's worker process: Ctrl-C at the terminal goes to the driver alone (which passes it on once, as
+    SIGTERM); SIGTERM stops the job (a trainer saves a checkpoint first); SIGUSR1 gives the job all `threads`
+    (the driver sends it when this job runs alone and everything left waits for it). An idle worker ignores
+    both. Python runs the handlers between two ops, never inside one."""
+    import os
+    import signal
+
+    os.setpgrp()
+
+    def stop(signum, frame):
+        if _IN_JOB:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def grow(signum, frame):
+        if _IN_JOB:
+            torch.set_num_threads(threads)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGUSR1, grow)
+
+
+def _worker_job(out: str, device: str, stage: str, part: str, threads: int) -> tuple[dict, float]:
+    global _IN_JOB
+    torch.set_num_threads(threads)
+    _IN_JOB = True
+    try:
+        return _timed(Speedrun(out, device=device, resume=True, quiet=True).job, stage, part)
+    finally:
+        _IN_JOB = False
+
+
+def _signal_workers(pool, signum: int) -> None:
+    import os
+
+    for proc in (getattr(pool, "_processes", None) or {}).values():
+        if proc.is_alive():
+            try:
+                os.kill(proc.pid, signum)
+            except ProcessLookupError:
+                pass
 
 
 def _last_metrics(run: Path) -> dict:

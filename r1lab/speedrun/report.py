@@ -370,7 +370,14 @@ def write_report(out: Path, state: dict) -> Path:
     for name, v in st.items():
         lines.append(f"| {name} | {v['seconds']:.0f} |")
         total += v["seconds"]
-    lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |", ""]
+    wall = state.get("wall_seconds")
+    if wall is not None and abs(wall - total) > 1:  # jobs ran side by side (lanes), or a stage was rerun
+        lines += [f"| **wall clock** | **{wall:.0f}** ({wall / 60:.1f} min) |", "",
+                  "A stage's seconds are its jobs' (work); with two lanes jobs run side by side, so they add up "
+                  f"to more than the wall clock ({total:.0f} s). The wall clock counts every run of this folder, "
+                  "reruns included.", ""]
+    else:
+        lines += [f"| **total** | **{total:.0f}** ({total / 60:.1f} min) |", ""]
     if figs:
         lines += ["## Plots", ""]
         for title, rel in figs:
