@@ -12,6 +12,7 @@ OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slo
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def summarize(out: Path) -> str:
         base = _samples(run, "base")
         zero = _samples(run, "r1-zero")
         wall = (run / "wall_seconds.txt").read_text().strip() if (run / "wall_seconds.txt").is_file() else "?"
+        if wall == "?":  # a run not launched here: the clock its speedrun.json kept (all its runs, reruns included)
+            clock = json.loads((run / "speedrun.json").read_text()).get("wall_seconds")
+            wall = f"{clock:.0f}" if clock is not None else "?"
         rec = {"run": run.name, "wall_s": wall, **{f"pass1_{k}": v for k, v in acc.items()}}
         if base and zero:
             rec["check_base"] = 100 * accuracy_by_type(base)["checked"]["share"]

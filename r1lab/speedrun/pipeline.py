@@ -50,8 +50,8 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 17.5 minutes measured, README); `gpu` one
-    H200."""
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU: 14.2 minutes measured with two lanes,
+    README); `gpu` one H200."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
     task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
@@ -394,7 +394,8 @@ class Speedrun:
                         self._note(f"{job_name(st, part)}: started ({n} thread{'s' if n > 1 else ''})")
                     if not running:
                         break
-                    if can_grow and len(running) == 1 and not starts:  # one job alone, and all the rest wait for it: grow it
+                    # One job alone, and everything left waits for it: it takes the threads that came free.
+                    if can_grow and len(running) == 1 and not starts:
                         (fut, (st, part, n, start)), = running.items()
                         rest = {job_name(s, p) for s, p, _ in pending}
                         if n < threads and rest <= _dependents()[job_name(st, part)]:
