@@ -304,15 +304,13 @@ class Speedrun:
         done = {job_name(st, part) for st, part, _ in JOBS if st not in todo}
         done |= {job_name(st, part) for st, parts in self.state.get("parts", {}).items() for part in parts}
         jobs = [(st, part, needs) for st, part, needs in JOBS if st in todo and job_name(st, part) not in done]
-        for name in todo:
-            if not self.state.get("parts", {}).get(name):
-                self._note(f"stage {STAGES.index(name)} {name}")
         t0 = time.perf_counter()
         try:
             if lanes > 1 and jobs:
                 self._run_lanes(jobs, done, lanes, threads or torch.get_num_threads())
             else:
                 for st, part, _ in jobs:
+                    self._note(f"stage {STAGES.index(st)} {job_name(st, part)}")
                     self._finish_job(st, part, *_timed(self.job, st, part))
         finally:
             self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + time.perf_counter() - t0
