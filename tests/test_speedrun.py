@@ -343,6 +343,29 @@ def test_response_classifier_and_accuracy_per_type():
     assert check_changes(recs) == {"checked": 3, "changed": 1, "changed_right": 1}
 
 
+def test_first_slips_tell_a_misread_operand_from_a_wrong_running_total():
+    from r1lab.speedrun.report import first_slips
+
+    q = {"p": "Add a2 b0 c8 d3."}  # 13
+    think = "</think>\n\n<answer>{}</answer>"
+
+    def rec(text, correct=False):
+        return {"problem_id": "p", "text": text + think.format(text.rsplit(" ", 1)[-1].rstrip(".")), "correct": correct}
+
+    records = [
+        rec("a2+b0=2 +c8=10 +d3=14. The answer is 14."),  # 10 + 3 is not 14
+        rec("a2+b0=2 +c9=11 +d3=14. The answer is 14."),  # c is 8, not 9 (its sum is right)
+        rec("a2+b0=3 +c8=11 +d3=14. The answer is 14."),  # the first step's sum is wrong
+        rec("a2+b0=2 +c8=10 +d3=13. Check: 13-d3=10 10-c8=2 2-b0=3, wrong. The answer is 12."),  # the check did it
+        rec("The answer is 12."),  # answers at once: not a worked answer
+        rec("a2+b0=2 +c8=10 +d3=13. The answer is 13.", correct=True),  # right: not counted
+    ]
+    assert first_slips(records, q) == {"wrong": 4, "lookup": 1, "addition": 2, "other": 1}
+    # A lookup after an addition slip counts as the addition: the first error is what counts.
+    assert first_slips([rec("a2+b0=2 +c8=11 +d4=15. The answer is 15.")], q)["addition"] == 1
+    assert first_slips([rec("a2+b0=2 +c8=10 +d4=14. The answer is 14.")], q)["lookup"] == 1
+
+
 def test_paired_margin_counts_problems_not_samples():
     from r1lab.speedrun.report import _per_problem, paired_margin
 

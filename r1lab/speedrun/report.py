@@ -173,6 +173,38 @@ def check_changes(records) -> dict[str, int]:
     return {"checked": checked, "changed": changed, "changed_right": right}
 
 
+_TAGGED = re.compile(r"\b([a-z])(\d)\b")  # an operand of the question, "c8"
+_CHAIN_STEP = re.compile(r"(?:([a-z])(\d+))?\+([a-z])(\d+)=(\d+)")  # "a2+b0=2" or "+c8=10"
+
+
+def first_slips(records, questions: dict[str, str]) -> dict[str, int]:
+    """Where the wrong worked answers (works it out, checked or not) of a running sum ("Add a2 b0 c8.") first go
+    wrong, in the pass before any check: "lookup" (an operand written with another value than the question
+    gives its tag), else "addition" (a running total that is not the previous total plus the operand), else
+    "other" (the first pass is right: a check or the final answer changed it, or no step could be read).
+    `questions`: problem id -> question."""
+    out = {"wrong": 0, "lookup": 0, "addition": 0, "other": 0}
+    for r in records:
+        if r["correct"] or classify_response(r["text"]) == "direct":
+            continue
+        out["wrong"] += 1
+        ops = dict(_TAGGED.findall(questions.get(r["problem_id"], "")))
+        think = r["text"].split("</think>", 1)[0]
+        check = _CHECK.search(think)
+        kind, total = "other", None
+        for head, head_v, tag, v, result in _CHAIN_STEP.findall(think[:check.start()] if check else think):
+            if (head and ops.get(head) != head_v) or ops.get(tag) != v:
+                kind = "lookup"
+                break
+            first = int(head_v) if head else total
+            if first is not None and int(result) != first + int(v):
+                kind = "addition"
+                break
+            total = int(result)
+        out[kind] += 1
+    return out
+
+
 def _types_table(out: Path) -> list[str]:
     lines = ["| stage | answers at once | works it out | works it out and checks | accuracy: at once | works it "
              "out | checks |", "|---|---|---|---|---|---|---|"]
@@ -358,6 +390,18 @@ def write_report(out: Path, state: dict) -> Path:
         if ch["checked"]:
             lines += [f"R1-Zero's checks: {ch['checked']} responses check their result; {ch['changed']} of the "
                       f"checks changed the answer, and {ch['changed_right']} of the changed answers are right.", ""]
+        test = out / "data" / "test.jsonl"
+        if s["task"] == "running-sum" and test.is_file():
+            questions = {q["id"]: q["question"] for q in map(json.loads, test.read_text().splitlines())}
+            slips = [(label, first_slips(_samples(out, key), questions)) for key, label in STAGE_LABELS.items()]
+            rows = [f"| {label} | {f['wrong']} | {f['lookup']} | {f['addition']} | {f['other']} |"
+                    for label, f in slips if f["wrong"]]
+            if rows:
+                lines += ["Where the wrong worked answers first go wrong, in the pass before any check: a misread "
+                          "operand (another value than the question gives its tag), else a wrong running total, "
+                          "else elsewhere (the first pass was right):", "",
+                          "| stage | wrong worked answers | misread operand | wrong running total | elsewhere |",
+                          "|---|---|---|---|---|", *rows, ""]
         lines += ["Samples by a fixed rule (the first held-out problem, its first two samples):", "",
                   *_sample_lines(out)]
     rej = st.get("rejection")
