@@ -223,7 +223,7 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
 
 
 def test_jobs_wait_for_what_they_read_and_lanes_share_the_threads():
-    from r1lab.speedrun.pipeline import JOBS, MODELS, _dependents, _schedule, job_name
+    from r1lab.speedrun.pipeline import JOBS, MODELS, _all_wait_for, _dependents, _schedule, job_name
 
     names = [job_name(st, part) for st, part, _ in JOBS]
     assert len(set(names)) == len(names) and {st for st, _, _ in JOBS} == set(STAGES)
@@ -256,6 +256,10 @@ def test_jobs_wait_for_what_they_read_and_lanes_share_the_threads():
                                                        "student-control")), "eval/expert-load"}
     assert start(tail, []) == [("rejection", 2)]
     assert start(tail - {"eval/base"}, []) == [("rejection", 1), ("eval/base", 1)]
+    # The same rule lets a lone running job take the threads that came free (the driver signals its worker).
+    left = [j for j in JOBS if job_name(*j[:2]) not in tail]
+    assert _all_wait_for("rejection", left) and not _all_wait_for("distill/distilled", left)
+    assert not _all_wait_for("rejection", left + [j for j in JOBS if job_name(*j[:2]) == "eval/base"])
 
 
 def test_a_stage_of_several_jobs_continues_from_its_finished_ones(tmp_path, monkeypatch):

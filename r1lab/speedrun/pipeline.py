@@ -27,6 +27,7 @@ after another in this process. Every job seeds itself, so the lanes change the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -395,8 +396,7 @@ class Speedrun:
                     # One job alone, and everything left waits for it: it takes the threads that came free.
                     if can_grow and len(running) == 1 and not starts:
                         (fut, (st, part, n, start)), = running.items()
-                        rest = {job_name(s, p) for s, p, _ in pending}
-                        if n < threads and rest <= _dependents()[job_name(st, part)]:
+                        if n < threads and _all_wait_for(job_name(st, part), pending):
                             _signal_workers(pool, signal.SIGUSR1)  # the idle worker ignores it
                             running[fut] = (st, part, threads, start)
                             self._note(f"{job_name(st, part)}: now {threads} threads")
@@ -678,7 +678,6 @@ def _schedule(pending: list, done: set, busy: list[int], threads: int, lanes: in
     """Which pending jobs (JOBS entries, in JOBS order) start now, and with how many threads, given the jobs
     done and the threads of each running one: the first ready jobs while a lane and a thread are free, each with
     an even share of the threads, or every free thread when all the jobs left wait for it."""
-    after = _dependents()
     free, out = threads - sum(busy), []
     for job in pending:
         if len(busy) + len(out) >= lanes or free <= 0:
@@ -686,13 +685,19 @@ def _schedule(pending: list, done: set, busy: list[int], threads: int, lanes: in
         st, part, needs = job
         if not all(n in done for n in needs):
             continue
-        rest = {job_name(s, p) for s, p, _ in pending if (s, p) != (st, part)}
-        n = free if rest <= after[job_name(st, part)] else min(max(threads // lanes, 1), free)
+        n = free if _all_wait_for(job_name(st, part), pending) else min(max(threads // lanes, 1), free)
         out.append((job, n))
         free -= n
     return out
 
 
+def _all_wait_for(name: str, pending: list) -> bool:
+    """Whether every pending job other than `name` waits for it, directly or not: then no other job can start
+    before it ends, and it may take every thread (at its start, or later when it is left running alone)."""
+    return {job_name(s, p) for s, p, _ in pending} - {name} <= _dependents()[name]
+
+
+@functools.cache
 def _dependents() -> dict[str, set[str]]:
     """Each job's name -> the names of every job in JOBS that waits for it, directly or not."""
     out: dict[str, set[str]] = {job_name(st, part): set() for st, part, _ in JOBS}
