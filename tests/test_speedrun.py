@@ -209,6 +209,16 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
     for png in ("rl_curves", "accuracy", "expert_load"):
         data = (out / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{png}.png" in report
+    # The report says where the stages ran, as recorded when they ran (once here: one machine, one commit).
+    assert len(state["ran_on"]) == 1 and f"Hardware: {state['ran_on'][0]['hardware']}." in report
+    assert "where this report was written" not in report
+    # --report rewrites the report from the folder as it stands and runs nothing.
+    from r1lab.cli import main
+
+    saved = (out / "speedrun.json").read_text()
+    (out / "report.md").unlink()
+    assert main(["speedrun", "--out", str(out), "--report"]) in (0, None)
+    assert (out / "report.md").read_text() == report and (out / "speedrun.json").read_text() == saved
     # --stages reruns part of the recipe on the same folder.
     state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6])
     assert set(state["stages"]) == set(STAGES)
@@ -318,6 +328,18 @@ def test_command_line_errors_are_clear(tmp_path, capsys):
     assert "holds a speedrun of preset 'mini'" in capsys.readouterr().err
     assert main(["speedrun", "--out", str(tmp_path / "b")]) == 2
     assert "pass --resume" in capsys.readouterr().err
+    # --report runs nothing: it refuses what would run stages, and a folder without a run.
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--report", "--stages", "6"]) == 2
+    assert "--report runs nothing, so it takes no --stages" in capsys.readouterr().err
+    assert main(["speedrun", "--out", str(tmp_path / "none"), "--report"]) == 2
+    assert "holds no speedrun (no speedrun.json)" in capsys.readouterr().err
+    # A folder from before the record of where its stages ran: the report says whose machine it names.
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--report"]) in (0, None)
+    assert "(both where this report was written)" in (tmp_path / "b" / "report.md").read_text()
+    bad = json.loads((tmp_path / "b" / "speedrun.json").read_text())
+    (tmp_path / "b" / "speedrun.json").write_text(json.dumps({**bad, "ran_on": [{"hardware": 3}]}))
+    assert main(["speedrun", "--out", str(tmp_path / "b"), "--report"]) == 2
+    assert "'ran_on' must be a list of objects" in capsys.readouterr().err
 
 
 def test_response_classifier_and_accuracy_per_type():

@@ -40,6 +40,8 @@ def parse_sets(items) -> dict:
 
 
 def cmd_speedrun(args) -> None:
+    if args.report:
+        return _report_only(args)
     overrides = parse_sets(args.set)
     stages = parse_stages(args.stages) if args.stages else None
     run = Speedrun(args.out, args.preset or "cpu", device=args.device, resume=args.resume or stages is not None,
@@ -73,6 +75,28 @@ def cmd_speedrun(args) -> None:
     print(f"report: {run.out / 'report.md'}")
 
 
+def _report_only(args) -> None:
+    """--report: report.md and its plots rewritten from what the run folder holds; nothing runs."""
+    from pathlib import Path
+
+    from .pipeline import read_state
+    from .report import claims, headline, write_report
+
+    given = [flag for flag, on in (("--resume", args.resume), ("--stages", args.stages), ("--set", args.set),
+                                   ("--preset", args.preset), ("--lanes", args.lanes is not None)) if on]
+    if given:
+        raise ValueError(f"--report runs nothing, so it takes no {', '.join(given)}: it rewrites the report of "
+                         f"the run folder --out as it stands")
+    out = Path(args.out)
+    if not (out / "speedrun.json").is_file():
+        raise ValueError(f"{out} holds no speedrun (no speedrun.json): nothing to report")
+    state = read_state(out / "speedrun.json")
+    path = write_report(out, state)
+    print(headline(state))
+    print("\n".join(claims(state, out)))
+    print(f"report: {path}")
+
+
 def _device_type(name: str) -> str:
     from .pipeline import _device
 
@@ -95,7 +119,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                "Each training stage is an ordinary r1lab pretrain / sft / grpo run with its recipe.toml in its "
                "folder.\nExamples:\n  r1lab speedrun\n  r1lab speedrun --preset gpu --out runs/speedrun-gpu\n"
                "  r1lab speedrun --out runs/speedrun --resume      # after Ctrl-C or a crash\n"
-               "  r1lab speedrun --out runs/speedrun --stages 5-6  # redo distillation and evaluation")
+               "  r1lab speedrun --out runs/speedrun --stages 5-6  # redo distillation and evaluation\n"
+               "  r1lab speedrun --out runs/speedrun --report      # rewrite the report only")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="sizes and steps of a new run (default: cpu; a resumed run keeps its own)")
     p.add_argument("--out", default="runs/speedrun", metavar="DIR", help="run folder (default: runs/speedrun)")
@@ -113,6 +138,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="jobs run side by side, each in a process of its own with a share of the threads "
                         "(default: 2 on a CPU with two threads or more, 1 on a GPU); the recipe and its seeds are "
                         "the same either way")
+    p.add_argument("--report", action="store_true",
+                   help="rewrite report.md and its plots from what the run folder holds (finished or not) and "
+                        "run nothing, e.g. after a change to the report")
     p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     p.set_defaults(fn=cmd_speedrun)
     return p

@@ -40,7 +40,7 @@ import torch
 
 from ..model.config import get_preset
 from . import data as sdata
-from .report import write_report
+from .report import git_commit, hardware, write_report
 
 STAGES = ("pretrain", "r1-zero", "cold-start", "reasoning-rl", "rejection", "distill", "eval")
 # What each stage writes (relative to the run folder): removed before a stage is rerun with --stages.
@@ -232,6 +232,10 @@ def read_state(path: Path) -> dict:
         raise ValueError(f"{path}: 'parts' must map stage names to objects of finished jobs")
     if not isinstance(state.get("wall_seconds", 0.0), (int, float)):
         raise ValueError(f"{path}: 'wall_seconds' must be a number")
+    ran_on = state.get("ran_on", [])
+    if not (isinstance(ran_on, list) and all(isinstance(r, dict) and isinstance(r.get("hardware"), str)
+                                             and isinstance(r.get("commit"), str) for r in ran_on)):
+        raise ValueError(f"{path}: 'ran_on' must be a list of objects with 'hardware' and 'commit' (strings)")
     return state
 
 
@@ -305,6 +309,10 @@ class Speedrun:
         done = {job_name(st, part) for st, part, _ in JOBS if st not in todo}
         done |= {job_name(st, part) for st, parts in self.state.get("parts", {}).items() for part in parts}
         jobs = [(st, part, needs) for st, part, needs in JOBS if st in todo and job_name(st, part) not in done]
+        if jobs:  # the machine and code that ran them, for the report (a folder resumed elsewhere lists each)
+            where = {"hardware": hardware(), "commit": git_commit()}
+            if where not in self.state.setdefault("ran_on", []):
+                self.state["ran_on"].append(where)
         t0 = time.perf_counter()
         try:
             if lanes > 1 and jobs:

@@ -370,7 +370,7 @@ def write_report(out: Path, state: dict) -> Path:
     knobs = ", ".join(f"{k}={v}" for k, v in s["task_knobs"])
     pre = st.get("pretrain", {})
     lines = [f"# r1lab speedrun report: preset `{state['preset']}`", "",
-             f"Hardware: {hardware()}. Commit: {git_commit()}. Task: {s['task']} ({knobs}), {s['eval_problems']} "
+             f"{_ran_on(state)}. Task: {s['task']} ({knobs}), {s['eval_problems']} "
              f"held-out problems, {s['eval_k']} samples each at temperature 0.6, top-p 0.95.", ""]
     if pre:
         b, stu = pre.get("base", {}).get("params", {}), pre.get("student", {}).get("params", {})
@@ -430,6 +430,17 @@ def write_report(out: Path, state: dict) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _ran_on(state: dict) -> str:
+    """Where the stages ran, as recorded when they ran; a folder from before that record says the report's
+    machine and commit instead, and that it does."""
+    ran = state.get("ran_on")
+    if not ran:
+        return f"Hardware: {hardware()}. Commit: {git_commit()} (both where this report was written)"
+    if len(ran) == 1:
+        return f"Hardware: {ran[0]['hardware']}. Commit: {ran[0]['commit']}"
+    return "Ran on, in turn: " + "; ".join(f"{r['hardware']} at commit {r['commit']}" for r in ran)
 
 
 def hardware() -> str:
