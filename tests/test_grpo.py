@@ -199,6 +199,10 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
             torch.manual_seed(1)
             ro = t.rollout(0)
             ro.rewards = torch.rand(len(ro.rewards))  # a learning signal whatever the model answered
+            # completions of 3, 1 and 2 tokens in turn, so micro-batches regroup rows by length (`_plan`)
+            cut = [1 + (i + 2) % 3 for i in range(len(ro.rows))]
+            ro.completion_ids = [c[:k] for c, k in zip(ro.completion_ids, cut)]
+            ro.old_logp = [x[:k] for x, k in zip(ro.old_logp, cut)]
             seen = []
             t.optimizer.step = lambda seen=seen, t=t: seen.append(
                 torch.cat([m.grad.flatten() for m in t.master.master if m.grad is not None]))
@@ -210,6 +214,20 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
         for k in ("loss", "entropy", "kl", "clip_frac"):
             assert stats[0][k] == pytest.approx(stats[1][k], rel=1e-4, abs=1e-7), k
+
+
+def test_micro_batches_group_rows_of_like_length_within_each_update(tmp_path):
+    """Each update keeps its own rows (mini-batches of 8 in order: the update's gradient depends on which rows
+    it holds) and fills its micro-batches shortest first, so a micro-batch pads only to rows of its own length."""
+    t = small_trainer(tmp_path, mini_batch_size=8, **{"train.batch_size": 3})
+    lengths = [9, 2, 7, 2, 5, 8, 1, 3, 4, 4, 6, 10, 1, 2, 9, 3]
+    plan = t._plan(lengths)
+    assert [sorted(i for ids in u for i in ids) for u in plan] == [list(range(8)), list(range(8, 16))]
+    assert [[len(ids) for ids in u] for u in plan] == [[3, 3, 2], [3, 3, 2]]
+    for u in plan:
+        order = [lengths[i] for ids in u for i in ids]
+        assert order == sorted(order)
+    assert plan[0][0] == [6, 1, 3] and plan[1][-1] == [14, 11]  # ties keep their order
 
 
 def test_update_statistics_by_hand(tmp_path):

@@ -800,15 +800,19 @@ class GRPOTrainer(Trainer):
         """How many ranks have `flag` set (collective); 0 or 1 on one process."""
         return self._counts([int(flag)])[0]
 
-    def _plan(self, N: int) -> list[list[list[int]]]:
-        """One pass over N rollout rows: the optimizer updates (grpo.mini_batch_size sequences over all ranks,
-        each rank its share), each a list of micro-batches of row indices (train.batch_size sequences over all
-        ranks). Under torchrun every rank must run as many forward/backward passes and updates as the others
-        (FSDP's collectives pair up across ranks), but dynamic sampling can leave ranks with different numbers
-        of rows: shorter plans are padded with empty micro-batches, which run a pass with zero loss."""
+    def _plan(self, lengths: list[int]) -> list[list[list[int]]]:
+        """One pass over the rollout rows of these token `lengths` (prompt and completion): the optimizer updates
+        (grpo.mini_batch_size sequences over all ranks, each rank its share), each a list of micro-batches of row
+        indices (train.batch_size sequences over all ranks). An update's rows go into its micro-batches shortest
+        first, so each micro-batch is padded only to the longest of rows of about its own length (an update's
+        gradient is the sum over its micro-batches, whatever rows each holds). Under torchrun every rank must run
+        as many forward/backward passes and updates as the others (FSDP's collectives pair up across ranks), but
+        dynamic sampling can leave ranks with different numbers of rows: shorter plans are padded with empty
+        micro-batches, which run a pass with zero loss."""
+        N = len(lengths)
         mb = self.g.mini_batch_size // self.world or N
         micro = max(1, self.recipe.train.batch_size // self.world)
-        updates = [list(range(s, min(N, s + mb))) for s in range(0, N, mb)] if N else []
+        updates = [sorted(range(s, min(N, s + mb)), key=lengths.__getitem__) for s in range(0, N, mb)] if N else []
         plan = [[rows[m:m + micro] for m in range(0, len(rows), micro)] for rows in updates]
         if self.world > 1:
             n = torch.tensor([len(plan)], device=self.device)
@@ -842,6 +846,7 @@ class GRPOTrainer(Trainer):
         host = to_device(host, dev)
         adv, old = host[:, 0], host[:, 1:]
         masks = lambda ids: None if b.token_mask is None else [b.token_mask[i] for i in ids]  # noqa: E731
+        plan = self._plan([len(p) + len(c) for p, c in zip(b.prompt_ids, b.completion_ids)])
         ref_logp = None
         if g.beta > 0:  # once per rollout batch; the reference does not move within it
             # (with LoRA: the base under the policy itself on one process, and under its full copy under torchrun,
@@ -854,7 +859,7 @@ class GRPOTrainer(Trainer):
             # (measured: 0.3% apart in the next loss between micro-batch sizes, with MKL's AVX2 kernels).
             ref_logp = [None] * N
             with torch.no_grad(), lora.adapters_off(ref) if self.ref is None else contextlib.nullcontext():
-                for ids in (ids for update in self._plan(N) for ids in update if ids):
+                for ids in (ids for update in plan for ids in update if ids):
                     lp, _, _ = completion_logprobs(ref, [b.prompt_ids[i] for i in ids],
                                                    [b.completion_ids[i] for i in ids], g.temperature,
                                                    compiled=self.recipe.train.compile,
@@ -867,14 +872,11 @@ class GRPOTrainer(Trainer):
         grad_norm = 0.0
         # sequences and completion tokens of the whole batch, over all ranks: the statistics' denominators
         n_all, n_tok_total = self._counts([N, sum(b.model_tokens(i) for i in range(N))])
-        plan = self._plan(N)
         updates = skipped = 0
         upd_loss = torch.zeros((), device=dev)  # the update's loss, whose finiteness decides whether it is applied
         for p in range(g.mu):
             for update in plan:
                 rows = [i for ids in update for i in ids]
-                s0 = rows[0] if rows else 0
-                lens = [len(b.completion_ids[i]) for i in rows]
                 # the mini-batch's, over all ranks (tokens: those that get a loss)
                 n_rows, n_lens = self._counts([len(rows), sum(b.model_tokens(i) for i in rows)])
                 # divided by world: FSDP averages the ranks' gradients (as in Trainer.train_step)
@@ -896,7 +898,7 @@ class GRPOTrainer(Trainer):
                     if ref_logp is not None:
                         ref = torch.zeros(len(ids), L, device=dev)
                         for j, i in enumerate(ids):
-                            ref[j, : lens[i - s0]] = ref_logp[i]
+                            ref[j, : len(ref_logp[i])] = ref_logp[i]
                         kl = k3_kl(logp, ref)
                         per_tok = per_tok + g.beta * kl
                     mf = mask.float()
