@@ -7,6 +7,7 @@ OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slo
     python benchmarks/speedrun_seeds.py --seeds 0 1 2 --out runs/seeds
     python benchmarks/speedrun_seeds.py --seeds 0 1 --variant more-checks:check_share=0.5
     python benchmarks/speedrun_seeds.py --out runs/seeds --summarize      # the table again, nothing run
+    python benchmarks/speedrun_seeds.py --summarize --runs runs/a runs/b  # any run folders, printed only
 """
 
 from __future__ import annotations
@@ -68,8 +69,42 @@ def launch(args) -> None:
                 print(f"done {name}: rc {proc.returncode}, {wall:.0f} s", flush=True)
 
 
-def summarize(out: Path) -> str:
-    runs = sorted(p for p in out.iterdir() if (p / "speedrun.json").is_file())
+def run_folders(folders: list[Path]) -> list[Path]:
+    """Each folder that is a run, and the runs inside each folder that holds runs."""
+    runs = []
+    for f in folders:
+        runs += [f] if (f / "speedrun.json").is_file() else sorted(
+            p for p in f.iterdir() if (p / "speedrun.json").is_file())
+    return runs
+
+
+def worked_accuracy(recs: list[dict]) -> tuple[float, int] | None:
+    """Accuracy of the samples that work the sum out (checked or not), and how many there are."""
+    t = accuracy_by_type(recs)
+    n = t["worked"]["n"] + t["checked"]["n"]
+    return ((t["worked"]["accuracy"] * t["worked"]["n"] + t["checked"]["accuracy"] * t["checked"]["n"]) / n, n) \
+        if n else None
+
+
+def endpoints(runs: list[Path]) -> str:
+    """Where the RL models end against what the base can do when it works the sum out: pass@1 of R1-Zero, the
+    cold start and reasoning RL beside the accuracy of the base's worked answers."""
+    lines = ["| run | base's worked answers right (n) | R1-Zero | cold start | reasoning RL | RL - cold | "
+             "R1-Zero - base worked | RL - base worked |", "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        recs = {k: _samples(run, k) for k in ("base", "r1-zero", "cold-start", "reasoning-rl")}
+        if not all(recs.values()) or (w := worked_accuracy(recs["base"])) is None:
+            continue
+        acc = {k: 100 * sum(r["correct"] for r in v) / len(v) for k, v in recs.items()}
+        lines.append(f"| {run.parent.name}/{run.name} | {100 * w[0]:.1f} ({w[1]}) | {acc['r1-zero']:.1f} | "
+                     f"{acc['cold-start']:.1f} | {acc['reasoning-rl']:.1f} | "
+                     f"{acc['reasoning-rl'] - acc['cold-start']:+.1f} | {acc['r1-zero'] - 100 * w[0]:+.1f} | "
+                     f"{acc['reasoning-rl'] - 100 * w[0]:+.1f} |")
+    return "\n".join(lines)
+
+
+def summarize(out: Path | list[Path]) -> str:
+    runs = run_folders(out if isinstance(out, list) else [out])
     rows, by_variant = [], {}
     for run in runs:
         claims = {c["key"]: c for c in signature_claims(run)}
@@ -122,6 +157,7 @@ def summarize(out: Path) -> str:
                  f"distilled - control {stat([r['distill_over_control']['diff'] for r in recs if 'distill_over_control' in r])} pts",
                  f"wall s {stat([float(r['wall_s']) for r in recs if r['wall_s'] != '?'])}"]
         lines.append(f"- **{name}** ({len(recs)} seeds): " + "; ".join(parts))
+    lines += ["", "Where RL ends, against the base's worked answers:", "", endpoints(runs)]
     return "\n".join(lines)
 
 
@@ -137,7 +173,12 @@ def main() -> None:
                     help="NAME:KEY=VALUE,KEY=VALUE, a group of runs over the seeds (repeatable)")
     ap.add_argument("--stages", default="", help="only these stages of each run, e.g. 0,1,6 (base and R1-Zero)")
     ap.add_argument("--summarize", action="store_true", help="only print the summary of the runs in --out")
+    ap.add_argument("--runs", type=Path, nargs="+", metavar="DIR",
+                    help="with --summarize: these run folders (or folders of runs) instead of --out's, printed only")
     args = ap.parse_args()
+    if args.runs:
+        print(summarize(args.runs))
+        return
     if not args.summarize:
         launch(args)
     text = summarize(args.out)
