@@ -101,13 +101,16 @@ def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_pat
     """The cpu preset's checks undo each step of the first pass ("15-c5=10"), in the corpus and in the cold start,
     and its cold-start demonstrations check (30%) and fix a slip (10%) too, if less often than the corpus's worked
     documents (50% and 15%; thirteenth session: the checked cold start leaves reasoning RL groups with a signal);
-    the gpu and mini presets keep plain demonstrations. The data are written by the speedrun's own stage 0 (its
-    training stubbed out), so the wiring is what is tested."""
+    the gpu preset runs the same recipe on sums of twenty, and the mini preset keeps plain demonstrations. The data
+    are written by the speedrun's own stage 0 (its training stubbed out), so the wiring is what is tested."""
     import r1lab.speedrun.pipeline as pipeline
 
     p = PRESETS["cpu"]
     assert (p.cold_check_share, p.cold_fix_share) == (0.3, 0.1) and (p.check_share, p.fix_share) == (0.5, 0.15)
-    assert all((q.cold_check_share, q.cold_fix_share) == (0.0, 0.0) for q in (PRESETS["gpu"], PRESETS["mini"]))
+    g = PRESETS["gpu"]
+    assert (g.task, dict(g.task_knobs)) == ("running-sum", {"n_operands": 20, "check_route": "inverse"})
+    assert (g.cold_check_share, g.cold_fix_share, g.check_share, g.fix_share) == (0.3, 0.1, 0.5, 0.15)
+    assert (PRESETS["mini"].cold_check_share, PRESETS["mini"].cold_fix_share) == (0.0, 0.0)
     run = Speedrun(tmp_path, "cpu", device="cpu", quiet=True,
                    overrides={"corpus_docs": 400, "cold_start": 300, "rl_prompts": 4, "eval_problems": 4})
     run._train = lambda module, recipe: {}
