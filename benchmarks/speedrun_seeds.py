@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from r1lab.speedrun.report import _samples, accuracy_by_type, signature_claims  # noqa: E402
+from r1lab.speedrun.report import _samples, accuracy_by_type, signature_claims, worked_accuracy  # noqa: E402
 
 STAGES = ("base", "r1-zero", "cold-start", "reasoning-rl", "student-distill", "student-control")
 
@@ -78,14 +78,6 @@ def run_folders(folders: list[Path]) -> list[Path]:
     return runs
 
 
-def worked_accuracy(recs: list[dict]) -> tuple[float, int] | None:
-    """Accuracy of the samples that work the sum out (checked or not), and how many there are."""
-    t = accuracy_by_type(recs)
-    n = t["worked"]["n"] + t["checked"]["n"]
-    return ((t["worked"]["accuracy"] * t["worked"]["n"] + t["checked"]["accuracy"] * t["checked"]["n"]) / n, n) \
-        if n else None
-
-
 def endpoints(runs: list[Path]) -> str:
     """Where the RL models end against what the base can do when it works the sum out: pass@1 of R1-Zero, the
     cold start and reasoning RL beside the accuracy of the base's worked answers."""
@@ -93,7 +85,7 @@ def endpoints(runs: list[Path]) -> str:
              "R1-Zero - base worked | RL - base worked |", "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         recs = {k: _samples(run, k) for k in ("base", "r1-zero", "cold-start", "reasoning-rl")}
-        if not all(recs.values()) or (w := worked_accuracy(recs["base"])) is None:
+        if not all(recs.values()) or (w := worked_accuracy(accuracy_by_type(recs["base"]))) is None:
             continue
         acc = {k: 100 * sum(r["correct"] for r in v) / len(v) for k, v in recs.items()}
         lines.append(f"| {run.parent.name}/{run.name} | {100 * w[0]:.1f} ({w[1]}) | {acc['r1-zero']:.1f} | "

@@ -346,7 +346,7 @@ def test_command_line_errors_are_clear(tmp_path, capsys):
 
 
 def test_response_classifier_and_accuracy_per_type():
-    from r1lab.speedrun.report import accuracy_by_type, check_changes, classify_response
+    from r1lab.speedrun.report import accuracy_by_type, check_changes, classify_response, worked_accuracy
 
     direct = " The answer is 23. </think> <answer>23</answer>"
     restated = " 3 + 5 + 2 + 4 = 14. </think> <answer>14</answer>"  # one written step: still at once
@@ -366,6 +366,8 @@ def test_response_classifier_and_accuracy_per_type():
     assert t["worked"] == {"n": 1, "share": 1 / 6, "accuracy": 1.0}
     assert t["checked"] == {"n": 2, "share": 1 / 3, "accuracy": 0.5}
     assert accuracy_by_type([])["worked"]["accuracy"] is None
+    # the worked answers, checked or not, together: 1 + 1 right of 3
+    assert worked_accuracy(t) == (2 / 3, 3) and worked_accuracy(accuracy_by_type([])) is None
     # A check "changed the answer" when the last step before it disagrees with the final answer.
     recs = [{"text": checked, "extracted": "15", "correct": True}, {"text": fixed, "extracted": "15", "correct": True},
             {"text": fixed, "extracted": "16", "correct": False}, {"text": worked, "extracted": "23", "correct": True}]

@@ -68,11 +68,16 @@ def cmd_speedrun(args) -> None:
         print(f"\n[speedrun] interrupted ({e or 'Ctrl-C'}); continue with: r1lab speedrun --out {args.out} --resume",
               file=sys.stderr)
         raise SystemExit(130) from None
+    _print_card(run.state, run.out)
+
+
+def _print_card(state: dict, out) -> None:
+    """The report card's headline and claims, and where the report is."""
     from .report import claims, headline
 
-    print(headline(run.state))
-    print("\n".join(claims(run.state, run.out)))
-    print(f"report: {run.out / 'report.md'}")
+    print(headline(state))
+    print("\n".join(claims(state, out)))
+    print(f"report: {out / 'report.md'}")
 
 
 def _report_only(args) -> None:
@@ -80,7 +85,7 @@ def _report_only(args) -> None:
     from pathlib import Path
 
     from .pipeline import read_state
-    from .report import claims, headline, write_report
+    from .report import write_report
 
     given = [flag for flag, on in (("--resume", args.resume), ("--stages", args.stages), ("--set", args.set),
                                    ("--preset", args.preset), ("--lanes", args.lanes is not None)) if on]
@@ -91,10 +96,8 @@ def _report_only(args) -> None:
     if not (out / "speedrun.json").is_file():
         raise ValueError(f"{out} holds no speedrun (no speedrun.json): nothing to report")
     state = read_state(out / "speedrun.json")
-    path = write_report(out, state)
-    print(headline(state))
-    print("\n".join(claims(state, out)))
-    print(f"report: {path}")
+    write_report(out, state)
+    _print_card(state, out)
 
 
 def _device_type(name: str) -> str:

@@ -53,6 +53,16 @@ def accuracy_by_type(records) -> dict[str, dict[str, float]]:
     return {t: {"n": n, "share": n / total, "accuracy": right / n if n else None} for t, (n, right) in counts.items()}
 
 
+def worked_accuracy(types: dict) -> tuple[float, int] | None:
+    """Accuracy of the responses that work it out, checked or not, and how many there are, from
+    `accuracy_by_type`'s result; None when there are none."""
+    n = types["worked"]["n"] + types["checked"]["n"]
+    if not n:
+        return None
+    right = sum((types[k]["accuracy"] or 0) * types[k]["n"] for k in ("worked", "checked"))
+    return right / n, n
+
+
 def _metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -246,11 +256,9 @@ def signature_claims(out: Path) -> list[dict]:
         claims.append({"key": "base_reasoning_share", "text": "base reasoning share (works it out, with or without "
                        f"a check): {100 * share:.1f}%", "value": 100 * share, "target": "<= 40%",
                        "met": share <= 0.40})
-        nd, nw = t["direct"]["n"], t["worked"]["n"] + t["checked"]["n"]
-        if nd and nw:
-            pd = t["direct"]["accuracy"]
-            pw = ((t["worked"]["accuracy"] or 0) * t["worked"]["n"] + (t["checked"]["accuracy"] or 0)
-                  * t["checked"]["n"]) / nw
+        nd, worked = t["direct"]["n"], worked_accuracy(t)
+        if nd and worked:
+            pd, (pw, nw) = t["direct"]["accuracy"], worked
             se = math.sqrt(pd * (1 - pd) / nd + pw * (1 - pw) / nw)  # binomial over samples, unpaired
             claim("base_gap", f"the base's worked answers are more accurate than its direct ones ({100 * pd:.1f}% "
                   f"of {nd} direct vs {100 * pw:.1f}% of {nw} worked; SE binomial over samples)", 100 * (pw - pd),
