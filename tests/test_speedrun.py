@@ -395,11 +395,6 @@ def test_first_slips_tell_a_misread_operand_from_a_wrong_running_total():
     # A lookup after an addition slip counts as the addition: the first error is what counts.
     assert first_slips([rec("a2+b0=2 +c8=11 +d4=15. The answer is 15.")], q)["addition"] == 1
     assert first_slips([rec("a2+b0=2 +c8=10 +d4=14. The answer is 14.")], q)["lookup"] == 1
-    # Hasty steps add two operands at once: each term is looked up and the total is the sum of them all.
-    assert first_slips([rec("a2+b0=2 +c8+d3=13. The answer is 13.", correct=True)], q)["wrong"] == 0
-    assert first_slips([rec("a2+b0=2 +c8+d3=14. The answer is 14.")], q)["addition"] == 1
-    assert first_slips([rec("a2+b0=2 +c8+d4=14. The answer is 14.")], q)["lookup"] == 1
-    assert first_slips([rec("a2+b0=2 +c9+d3=14. The answer is 14.")], q)["lookup"] == 1
 
 
 def test_paired_margin_counts_problems_not_samples():
@@ -448,32 +443,6 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
     assert all(a == t for k, a, t in zip(kinds, answers, truth) if k != "worked")  # the others are all right
     assert abs(checked - p.check_share - p.fix_share) < 0.05 and abs(fixed - p.fix_share) < 0.04
     assert abs(slipped - (1 - p.check_share - p.fix_share) * p.slip_share) < 0.04
-
-def test_hasty_share_makes_that_share_of_worked_documents_and_demonstrations_hasty(tmp_path):
-    """hasty_share of the corpus's worked documents (and cold_hasty_share of the cold start's demonstrations)
-    take two operands a step and never check; the careful rest keep their shares of checks and fixes; at 0 the
-    corpus is exactly the one written without the setting (no random draw is spent on it)."""
-    from r1lab.speedrun.report import classify_response
-
-    task = sdata.make_task("running-sum", n_operands=8, check_route="inverse")
-    kw = dict(corpus_docs=3000, reasoning_share=0.5, rl_prompts=4, cold_start=400, test=4, seed=1, check_share=0.5,
-              fix_share=0.15, slip_share=0.2, textbook_share=0.25, cold_check_share=0.3, cold_fix_share=0.1)
-    sdata.write_data(tmp_path / "a", task, **kw)
-    sdata.write_data(tmp_path / "b", task, **kw, hasty_share=0.0, cold_hasty_share=0.0)
-    for name in ("corpus.jsonl", "cold_start.jsonl"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    sdata.write_data(tmp_path / "c", task, **kw, hasty_share=0.4, cold_hasty_share=0.25)
-    hasty = re.compile(r"\+[a-z]\d\+[a-z]\d=")
-    bodies = [json.loads(ln)["text"].split("<think>", 1)[1] for ln in (tmp_path / "c" / "corpus.jsonl").read_text()
-              .splitlines()]
-    worked = [b for b in bodies if classify_response(b) != "direct"]
-    rushed = [b for b in worked if hasty.search(b)]
-    assert abs(len(rushed) / len(worked) - 0.4) < 0.04 and all(classify_response(b) == "worked" for b in rushed)
-    careful = [b for b in worked if not hasty.search(b)]
-    assert abs(sum(classify_response(b) == "checked" for b in careful) / len(careful) - 0.65) < 0.05
-    demos = [json.loads(ln)["response"] for ln in (tmp_path / "c" / "cold_start.jsonl").read_text().splitlines()]
-    assert abs(sum(bool(hasty.search(d)) for d in demos) / len(demos) - 0.25) < 0.07
-
 
 def test_the_chat_layout_puts_every_token_where_the_chat_template_does(tmp_path):
     """A model this small finds an operand by its distance: in the default layout, a dialogue of the corpus, a

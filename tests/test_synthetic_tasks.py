@@ -165,28 +165,6 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
         RunningSum(modulus=1)
 
 
-def test_hasty_running_sums_add_two_operands_a_step():
-    """hasty_solution: the first step adds a and b, every later one the next two operands at once (an odd one out
-    alone); the totals are the running sums at those points, the answer the sum; modulo a modulus likewise."""
-    t = RunningSum(n_operands=4)
-    p = t.problems(1, "train", 0)[0]
-    p.meta["operands"], p.answer = [7, 3, 5, 8], "23"
-    assert t.hasty_solution(p) == "a7+b3=10 +c5+d8=23. The answer is 23."
-    p = RunningSum(n_operands=5).problems(1, "train", 0)[0]
-    p.meta["operands"], p.answer = [2, 9, 4, 6, 8], "29"
-    assert RunningSum.hasty_solution(p) == "a2+b9=11 +c4+d6=21 +e8=29. The answer is 29."
-    m = RunningSum(n_operands=4, modulus=10).problems(1, "train", 0)[0]
-    m.meta["operands"], m.answer = [7, 3, 5, 8], "3"
-    assert RunningSum.hasty_solution(m) == "a7+b3=0 +c5+d8=3. The answer is 3."
-    for n in (2, 3, 8, 9, 20):
-        for q in RunningSum(n_operands=n).problems(20, "train", n):
-            text = RunningSum.hasty_solution(q)
-            assert RunningSum.verify(q, extract_answer(text)) and "Check" not in text
-            assert text.count("=") == 1 + (n - 1) // 2  # half the steps of the careful solution, rounded up
-            careful = RunningSum.solution(q)
-            assert set(re.findall(r"=(\d+)", text)) <= set(re.findall(r"=(\d+)", careful))  # totals it passes too
-
-
 def test_padded_running_sums_take_the_same_tokens_at_every_step():
     """padded=True writes every worked total with the largest total's digits, so each step is as long as the
     next whatever the totals are (a model that finds operands by distance then finds them on sums that stay

@@ -85,16 +85,11 @@ def solution_body(task, p: Problem) -> str:
 
 
 def worked_body(task, p: Problem, rng: random.Random, check_share: float, fix_share: float,
-                slip_share: float = 0.0, hasty_share: float = 0.0) -> str:
-    """A worked solution of the corpus. For a task that writes hasty solutions (`hasty_solution`, bigger steps;
-    no check), a share `hasty_share` is one. For a task that can check its result (`checked_solution`): a share
+                slip_share: float = 0.0) -> str:
+    """A worked solution of the corpus. For a task that can check its result (`checked_solution`): a share
     `fix_share` makes a slip that its check catches and fixes, a share `check_share` checks a right result, and
     of the rest, which do not check, a share `slip_share` makes a slip nobody catches (a wrong answer, as worked
-    solutions in real text sometimes are: the reason a check pays); these shares are of the careful ones. Other
-    tasks: `solution_body`."""
-    # (no draw at hasty_share 0, so a corpus without hasty solutions is the one it was before the setting existed)
-    if hasty_share and hasattr(task, "hasty_solution") and rng.random() < hasty_share:
-        return task.hasty_solution(p, rng)
+    solutions in real text sometimes are: the reason a check pays). Other tasks: `solution_body`."""
     if hasattr(task, "checked_solution"):
         u = rng.random()
         if u < fix_share:
@@ -155,8 +150,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
                textbook_share: float = 0.0, layout: str = "chat", cold_check_share: float = 0.0,
-               cold_fix_share: float = 0.0, hasty_share: float = 0.0, cold_hasty_share: float = 0.0
-               ) -> dict[str, int]:
+               cold_fix_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
@@ -166,8 +160,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     and slips). `layout` names the entry of LAYOUTS that writes dialogues, examples and R1-Zero prompts. Of the
     cold-start demonstrations, a share `cold_check_share` checks its result and `cold_fix_share` makes a slip that
     its check catches and fixes (R1's cold-start data has reflection and verification; the rest are plain worked
-    solutions, none with an unnoticed slip). `hasty_share` of the worked documents and `cold_hasty_share` of the
-    demonstrations take bigger steps and do not check (`worked_body`)."""
+    solutions, none with an unnoticed slip)."""
     if layout not in LAYOUTS:
         raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     form = LAYOUTS[layout]
@@ -183,7 +176,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
 
     def doc(i: int, p: Problem) -> dict:
         worked = i in textbook or rng.random() < reasoning_share
-        body = worked_body(task, p, rng, check_share, fix_share, slip_share, hasty_share) if worked else bare_body(p)
+        body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
         # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
         answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
         template = form.textbook if i in textbook else form.zero
@@ -192,8 +185,8 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     cold_rng = random.Random(f"speedrun-cold:{seed}")
 
     def cold_body(p: Problem) -> str:
-        if cold_check_share or cold_fix_share or cold_hasty_share:
-            return worked_body(task, p, cold_rng, cold_check_share, cold_fix_share, hasty_share=cold_hasty_share)
+        if cold_check_share or cold_fix_share:
+            return worked_body(task, p, cold_rng, cold_check_share, cold_fix_share)
         return solution_body(task, p)
 
     rl = task.problems(rl_prompts, "train", seed + 1)

@@ -184,9 +184,7 @@ def check_changes(records) -> dict[str, int]:
 
 
 _TAGGED = re.compile(r"\b([a-z])(\d)\b")  # an operand of the question, "c8"
-# "a2+b0=2", "+c8=10", or a hasty step "+c8+d3=13": the head operand (if any), the "+tag digit" terms, the total
-_CHAIN_STEP = re.compile(r"(?:([a-z])(\d+))?((?:\+[a-z]\d+)+)=(\d+)")
-_TERM = re.compile(r"\+([a-z])(\d+)")
+_CHAIN_STEP = re.compile(r"(?:([a-z])(\d+))?\+([a-z])(\d+)=(\d+)")  # "a2+b0=2" or "+c8=10"
 
 
 def first_slips(records, questions: dict[str, str]) -> dict[str, int]:
@@ -204,13 +202,12 @@ def first_slips(records, questions: dict[str, str]) -> dict[str, int]:
         think = r["text"].split("</think>", 1)[0]
         check = _CHECK.search(think)
         kind, total = "other", None
-        for head, head_v, terms, result in _CHAIN_STEP.findall(think[:check.start()] if check else think):
-            terms = _TERM.findall(terms)
-            if (head and ops.get(head) != head_v) or any(ops.get(tag) != v for tag, v in terms):
+        for head, head_v, tag, v, result in _CHAIN_STEP.findall(think[:check.start()] if check else think):
+            if (head and ops.get(head) != head_v) or ops.get(tag) != v:
                 kind = "lookup"
                 break
             first = int(head_v) if head else total
-            if first is not None and int(result) != first + sum(int(v) for _, v in terms):
+            if first is not None and int(result) != first + int(v):
                 kind = "addition"
                 break
             total = int(result)

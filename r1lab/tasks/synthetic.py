@@ -560,23 +560,6 @@ class RunningSum:
         return step, (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) > 0 else 1)
 
     @classmethod
-    def hasty_solution(cls, problem: Problem, rng: random.Random | None = None) -> str:
-        """A worked running sum that adds two operands a step after the first, as a hasty writer does: "a7+b3=10
-        +c5+d8=23 +e2+f9=34 +g1+h4=39. The answer is 39." (an odd one out is added alone). Each step then needs two
-        lookups and a sum of three numbers, which a small model gets wrong more often than one operand at a time,
-        in half the tokens: a worked solution a reader can make more careful, and RL can learn to (`rng` unused)."""
-        nums, m, w = cls._meta(problem)
-        total = nums[0] + nums[1]
-        total = total % m if m else total
-        steps = [f"{cls.TAGS[0]}{nums[0]}+{cls.TAGS[1]}{nums[1]}={total:0{w}d}"]
-        for i in range(2, len(nums), 2):
-            pair = range(i, min(i + 2, len(nums)))
-            total = total + sum(nums[j] for j in pair)
-            total = total % m if m else total
-            steps.append("".join(f"+{cls.TAGS[j]}{nums[j]}" for j in pair) + f"={total:0{w}d}")
-        return " ".join(steps) + f". The answer is {total}."
-
-    @classmethod
     def slipped_solution(cls, problem: Problem, rng: random.Random) -> str:
         """A worked running sum with one slip that nobody catches, so its answer is wrong (as worked solutions
         in real text sometimes are): "a7+b3=10 +c5=16 +d8=24. The answer is 24." """
