@@ -323,8 +323,9 @@ def test_abort_frees_slots_and_queue():
 
 def test_overlapped_steps_equal_synchronous_ones():
     """overlap=True (the GPU default: step N+1 queued before step N's tokens are read) against overlap=False:
-    the same completions, finish reasons, log-probs and streamed tokens, with fewer slots than sequences (freed
-    slots are refilled one step later), stop tokens, n samples, mixed lengths, and an abort mid-run."""
+    the same completions, finish reasons and streamed tokens, log-probs within fp32 rounding (an eager step runs
+    the running rows only, and freed slots refilled one step later make other batches of rows), with fewer slots
+    than sequences, stop tokens, n samples, mixed lengths, and an abort mid-run."""
     m = tiny()
     ps = prompts([3, 8, 4, 12, 6, 2, 9, 5])
     free = Engine(m, max_batch=1, max_seq_len=64).generate(ps[:1], SamplingParams(temperature=0, max_tokens=8))[0]
@@ -347,8 +348,9 @@ def test_overlapped_steps_equal_synchronous_ones():
         outs = [eng.completion(s) for s in seqs]
         runs.append((outs, streamed))
     (sync, s_stream), (over, o_stream) = runs
-    assert [(o.token_ids, o.finish_reason, o.logprobs) for o in over] == \
-        [(o.token_ids, o.finish_reason, o.logprobs) for o in sync]
+    assert [(o.token_ids, o.finish_reason) for o in over] == [(o.token_ids, o.finish_reason) for o in sync]
+    for o, s in zip(over, sync):
+        torch.testing.assert_close(torch.tensor(o.logprobs), torch.tensor(s.logprobs), rtol=0, atol=1e-5)
     assert sync[0].finish_reason == "stop" and sync[5].finish_reason == "abort"
     for key in {(p, s) for p, s, _ in s_stream}:  # each sequence's tokens stream in order in both runs
         assert [t for p, s, t in o_stream if (p, s) == key] == [t for p, s, t in s_stream if (p, s) == key]

@@ -330,25 +330,28 @@ def test_engine_with_the_paged_kernel_equals_the_torch_path(monkeypatch):
 
 
 def test_decode_reads_the_running_sequences_pages_not_the_capacity():
-    """The decode step's block-table width (the torch path gathers that many pages per sequence) is the longest
-    running sequence's pages rounded up to a power of two (at least 2), never the 16 pages max_seq_len allows,
-    and shrinks when that sequence finishes."""
+    """An eager decode step (a CPU's) runs the running sequences' rows only, over exactly the pages the longest
+    of them holds; a step that must keep its shapes (compiled, graphed, or speculative) runs every slot over the
+    longest's pages rounded up to a power of two (at least 2). Neither reads the 16 pages max_seq_len allows, and
+    both shrink when the long sequence finishes."""
     m = tiny()
     short, long = prompts([10, 200], seed=15)
-    eng = Engine(m, max_batch=2, max_seq_len=1024)
-    assert eng.pages_per_seq == 16
-    widths, decode = [], eng._decode
-    eng._decode = lambda mode, pages: widths.append(pages) or decode(mode, pages)
-    a = eng.add_request(short, SamplingParams(max_tokens=30, **GREEDY))[0]
-    eng.step()
-    assert widths[-1] == 2  # 11 positions: 1 page
-    b = eng.add_request(long, SamplingParams(max_tokens=3, **GREEDY))[0]
-    eng.step()
-    assert widths[-1] == 4  # 200 positions: 4 pages
-    while b.finish_reason is None:
+    for k in (0, 1):  # speculate=1: the fixed-shape step (tiny() has an MTP module)
+        eng = Engine(m, max_batch=2, max_seq_len=1024, speculate=k)
+        assert eng.pages_per_seq == 16 + k and eng._rows_only() == (k == 0)  # speculation: 2k positions more
+        seen, decode, rows = [], eng._decode, eng._decode_rows
+        eng._decode = lambda mode, pages: seen.append((pages, None)) or decode(mode, pages)
+        eng._decode_rows = lambda mode, pages, r: seen.append((pages, sorted(r))) or rows(mode, pages, r)
+        a = eng.add_request(short, SamplingParams(max_tokens=30, **GREEDY))[0]
         eng.step()
-    eng.step()
-    assert widths[-1] == 2 and a.finish_reason is None
+        assert seen[-1] == ((1, [a.slot]) if k == 0 else (2, None))  # 11 positions: 1 page
+        b = eng.add_request(long, SamplingParams(max_tokens=3, **GREEDY))[0]
+        eng.step()
+        assert seen[-1] == ((4, sorted([a.slot, b.slot])) if k == 0 else (4, None))  # 200 positions: 4 pages
+        while b.finish_reason is None:
+            eng.step()
+        eng.step()
+        assert seen[-1] == ((1, [a.slot]) if k == 0 else (2, None)) and a.finish_reason is None
 
 
 def test_reset_prefix_cache_after_a_weight_change():

@@ -354,7 +354,9 @@ class Engine:
             mode = "greedy"
         else:
             mode = "filter" if any(s.params.top_p < 1 or s.params.top_k > 0 for s in running) else "sample"
-        outs = self._decode(mode, pages)  # tokens, log-probs (and with speculation, accepted counts)
+        # tokens, log-probs (and with speculation, accepted counts)
+        outs = (self._decode_rows(mode, pages, [s.slot for s in running]) if self._rows_only()
+                else self._decode(mode, pages))
         running = [(s, s.slot) for s in running]  # the slot the step ran it in (kept if it is preempted)
         if self.device.type != "cuda":
             return running, tuple(o.clone() for o in outs), None
@@ -441,6 +443,8 @@ class Engine:
                 at = at.pin_memory().to(self.device, non_blocking=True)
             self.block_table[at[0], at[1]] = at[2]
         longest = max(len(s.pages) for s in running) if running else 1
+        if self._rows_only():  # eager: no graph to reuse, so read exactly the pages the longest sequence holds
+            return longest
         # not 1: torch.compile takes a size of 1 for a constant, and would compile that width a graph of its own
         return min(max(2, 1 << (longest - 1).bit_length()), self.pages_per_seq)
 
@@ -671,6 +675,29 @@ class Engine:
         self.tok.copy_(nxt[:, None])
         self.pos.add_(self.active)
         return nxt, lp
+
+    def _rows_only(self) -> bool:
+        """Whether decode steps run only the running sequences' rows (`_decode_rows`): eager steps without
+        speculation. A graph or compiled step keeps every slot, so that its shapes stay fixed."""
+        return not self.cuda_graph and self._compile_mode == "off" and not self.speculate
+
+    def _decode_rows(self, mode: str, pages: int, rows: list[int]):
+        """`_decode_eager` for the slots `rows` only, over their first `pages` block-table columns: an eager step
+        (a CPU's) then costs what the running sequences need, not max_batch full rows. In a GRPO rollout the
+        batch empties as completions end, and the pages gathered for attention were the longest's for every
+        slot (measured on the speedrun's reasoning RL, one AMD EPYC thread: LOG, twentieth session). Each row's
+        sampling noise depends only on its seed and position, so a row samples what it would in the full batch
+        from the same logits. Returns tokens and log-probs over all slots (0 where not run), as the full step."""
+        idx = torch.tensor(rows, device=self.device)
+        tok, pos = self.tok.index_select(0, idx), self.pos.index_select(0, idx)
+        logits = self._forward_fn(tok, pos, self.block_table.index_select(0, idx)[:, :pages])
+        nxt, lp = sample(logits, self.temperature[idx], self.top_p[idx], self.top_k[idx], self.seeds[idx],
+                         pos[:, 0] + 1, filter_top=mode == "filter", greedy_only=mode == "greedy")
+        self.tok.index_copy_(0, idx, nxt[:, None])
+        self.pos.index_add_(0, idx, self.active.index_select(0, idx))
+        out_tok = torch.zeros(self.max_batch, dtype=nxt.dtype, device=self.device)
+        out_lp = torch.zeros(self.max_batch, dtype=lp.dtype, device=self.device)
+        return out_tok.index_copy_(0, idx, nxt), out_lp.index_copy_(0, idx, lp)
 
     def _verify_forward(self, tok: torch.Tensor, pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(B, k+1) tokens at positions (B, k+1) -> the main model's final hidden states (B, k+1, D)."""
