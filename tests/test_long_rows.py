@@ -90,6 +90,32 @@ def test_per_document_attention_equals_the_dense_mask_values_and_gradients():
     assert (causal[0] - ref[0]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("v_dim", [16, 32])  # tiny's query/key heads are 24 wide: the value heads narrower, wider
+def test_causal_attention_on_a_cpu_takes_the_fused_kernel_and_equals_the_dense_mask(v_dim):
+    """Plain causal rows (GRPO's padded pairs, prefill) on a CPU: the heads padded to one width take SDPA's fused
+    kernel, and the model's logits and every parameter's gradient equal those under the same causal mask given
+    as a dense (S, S) bool tensor (SDPA's unfused math); only the dense run holds (S, S) scores."""
+    cfg = get_preset("tiny").replace(vocab_size=64, v_head_dim=v_dim, num_nextn_predict_layers=0)
+    model = Transformer(cfg).init_weights(seed=3)
+    S = 37
+    tokens = torch.randint(0, 64, (3, S), generator=torch.Generator().manual_seed(4))
+    dense = torch.ones(S, S, dtype=torch.bool).tril()[None, None].expand(3, 1, S, S)
+
+    def run(mask):
+        model.zero_grad()
+        with ShapeLog() as log:
+            logits = model(tokens, attn_mask=mask)
+            logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], log
+
+    (fused, f_grads, f_log), (ref, r_grads, r_log) = run(None), run(dense)
+    close(fused, ref)
+    assert len(f_grads) == len(r_grads)
+    for a, b in zip(f_grads, r_grads):
+        close(a, b)
+    assert not any(sh[-2:] == (S, S) for sh in f_log.shapes) and any(sh[-2:] == (S, S) for sh in r_log.shapes)
+
+
 def test_model_with_document_mask_equals_dense_mask_and_builds_no_seq_by_seq_tensor():
     """A tiny model (MTP on) on packed rows: logits, MTP logits and every parameter's gradient under the
     DocumentMask equal those under its dense mask; and no tensor of the DocumentMask run ends in (S, S), while

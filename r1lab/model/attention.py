@@ -117,22 +117,30 @@ def _flex(q, k, v, block_mask: BlockMask, scale: float) -> torch.Tensor:
     return _compiled_flex(q, k, v, block_mask=block_mask, scale=scale)
 
 
+def _one_width(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v with the narrower of the query/key and the value heads zero-padded to the other's width. The CPU's
+    fused (flash) SDPA takes only 4-D inputs whose heads are all one width; otherwise SDPA falls back to its
+    unfused math, which holds the (S, S) scores and takes several passes over them. Zero query/key columns add
+    nothing to the scores (pass the scale explicitly), and the output's zero value columns are cut off again."""
+    E, Ev = q.shape[-1], v.shape[-1]
+    if E < Ev:
+        return F.pad(q, (0, Ev - E)), F.pad(k, (0, Ev - E)), v
+    if Ev < E:
+        return q, k, F.pad(v, (0, E - Ev))
+    return q, k, v
+
+
 @torch.compiler.disable  # the split follows the data (document lengths reach the host): eager even when compiled
 def _per_document(q, k, v, doc: torch.Tensor, scale: float) -> torch.Tensor:
     """Variable-length attention as a loop: the rows are laid end to end per head, (1, H, B*S, E), split once
     into documents (no document crosses a row), and each document is causal SDPA over its own slice. One split
     and one cat for the whole batch: indexing row by row instead made each row's backward write a zero-filled
     (B, H, S, E) gradient, B times per layer (a third of a CPU pretraining step at B = 16, S = 256).
-    The CPU's fused (flash) SDPA takes only 4-D inputs whose heads are all one width; otherwise SDPA falls back
-    to its unfused math. So the narrower of the query/key and the value heads is zero-padded (the scale is
-    explicit, and zero value columns are cut off again): a speedrun layer's attention, forward and backward,
-    takes about a fifth less time."""
+    4-D slices of one head width (`_one_width`) take the CPU's fused kernel: a speedrun layer's attention,
+    forward and backward, takes about a fifth less time."""
     B, H, S, E = q.shape
     Ev = v.shape[-1]
-    if E < Ev:
-        q, k = F.pad(q, (0, Ev - E)), F.pad(k, (0, Ev - E))
-    elif Ev < E:
-        v = F.pad(v, (0, E - Ev))
+    q, k, v = _one_width(q, k, v)
     row = torch.arange(B, device=doc.device, dtype=torch.long)[:, None] * (S + 1)  # doc numbers are <= S
     lens = torch.unique_consecutive(doc.long() + row, return_counts=True)[1].tolist()
 
@@ -246,6 +254,9 @@ class MLA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, .)
         if isinstance(attn_mask, DocumentMask):
             out = document_attention(q, k, v, attn_mask, self.softmax_scale)  # (B, H, S, V)
+        elif attn_mask is None and q.device.type == "cpu":  # causal: heads of one width take the fused kernel
+            out = F.scaled_dot_product_attention(*_one_width(q, k, v), is_causal=True,
+                                                 scale=self.softmax_scale)[..., : self.v_dim]
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                                  scale=self.softmax_scale)  # (B, H, S, V)
