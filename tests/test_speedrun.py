@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -233,6 +234,44 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
         Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run([6], lanes=2, threads=2)
     state = json.loads((out / "speedrun.json").read_text())
     assert "eval" not in state["stages"] and list(state["stages"]) == list(STAGES[:-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_speedrun_stops_its_lanes_workers(tmp_path):
+    """`kill` (SIGTERM) of a speedrun running two lanes stops it as Ctrl-C does: the workers, which run in process
+    groups of their own, are stopped too rather than left running their jobs, and the run says how to resume."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    tag = f"r1lab-kill-test-{os.getpid()}"
+    env = {**os.environ, "R1LAB_TEST_TAG": tag, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", "mini", "--out",
+                             str(tmp_path / "run"), "--lanes", "2"], env=env, stderr=subprocess.PIPE, text=True)
+
+    def tagged() -> list[int]:  # processes with the tag in their environment: the run and its workers
+        pids = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and int(d) != os.getpid() and tag.encode() in open(f"/proc/{d}/environ", "rb").read():
+                    pids.append(int(d))
+            except OSError:
+                continue
+        return pids
+
+    deadline = time.time() + 120
+    while len(tagged()) < 3 and time.time() < deadline:  # the run and both lanes' workers
+        time.sleep(0.5)
+    assert len(tagged()) >= 3, f"the lanes never started (exit {proc.poll()})"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "--resume" in err
+    deadline = time.time() + 30
+    while tagged() and time.time() < deadline:
+        time.sleep(0.5)
+    assert not tagged()
 
 
 def test_jobs_wait_for_what_they_read_and_lanes_share_the_threads():

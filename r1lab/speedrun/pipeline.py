@@ -369,19 +369,26 @@ class Speedrun:
         the first job whose needs are done, with an even share of the threads, or all free threads when every
         job left waits for it; a job left running alone with everything else waiting for it gets the threads that
         came free. Ctrl-C reaches the workers once (SIGTERM), so a training job saves a checkpoint first; an error
-        in one job stops the others the same way and is raised here."""
+        in one job stops the others the same way and is raised here. A SIGTERM to this process (`kill`) is taken
+        as Ctrl-C: the workers run in process groups of their own, and would otherwise go on without it."""
         import signal
         import threading
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
         # A worker inherits SIGUSR1 ignored until its initializer handles it (else a signal sent while it starts
         # would end it); off the main thread signals cannot be handled, and a lone job keeps its threads.
         can_grow = threading.current_thread() is threading.main_thread()
-        before = signal.signal(signal.SIGUSR1, signal.SIG_IGN) if can_grow else None
+        before = None
+        if can_grow:
+            before = [signal.signal(signal.SIGUSR1, signal.SIG_IGN), signal.signal(signal.SIGTERM, interrupt)]
         try:
             self._lanes_loop(jobs, done, lanes, threads, can_grow)
         finally:
             if can_grow:
-                signal.signal(signal.SIGUSR1, before)
+                signal.signal(signal.SIGUSR1, before[0])
+                signal.signal(signal.SIGTERM, before[1])
 
     def _lanes_loop(self, jobs: list, done: set, lanes: int, threads: int, can_grow: bool) -> None:
         import concurrent.futures as cf
