@@ -307,7 +307,7 @@ def test_grpo_learns_to_call_the_tool(tmp_path, tok, monkeypatch):
     model = teach(tiny_real_vocab(), tok, lessons, schemas=[function_schema(oracle)])
     r = chat_recipe(tmp_path, ["test_tools_grpo:says_the_secret=1"], tools=["test_tools_grpo:oracle"],
                     max_tokens=60, temperature=0.7, group_size=8)
-    r.optim.lr, r.train.steps = 3e-4, 10
+    r.optim.lr, r.train.steps = 3e-4, 30
     t = GRPOTrainer(r, model, tok, [{"prompt": "Secret?"}] * 2, quiet=True)
     calls, with_tool, without = [], [], []
     for _ in range(r.train.steps):
@@ -317,7 +317,8 @@ def test_grpo_learns_to_call_the_tool(tmp_path, tok, monkeypatch):
             (with_tool if n else without).append(rw)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert calls[0] <= 0.5, calls  # the premise: calling is not the habit at first
-    # observed (deterministic on a CPU): calls per sample 0.06, 0.25, 0.06, 0.25, 0.25, 0.38, 0.38, 0.5, 0.44, 0.56
+    # observed: on an Intel Xeon calls per sample reached 0.56 by step 10; on an AMD EPYC (other rounding, other
+    # samples) they stayed at 0-0.25 for 15 steps, then rose to 0.94 by step 29 (at 10 steps this failed there)
     assert mean(calls[-3:]) > mean(calls[:3]) + 0.2, calls
     # and it paid: the samples that called the tool earned more (observed 0.54 against 0.23)
     assert mean(with_tool) > mean(without) + 0.15, (mean(with_tool), mean(without), calls)
