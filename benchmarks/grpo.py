@@ -117,8 +117,9 @@ def bench_r1lab(model_dir: Path, args, stops: list[int] | None, record: dict) ->
     g.prompt_style, g.prompts_per_step, g.group_size, g.max_tokens, g.beta = "raw", args.prompts, args.g, args.tokens, 0.0
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-6, args.micro, args.steps
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
-    r.train.compile, g.async_ = args.compile, args.async_
-    record["config"] = {"micro_batch": args.micro, "compile": args.compile, "async": args.async_,
+    r.train.compile, g.async_, g.micro_tokens = args.compile, args.async_, args.micro_tokens
+    record["config"] = {"micro_batch": args.micro, "micro_tokens": args.micro_tokens, "compile": args.compile,
+                        "async": args.async_,
                         "dtype": str(_dtype(args)), "master_weights": "float32",
                         "stop": f"{len(stops)} stop ids" if stops else "none (ignore_eos)"}
     model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
@@ -406,6 +407,8 @@ def main() -> None:
     p.add_argument("--g", type=int, default=8, help="samples per prompt (default 8)")
     p.add_argument("--tokens", type=int, default=256, help="completion tokens, the cap with --eos (default 256)")
     p.add_argument("--micro", type=int, default=32, help="r1lab sequences per forward/backward (default 32)")
+    p.add_argument("--micro-tokens", type=int, default=0, help="r1lab: grpo.micro_tokens, micro-batches by padded "
+                   "positions instead of --micro rows (default 0: off)")
     p.add_argument("--steps", type=int, default=12, help="GRPO steps (default 12: step 1 apart, then median and "
                    "mean of steps 2-12)")
     p.add_argument("--eos", type=int, nargs="?", const=128, default=0, metavar="L",

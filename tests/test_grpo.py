@@ -193,9 +193,9 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
     would amplify rounding in near-zero gradients."""
     for agg in ("sequence", "token", "constant"):
         grads, stats = [], []
-        for micro in (8, 3):
-            t = small_trainer(tmp_path / f"{agg}{micro}", loss_agg=agg, beta=0.1, mini_batch_size=8,
-                              **{"train.batch_size": micro})
+        # 8 rows, 3 rows, and grpo.micro_tokens: as many rows as fit in 20 padded positions (2-3 of ~6-10 tokens)
+        for micro in ({"train.batch_size": 8}, {"train.batch_size": 3}, {"micro_tokens": 20}):
+            t = small_trainer(tmp_path / f"{agg}{len(grads)}", loss_agg=agg, beta=0.1, mini_batch_size=8, **micro)
             torch.manual_seed(1)
             ro = t.rollout(0)
             ro.rewards = torch.rand(len(ro.rewards))  # a learning signal whatever the model answered
@@ -211,9 +211,12 @@ def test_micro_batches_give_the_gradient_of_one_batch(tmp_path):
             grads.append(seen[0])
         assert grads[0].abs().max() > 0
         # fp32, the same sums in another order: observed relative differences ~1e-6
-        torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
-        for k in ("loss", "entropy", "kl", "clip_frac"):
-            assert stats[0][k] == pytest.approx(stats[1][k], rel=1e-4, abs=1e-7), k
+        for other in (1, 2):
+            torch.testing.assert_close(grads[0], grads[other], rtol=1e-4, atol=1e-7)
+            for k in ("loss", "entropy", "kl", "clip_frac"):
+                assert stats[0][k] == pytest.approx(stats[other][k], rel=1e-4, abs=1e-7), k
+    lengths = [len(p) + len(c) for p, c in zip(ro.prompt_ids, ro.completion_ids)]
+    assert [len(u) for u in t._plan(lengths)] != [1, 1]  # the token budget did split the updates
 
 
 def test_micro_batches_group_rows_of_like_length_within_each_update(tmp_path):
@@ -228,6 +231,24 @@ def test_micro_batches_group_rows_of_like_length_within_each_update(tmp_path):
         order = [lengths[i] for ids in u for i in ids]
         assert order == sorted(order)
     assert plan[0][0] == [6, 1, 3] and plan[1][-1] == [14, 11]  # ties keep their order
+
+
+def test_micro_tokens_fill_each_micro_batch_up_to_the_token_budget(tmp_path):
+    """grpo.micro_tokens = 12: each update's rows, shortest first, go into a micro-batch while its rows x its
+    longest row fit in 12 positions; a row longer than that goes alone. Worked by hand for the first update
+    (lengths sorted: 1 2 2 3 | 5 | 7 | 8 | 9: 4 x 3 = 12 fits, 5 x 5 and 2 x 7 do not)."""
+    t = small_trainer(tmp_path, mini_batch_size=8, micro_tokens=12)
+    lengths = [9, 2, 7, 2, 5, 8, 1, 3, 4, 4, 6, 10, 1, 2, 9, 3]
+    plan = t._plan(lengths)
+    assert plan[0] == [[6, 1, 3, 7], [4], [2], [5], [0]]
+    assert [sorted(i for ids in u for i in ids) for u in plan] == [list(range(8)), list(range(8, 16))]
+    for u in plan:
+        for ids in u:
+            assert len(ids) == 1 or len(ids) * max(lengths[i] for i in ids) <= 12
+    r = GRPORecipe.defaults()
+    r.grpo.micro_tokens = -1
+    with pytest.raises(ValueError, match="grpo.micro_tokens must be >= 0"):
+        r.validate()
 
 
 def test_update_statistics_by_hand(tmp_path):

@@ -222,6 +222,10 @@ class GRPO:
     mini_batch_size: int = _key(0, "sequences per optimizer update (over all ranks); 0 = the whole rollout batch "
                                 "(one update per pass); train.batch_size is the sequences per forward/backward "
                                 "micro-batch")
+    micro_tokens: int = _key(0, "size the update's micro-batches by tokens instead: each takes as many of the "
+                             "length-sorted rows as fit in this many padded positions (rows x longest row, over "
+                             "all ranks), one row at least; train.batch_size is then unused. Completions that end "
+                             "early (EOS) then make fewer, larger micro-batches; 0 = off")
     eps_low: float = _key(0.2, "ratio clip below: 1 - eps_low")
     eps_high: float = _key(0.2, "ratio clip above: 1 + eps_high (DAPO clip-higher: 0.28)")
     beta: float = _key(0.001, "KL coefficient (R1: 0.001); 0 = no KL and no reference model")
@@ -281,7 +285,7 @@ class GRPORecipe(Recipe):
         if g.group_size < 2:
             raise ValueError(f"recipe: grpo.group_size must be >= 2: advantages compare samples of a group "
                              f"(got {g.group_size})")
-        for k in ("mini_batch_size", "eps_low", "eps_high", "beta", "ref_sync_every", "max_resample",
+        for k in ("mini_batch_size", "micro_tokens", "eps_low", "eps_high", "beta", "ref_sync_every", "max_resample",
                   "overlong_buffer", "max_batch", "log_samples", "task_size", "speculate"):
             if getattr(g, k) < 0:
                 raise ValueError(f"recipe: grpo.{k} must be >= 0 (got {getattr(g, k)})")
@@ -805,15 +809,27 @@ class GRPOTrainer(Trainer):
         (grpo.mini_batch_size sequences over all ranks, each rank its share), each a list of micro-batches of row
         indices (train.batch_size sequences over all ranks). An update's rows go into its micro-batches shortest
         first, so each micro-batch is padded only to the longest of rows of about its own length (an update's
-        gradient is the sum over its micro-batches, whatever rows each holds). Under torchrun every rank must run
+        gradient is the sum over its micro-batches, whatever rows each holds); with grpo.micro_tokens each
+        micro-batch takes rows while they fit in that many padded positions. Under torchrun every rank must run
         as many forward/backward passes and updates as the others (FSDP's collectives pair up across ranks), but
         dynamic sampling can leave ranks with different numbers of rows: shorter plans are padded with empty
         micro-batches, which run a pass with zero loss."""
         N = len(lengths)
         mb = self.g.mini_batch_size // self.world or N
-        micro = max(1, self.recipe.train.batch_size // self.world)
         updates = [sorted(range(s, min(N, s + mb)), key=lengths.__getitem__) for s in range(0, N, mb)] if N else []
-        plan = [[rows[m:m + micro] for m in range(0, len(rows), micro)] for rows in updates]
+        if self.g.micro_tokens:  # grpo.micro_tokens: rows while (rows x the longest) fits, the longest last
+            budget, plan = max(1, self.g.micro_tokens // self.world), []
+            for rows in updates:
+                micro: list[list[int]] = []
+                for i in rows:
+                    if micro and (len(micro[-1]) + 1) * lengths[i] <= budget:
+                        micro[-1].append(i)
+                    else:
+                        micro.append([i])
+                plan.append(micro)
+        else:
+            micro_rows = max(1, self.recipe.train.batch_size // self.world)
+            plan = [[rows[m:m + micro_rows] for m in range(0, len(rows), micro_rows)] for rows in updates]
         if self.world > 1:
             n = torch.tensor([len(plan)], device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
