@@ -98,6 +98,29 @@ def test_cold_start_demonstrations_check_and_fix_when_asked(tmp_path):
 
 
 
+def test_cold_start_demonstrations_slip_unnoticed_when_asked(tmp_path):
+    """cold_slip_share: that share of the plain (unchecked) cold-start demonstrations makes a slip nobody catches.
+    Its answer tag is the wrong total the text arrives at, as in the corpus; every other demonstration is right.
+    The right total is worked out here from the question itself."""
+    import re
+
+    task = sdata.make_task("running-sum", n_operands=4)
+    kw = dict(corpus_docs=50, reasoning_share=0.5, rl_prompts=4, cold_start=400, test=4, seed=1)
+    sdata.write_data(tmp_path, task, cold_check_share=0.3, cold_fix_share=0.1, cold_slip_share=0.5, **kw)
+    rows = [json.loads(ln) for ln in (tmp_path / "cold_start.jsonl").read_text().splitlines()]
+    wrong = 0
+    for r in rows:
+        body, tail = r["response"].split("</think>")
+        tag = tail.split("<answer>")[1].split("</answer>")[0]
+        assert body.rsplit("The answer is ", 1)[1].startswith(tag + ".")  # the tag states what the text says
+        truth = sum(int(d) for d in re.findall(r"[a-z](\d)", r["prompt"]))
+        if int(tag) != truth:
+            wrong += 1
+            assert "Check" not in body  # an unnoticed slip: only plain solutions slip without a fix
+    # 60% of the demonstrations are plain, half of those slip: 30% expected
+    assert 0.22 < wrong / len(rows) < 0.38, wrong
+
+
 def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_path, monkeypatch):
     """The cpu preset's checks undo each step of the first pass ("15-c5=10"), in the corpus and in the cold start,
     and its cold-start demonstrations check (30%) and fix a slip (10%) too, if less often than the corpus's worked

@@ -116,6 +116,12 @@ def chain_solution(question: str) -> str:
     return f"Step by step: {' '.join(steps)} The answer is {terms[0]}."
 
 
+def stated_answer(body: str, p: Problem) -> str:
+    """The answer a worked text arrives at ("... The answer is 23."): the one its answer tag states, wrong after a
+    slip nobody caught; the problem's own answer where the text states none."""
+    return body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
+
+
 def bare_body(p: Problem) -> str:
     """An answer without reasoning: the expression restated with its result ("What is" questions), else just
     the answer."""
@@ -150,7 +156,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
                textbook_share: float = 0.0, layout: str = "chat", cold_check_share: float = 0.0,
-               cold_fix_share: float = 0.0) -> dict[str, int]:
+               cold_fix_share: float = 0.0, cold_slip_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
@@ -159,8 +165,9 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     examples (the layout's `textbook`: a dialogue's layout with other role words; the same mix of checks, fixes
     and slips). `layout` names the entry of LAYOUTS that writes dialogues, examples and R1-Zero prompts. Of the
     cold-start demonstrations, a share `cold_check_share` checks its result and `cold_fix_share` makes a slip that
-    its check catches and fixes (R1's cold-start data has reflection and verification; the rest are plain worked
-    solutions, none with an unnoticed slip)."""
+    its check catches and fixes (R1's cold-start data has reflection and verification); of the rest, plain worked
+    solutions, a share `cold_slip_share` slips unnoticed (demonstrations written without verifying their answers,
+    as the corpus's are; the answer tag is then the wrong answer the text arrives at)."""
     if layout not in LAYOUTS:
         raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     form = LAYOUTS[layout]
@@ -177,17 +184,19 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     def doc(i: int, p: Problem) -> dict:
         worked = i in textbook or rng.random() < reasoning_share
         body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
-        # the tagged answer is the one the text arrives at (wrong after a slip nobody caught)
-        answer = body.rsplit("The answer is ", 1)[1].rstrip(".") if "The answer is " in body else p.answer
         template = form.textbook if i in textbook else form.zero
-        return {"text": template.format(question=p.question) + zero_completion(body, answer, layout)}
+        return {"text": template.format(question=p.question) + zero_completion(body, stated_answer(body, p), layout)}
 
     cold_rng = random.Random(f"speedrun-cold:{seed}")
 
     def cold_body(p: Problem) -> str:
-        if cold_check_share or cold_fix_share:
-            return worked_body(task, p, cold_rng, cold_check_share, cold_fix_share)
+        if cold_check_share or cold_fix_share or cold_slip_share:
+            return worked_body(task, p, cold_rng, cold_check_share, cold_fix_share, cold_slip_share)
         return solution_body(task, p)
+
+    def cold_response(p: Problem) -> str:
+        body = cold_body(p)
+        return chat_response(body, stated_answer(body, p))
 
     rl = task.problems(rl_prompts, "train", seed + 1)
     demos = task.problems(cold_start, "train", seed + 2)
@@ -198,7 +207,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
             {"prompt": form.zero.format(question=p.question), "answer": p.answer} for p in rl)),
         "prompts": write_jsonl(folder / "prompts.jsonl", ({"prompt": p.question, "answer": p.answer} for p in rl)),
         "cold_start": write_jsonl(folder / "cold_start.jsonl", (
-            {"prompt": p.question, "response": chat_response(cold_body(p), p.answer)} for p in demos)),
+            {"prompt": p.question, "response": cold_response(p)} for p in demos)),
         "test": write_jsonl(folder / "test.jsonl", (
             {"id": f"test/{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(held_out))),
     }

@@ -94,6 +94,7 @@ class Preset:
     # policies then differ, so reasoning RL's groups carry a signal (benchmarks/LOG.md, thirteenth session)
     cold_check_share: float = 0.3  # share of the cold-start demonstrations that check their result
     cold_fix_share: float = 0.1  # share of them that make a slip, catch it with the check and fix it
+    cold_slip_share: float = 0.0  # share of the unchecked ones whose slip goes unnoticed (a wrong answer)
     sft_steps: int = 30
     sft_batch: int = 16
     sft_lr: float = 1e-3
@@ -144,7 +145,7 @@ PRESETS: dict[str, Preset] = {
 
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
-         "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0}
+         "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0, "cold_slip_share": 0.0}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
@@ -527,7 +528,7 @@ class Speedrun:
                                   check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
                                   easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share,
                                   layout=p.layout, cold_check_share=p.cold_check_share,
-                                  cold_fix_share=p.cold_fix_share)
+                                  cold_fix_share=p.cold_fix_share, cold_slip_share=p.cold_slip_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         return {"data": counts, "vocab_size": tok.vocab_size}
