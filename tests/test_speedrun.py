@@ -124,17 +124,20 @@ def test_cold_start_demonstrations_slip_unnoticed_when_asked(tmp_path):
 def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_path, monkeypatch):
     """The cpu preset's checks undo each step of the first pass ("15-c5=10"), in the corpus and in the cold start,
     and its cold-start demonstrations check (30%) and fix a slip (10%) too, if less often than the corpus's worked
-    documents (50% and 15%; thirteenth session: the checked cold start leaves reasoning RL groups with a signal);
-    the gpu preset runs the same recipe on sums of twenty, and the mini preset keeps plain demonstrations. The data
+    documents (50% and 15%; thirteenth session: the checked cold start leaves reasoning RL groups with a signal), and
+    a fifth of its plain ones slip unnoticed, as in the corpus (twenty-first session); the gpu preset runs the same recipe on sums of twenty, and the mini preset keeps plain demonstrations. The data
     are written by the speedrun's own stage 0 (its training stubbed out), so the wiring is what is tested."""
     import r1lab.speedrun.pipeline as pipeline
 
     p = PRESETS["cpu"]
     assert (p.cold_check_share, p.cold_fix_share) == (0.3, 0.1) and (p.check_share, p.fix_share) == (0.5, 0.15)
+    assert p.cold_slip_share == p.slip_share == 0.2  # the plain demonstrations slip as the corpus's do
     g = PRESETS["gpu"]
     assert (g.task, dict(g.task_knobs)) == ("running-sum", {"n_operands": 20, "check_route": "inverse"})
     assert (g.cold_check_share, g.cold_fix_share, g.check_share, g.fix_share) == (0.3, 0.1, 0.5, 0.15)
-    assert (PRESETS["mini"].cold_check_share, PRESETS["mini"].cold_fix_share) == (0.0, 0.0)
+    assert g.cold_slip_share == 0.0  # not yet run on a GPU
+    mini = PRESETS["mini"]
+    assert (mini.cold_check_share, mini.cold_fix_share, mini.cold_slip_share) == (0.0, 0.0, 0.0)
     run = Speedrun(tmp_path, "cpu", device="cpu", quiet=True,
                    overrides={"corpus_docs": 400, "cold_start": 300, "rl_prompts": 4, "eval_problems": 4})
     run._train = lambda module, recipe: {}
@@ -152,6 +155,11 @@ def test_default_preset_checks_by_undoing_steps_in_corpus_and_cold_start(tmp_pat
         assert re.match(r" \d+-b\d=\d+", c) and "+" not in c.split("Wait")[0], c
     fixed = [r for r in cold if "the first pass slipped" in r]
     assert 0.05 < len(fixed) / len(cold) < 0.17  # 10% expected
+    # plain demonstrations whose total is wrong (worked out here from the question): 20% of the 60% plain ones
+    truth = [sum(int(d) for d in re.findall(r"[a-z](\d)", q)) for q in read("cold_start.jsonl", "prompt")]
+    wrong = [r for r, t in zip(cold, truth) if int(r.rsplit("<answer>", 1)[1].split("<")[0]) != t]
+    assert all("Check" not in r for r in wrong)
+    assert 0.06 < len(wrong) / len(cold) < 0.19, len(wrong)  # 12% expected
 
 
 def test_r1_zero_and_reasoning_rl_take_their_own_learning_rates(tmp_path):
