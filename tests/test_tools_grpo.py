@@ -301,7 +301,10 @@ def test_grpo_learns_to_call_the_tool(tmp_path, tok, monkeypatch):
     call), so GRPO on the answer's correctness must make the model call it more often, and the reward rise."""
     monkeypatch.setenv("R1LAB_TEST_ORACLE", str(tmp_path / "oracle-calls"))
     torch.manual_seed(0)
-    lessons = [ORACLE_CALL, ASK_SECRET + [{"role": "assistant", "content": "The answer is 1."}]]
+    # the call's first turn is taught twice to the guess's once: a call is a longer turn to get right, and with one
+    # lesson each the model on an Intel Xeon started calling in 6% of its samples, too few for GRPO's groups to
+    # see calls pay (calls then died out, at any rate, temperature or group size tried); with two it starts at 38%
+    lessons = [ORACLE_CALL, ORACLE_CALL, ASK_SECRET + [{"role": "assistant", "content": "The answer is 1."}]]
     lessons += [ORACLE_CALL + [{"role": "tool", "content": d}, {"role": "assistant", "content": f"The answer is {d}."}]
                 for d in "1234"]
     model = teach(tiny_real_vocab(), tok, lessons, schemas=[function_schema(oracle)])
@@ -317,8 +320,9 @@ def test_grpo_learns_to_call_the_tool(tmp_path, tok, monkeypatch):
             (with_tool if n else without).append(rw)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert calls[0] <= 0.5, calls  # the premise: calling is not the habit at first
-    # observed: on an Intel Xeon calls per sample reached 0.56 by step 10; on an AMD EPYC (other rounding, other
-    # samples) they stayed at 0-0.25 for 15 steps, then rose to 0.94 by step 29 (at 10 steps this failed there)
+    # observed with one call lesson: on an AMD EPYC calls stayed at 0-0.25 for 15 steps, then rose to 0.94 by step
+    # 29; with two, on an Intel Xeon: 0.38 at step 1, 0.94 by step 7, 1.0 from step 24 (with-tool reward 0.51
+    # against 0.20)
     assert mean(calls[-3:]) > mean(calls[:3]) + 0.2, calls
     # and it paid: the samples that called the tool earned more (observed 0.54 against 0.23)
     assert mean(with_tool) > mean(without) + 0.15, (mean(with_tool), mean(without), calls)
