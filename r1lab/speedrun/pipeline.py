@@ -99,8 +99,9 @@ class Preset:
     cold_fix_share: float = 0.1  # share of them that make a slip, catch it with the check and fix it
     # share of the plain (unchecked) ones whose slip goes unnoticed, a wrong answer, as slip_share in the corpus: the
     # demonstrations are written as the corpus's worked documents are, not verified. Reasoning RL then has slips to
-    # remove even where the base's worked skill is at the ceiling (twenty-first session: RL over the cold start
-    # +5.6 -> +11.7 points on a weak base, +0.7 -> +2.2 (1.8 -> 3.6 SE) on a strong one)
+    # remove even where the base's worked skill is at the ceiling (twenty-first session, Intel Xeon: RL over the
+    # cold start +5.6 -> +11.7 points on seed 0's weak base; seed 2's strong one +2.2 (3.6 SE), against +0.7 (1.8 SE)
+    # with an oracle's demonstrations in the nineteenth session's run of older code)
     cold_slip_share: float = 0.2
     sft_steps: int = 30
     sft_batch: int = 16
