@@ -264,6 +264,46 @@ def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
         assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
 
 
+def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
+    """check_route="unwind": the inverse check run from the last step back to the first, so each check step
+    starts from the total the one before it arrived at (the first from the first pass's answer), and the first
+    step whose undoing disagrees with the first pass is the slip. Hand-worked, then every slip over many draws."""
+    import random
+
+    t, p = _hand_worked("unwind")
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 23-d8=15 15-c5=10 10-b3=7, as before. "
+                                     "The answer is 23.")
+    texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
+    assert ("a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
+            "+d8=23. The answer is 23.") in texts
+    assert ("a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 "
+            "+c5=15 +d8=23. The answer is 23.") in texts
+    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
+    e = RunningSum(check_route="unwind")
+    for q in e.problems(80, "train", 2):
+        ops = dict(zip("abcdefgh", q.meta["operands"]))
+        for k in range(3):
+            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
+            first, check = text.split(". Check: ")
+            check, verdict = check.split(", not ")
+            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
+            total = first.rsplit("=", 1)[1]  # the first check step starts from the first pass's answer
+            tags = []
+            for step in check.split():  # "15-c5=10": each starts where the one before it arrived
+                head, tag, x, back = re.fullmatch(r"(\d+)-([a-h])(\d)=(-?\d+)", step).groups()
+                assert head == total and int(x) == ops[tag] and int(back) == int(head) - int(x)
+                total = back
+                tags.append(tag)
+            assert tags == list("hgfedcb")[:len(tags)]  # from the last step back
+            totals = [str(ops["a"])] + re.findall(r"=(\d+)", first)  # the first pass's, totals[i] after step i
+            slipped = 8 - len(tags)  # the step whose undoing disagreed: the one before it is "not" its result
+            assert verdict.split(".")[0] == totals[slipped - 1] != total
+    m = RunningSum(n_operands=5, modulus=10, check_route="unwind")
+    for q in m.problems(40, "train", 3):
+        text = m.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+
+
 def test_pair_checks_add_the_question_again_and_a_third_pass_settles_a_disagreement():
     """check_route="pairs": the check adds the question's operands two by two, then the pair sums (totals worked
     afresh, not copied from the first pass); where the two totals differ, the sum is worked once more the first

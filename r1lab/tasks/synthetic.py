@@ -470,12 +470,14 @@ class RunningSum:
     # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
     # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
-    # operand it added should give the total before it), reading only what the first pass wrote; "pairs" adds
+    # operand it added should give the total before it), reading only what the first pass wrote; "unwind" undoes
+    # them from the last step back to the first, so each check step starts from the total the one before it
+    # arrived at and the answer stands right before the check; "pairs" adds
     # the question's operands two by two (a+b, c+d, ...), then the pair sums, and where its total differs from the
     # first pass's, works the sum once more the first way, whose total is the answer.
     check_route: str = "same"
     TAGS = "abcdefghijklmnopqrstuvwxyz"  # up to 26 operands
-    CHECK_ROUTES = ("same", "backward", "inverse", "pairs")
+    CHECK_ROUTES = ("same", "backward", "inverse", "unwind", "pairs")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -578,8 +580,8 @@ class RunningSum:
         route = problem.meta.get("check_route", "same")
         if route == "backward":
             return cls._checked_backward(nums, m, w, rng)
-        if route == "inverse":
-            return cls._checked_inverse(nums, m, w, rng)
+        if route in ("inverse", "unwind"):
+            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind")
         if route == "pairs":
             return cls._checked_pairs(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
@@ -611,17 +613,25 @@ class RunningSum:
                 + f". The answer is {right[-1]}.")
 
     @classmethod
-    def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+    def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None,
+                         unwind: bool = False) -> str:
         """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
         before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
         length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
         `rng`, the first pass makes a slip (`_slip`); the first check step past it disagrees with the total before,
         and the sum is worked again from there: "a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait,
-        the first pass slipped: 10+c5=15 +d8=23. The answer is 23." """
+        the first pass slipped: 10+c5=15 +d8=23. The answer is 23."
+        `unwind` (check_route "unwind"): the steps undone from the last back to the first, "a7+b3=10 +c5=15
+        +d8=23. Check: 23-d8=15 15-c5=10 10-b3=7, as before. The answer is 23.", so a check step starts from the
+        total the step before it arrived at, and the first from the first pass's answer, written right before it.
+        A check whose totals drift from the first pass's then cannot carry the drift into the answer, which is
+        the total the check started from. A slip is found the same way, at its own step: the steps after it
+        added right, so undoing them agrees with the first pass: "a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16
+        16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23. The answer is 23." """
         slip = cls._slip(nums, m, rng) if rng is not None else None
         steps, totals = cls._forward(nums, m, w, slip=slip)
         text = " ".join(steps) + ". Check:"
-        for i in range(1, len(nums)):
+        for i in (range(len(nums) - 1, 0, -1) if unwind else range(1, len(nums))):
             back = totals[i] - nums[i]
             back = back % m if m else back
             text += f" {totals[i]:0{w}d}-{cls.TAGS[i]}{nums[i]}={back:0{w}d}"
