@@ -597,3 +597,37 @@ def test_dynamic_sampling_setting_reaches_both_rl_stages(tmp_path):
         run.stage_r1_zero()
         run.stage_reasoning_rl()
         assert seen == [flag, flag]
+
+
+def test_rl_micro_batches_by_positions_reach_both_rl_stages(tmp_path):
+    """`rl_micro_tokens` becomes grpo.micro_tokens in R1-Zero and in reasoning RL (the CPU preset's 4,096; the
+    GPU preset's 0 keeps rl_batch rows per micro-batch)."""
+    assert PRESETS["cpu"].rl_micro_tokens == 4096 and PRESETS["gpu"].rl_micro_tokens == 0
+    for value in (0, 512):
+        run = Speedrun(tmp_path / str(value), "mini", device="cpu", quiet=True, overrides={"rl_micro_tokens": value})
+        seen = []
+        run._train = lambda module, recipe: seen.append((recipe.grpo.micro_tokens, recipe.train.batch_size)) or {}
+        run.stage_r1_zero()
+        run.stage_reasoning_rl()
+        assert seen == [(value, PRESETS["mini"].rl_batch)] * 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
+def test_lane_workers_start_with_the_malloc_settings_and_keep_the_users(monkeypatch):
+    """The lanes' worker processes start with WORKER_MALLOC in their environment (glibc reads it at start), a
+    value the user set stays, and the driver's own environment is as it was afterwards."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    from r1lab.speedrun.pipeline import WORKER_MALLOC, _worker_malloc
+
+    for key in WORKER_MALLOC:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "12345")
+    keys = sorted(WORKER_MALLOC)
+    with _worker_malloc(), cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        seen = [pool.submit(os.getenv, k).result() for k in keys]
+    want = [("12345" if k == "MALLOC_TOP_PAD_" else WORKER_MALLOC[k]) for k in keys]
+    assert seen == want
+    assert [os.environ.get(k) for k in keys] == [None if k != "MALLOC_TOP_PAD_" else "12345" for k in keys]
