@@ -116,7 +116,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "evaluation of every stage; then report.md with tables and plots in the run folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Presets: cpu (default: running sums of eight tagged one-digit numbers, a 1.4M-parameter model; "
-               "R1-Zero learns to work the sum out; a 2-core CPU in about 14 minutes), gpu (the same "
+               "R1-Zero learns to work the sum out; a 2-core CPU in about 13 minutes), gpu (the same "
                "recipe on running sums of twenty, a 54M model; one H100 in about 8 minutes), mini (every stage at toy "
                "sizes, for tests).\n"
                "Each training stage is an ordinary r1lab pretrain / sft / grpo run with its recipe.toml in its "

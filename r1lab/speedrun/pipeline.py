@@ -53,8 +53,9 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 11.4 minutes measured on an
-    Intel Xeon, 14.9 on an AMD EPYC; README); `gpu` one GPU (7.6 and 8.7 minutes in two runs on an H100)."""
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 12.9 minutes measured on an
+    AMD EPYC, and 11.4 on an Intel Xeon before the twenty-third session's speedups; README); `gpu` one GPU (7.6 and
+    8.7 minutes in two runs on an H100)."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
     task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
