@@ -91,8 +91,9 @@ class Preset:
     zero_rl_lr: float = 1.2e-4
     rl_batch: int = 64  # sequences per forward/backward in the GRPO update (when rl_micro_tokens is 0)
     # the GRPO update's micro-batches by padded positions instead (grpo.micro_tokens; 0: rl_batch rows): rows of
-    # about one length go together, so less padding is computed. On a CPU, 4,096 positions take the update from
-    # 2.1 to 1.8 s a step (twenty-third session); on a GPU one large micro-batch stays fastest
+    # about one length go together, so less padding is computed. On a CPU, 4,096 positions take reasoning RL's
+    # update from 1.93 to 1.63 s (benchmarks/speedrun_step.py --update, twenty-third session); on a GPU one large
+    # micro-batch stays fastest
     rl_micro_tokens: int = 4096
     rl_temperature: float = 0.7  # sampling temperature of the RL stages' rollouts (the policy the loss scores)
     # DAPO's dynamic sampling in both RL stages: groups whose rewards are all equal (no signal) are dropped and
@@ -776,8 +777,10 @@ def _worker_init(threads: int) -> None:
 
 # glibc's malloc settings for the workers (read when a process starts): keep freed memory in the heap. By default
 # each freed block of 128 KB or more goes back to the kernel and the next tensor of its size faults its pages in
-# afresh, zero-filled: a speedrun took 15 million page faults (AMD EPYC, twenty-second session), and with these a
-# pretraining step is 2-3% faster (twenty-third session). Settings the user's environment gives are kept.
+# afresh, zero-filled: a speedrun took 15 million page faults (AMD EPYC). With these a lone pretraining step is 2-3%
+# faster, and two side by side gain more (their faults contend in the kernel): with rl_micro_tokens, the timed AMD
+# run went from 878 to 777 s (twenty-third session). Settings the user's environment gives are kept. A run of one
+# lane works in the driver's own process, which started without them.
 WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32),
                  "MALLOC_TOP_PAD_": str(2**28)}
 
@@ -805,7 +808,6 @@ def _worker_job(out: str, device: str, stage: str, part: str, threads: int) -> t
 
 
 def _signal_workers(pool, signum: int) -> None:
-
     for proc in (getattr(pool, "_processes", None) or {}).values():
         if proc.is_alive():
             try:
