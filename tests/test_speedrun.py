@@ -465,6 +465,10 @@ def test_first_slips_tell_a_misread_operand_from_a_wrong_running_total():
     # A lookup after an addition slip counts as the addition: the first error is what counts.
     assert first_slips([rec("a2+b0=2 +c8=11 +d4=15. The answer is 15.")], q)["addition"] == 1
     assert first_slips([rec("a2+b0=2 +c8=10 +d4=14. The answer is 14.")], q)["lookup"] == 1
+    # Operands of two digits: "c47" misread as "c74" is a lookup, "c47" added wrong an addition.
+    q2 = {"p": "Add a12 b5 c47."}  # 64
+    assert first_slips([rec("a12+b5=17 +c74=91. The answer is 91.")], q2)["lookup"] == 1
+    assert first_slips([rec("a12+b5=17 +c47=63. The answer is 63.")], q2)["addition"] == 1
 
 
 def test_paired_margin_counts_problems_not_samples():

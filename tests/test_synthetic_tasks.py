@@ -165,6 +165,35 @@ def test_running_sum_steps_are_local_and_checks_catch_the_slip():
         RunningSum(modulus=1)
 
 
+def test_running_sums_of_two_digit_operands():
+    """digits=2 draws operands 0-99 ("Add a47 b3 c91 d0."); each worked step is still one addition to the total
+    before it, checks and slips work as with one digit, and the default task's problems do not change."""
+    import random
+
+    t = RunningSum(n_operands=4, digits=2, check_route="inverse")
+    assert t.name == "running-sum-4-d2" and RunningSum().name == "running-sum-8"
+    assert RunningSum(n_operands=4, digits=2, padded=True).width == 3  # the largest total, 4 x 99 = 396
+    p = t.problems(1, "train", 0)[0]
+    p.meta["operands"], p.answer = [47, 3, 91, 0], "141"  # a hand-worked instance
+    assert t.solution(p) == "a47+b3=50 +c91=141 +d0=141. The answer is 141."
+    assert t.checked_solution(p) == ("a47+b3=50 +c91=141 +d0=141. Check: 50-b3=47 141-c91=50 141-d0=141, "
+                                     "as before. The answer is 141.")
+    problems = t.problems(200, "train", 3)
+    ops = [x for q in problems for x in q.meta["operands"]]
+    assert min(ops) >= 0 and max(ops) <= 99 and sum(x >= 10 for x in ops) > len(ops) // 2
+    for q in problems[:60]:
+        assert q.answer == str(sum(q.meta["operands"]))
+        assert q.question == "Add " + " ".join(f"{a}{x}" for a, x in zip("abcd", q.meta["operands"])) + "."
+        fixed = t.fixed_solution(q, random.Random(q.question))  # the check catches the slip; the answer is right
+        assert ", not " in fixed and extract_answer(fixed) == q.answer
+        assert extract_answer(t.slipped_solution(q, random.Random(q.question))) != q.answer
+    one = [q.question for q in RunningSum().problems(20, "test", 4)]
+    assert [q.question for q in RunningSum(digits=1).problems(20, "test", 4)] == one
+    assert all(len(w) == 2 for q in one for w in q.removeprefix("Add ").rstrip(".").split())
+    with pytest.raises(ValueError, match=r"digits must be in \[1, 3\]"):
+        RunningSum(digits=4)
+
+
 def test_padded_running_sums_take_the_same_tokens_at_every_step():
     """padded=True writes every worked total with the largest total's digits, so each step is as long as the
     next whatever the totals are (a model that finds operands by distance then finds them on sums that stay

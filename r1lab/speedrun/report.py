@@ -183,7 +183,7 @@ def check_changes(records) -> dict[str, int]:
     return {"checked": checked, "changed": changed, "changed_right": right}
 
 
-_TAGGED = re.compile(r"\b([a-z])(\d)\b")  # an operand of the question, "c8"
+_TAGGED = re.compile(r"\b([a-z])(\d+)\b")  # an operand of the question, "c8" (or "c47")
 _CHAIN_STEP = re.compile(r"(?:([a-z])(\d+))?\+([a-z])(\d+)=(\d+)")  # "a2+b0=2" or "+c8=10"
 
 

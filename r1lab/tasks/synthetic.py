@@ -453,7 +453,8 @@ class LinearEquation:
 # ====================================================================== running sums
 @dataclass(frozen=True)
 class RunningSum:
-    """The sum of `n_operands` one-digit numbers, each tagged with a letter: "Add a7 b3 c5 d8 e2 f9."
+    """The sum of `n_operands` one-digit numbers (or of `digits` digits), each tagged with a letter: "Add a7 b3 c5
+    d8 e2 f9."
 
     A serial task for the speedrun's reasoning emergence: answering at once needs the whole sum in one forward
     pass, which a model of a million parameters does poorly, while the worked solution is a chain of local steps
@@ -467,6 +468,9 @@ class RunningSum:
     shuffled: bool = False  # the question lists the tagged operands in random order (the solution goes a, b, c)
     modulus: int = 0  # > 0: the sum modulo this ("Add a7 b3 c5 mod 10."), every total in the chain reduced too
     padded: bool = False  # worked totals written with leading zeros to the width of the largest ("+c1=06")
+    # digits of each operand: 1 draws 0-9, 2 draws 0-99 ("Add a47 b3 c91."), so that a sum is far harder to give
+    # at once while each worked step ("+c91=141") is still one local addition
+    digits: int = 1
     # How a worked solution checks its result (`checked_solution`): "same" works the sum out again in the same
     # order; "backward" sums from the last operand to the first, and where the two totals differ, a third pass
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
@@ -482,6 +486,8 @@ class RunningSum:
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
             raise ValueError(f"RunningSum.n_operands must be in [2, {len(self.TAGS)}], got {self.n_operands}")
+        if not 1 <= self.digits <= 3:
+            raise ValueError(f"RunningSum.digits must be in [1, 3], got {self.digits}")
         if self.modulus < 0 or self.modulus == 1:
             raise ValueError(f"RunningSum.modulus must be 0 (none) or at least 2, got {self.modulus}")
         if self.check_route not in self.CHECK_ROUTES:
@@ -491,12 +497,14 @@ class RunningSum:
 
     @property
     def name(self) -> str:
-        return f"running-sum-{self.n_operands}" + (f"-mod{self.modulus}" if self.modulus else "")
+        return (f"running-sum-{self.n_operands}" + (f"-d{self.digits}" if self.digits > 1 else "")
+                + (f"-mod{self.modulus}" if self.modulus else ""))
 
     @property
     def width(self) -> int:
         """Digits of a worked total when `padded` (the largest total's), else 0 (as many as it has)."""
-        return len(str(self.modulus - 1 if self.modulus else 9 * self.n_operands)) if self.padded else 0
+        largest = self.modulus - 1 if self.modulus else (10**self.digits - 1) * self.n_operands
+        return len(str(largest)) if self.padded else 0
 
     def split_of(self, key) -> str:
         """Split by the operands (in tag order) alone, so a shuffled listing of a test sum is a test problem."""
@@ -507,7 +515,7 @@ class RunningSum:
         m = self.modulus
 
         def make(rng: random.Random):
-            nums = [rng.randint(0, 9) for _ in range(self.n_operands)]
+            nums = [rng.randint(0, 10**self.digits - 1) for _ in range(self.n_operands)]
             order = list(range(self.n_operands))
             if self.shuffled:
                 rng.shuffle(order)
