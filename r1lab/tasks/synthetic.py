@@ -522,7 +522,7 @@ class RunningSum:
             question = "Add " + " ".join(f"{self.TAGS[i]}{nums[i]}" for i in order) + (f" mod {m}." if m else ".")
             answer = sum(nums) % m if m else sum(nums)
             return (tuple(nums), tuple(order)), question, str(answer), {"operands": nums, "modulus": m,
-                                                                        "width": self.width,
+                                                                        "width": self.width, "digits": self.digits,
                                                                         "check_route": self.check_route}
 
         return _draw(n, split, seed, self.name, make, self.split_of, solution=self.solution)
@@ -564,17 +564,20 @@ class RunningSum:
         return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
-    def _slip(cls, nums: list[int], modulus: int, rng: random.Random) -> tuple[int, int]:
-        """A slip: (step, error), one step's result off by one (never below zero); `nums` in the order added."""
+    def _slip(cls, nums: list[int], modulus: int, rng: random.Random, carries: bool = False) -> tuple[int, int]:
+        """A slip: (step, error), one step's result off by one (never below zero); `nums` in the order added.
+        `carries` (operands of two digits or more): half the slips are a carry dropped or added instead, off by
+        ten, the slip a model makes most in such sums (benchmarks/LOG.md, twenty-fourth session)."""
         step = rng.randrange(1, len(nums))
-        return step, (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) > 0 else 1)
+        size = 10 if carries and rng.random() < 0.5 else 1
+        return step, size * (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) >= size else 1)
 
     @classmethod
     def slipped_solution(cls, problem: Problem, rng: random.Random) -> str:
         """A worked running sum with one slip that nobody catches, so its answer is wrong (as worked solutions
         in real text sometimes are): "a7+b3=10 +c5=16 +d8=24. The answer is 24." """
         nums, m, w = cls._meta(problem)
-        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng))
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, problem.meta.get("digits", 1) > 1))
         return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
@@ -585,14 +588,14 @@ class RunningSum:
         The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
         is 23." """
         nums, m, w = cls._meta(problem)
-        route = problem.meta.get("check_route", "same")
+        route, carries = problem.meta.get("check_route", "same"), problem.meta.get("digits", 1) > 1
         if route == "backward":
             return cls._checked_backward(nums, m, w, rng)
         if route in ("inverse", "unwind"):
-            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind")
+            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind", carries=carries)
         if route == "pairs":
             return cls._checked_pairs(nums, m, w, rng)
-        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng) if rng is not None else None)
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, carries) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
         return " ".join(steps) + ". Check: " + " ".join(again) + f", {verdict}. The answer is {right[-1]}."
@@ -622,7 +625,7 @@ class RunningSum:
 
     @classmethod
     def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None,
-                         unwind: bool = False) -> str:
+                         unwind: bool = False, carries: bool = False) -> str:
         """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
         before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
         length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
@@ -636,7 +639,7 @@ class RunningSum:
         the total the check started from. A slip is found the same way, at its own step: the steps after it
         added right, so undoing them agrees with the first pass: "a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16
         16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23. The answer is 23." """
-        slip = cls._slip(nums, m, rng) if rng is not None else None
+        slip = cls._slip(nums, m, rng, carries) if rng is not None else None
         steps, totals = cls._forward(nums, m, w, slip=slip)
         text = " ".join(steps) + ". Check:"
         for i in (range(len(nums) - 1, 0, -1) if unwind else range(1, len(nums))):
