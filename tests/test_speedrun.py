@@ -471,6 +471,33 @@ def test_first_slips_tell_a_misread_operand_from_a_wrong_running_total():
     assert first_slips([rec("a12+b5=17 +c47=63. The answer is 63.")], q2)["addition"] == 1
 
 
+def test_training_types_split_rl_rollouts_into_spans_by_type(tmp_path):
+    """The report's table of RL's own rollouts: six steps in three spans of two, each type's accuracy and count
+    within a span, worked out by hand."""
+    from r1lab.speedrun.report import _training_types_table, training_types
+
+    direct, worked = "The answer is 9.</think>", "a4+b5=9 +c0=9. The answer is 9.</think>"
+    checked = "a4+b5=9 +c0=9. Check: 9-c0=9 9-b5=4, as before. The answer is 9.</think>"
+    rows = []
+    for step in range(1, 7):
+        rows += [{"step": step, "completion": direct, "accuracy": float(step == 1)},
+                 {"step": step, "completion": worked, "accuracy": 1.0}]
+        if step >= 3:  # checks appear in the second span, right one time in two
+            rows.append({"step": step, "completion": checked, "accuracy": float(step % 2)})
+    run = tmp_path / "1-r1-zero"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = training_types(run)
+    assert [x["steps"] for x in t] == [(1, 2), (3, 4), (5, 6)]
+    assert t[0]["direct"] == {"n": 2, "accuracy": 0.5} and t[0]["checked"] == {"n": 0, "accuracy": None}
+    assert t[1]["worked"] == {"n": 2, "accuracy": 1.0} and t[1]["checked"] == {"n": 2, "accuracy": 0.5}
+    assert t[2]["direct"] == {"n": 2, "accuracy": 0.0}
+    table = _training_types_table(tmp_path)
+    assert "| R1-Zero | 1-2 | 50.0% (2) | 100.0% (2) | - |" in table
+    assert "| R1-Zero | 3-4 | 0.0% (2) | 100.0% (2) | 50.0% (2) |" in table
+    assert training_types(tmp_path / "3-reasoning-rl") == [] and len(table) == 8  # no reasoning RL: its rows absent
+
+
 def test_paired_margin_counts_problems_not_samples():
     from r1lab.speedrun.report import _per_problem, paired_margin
 

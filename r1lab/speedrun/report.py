@@ -342,6 +342,44 @@ def rl_curves(run_dir: Path) -> list[dict]:
     return out
 
 
+def training_types(run_dir: Path, parts: int = 3) -> list[dict]:
+    """RL's own rollouts (samples.jsonl) by response type, in `parts` equal spans of the run's steps: for each
+    span, its steps and each type's count and accuracy. Whether RL keeps a type is whether it is rewarded more
+    often than the others in the policy's own samples (at the RL temperature), which these show."""
+    path = run_dir / "samples.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    steps = sorted({r["step"] for r in rows})
+    if not steps:
+        return []
+    spans = [steps[i * len(steps) // parts:(i + 1) * len(steps) // parts] for i in range(parts)]
+    out = []
+    for span in (s for s in spans if s):
+        lo, hi = span[0], span[-1]
+        by = {k: [] for k in RESPONSE_TYPES}
+        for r in rows:
+            if lo <= r["step"] <= hi:
+                by[classify_response(r["completion"])].append(float(r["accuracy"]))
+        out.append({"steps": (lo, hi), **{k: {"n": len(v), "accuracy": sum(v) / len(v) if v else None}
+                                          for k, v in by.items()}})
+    return out
+
+
+def _training_types_table(out: Path) -> list[str]:
+    rows = []
+    for name, rel in RL_RUNS:
+        for t in training_types(out / rel):
+            cells = [f"{100 * t[k]['accuracy']:.1f}% ({t[k]['n']})" if t[k]["n"] else "-" for k in RESPONSE_TYPES]
+            rows.append(f"| {name} | {t['steps'][0]}-{t['steps'][1]} | " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    return ["RL's own rollouts (its training samples, at the RL temperature) by type, in three spans of its steps: "
+            "accuracy (samples). A type right less often than the others in a span has a negative advantage on "
+            "average and loses probability; types right equally often are left to drift:", "", "| stage | steps | answers at once | works it out | works it out and checks |",
+            "|---|---|---|---|---|", *rows, ""]
+
+
 def headline(state: dict) -> str:
     """The accuracy table (markdown) of every evaluated stage."""
     ev = state.get("stages", {}).get("eval", {})
@@ -398,6 +436,7 @@ def write_report(out: Path, state: dict) -> Path:
         if ch["checked"]:
             lines += [f"R1-Zero's checks: {ch['checked']} responses check their result; {ch['changed']} of the "
                       f"checks changed the answer, and {ch['changed_right']} of the changed answers are right.", ""]
+        lines += _training_types_table(out)
         test = out / "data" / "test.jsonl"
         if s["task"] == "running-sum" and test.is_file():
             questions = {q["id"]: q["question"] for q in map(json.loads, test.read_text().splitlines())}
