@@ -338,6 +338,38 @@ def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
         assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
 
 
+def test_tagged_checks_name_the_operand_before_the_total_they_undo():
+    """check_route="tagged": the inverse route's steps, in order, each written "c5: 15-5=10", the tagged operand
+    first, then the first pass's total after that operand, less the operand, giving the total before it. A slip is
+    caught at its own step, and the sum worked again from there. Hand-worked, then every slip over many draws."""
+    import random
+
+    t, p = _hand_worked("tagged")
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as "
+                                     "before. The answer is 23.")
+    texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
+    assert ("a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: "
+            "10+c5=15 +d8=23. The answer is 23.") in texts
+    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
+    e = RunningSum(check_route="tagged")
+    for q in e.problems(80, "train", 2):
+        ops = dict(zip("abcdefgh", q.meta["operands"]))
+        for k in range(3):
+            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
+            first, check = text.split(". Check: ")
+            check, verdict = check.split(", not ")
+            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
+            after = dict(re.findall(r"([a-h])\d=(\d+)", first))  # the first pass's total after each operand
+            steps = re.findall(r"([b-h])(\d): (\d+)-(\d)=(-?\d+)", check)
+            assert [s[0] for s in steps] == list("bcdefgh")[:len(steps)]  # in order, from b
+            for tag, x, total, x2, back in steps:
+                assert int(x) == int(x2) == ops[tag] and total == after[tag] and int(back) == int(total) - int(x)
+            # every step but the last agrees with the total before it; the last is the slip, "not" that total
+            before = [str(ops["a"])] + [after[c] for c in "bcdefg"]
+            assert all(back == before[i] for i, (*_, back) in enumerate(steps[:-1]))
+            assert verdict.split(".")[0] == before[len(steps) - 1] != steps[-1][4]
+
+
 def test_pair_checks_add_the_question_again_and_a_third_pass_settles_a_disagreement():
     """check_route="pairs": the check adds the question's operands two by two, then the pair sums (totals worked
     afresh, not copied from the first pass); where the two totals differ, the sum is worked once more the first

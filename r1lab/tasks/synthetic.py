@@ -476,12 +476,13 @@ class RunningSum:
     # (odd tags, then even) settles it; "inverse" undoes each step of the first pass in turn (total minus the
     # operand it added should give the total before it), reading only what the first pass wrote; "unwind" undoes
     # them from the last step back to the first, so each check step starts from the total the one before it
-    # arrived at and the answer stands right before the check; "pairs" adds
+    # arrived at and the answer stands right before the check; "tagged" undoes them in order as "inverse" does,
+    # each step naming its tagged operand before the total it undoes ("c5: 15-5=10"); "pairs" adds
     # the question's operands two by two (a+b, c+d, ...), then the pair sums, and where its total differs from the
     # first pass's, works the sum once more the first way, whose total is the answer.
     check_route: str = "same"
     TAGS = "abcdefghijklmnopqrstuvwxyz"  # up to 26 operands
-    CHECK_ROUTES = ("same", "backward", "inverse", "unwind", "pairs")
+    CHECK_ROUTES = ("same", "backward", "inverse", "unwind", "pairs", "tagged")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -591,8 +592,9 @@ class RunningSum:
         route, carries = problem.meta.get("check_route", "same"), problem.meta.get("digits", 1) > 1
         if route == "backward":
             return cls._checked_backward(nums, m, w, rng)
-        if route in ("inverse", "unwind"):
-            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind", carries=carries)
+        if route in ("inverse", "unwind", "tagged"):
+            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind", carries=carries,
+                                        tagged=route == "tagged")
         if route == "pairs":
             return cls._checked_pairs(nums, m, w, rng)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, carries) if rng is not None else None)
@@ -625,7 +627,7 @@ class RunningSum:
 
     @classmethod
     def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None,
-                         unwind: bool = False, carries: bool = False) -> str:
+                         unwind: bool = False, carries: bool = False, tagged: bool = False) -> str:
         """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
         before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
         length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
@@ -638,14 +640,22 @@ class RunningSum:
         A check whose totals drift from the first pass's then cannot carry the drift into the answer, which is
         the total the check started from. A slip is found the same way, at its own step: the steps after it
         added right, so undoing them agrees with the first pass: "a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16
-        16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23. The answer is 23." """
+        16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23. The answer is 23."
+        `tagged` (check_route "tagged"): the inverse route's steps in order, each naming its tagged operand first:
+        "a7+b3=10 +c5=15 +d8=23. Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as before. The answer is 23." The
+        total a step undoes then follows its tag as it does in the first pass ("c5=15" there, "c5: 15" here), one
+        copy by the tag, where the inverse route writes it before the tag and must first work out which step
+        comes next (benchmarks/LOG.md, twenty-fourth session). """
         slip = cls._slip(nums, m, rng, carries) if rng is not None else None
         steps, totals = cls._forward(nums, m, w, slip=slip)
         text = " ".join(steps) + ". Check:"
         for i in (range(len(nums) - 1, 0, -1) if unwind else range(1, len(nums))):
             back = totals[i] - nums[i]
             back = back % m if m else back
-            text += f" {totals[i]:0{w}d}-{cls.TAGS[i]}{nums[i]}={back:0{w}d}"
+            if tagged:
+                text += f" {cls.TAGS[i]}{nums[i]}: {totals[i]:0{w}d}-{nums[i]}={back:0{w}d}"
+            else:
+                text += f" {totals[i]:0{w}d}-{cls.TAGS[i]}{nums[i]}={back:0{w}d}"
             if back != totals[i - 1]:  # the slip is step i: the totals before it are right, so go on from there
                 total, redo = totals[i - 1], []
                 for j in range(i, len(nums)):
