@@ -298,6 +298,20 @@ def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
         assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
 
 
+def _caught_slips(route: str):
+    """(operands by tag, first pass, check up to its verdict, verdict) of fixed solutions of eight-operand sums
+    whose checks take `route`: 80 problems, three slips each; every answer is right and says the pass slipped."""
+    import random
+
+    e = RunningSum(check_route=route)
+    for q in e.problems(80, "train", 2):
+        for k in range(3):
+            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
+            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
+            first, check = text.split(". Check: ")
+            yield (dict(zip("abcdefgh", q.meta["operands"])), first, *check.split(", not "))
+
+
 def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
     """check_route="unwind": the inverse check run from the last step back to the first, so each check step
     starts from the total the one before it arrived at (the first from the first pass's answer), and the first
@@ -313,25 +327,18 @@ def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
     assert ("a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 "
             "+c5=15 +d8=23. The answer is 23.") in texts
     assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
-    e = RunningSum(check_route="unwind")
-    for q in e.problems(80, "train", 2):
-        ops = dict(zip("abcdefgh", q.meta["operands"]))
-        for k in range(3):
-            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
-            first, check = text.split(". Check: ")
-            check, verdict = check.split(", not ")
-            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
-            total = first.rsplit("=", 1)[1]  # the first check step starts from the first pass's answer
-            tags = []
-            for step in check.split():  # "15-c5=10": each starts where the one before it arrived
-                head, tag, x, back = re.fullmatch(r"(\d+)-([a-h])(\d)=(-?\d+)", step).groups()
-                assert head == total and int(x) == ops[tag] and int(back) == int(head) - int(x)
-                total = back
-                tags.append(tag)
-            assert tags == list("hgfedcb")[:len(tags)]  # from the last step back
-            totals = [str(ops["a"])] + re.findall(r"=(\d+)", first)  # the first pass's, totals[i] after step i
-            slipped = 8 - len(tags)  # the step whose undoing disagreed: the one before it is "not" its result
-            assert verdict.split(".")[0] == totals[slipped - 1] != total
+    for ops, first, check, verdict in _caught_slips("unwind"):
+        total = first.rsplit("=", 1)[1]  # the first check step starts from the first pass's answer
+        tags = []
+        for step in check.split():  # "15-c5=10": each starts where the one before it arrived
+            head, tag, x, back = re.fullmatch(r"(\d+)-([a-h])(\d)=(-?\d+)", step).groups()
+            assert head == total and int(x) == ops[tag] and int(back) == int(head) - int(x)
+            total = back
+            tags.append(tag)
+        assert tags == list("hgfedcb")[:len(tags)]  # from the last step back
+        totals = [str(ops["a"])] + re.findall(r"=(\d+)", first)  # the first pass's, totals[i] after step i
+        slipped = 8 - len(tags)  # the step whose undoing disagreed: the one before it is "not" its result
+        assert verdict.split(".")[0] == totals[slipped - 1] != total
     m = RunningSum(n_operands=5, modulus=10, check_route="unwind")
     for q in m.problems(40, "train", 3):
         text = m.fixed_solution(q, random.Random(q.question))
@@ -351,23 +358,16 @@ def test_tagged_checks_name_the_operand_before_the_total_they_undo():
     assert ("a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: "
             "10+c5=15 +d8=23. The answer is 23.") in texts
     assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
-    e = RunningSum(check_route="tagged")
-    for q in e.problems(80, "train", 2):
-        ops = dict(zip("abcdefgh", q.meta["operands"]))
-        for k in range(3):
-            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
-            first, check = text.split(". Check: ")
-            check, verdict = check.split(", not ")
-            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
-            after = dict(re.findall(r"([a-h])\d=(\d+)", first))  # the first pass's total after each operand
-            steps = re.findall(r"([b-h])(\d): (\d+)-(\d)=(-?\d+)", check)
-            assert [s[0] for s in steps] == list("bcdefgh")[:len(steps)]  # in order, from b
-            for tag, x, total, x2, back in steps:
-                assert int(x) == int(x2) == ops[tag] and total == after[tag] and int(back) == int(total) - int(x)
-            # every step but the last agrees with the total before it; the last is the slip, "not" that total
-            before = [str(ops["a"])] + [after[c] for c in "bcdefg"]
-            assert all(back == before[i] for i, (*_, back) in enumerate(steps[:-1]))
-            assert verdict.split(".")[0] == before[len(steps) - 1] != steps[-1][4]
+    for ops, first, check, verdict in _caught_slips("tagged"):
+        after = dict(re.findall(r"([a-h])\d=(\d+)", first))  # the first pass's total after each operand
+        steps = re.findall(r"([b-h])(\d): (\d+)-(\d)=(-?\d+)", check)
+        assert [s[0] for s in steps] == list("bcdefgh")[:len(steps)]  # in order, from b
+        for tag, x, total, x2, back in steps:
+            assert int(x) == int(x2) == ops[tag] and total == after[tag] and int(back) == int(total) - int(x)
+        # every step but the last agrees with the total before it; the last is the slip, "not" that total
+        before = [str(ops["a"])] + [after[c] for c in "bcdefg"]
+        assert all(back == before[i] for i, (*_, back) in enumerate(steps[:-1]))
+        assert verdict.split(".")[0] == before[len(steps) - 1] != steps[-1][4]
 
 
 def test_pair_checks_add_the_question_again_and_a_third_pass_settles_a_disagreement():
