@@ -268,34 +268,13 @@ def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreem
         RunningSum(check_route="sideways")
 
 
-def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
-    """check_route="inverse": each step of the first pass undone in turn ("10-b3=7" checks "a7+b3=10"), using
-    only numbers and tagged operands the first pass wrote; the first step whose undoing disagrees is the slip,
-    and the sum goes on from the total before it. Hand-worked, then every slip over many draws."""
+def _all_slips(t, p) -> set[str]:
+    """Every fixed solution of the hand-worked sum: a slip of +1 or -1 at each of its three steps."""
     import random
 
-    t, p = _hand_worked("inverse")
-    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15, as before. "
-                                     "The answer is 23.")
     texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
-    assert ("a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
-            "+d8=23. The answer is 23.") in texts
-    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
-    e = RunningSum(check_route="inverse")
-    for q in e.problems(80, "train", 2):
-        for k in range(3):
-            text = e.fixed_solution(q, random.Random(f"{q.question}/{k}"))
-            first, check = text.split(". Check: ")
-            check = check.split(", not ")[0]
-            assert extract_answer(text) == q.answer and "Wait, the first pass slipped: " in text
-            written = set(re.findall(r"[a-p]\d|\d+", first))
-            for step in check.split():  # "15-c5=10": the total and the operand stand in the first pass
-                total, operand = re.fullmatch(r"(\d+)-([a-p]\d)=-?\d+", step).groups()
-                assert total in written and operand in written
-    m = RunningSum(n_operands=5, modulus=10, check_route="inverse")
-    for q in m.problems(40, "train", 3):
-        text = m.fixed_solution(q, random.Random(q.question))
-        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+    assert len(texts) == 6
+    return texts
 
 
 def _caught_slips(route: str):
@@ -312,6 +291,29 @@ def _caught_slips(route: str):
             yield (dict(zip("abcdefgh", q.meta["operands"])), first, *check.split(", not "))
 
 
+def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
+    """check_route="inverse": each step of the first pass undone in turn ("10-b3=7" checks "a7+b3=10"), using
+    only numbers and tagged operands the first pass wrote; the first step whose undoing disagrees is the slip,
+    and the sum goes on from the total before it. Hand-worked, then every slip over many draws."""
+    import random
+
+    t, p = _hand_worked("inverse")
+    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15, as before. "
+                                     "The answer is 23.")
+    texts = _all_slips(t, p)
+    assert ("a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
+            "+d8=23. The answer is 23.") in texts
+    for _, first, check, _ in _caught_slips("inverse"):
+        written = set(re.findall(r"[a-p]\d|\d+", first))
+        for step in check.split():  # "15-c5=10": the total and the operand stand in the first pass
+            total, operand = re.fullmatch(r"(\d+)-([a-p]\d)=-?\d+", step).groups()
+            assert total in written and operand in written
+    m = RunningSum(n_operands=5, modulus=10, check_route="inverse")
+    for q in m.problems(40, "train", 3):
+        text = m.fixed_solution(q, random.Random(q.question))
+        assert extract_answer(text) == q.answer and all(0 <= int(x) < 10 for x in re.findall(r"=(\d+)", text))
+
+
 def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
     """check_route="unwind": the inverse check run from the last step back to the first, so each check step
     starts from the total the one before it arrived at (the first from the first pass's answer), and the first
@@ -321,12 +323,11 @@ def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
     t, p = _hand_worked("unwind")
     assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 23-d8=15 15-c5=10 10-b3=7, as before. "
                                      "The answer is 23.")
-    texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
+    texts = _all_slips(t, p)
     assert ("a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
             "+d8=23. The answer is 23.") in texts
     assert ("a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 "
             "+c5=15 +d8=23. The answer is 23.") in texts
-    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
     for ops, first, check, verdict in _caught_slips("unwind"):
         total = first.rsplit("=", 1)[1]  # the first check step starts from the first pass's answer
         tags = []
@@ -349,15 +350,12 @@ def test_tagged_checks_name_the_operand_before_the_total_they_undo():
     """check_route="tagged": the inverse route's steps, in order, each written "c5: 15-5=10", the tagged operand
     first, then the first pass's total after that operand, less the operand, giving the total before it. A slip is
     caught at its own step, and the sum worked again from there. Hand-worked, then every slip over many draws."""
-    import random
-
     t, p = _hand_worked("tagged")
     assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as "
                                      "before. The answer is 23.")
-    texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
+    texts = _all_slips(t, p)
     assert ("a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: "
             "10+c5=15 +d8=23. The answer is 23.") in texts
-    assert len(texts) == 6  # a slip of +1 or -1 at each of the three steps
     for ops, first, check, verdict in _caught_slips("tagged"):
         after = dict(re.findall(r"([a-h])\d=(\d+)", first))  # the first pass's total after each operand
         steps = re.findall(r"([b-h])(\d): (\d+)-(\d)=(-?\d+)", check)
