@@ -192,6 +192,14 @@ def test_running_sums_of_two_digit_operands():
         assert all(int(x) >= 0 for x in re.findall(r"=(-?\d+)", slipped))  # never below zero
     # half the slips of two-digit sums are a carry dropped or added (off by ten), the rest off by one
     assert set(errors) <= {-10, -1, 1, 10} and 25 <= sum(abs(e) == 10 for e in errors) <= 75
+    for route in RunningSum.CHECK_ROUTES:  # every route's slips, carries too, and every fixed answer right
+        r = RunningSum(n_operands=4, digits=2, check_route=route)
+        off = set()
+        for q in r.problems(60, "train", 5):
+            text = r.fixed_solution(q, random.Random(q.question))
+            assert extract_answer(text) == q.answer, (route, text)
+            off.add(int(text.split(". Check: ")[0].rsplit("=", 1)[1]) - int(q.answer))  # the first pass's total
+        assert off - {0} <= {-10, -1, 1, 10} and off & {-10, 10}, (route, off)
     one = [q.question for q in RunningSum().problems(20, "test", 4)]
     assert [q.question for q in RunningSum(digits=1).problems(20, "test", 4)] == one
     assert all(len(w) == 2 for q in one for w in q.removeprefix("Add ").rstrip(".").split())
@@ -268,13 +276,27 @@ def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreem
         RunningSum(check_route="sideways")
 
 
-def _all_slips(t, p) -> set[str]:
-    """Every fixed solution of the hand-worked sum: a slip of +1 or -1 at each of its three steps."""
+@pytest.mark.parametrize("route, checked, caught", [
+    ("inverse", "Check: 10-b3=7 15-c5=10 23-d8=15, as before.",
+     ["a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23."]),
+    ("unwind", "Check: 23-d8=15 15-c5=10 10-b3=7, as before.",
+     ["a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23.",
+      "a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 +c5=15 "
+      "+d8=23."]),
+    ("tagged", "Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as before.",
+     ["a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
+      "+d8=23."]),
+])
+def test_checks_that_undo_the_steps_hand_worked(route, checked, caught):
+    """a7 + b3 + c5 + d8 = 23 checked by each route that undoes the first pass's steps: the check when nothing
+    slipped, and fixed solutions of slips written out by hand among the six (+1 or -1 at each of three steps)."""
     import random
 
+    t, p = _hand_worked(route)
+    assert t.checked_solution(p) == f"a7+b3=10 +c5=15 +d8=23. {checked} The answer is 23."
     texts = {t.fixed_solution(p, random.Random(k)) for k in range(200)}
     assert len(texts) == 6
-    return texts
+    assert {c + " The answer is 23." for c in caught} <= texts
 
 
 def _caught_slips(route: str):
@@ -294,15 +316,9 @@ def _caught_slips(route: str):
 def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
     """check_route="inverse": each step of the first pass undone in turn ("10-b3=7" checks "a7+b3=10"), using
     only numbers and tagged operands the first pass wrote; the first step whose undoing disagrees is the slip,
-    and the sum goes on from the total before it. Hand-worked, then every slip over many draws."""
+    and the sum goes on from the total before it. Every slip over many draws (hand-worked above)."""
     import random
 
-    t, p = _hand_worked("inverse")
-    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15, as before. "
-                                     "The answer is 23.")
-    texts = _all_slips(t, p)
-    assert ("a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
-            "+d8=23. The answer is 23.") in texts
     for _, first, check, _ in _caught_slips("inverse"):
         written = set(re.findall(r"[a-p]\d|\d+", first))
         for step in check.split():  # "15-c5=10": the total and the operand stand in the first pass
@@ -317,17 +333,9 @@ def test_inverse_checks_undo_each_step_from_what_the_first_pass_wrote():
 def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
     """check_route="unwind": the inverse check run from the last step back to the first, so each check step
     starts from the total the one before it arrived at (the first from the first pass's answer), and the first
-    step whose undoing disagrees with the first pass is the slip. Hand-worked, then every slip over many draws."""
+    step whose undoing disagrees with the first pass is the slip. Every slip over many draws (hand-worked above)."""
     import random
 
-    t, p = _hand_worked("unwind")
-    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: 23-d8=15 15-c5=10 10-b3=7, as before. "
-                                     "The answer is 23.")
-    texts = _all_slips(t, p)
-    assert ("a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
-            "+d8=23. The answer is 23.") in texts
-    assert ("a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 "
-            "+c5=15 +d8=23. The answer is 23.") in texts
     for ops, first, check, verdict in _caught_slips("unwind"):
         total = first.rsplit("=", 1)[1]  # the first check step starts from the first pass's answer
         tags = []
@@ -349,13 +357,7 @@ def test_unwind_checks_undo_the_steps_from_the_last_and_chain_their_totals():
 def test_tagged_checks_name_the_operand_before_the_total_they_undo():
     """check_route="tagged": the inverse route's steps, in order, each written "c5: 15-5=10", the tagged operand
     first, then the first pass's total after that operand, less the operand, giving the total before it. A slip is
-    caught at its own step, and the sum worked again from there. Hand-worked, then every slip over many draws."""
-    t, p = _hand_worked("tagged")
-    assert t.checked_solution(p) == ("a7+b3=10 +c5=15 +d8=23. Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as "
-                                     "before. The answer is 23.")
-    texts = _all_slips(t, p)
-    assert ("a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: "
-            "10+c5=15 +d8=23. The answer is 23.") in texts
+    caught at its own step, and the sum worked again from there. Every slip over many draws (hand-worked above)."""
     for ops, first, check, verdict in _caught_slips("tagged"):
         after = dict(re.findall(r"([a-h])\d=(\d+)", first))  # the first pass's total after each operand
         steps = re.findall(r"([b-h])(\d): (\d+)-(\d)=(-?\d+)", check)

@@ -321,20 +321,26 @@ def _sample_lines(out: Path) -> list[str]:
     return lines
 
 
-def rl_curves(run_dir: Path) -> list[dict]:
-    """Per RL step, over every logged training sample (samples.jsonl): reasoning share, self-check share,
-    accuracy; with reward and mean response length from metrics.jsonl."""
-    by_step: dict[int, list[dict]] = {}
+def _rollouts_by_step(run_dir: Path) -> dict[int, list[tuple[str, float]]]:
+    """An RL run's logged training samples (samples.jsonl), by step: (response type, accuracy) of each."""
+    by_step: dict[int, list[tuple[str, float]]] = {}
     path = run_dir / "samples.jsonl"
     if path.is_file():
         for ln in path.read_text().splitlines():
             if ln.strip():
                 r = json.loads(ln)
-                by_step.setdefault(r["step"], []).append(r)
+                by_step.setdefault(r["step"], []).append((classify_response(r["completion"]),
+                                                          float(r.get("accuracy") or 0.0)))
+    return by_step
+
+
+def rl_curves(run_dir: Path) -> list[dict]:
+    """Per RL step, over every logged training sample (samples.jsonl): reasoning share, self-check share,
+    accuracy; with reward and mean response length from metrics.jsonl."""
+    by_step = _rollouts_by_step(run_dir)
     out = []
     for m in _metrics(run_dir / "metrics.jsonl"):
-        recs = by_step.get(m["step"], [])
-        kinds = [classify_response(r["completion"]) for r in recs]
+        kinds = [k for k, _ in by_step.get(m["step"], [])]
         n = len(kinds) or 1
         out.append({"step": m["step"], "reward": m["reward"], "accuracy": m.get("accuracy") or 0.0,
                     "length": m["response_len_mean"], "reasoning": sum(k != "direct" for k in kinds) / n,
@@ -346,23 +352,17 @@ def training_types(run_dir: Path, parts: int = 3) -> list[dict]:
     """RL's own rollouts (samples.jsonl) by response type, in `parts` equal spans of the run's steps: for each
     span, its steps and each type's count and accuracy. Whether RL keeps a type is whether it is rewarded more
     often than the others in the policy's own samples (at the RL temperature), which these show."""
-    path = run_dir / "samples.jsonl"
-    if not path.is_file():
-        return []
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    steps = sorted({r["step"] for r in rows})
-    if not steps:
-        return []
+    by_step = _rollouts_by_step(run_dir)
+    steps = sorted(by_step)
     spans = [steps[i * len(steps) // parts:(i + 1) * len(steps) // parts] for i in range(parts)]
     out = []
     for span in (s for s in spans if s):
-        lo, hi = span[0], span[-1]
-        by = {k: [] for k in RESPONSE_TYPES}
-        for r in rows:
-            if lo <= r["step"] <= hi:
-                by[classify_response(r["completion"])].append(float(r["accuracy"]))
-        out.append({"steps": (lo, hi), **{k: {"n": len(v), "accuracy": sum(v) / len(v) if v else None}
-                                          for k, v in by.items()}})
+        by: dict[str, list[float]] = {k: [] for k in RESPONSE_TYPES}
+        for step in span:
+            for kind, acc in by_step[step]:
+                by[kind].append(acc)
+        out.append({"steps": (span[0], span[-1]), **{k: {"n": len(v), "accuracy": sum(v) / len(v) if v else None}
+                                                      for k, v in by.items()}})
     return out
 
 
@@ -376,8 +376,9 @@ def _training_types_table(out: Path) -> list[str]:
         return []
     return ["RL's own rollouts (its training samples, at the RL temperature) by type, in three spans of its steps: "
             "accuracy (samples). A type right less often than the others in a span has a negative advantage on "
-            "average and loses probability; types right equally often are left to drift:", "", "| stage | steps | answers at once | works it out | works it out and checks |",
-            "|---|---|---|---|---|", *rows, ""]
+            "average and loses probability; types right equally often are left to drift:", "",
+            "| stage | steps | answers at once | works it out | works it out and checks |", "|---|---|---|---|---|",
+            *rows, ""]
 
 
 def headline(state: dict) -> str:

@@ -565,12 +565,12 @@ class RunningSum:
         return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
-    def _slip(cls, nums: list[int], modulus: int, rng: random.Random, carries: bool = False) -> tuple[int, int]:
+    def _slip(cls, nums: list[int], modulus: int, rng: random.Random, digits: int = 1) -> tuple[int, int]:
         """A slip: (step, error), one step's result off by one (never below zero); `nums` in the order added.
-        `carries` (operands of two digits or more): half the slips are a carry dropped or added instead, off by
-        ten, the slip a model makes most in such sums (benchmarks/LOG.md, twenty-fourth session)."""
+        Operands of two `digits` or more: half the slips are a carry dropped or added instead, off by ten, the
+        slip a model makes most in such sums (benchmarks/LOG.md, twenty-fourth session)."""
         step = rng.randrange(1, len(nums))
-        size = 10 if carries and rng.random() < 0.5 else 1
+        size = 10 if digits > 1 and rng.random() < 0.5 else 1
         return step, size * (rng.choice((-1, 1)) if modulus or sum(nums[:step + 1]) >= size else 1)
 
     @classmethod
@@ -578,7 +578,7 @@ class RunningSum:
         """A worked running sum with one slip that nobody catches, so its answer is wrong (as worked solutions
         in real text sometimes are): "a7+b3=10 +c5=16 +d8=24. The answer is 24." """
         nums, m, w = cls._meta(problem)
-        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, problem.meta.get("digits", 1) > 1))
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, problem.meta.get("digits", 1)))
         return " ".join(steps) + f". The answer is {totals[-1]}."
 
     @classmethod
@@ -589,21 +589,20 @@ class RunningSum:
         The answer is 23." Without, the totals agree: "... Check: a7+b3=10 +c5=15 +d8=23, as before. The answer
         is 23." """
         nums, m, w = cls._meta(problem)
-        route, carries = problem.meta.get("check_route", "same"), problem.meta.get("digits", 1) > 1
+        route, digits = problem.meta.get("check_route", "same"), problem.meta.get("digits", 1)
         if route == "backward":
-            return cls._checked_backward(nums, m, w, rng)
+            return cls._checked_backward(nums, m, w, rng, digits)
         if route in ("inverse", "unwind", "tagged"):
-            return cls._checked_inverse(nums, m, w, rng, unwind=route == "unwind", carries=carries,
-                                        tagged=route == "tagged")
+            return cls._checked_inverse(nums, m, w, rng, digits, unwind=route == "unwind", tagged=route == "tagged")
         if route == "pairs":
-            return cls._checked_pairs(nums, m, w, rng)
-        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, carries) if rng is not None else None)
+            return cls._checked_pairs(nums, m, w, rng, digits)
+        steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, digits) if rng is not None else None)
         again, right = cls._forward(nums, m, w)
         verdict = "as before" if totals[-1] == right[-1] else f"not {totals[-1]:0{w}d}. Wait, the first pass slipped"
         return " ".join(steps) + ". Check: " + " ".join(again) + f", {verdict}. The answer is {right[-1]}."
 
     @classmethod
-    def _checked_backward(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+    def _checked_backward(cls, nums: list[int], m: int, w: int, rng: random.Random | None, digits: int = 1) -> str:
         """check_route "backward": the sum a to h, then a check from h back to a, which passes through other
         totals and so other lookups than the first pass. Equal totals end it; different ones call for a third
         pass (odd tags, then even: "a7+c5=12 +e2=14 ..."), whose total is the answer. With `rng`, one of the first
@@ -616,7 +615,7 @@ class RunningSum:
         slipped = rng.randrange(2) if rng is not None else None
         passes = []
         for r, order in enumerate(routes):
-            slip = cls._slip([nums[i] for i in order], m, rng) if r == slipped else None
+            slip = cls._slip([nums[i] for i in order], m, rng, digits) if r == slipped else None
             passes.append(cls._forward(nums, m, w, slip=slip, order=order))
         (steps, totals), (check, again), (third, right) = passes
         text = " ".join(steps) + ". Check: " + " ".join(check)
@@ -626,8 +625,8 @@ class RunningSum:
                 + f". The answer is {right[-1]}.")
 
     @classmethod
-    def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None,
-                         unwind: bool = False, carries: bool = False, tagged: bool = False) -> str:
+    def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None, digits: int = 1,
+                         unwind: bool = False, tagged: bool = False) -> str:
         """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
         before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
         length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
@@ -646,7 +645,7 @@ class RunningSum:
         total a step undoes then follows its tag as it does in the first pass ("c5=15" there, "c5: 15" here), one
         copy by the tag, where the inverse route writes it before the tag and must first work out which step
         comes next (benchmarks/LOG.md, twenty-fourth session). """
-        slip = cls._slip(nums, m, rng, carries) if rng is not None else None
+        slip = cls._slip(nums, m, rng, digits) if rng is not None else None
         steps, totals = cls._forward(nums, m, w, slip=slip)
         text = " ".join(steps) + ". Check:"
         for i in (range(len(nums) - 1, 0, -1) if unwind else range(1, len(nums))):
@@ -667,7 +666,7 @@ class RunningSum:
         return text + f", as before. The answer is {totals[-1]}."
 
     @classmethod
-    def _checked_pairs(cls, nums: list[int], m: int, w: int, rng: random.Random | None) -> str:
+    def _checked_pairs(cls, nums: list[int], m: int, w: int, rng: random.Random | None, digits: int = 1) -> str:
         """check_route "pairs": the check adds the question's operands again two by two, then the pair sums, so
         its totals are computed afresh rather than copied from the first pass: "a7+b3=10 +c5=15 +d8=23 +e2=25.
         Check: a7+b3=10 c5+d8=13 e2, 10+13=23 +2=25, as before. The answer is 25." (an odd operand out stands
@@ -684,11 +683,12 @@ class RunningSum:
         slip = misread = check_slip = None
         if rng is not None:
             if rng.random() < 0.5:  # the first pass slips: a result or a lookup
-                step, error = cls._slip(nums, m, rng)
+                step, error = cls._slip(nums, m, rng, digits)
                 if rng.random() < 0.5:
                     slip = (step, error)
-                else:  # a neighbouring digit, kept a digit
-                    misread = (step, nums[step] + error if 0 <= nums[step] + error <= 9 else nums[step] - error)
+                else:  # a neighbouring value, kept within the operands' digits
+                    top = 10**digits - 1
+                    misread = (step, nums[step] + error if 0 <= nums[step] + error <= top else nums[step] - error)
             else:  # the check slips: a pair sum (when there are pairs) or a total of its running sum
                 at = rng.randrange(sum(len(g) == 2 for g in groups) + len(groups) - 1)
                 check_slip = (at, rng.choice((-1, 1)))
