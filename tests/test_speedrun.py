@@ -662,3 +662,31 @@ def test_lane_workers_start_with_the_malloc_settings_and_keep_the_users(monkeypa
     want = [("12345" if k == "MALLOC_TOP_PAD_" else WORKER_MALLOC[k]) for k in keys]
     assert seen == want
     assert [os.environ.get(k) for k in keys] == [None if k != "MALLOC_TOP_PAD_" else "12345" for k in keys]
+
+
+def test_lookup_drills_recall_every_tagged_operand_in_a_random_order(tmp_path):
+    """lookup_share: that share of the dialogues become drills ("Add a7 b3 c5. Recall: c5 a7 b3."), each recalling
+    exactly the question's tagged operands in an order that is not always the question's; worked examples stay."""
+    task = sdata.make_task("running-sum", n_operands=8, check_route="inverse")
+    sdata.write_data(tmp_path, task, corpus_docs=1000, reasoning_share=0.25, rl_prompts=4, cold_start=4, test=4,
+                     seed=1, textbook_share=0.25, lookup_share=0.2)
+    rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    drills = [r for r in rows if " Recall: " in r]
+    assert sum(r.startswith("Example: ") for r in rows) == 250 and len(drills) == 150  # 0.2 of the 750 dialogues
+    in_order = 0
+    for r in drills:
+        question, recalled = r.split(" Recall: ")
+        asked = question.removeprefix("Add ").removesuffix(".").split()
+        said = recalled.removesuffix(".").split()
+        assert sorted(said) == sorted(asked) and len(said) == 8
+        in_order += said == asked
+    assert in_order <= 2  # a random order of eight: the question's own 1 time in 40,320
+    small = sdata.make_task("running-sum", n_operands=3)
+    p = small.problems(1, "train", 0)[0]
+    assert p.question == "Add " + " ".join(f"{t}{v}" for t, v in zip("abc", p.meta["operands"])) + "."
+    import random
+    orders = {sdata.make_task("running-sum", n_operands=3).lookup_drill(p, random.Random(s)) for s in range(60)}
+    assert len(orders) == 6  # every order of three operands turns up
+    with pytest.raises(ValueError, match="has no lookup drills"):
+        sdata.write_data(tmp_path / "x", sdata.make_task("addition"), corpus_docs=10, reasoning_share=0.2,
+                         rl_prompts=1, cold_start=1, test=1, seed=0, lookup_share=0.1)

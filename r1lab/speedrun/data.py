@@ -156,7 +156,8 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                cold_start: int, test: int, seed: int, easy_task=None, easy_share: float = 0.0,
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
                textbook_share: float = 0.0, layout: str = "chat", cold_check_share: float = 0.0,
-               cold_fix_share: float = 0.0, cold_slip_share: float = 0.0) -> dict[str, int]:
+               cold_fix_share: float = 0.0, cold_slip_share: float = 0.0,
+               lookup_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
@@ -167,7 +168,10 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     cold-start demonstrations, a share `cold_check_share` checks its result and `cold_fix_share` makes a slip that
     its check catches and fixes (R1's cold-start data has reflection and verification); of the rest, plain worked
     solutions, a share `cold_slip_share` slips unnoticed (demonstrations written without verifying their answers,
-    as the corpus's are; the answer tag is then the wrong answer the text arrives at)."""
+    as the corpus's are; the answer tag is then the wrong answer the text arrives at). A share `lookup_share` of the
+    documents that are not worked examples are lookup drills instead (the task's `lookup_drill`: its question, then
+    its tagged operands recalled in a random order), text that practises the copies by tag a worked solution
+    makes."""
     if layout not in LAYOUTS:
         raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     form = LAYOUTS[layout]
@@ -181,7 +185,17 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     textbook = set(random.Random(f"speedrun-textbook:{seed}").sample(range(len(corpus)),
                                                                      round(len(corpus) * textbook_share)))
 
+    drills: set[int] = set()
+    if lookup_share > 0:
+        if not hasattr(task, "lookup_drill"):
+            raise ValueError(f"lookup_share={lookup_share}: task {task.name!r} has no lookup drills (running-sum has)")
+        rest = [i for i in range(len(corpus)) if i not in textbook]
+        drill_rng = random.Random(f"speedrun-lookup:{seed}")
+        drills = set(drill_rng.sample(rest, round(len(rest) * lookup_share)))
+
     def doc(i: int, p: Problem) -> dict:
+        if i in drills:
+            return {"text": task.lookup_drill(p, drill_rng)}
         worked = i in textbook or rng.random() < reasoning_share
         body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
         template = form.textbook if i in textbook else form.zero

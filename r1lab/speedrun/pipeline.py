@@ -71,6 +71,9 @@ class Preset:
     check_share: float = 0.5  # share of the worked documents that check their result (tasks that can)
     fix_share: float = 0.15  # share of the worked documents that make a slip, catch it and fix it
     slip_share: float = 0.2  # share of the unchecked worked documents whose slip nobody catches (a wrong answer)
+    # share of the dialogues that are lookup drills instead ("Add a7 b3 c5. Recall: c5 a7 b3.", the task's
+    # `lookup_drill`), practice in the copies by tag that worked solutions make
+    lookup_share: float = 0.0
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
     seq_len: int = 256
@@ -162,7 +165,7 @@ PRESETS: dict[str, Preset] = {
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
          "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0, "cold_slip_share": 0.0,
-         "rl_micro_tokens": 0}
+         "rl_micro_tokens": 0, "lookup_share": 0.0}
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
@@ -545,7 +548,8 @@ class Speedrun:
                                   check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
                                   easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share,
                                   layout=p.layout, cold_check_share=p.cold_check_share,
-                                  cold_fix_share=p.cold_fix_share, cold_slip_share=p.cold_slip_share)
+                                  cold_fix_share=p.cold_fix_share, cold_slip_share=p.cold_slip_share,
+                                  lookup_share=p.lookup_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         return {"data": counts, "vocab_size": tok.vocab_size}

@@ -719,6 +719,18 @@ class RunningSum:
         """A running sum with a slip that its check catches (`checked_solution` with a slip)."""
         return cls.checked_solution(problem, rng)
 
+    @classmethod
+    def lookup_drill(cls, problem: Problem, rng: random.Random) -> str:
+        """A document that practises the worked solution's lookups alone: the question, then every tagged operand
+        recalled in a random order, "Add a7 b3 c5 d8. Recall: c5 a7 d8 b3." A random order can be followed only
+        by finding each tag in the question and copying what follows it (a copy by content, which a worked
+        chain's fixed order lets a small model fake by distance, and which the bases that failed had not learned;
+        benchmarks/LOG.md, twenty-fourth and twenty-fifth sessions)."""
+        nums = problem.meta["operands"]
+        order = list(range(len(nums)))
+        rng.shuffle(order)
+        return problem.question + " Recall: " + " ".join(f"{cls.TAGS[i]}{nums[i]}" for i in order) + "."
+
 
 # ====================================================================== registry
 TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation,
