@@ -690,3 +690,40 @@ def test_lookup_drills_recall_every_tagged_operand_in_a_random_order(tmp_path):
     with pytest.raises(ValueError, match="has no lookup drills"):
         sdata.write_data(tmp_path / "x", sdata.make_task("addition"), corpus_docs=10, reasoning_share=0.2,
                          rl_prompts=1, cold_start=1, test=1, seed=0, lookup_share=0.1)
+
+
+def test_model_config_changes_the_main_model_only_and_is_checked_at_setup(tmp_path):
+    """--set 'model_config={...}' changes the main model's config, not the student's (even where both are one
+    preset, as in mini), and a field ModelConfig lacks fails when the run is set up, naming the setting."""
+    import torch
+
+    from r1lab.checkpoint import CheckpointError
+    from r1lab.model.config import get_preset
+    from r1lab.speedrun import parse_sets
+    from r1lab.train.loop import build_model
+
+    sets = parse_sets(['model_config={"num_attention_heads": 8, "qk_nope_head_dim": 16}'])
+    assert sets == {"model_config": (("num_attention_heads", 8), ("qk_nope_head_dim", 16))}
+    run = Speedrun(tmp_path / "a", "mini", device="cpu", quiet=True, overrides=sets)
+    build_task_tokenizer(run.data / "tokenizer", ["Add a1 b2."])
+    recipes = {}
+    run._train = lambda module, r: recipes.setdefault(r.run.out, r) and {}  # the recipes, not the training
+    for who in ("base", "student"):
+        try:
+            run._pretrain(who)
+        except CheckpointError:  # the parameter count of a model never written
+            pass
+    configs = {Path(out).name: build_model(r, torch.device("cpu")).config for out, r in recipes.items()}
+    assert run.p.model == run.p.student == "speedrun-student"  # mini: one preset for both, still told apart
+    assert (configs["base"].num_attention_heads, configs["base"].qk_nope_head_dim) == (8, 16)
+    default = get_preset("speedrun-student")
+    assert (configs["student"].num_attention_heads, configs["student"].qk_nope_head_dim) == (
+        default.num_attention_heads, default.qk_nope_head_dim) != (8, 16)
+    # the run folder's JSON gives the pairs back
+    run._save()
+    again = Speedrun(tmp_path / "a", "mini", device="cpu", quiet=True, resume=True)
+    assert again.p.model_config == sets["model_config"]
+    with pytest.raises(ValueError, match=r"model_config=\{'num_heads': 8\}: .*num_heads"):
+        Speedrun(tmp_path / "b", "mini", device="cpu", quiet=True, overrides={"model_config": (("num_heads", 8),)})
+    with pytest.raises(ValueError, match="not a JSON object of model config fields"):
+        parse_sets(["model_config=8"])

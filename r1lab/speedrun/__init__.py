@@ -22,14 +22,16 @@ def parse_sets(items) -> dict:
         if not sep or key not in fields:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         want = type(getattr(PRESETS["cpu"], key))
-        if want is tuple:  # task knobs: a JSON object, e.g. --set 'task_knobs={"n_operands": 6}'
+        if want is tuple:  # task knobs or a model config: a JSON object, e.g. --set 'task_knobs={"n_operands": 6}'
             try:
                 knobs = json.loads(value)
             except json.JSONDecodeError:
                 knobs = None
             if not isinstance(knobs, dict):
-                raise ValueError(f"--set {key}: {value!r} is not a JSON object of task knobs, like "
-                                 f"'{{\"n_operands\": 6}}'")
+                example = '{"num_attention_heads": 8}' if key == "model_config" else '{"n_operands": 6}'
+                raise ValueError(f"--set {key}: {value!r} is not a JSON object of "
+                                 f"{'model config fields' if key == 'model_config' else 'task knobs'}, like "
+                                 f"'{example}'")
             overrides[key] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in knobs.items())
             continue
         try:
@@ -136,7 +138,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="change one preset setting for a new run, e.g. --set rl_steps=80 (repeatable); task "
-                        "knobs as a JSON object: --set 'task_knobs={\"n_operands\": 6}'")
+                        "knobs and changes to the main model's config as JSON objects: --set 'task_knobs={\"n_operands\": 6}', "
+                        "--set 'model_config={\"num_attention_heads\": 8}'")
     p.add_argument("--lanes", type=int, default=None, metavar="N",
                    help="jobs run side by side, each in a process of its own with a share of the threads "
                         "(default: 2 on a CPU with two threads or more, 1 on a GPU); the recipe and its seeds are "

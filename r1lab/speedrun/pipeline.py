@@ -57,6 +57,9 @@ class Preset:
     AMD EPYC, and 11.4 on an Intel Xeon before the twenty-third session's speedups; README); `gpu` one GPU (7.6 and
     8.7 minutes in two runs on an H100)."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
+    # changes to the main model's config, e.g. (("num_attention_heads", 8), ("qk_nope_head_dim", 16)); from the
+    # command line a JSON object: --set 'model_config={"num_attention_heads": 8}'
+    model_config: tuple = ()
     student: str = "speedrun-student"  # the distillation student (fewer layers and experts)
     task: str = "running-sum"  # sums of eight tagged one-digit numbers: "Add a7 b3 c5 d8 e2 f9 g1 h4."
     # checks undo each step of the first pass ("15-c5=10"), reading only what it wrote (RunningSum.check_route)
@@ -165,7 +168,9 @@ PRESETS: dict[str, Preset] = {
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
          "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0, "cold_slip_share": 0.0,
-         "rl_micro_tokens": 0, "lookup_share": 0.0}
+         "rl_micro_tokens": 0, "lookup_share": 0.0, "model_config": ()}
+# Settings that are [name, value] pairs (a JSON object on the command line).
+PAIRS = tuple(f.name for f in dataclasses.fields(Preset) if f.type in ("tuple", tuple))
 
 # What each stage reads from earlier ones (checked before it starts, so a partial rerun fails clearly).
 NEEDS = {"r1-zero": ("0-pretrain/base/final",), "cold-start": ("0-pretrain/base/final",),
@@ -283,13 +288,16 @@ class Speedrun:
             state = {"preset": preset, "settings": dataclasses.asdict(p), "stages": {}}
         self.state = state
         settings = {**SINCE, **state["settings"]}  # a run folder older than a setting keeps what it ran with
-        self.p = Preset(**{k: tuple(map(tuple, v)) if k == "task_knobs" else v for k, v in settings.items()})
+        self.p = Preset(**{k: tuple(map(tuple, v)) if k in PAIRS else v for k, v in settings.items()})
         if self.p.layout not in sdata.LAYOUTS:
             raise ValueError(f"speedrun setting layout={self.p.layout!r}: choose one of {', '.join(sdata.LAYOUTS)}")
         # The shorter context of the two models bounds every stage's rows (the SFT stages pack up to twice
         # seq_len): checked here, not minutes later when a stage builds its recipe.
-        self.context = min(get_preset(self.p.model).max_position_embeddings,
-                           get_preset(self.p.student).max_position_embeddings)
+        try:
+            model = get_preset(self.p.model).replace(**dict(self.p.model_config))
+        except TypeError as e:  # an unknown field of ModelConfig
+            raise ValueError(f"speedrun setting model_config={dict(self.p.model_config)}: {e}") from None
+        self.context = min(model.max_position_embeddings, get_preset(self.p.student).max_position_embeddings)
         if self.p.seq_len > self.context:
             raise ValueError(f"speedrun setting seq_len={self.p.seq_len} is longer than the models' context: "
                              f"{self.context} positions ({self.p.model}, {self.p.student})")
@@ -518,7 +526,10 @@ class Speedrun:
             shutil.rmtree(out)  # nothing to continue from
         return module.run(recipe, resume=resume, quiet=self.quiet)
 
-    def _model_recipe(self, kind: str, out: Path, preset: str | None = None, init: Path | None = None):
+    def _model_recipe(self, kind: str, out: Path, preset: str | None = None, init: Path | None = None,
+                      config: tuple = ()):
+        """A recipe of `kind` for a model from `init`'s weights, or a fresh `preset` whose config `config` changes
+        (the main model's `model_config`)."""
         from ..train.recipe import load_recipe
 
         r = load_recipe(None, kind)
@@ -526,7 +537,7 @@ class Speedrun:
             r.model.init = str(init)
         else:
             r.model.preset = preset
-            r.model.config = {"vocab_size": self._vocab_size()}
+            r.model.config = {"vocab_size": self._vocab_size(), **dict(config)}
         r.moe.mtp_weight = 0.0
         return r
 
@@ -560,7 +571,8 @@ class Speedrun:
 
         p = self.p
         preset, steps = (p.model, p.pretrain_steps) if who == "base" else (p.student, p.student_pretrain_steps)
-        r = self._model_recipe("pretrain", self.out / "0-pretrain" / who, preset=preset)
+        r = self._model_recipe("pretrain", self.out / "0-pretrain" / who, preset=preset,
+                               config=p.model_config if who == "base" else ())
         self._common(r, self.out / "0-pretrain" / who, steps, p.pretrain_batch, p.pretrain_lr)
         r.data.train, r.data.seq_len = [str(self.data / "corpus.jsonl")], p.seq_len
         r.optim.warmup_steps = max(steps // 20, 1)

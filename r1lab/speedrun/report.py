@@ -423,7 +423,9 @@ def write_report(out: Path, state: dict) -> Path:
         b, stu = pre.get("base", {}).get("params", {}), pre.get("student", {}).get("params", {})
         lines += [f"Models: `{s['model']}` MoE + MLA, {b.get('total', 0) / 1e6:.2f}M parameters "
                   f"({b.get('active', 0) / 1e6:.2f}M active per token); student `{s['student']}` "
-                  f"{stu.get('total', 0) / 1e6:.2f}M ({stu.get('active', 0) / 1e6:.2f}M active). Vocabulary: the "
+                  f"{stu.get('total', 0) / 1e6:.2f}M ({stu.get('active', 0) / 1e6:.2f}M active)"
+                  + (f"; the main model's config changed by {', '.join(f'{k}={v}' for k, v in s['model_config'])}"
+                     if s.get("model_config") else "") + ". Vocabulary: the "
                   f"speedrun's task vocabulary of {pre.get('vocab_size')} tokens (characters, the R1 markers and the "
                   f"corpus's frequent words; r1lab.speedrun.vocab), not DeepSeek's 129,280, whose output layer would "
                   f"dominate a model this small.", ""]
