@@ -64,7 +64,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -549,9 +548,7 @@ class GRPOTrainer(Trainer):
         self._sampler = self._side_stream = None
         if g.async_:
             self._sampler = ThreadPoolExecutor(1, thread_name_prefix="grpo-rollout")
-            # at a higher priority than the update's stream: a decode step is a few hundred small kernels, each of
-            # which would otherwise queue behind the update's large ones for a free SM
-            self._side_stream = torch.cuda.Stream(self.device, priority=-1) if self.device.type == "cuda" else None
+            self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
             # the snapshot's own tensors, paired with the policy's (the frozen ones they share are left out)
             own = [(d, p) for d, p in zip(policy.state_dict().values(), model.state_dict().values())
                    if d.data_ptr() != p.data_ptr()]
@@ -719,11 +716,6 @@ class GRPOTrainer(Trainer):
         if s is None:  # nothing in flight: the run's first step (or a checkpoint of a synchronous run)
             s = self._sample()
         main = torch.cuda.current_stream(self.device) if self._side_stream is not None else None
-        # The two threads share the GIL. Python hands it over every 5 ms by default, longer than a decode step
-        # (~2 ms on a GPU), so the sampler would wait on the update's host work each step; handed over every
-        # 0.5 ms while both run, it waits far less.
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(interval, 5e-4))
         future = self._sampler.submit(self._sample_in_background, main)
         t1 = time.perf_counter()
         try:
@@ -731,7 +723,6 @@ class GRPOTrainer(Trainer):
         finally:
             t2 = time.perf_counter()
             wait_for([future])  # the engine and the snapshot are idle before anything else touches them
-            sys.setswitchinterval(interval)
         self._next = nxt = future.result()  # (raises what the sampling raised)
         self._refresh_snapshot()
         rec = self._metrics(s, t2 - t1, lr, train)
