@@ -53,8 +53,9 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 12.9 minutes measured on an
-    AMD EPYC, and 11.4 on an Intel Xeon before the twenty-third session's speedups; README); `gpu` one GPU (7.6 and
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 14.2 minutes measured on an
+    AMD EPYC with the lookup drills, 12.9 there before them, and 11.4 on an Intel Xeon before the twenty-third
+    session's speedups; README); `gpu` one GPU (7.6 and
     8.7 minutes in two runs on an H100)."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     # changes to the main model's config, e.g. (("num_attention_heads", 8), ("qk_nope_head_dim", 16)); from the
@@ -142,7 +143,8 @@ PRESETS: dict[str, Preset] = {
     # put every token where the chat template does (layout "chat"). Half the worked documents check their sum and
     # 15% catch and fix a slip; the cold start's 200 demonstrations check (30%) and fix (10%) too, and a fifth of
     # their plain ones slip unnoticed, as the corpus's do. R1-Zero runs 50 steps at 1.2e-4, reasoning RL 60 at 6e-5,
-    # both sampling at temperature 0.7. What each choice does: benchmarks/LOG.md, sixth to twenty-first sessions.
+    # both sampling at temperature 0.7. A twentieth of the dialogues are lookup drills ("Add a7 b3 c5. Recall: c5 a7
+    # b3."). What each choice does: benchmarks/LOG.md, sixth to twenty-fifth sessions.
     "cpu": Preset(),
     # One GPU: the cpu preset's recipe on running sums of twenty ("Add a6 b7 ... t3."), which the 54M model answers
     # at once only ~27% right but works out ~100% right, with 1,024-token rows so that a checked document fits
