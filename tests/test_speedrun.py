@@ -728,5 +728,10 @@ def test_model_config_changes_the_main_model_only_and_is_checked_at_setup(tmp_pa
     assert again.p.model_config == sets["model_config"]
     with pytest.raises(ValueError, match=r"model_config=\{'num_heads': 8\}: .*num_heads"):
         Speedrun(tmp_path / "b", "mini", device="cpu", quiet=True, overrides={"model_config": (("num_heads", 8),)})
+    with pytest.raises(ValueError, match=r"model_config=\{'num_attention_heads': 0\}: .*num_attention_heads"):
+        Speedrun(tmp_path / "c", "mini", device="cpu", quiet=True,
+                 overrides={"model_config": (("num_attention_heads", 0),)})
     with pytest.raises(ValueError, match="not a JSON object of model config fields"):
         parse_sets(["model_config=8"])
+    with pytest.raises(ValueError, match="not a JSON object of task knobs"):
+        parse_sets(["task_knobs=[6]"])

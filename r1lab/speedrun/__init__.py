@@ -12,6 +12,11 @@ from .pipeline import PRESETS, STAGES, Preset, Speedrun, parse_stages
 __all__ = ["PRESETS", "STAGES", "Preset", "Speedrun", "parse_sets", "parse_stages", "add_parser"]
 
 
+# What a setting of [name, value] pairs holds, and an example of it as --set takes it.
+PAIR_EXAMPLES = {"task_knobs": ("task knobs", '{"n_operands": 6}'),
+                 "model_config": ("model config fields", '{"num_attention_heads": 8}')}
+
+
 def parse_sets(items) -> dict:
     """--set KEY=VALUE items -> preset overrides, each converted to the field's type (task knobs: a JSON
     object); raises ValueError naming the bad item."""
@@ -28,10 +33,8 @@ def parse_sets(items) -> dict:
             except json.JSONDecodeError:
                 knobs = None
             if not isinstance(knobs, dict):
-                example = '{"num_attention_heads": 8}' if key == "model_config" else '{"n_operands": 6}'
-                raise ValueError(f"--set {key}: {value!r} is not a JSON object of "
-                                 f"{'model config fields' if key == 'model_config' else 'task knobs'}, like "
-                                 f"'{example}'")
+                what, example = PAIR_EXAMPLES.get(key, PAIR_EXAMPLES["task_knobs"])
+                raise ValueError(f"--set {key}: {value!r} is not a JSON object of {what}, like '{example}'")
             overrides[key] = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in knobs.items())
             continue
         try:

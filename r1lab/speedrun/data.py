@@ -186,11 +186,11 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                                                                      round(len(corpus) * textbook_share)))
 
     drills: set[int] = set()
+    drill_rng = random.Random(f"speedrun-lookup:{seed}")  # which dialogues are drills, and their orders
     if lookup_share > 0:
         if not hasattr(task, "lookup_drill"):
             raise ValueError(f"lookup_share={lookup_share}: task {task.name!r} has no lookup drills (running-sum has)")
         rest = [i for i in range(len(corpus)) if i not in textbook]
-        drill_rng = random.Random(f"speedrun-lookup:{seed}")
         drills = set(drill_rng.sample(rest, round(len(rest) * lookup_share)))
 
     def doc(i: int, p: Problem) -> dict:

@@ -299,7 +299,7 @@ class Speedrun:
         # seq_len): checked here, not minutes later when a stage builds its recipe.
         try:
             model = get_preset(self.p.model).replace(**dict(self.p.model_config))
-        except TypeError as e:  # an unknown field of ModelConfig
+        except (TypeError, ValueError) as e:  # a field ModelConfig lacks, or a value it refuses
             raise ValueError(f"speedrun setting model_config={dict(self.p.model_config)}: {e}") from None
         self.context = min(model.max_position_embeddings, get_preset(self.p.student).max_position_embeddings)
         if self.p.seq_len > self.context:
