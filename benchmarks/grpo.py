@@ -7,7 +7,6 @@
     python benchmarks/grpo.py --only r1lab --compile --breakdown   # where r1lab's generation time goes
     python benchmarks/grpo.py --only r1lab --compile --profile-step 3 --trace t.json   # kernels of one step
     python benchmarks/grpo.py --only r1lab --compile --async   # grpo.async: sampling beside the update
-    python benchmarks/grpo.py --only r1lab --compile --async --update-sms 100   # ... the update on 100 SMs
     python benchmarks/grpo.py --device cpu --preset tiny --prompts 2 --g 2 --tokens 8 --micro 4 --steps 3 --eos 4
                                                               # dry run of every path (TRL needs trl, datasets)
 
@@ -119,9 +118,8 @@ def bench_r1lab(model_dir: Path, args, stops: list[int] | None, record: dict) ->
     r.optim.lr, r.train.batch_size, r.train.steps = 1e-6, args.micro, args.steps
     r.ckpt.every, r.ckpt.export, r.log.every = 0, False, 1
     r.train.compile, g.async_, g.micro_tokens = args.compile, args.async_, args.micro_tokens
-    g.update_sms = args.update_sms
     record["config"] = {"micro_batch": args.micro, "micro_tokens": args.micro_tokens, "compile": args.compile,
-                        "async": args.async_, "update_sms": args.update_sms,
+                        "async": args.async_,
                         "dtype": str(_dtype(args)), "master_weights": "float32",
                         "stop": f"{len(stops)} stop ids" if stops else "none (ignore_eos)"}
     model = load_pretrained(model_dir, device=args.device, dtype=torch.float32)
@@ -420,9 +418,6 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="r1lab: train.compile = true for the policy update")
     p.add_argument("--async", dest="async_", action="store_true", help="r1lab: grpo.async = true (the next step's "
                    "rollouts are sampled during this step's update, one step off-policy)")
-    p.add_argument("--update-sms", type=int, default=0, metavar="N", help="r1lab with --async: grpo.update_sms = N "
-                   "(the update on N SMs, a CUDA green context; the sampler has the others to itself; default 0: "
-                   "the two share every SM)")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
     p.add_argument("--trl-modes", nargs="+", choices=("default", "paged"), default=["default", "paged"],
                    help="TRL generation backends, run one after the other: default (transformers' generate) and "

@@ -256,9 +256,6 @@ class GRPO:
                         "of the weights step N started from (one-step off-policy; the ratio is taken against the "
                         "sampling-time log-probs); one process only; costs a second copy of the trained weights in "
                         "the compute dtype")
-    update_sms: int = _key(0, "with grpo.async on a GPU: the update runs on this many of its SMs (a CUDA green context; "
-                           "CUDA >= 12.8), so that the sampler beside it has the others to itself; 0 = the two share "
-                           "every SM")
 
 
 GRPO_DEFAULTS = {("run", "out"): "runs/grpo", ("optim", "lr"): 1e-6, ("optim", "weight_decay"): 0.0,
@@ -556,41 +553,6 @@ class GRPOTrainer(Trainer):
             own = [(d, p) for d, p in zip(policy.state_dict().values(), model.state_dict().values())
                    if d.data_ptr() != p.data_ptr()]
             self._snapshot_pairs = [list(x) for x in zip(*own)] if own else [[], []]
-        self._green, self._update_stream = (None, None) if not g.update_sms else self._green_stream(g)
-
-    def _green_stream(self, g: GRPO) -> tuple[Any, torch.cuda.Stream]:
-        """grpo.update_sms: a CUDA green context of that many SMs and its stream, on which the update runs (the
-        sampler's stream stays in the device's own context, so the SMs outside the green context are its alone)."""
-        if g.update_sms < 0:
-            raise ValueError(f"grpo.update_sms={g.update_sms} must be >= 0 (0 = the update and the sampler share every SM)")
-        if not g.async_ or self.device.type != "cuda":
-            raise ValueError(f"grpo.update_sms={g.update_sms} sets the update's SMs apart from the sampler's: it needs "
-                             f"grpo.async = true on a CUDA device (here async={g.async_}, device {self.device.type})")
-        total = torch.cuda.get_device_properties(self.device).multi_processor_count
-        if not 0 < g.update_sms < total:
-            raise ValueError(f"grpo.update_sms={g.update_sms} must be between 1 and {total - 1}: this GPU has "
-                             f"{total} SMs and the sampler needs some of its own")
-        from torch.cuda import green_contexts
-        if not green_contexts.SUPPORTED:
-            raise ValueError("grpo.update_sms needs a PyTorch built with CUDA green contexts (CUDA >= 12.8)")
-        ctx = green_contexts.GreenContext.create(num_sms=g.update_sms, device_id=self.device.index
-                                                 if self.device.index is not None else torch.cuda.current_device())
-        return ctx, ctx.Stream()
-
-    @contextlib.contextmanager
-    def _on_update_sms(self):
-        """grpo.update_sms: what runs inside goes to the green context's stream, ordered after and before the
-        current stream's work; otherwise nothing changes."""
-        if self._update_stream is None:
-            yield
-            return
-        main = torch.cuda.current_stream(self.device)
-        self._update_stream.wait_stream(main)
-        try:
-            with torch.cuda.stream(self._update_stream):
-                yield
-        finally:
-            main.wait_stream(self._update_stream)
 
     def _rollout_copy(self, model):
         """Under torchrun: a plain full copy of the policy in the compute dtype, adapters included (wrapped as the
@@ -757,8 +719,7 @@ class GRPOTrainer(Trainer):
         future = self._sampler.submit(self._sample_in_background, main)
         t1 = time.perf_counter()
         try:
-            with self._on_update_sms():
-                train, lr = self._update(s.batch)
+            train, lr = self._update(s.batch)
         finally:
             t2 = time.perf_counter()
             wait_for([future])  # the engine and the snapshot are idle before anything else touches them
