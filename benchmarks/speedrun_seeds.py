@@ -7,6 +7,8 @@ OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slo
     python benchmarks/speedrun_seeds.py --seeds 0 1 2 --out runs/seeds
     python benchmarks/speedrun_seeds.py --seeds 0 1 --variant more-checks:check_share=0.5
     python benchmarks/speedrun_seeds.py --out runs/seeds --summarize      # the table again, nothing run
+    python benchmarks/speedrun_seeds.py --seeds 0 1 --stop-after 540     # stopped with a checkpoint after 9 min,
+    python benchmarks/speedrun_seeds.py --seeds 0 1 --resume              # ... then continued
     python benchmarks/speedrun_seeds.py --summarize --runs runs/a runs/b  # any run folders, printed only
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
-def launch(args) -> None:
+def launch(args) -> bool:
     variants = [parse_variant(v) for v in args.variant] or [("default", [])]
     jobs = [(name, sets, seed) for name, sets in variants for seed in args.seeds]
     cpus = sorted(os.sched_getaffinity(0))
@@ -39,6 +42,7 @@ def launch(args) -> None:
     slots = slots[:args.parallel] if args.parallel else slots
     print(f"{len(jobs)} runs, {len(slots)} at a time, {args.cores} cores each", flush=True)
     running: list[tuple[subprocess.Popen, list[int], str, float]] = []
+    stopped: set[str] = set()
     args.out.mkdir(parents=True, exist_ok=True)
     while jobs or running:
         while jobs and slots:
@@ -46,13 +50,16 @@ def launch(args) -> None:
             cores = slots.pop(0)
             folder = args.out / f"{name}-s{seed}"
             cmd = [sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", args.preset, "--out", str(folder),
-                   "--device", "cpu", "--quiet", "--set", f"seed={seed}"]
-            for s in [*args.set, *sets]:
-                cmd += ["--set", s]
+                   "--device", "cpu", "--quiet"]
+            if args.resume and (folder / "speedrun.json").is_file():
+                cmd += ["--resume"]  # its settings are the folder's
+            else:
+                for s in [f"seed={seed}", *args.set, *sets]:
+                    cmd += ["--set", s]
             if args.stages:
                 cmd += ["--stages", args.stages]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.cores), "MKL_NUM_THREADS": str(args.cores)}
-            log = open(args.out / f"{name}-s{seed}.log", "w")
+            log = open(args.out / f"{name}-s{seed}.log", "a" if args.resume else "w")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=lambda c=tuple(cores): os.sched_setaffinity(0, c))
             running.append((proc, cores, folder.name, time.time()))
@@ -60,13 +67,20 @@ def launch(args) -> None:
         time.sleep(2)
         for item in list(running):
             proc, cores, name, t0 = item
+            if args.stop_after and time.time() - t0 > args.stop_after and proc.poll() is None and name not in stopped:
+                proc.send_signal(signal.SIGINT)  # the speedrun saves a checkpoint and exits; --resume continues it
+                stopped.add(name)
+                print(f"stop {name} after {args.stop_after:.0f} s (continue with --resume)", flush=True)
             if proc.poll() is not None:
                 running.remove(item)
                 slots.append(cores)
                 wall = time.time() - t0
-                if (args.out / name).is_dir():
-                    (args.out / name / "wall_seconds.txt").write_text(f"{wall:.0f}\n")
+                walls = args.out / name / "wall_seconds.txt"
+                if walls.parent.is_dir():  # summed over the calls of a stopped and resumed run
+                    before = float(walls.read_text()) if args.resume and walls.is_file() else 0.0
+                    walls.write_text(f"{before + wall:.0f}\n")
                 print(f"done {name}: rc {proc.returncode}, {wall:.0f} s", flush=True)
+    return bool(stopped)
 
 
 def run_folders(folders: list[Path]) -> list[Path]:
@@ -164,6 +178,12 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:KEY=VALUE,KEY=VALUE, a group of runs over the seeds (repeatable)")
     ap.add_argument("--stages", default="", help="only these stages of each run, e.g. 0,1,6 (base and R1-Zero)")
+    ap.add_argument("--stop-after", type=float, default=0, metavar="S",
+                    help="interrupt each run S seconds after it starts (it saves a checkpoint; for machines lent in "
+                         "time-limited calls); continue with --resume (default 0: never)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the runs whose folders exist (their own settings; --set is ignored for them), "
+                         "start the others")
     ap.add_argument("--summarize", action="store_true", help="only print the summary of the runs in --out")
     ap.add_argument("--runs", type=Path, nargs="+", metavar="DIR",
                     help="with --summarize: these run folders (or folders of runs) instead of --out's, printed only")
@@ -171,8 +191,9 @@ def main() -> None:
     if args.runs:
         print(summarize(args.runs))
         return
-    if not args.summarize:
-        launch(args)
+    if not args.summarize and launch(args):
+        print("runs stopped: continue them with the same command and --resume")
+        return
     text = summarize(args.out)
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
