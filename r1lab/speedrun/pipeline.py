@@ -53,8 +53,8 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 14.2 minutes measured on an
-    AMD EPYC with the lookup drills, 12.9 there before them, and 11.4 on an Intel Xeon before the twenty-third
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 13.1 minutes measured on an
+    idle AMD EPYC with the lookup drills, 12.9 there before them, and 11.4 on an Intel Xeon before the twenty-third
     session's speedups; README); `gpu` one GPU (7.6 and
     8.7 minutes in two runs on an H100)."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
