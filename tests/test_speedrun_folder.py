@@ -76,3 +76,37 @@ def test_eval_stage_of_a_copied_folder_resumes_and_advises_speedrun_flags(tmp_pa
                                          rf"--stages 6") as e:
         Speedrun(copy, resume=True).stage_eval()
     assert "--no-resume" not in str(e.value) and "--out FILE" not in str(e.value)
+
+
+def test_resume_after_an_interrupted_stages_run_continues_those_stages_only(tmp_path, monkeypatch):
+    """`--stages 0,6` stopped in its evaluation: --resume evaluates and stops there (it does not go on to R1-Zero
+    and the rest), and the pretrained base is not trained again."""
+    out, real, calls = tmp_path / "run", Speedrun.job, []
+
+    def job(self, stage, part=""):
+        calls.append(stage)
+        if stage == "eval" and interrupt:
+            raise KeyboardInterrupt("test")
+        return real(self, stage, part)
+
+    monkeypatch.setattr(Speedrun, "job", job)
+    interrupt = True
+    with pytest.raises(KeyboardInterrupt):
+        Speedrun(out, "mini", device="cpu", quiet=True, overrides={"student_pretrain_steps": 1}).run([0, 6])
+    state = json.loads((out / "speedrun.json").read_text())
+    assert list(state["stages"]) == ["pretrain"] and state["pending"] == ["pretrain", "eval"]
+    calls.clear()
+    interrupt = False
+    state = Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run()
+    assert set(calls) == {"eval"} and list(state["stages"]) == ["pretrain", "eval"] and "pending" not in state
+    assert json.loads((out / "speedrun.json").read_text()) == state
+
+    def stop(self, stage, part=""):
+        calls.append(stage)
+        raise KeyboardInterrupt("test")
+
+    calls.clear()
+    monkeypatch.setattr(Speedrun, "job", stop)
+    with pytest.raises(KeyboardInterrupt):  # the next --resume goes on with the rest of the recipe
+        Speedrun(out, "mini", device="cpu", resume=True, quiet=True).run()
+    assert len(calls) == 1 and calls[0] not in ("pretrain", "eval")

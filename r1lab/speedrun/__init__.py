@@ -134,7 +134,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/speedrun", metavar="DIR", help="run folder (default: runs/speedrun)")
     p.add_argument("--resume", action="store_true",
                    help="continue a run folder: finished stages are skipped, an interrupted one continues from "
-                        "its last checkpoint")
+                        "its last checkpoint (after an interrupted --stages run: those stages only)")
     p.add_argument("--stages", metavar="LIST",
                    help=f"redo only these stages of an existing run folder, from scratch, e.g. 3-6 or 1,3 "
                         f"({', '.join(f'{i} {s}' for i, s in enumerate(STAGES))})")

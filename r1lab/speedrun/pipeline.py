@@ -15,7 +15,9 @@ grpo` runs whose recipe.toml is there, so each can also be rerun or continued as
 
 State: `speedrun.json` in the run folder holds the preset and each finished stage's wall time and results.
 `--resume` skips finished stages and continues an interrupted training stage from its last checkpoint;
-Ctrl-C stops after a checkpoint. `--stages 3-6` reruns part of the recipe on an existing run folder.
+Ctrl-C stops after a checkpoint. `--stages 3-6` reruns part of the recipe on an existing run folder (or runs only
+part of a new one); when such a run is interrupted, `--resume` continues those stages only, and the one after runs
+the rest.
 
 Lanes: the stages are made of jobs (JOBS: the base and the student pretrain apart, each model is evaluated as soon
 as it exists, ...). On a CPU of two or more threads the speedrun runs two jobs at once whenever two are ready, each
@@ -319,9 +321,16 @@ class Speedrun:
         scratch. `lanes` > 1 (CPU only) runs up to that many ready jobs at once in worker processes, sharing out
         `threads` (default: torch's) between them (module docstring)."""
         rerun = stages is not None
+        pending = self.state.get("pending")  # the stages of an interrupted --stages run: what --resume continues
+        if stages is None and pending:
+            stages = [STAGES.index(name) for name in pending]
+            self._note(f"continuing the interrupted run of stages {', '.join(map(str, stages))} (--stages); the "
+                       f"next --resume runs the others")
         stages = list(range(len(STAGES))) if stages is None else stages
         self.out.mkdir(parents=True, exist_ok=True)
         names = [STAGES[i] for i in stages]
+        if rerun:
+            self.state["pending"] = names
         for i, name in zip(stages, names):
             if name in self.state["stages"] and not rerun:
                 self._note(f"stage {i} {name}: done ({self.state['stages'][name]['seconds']:.0f} s), skipped")
@@ -360,6 +369,8 @@ class Speedrun:
                     self._finish_job(st, part, *_timed(self.job, st, part))
         finally:
             self.state["wall_seconds"] = self.state.get("wall_seconds", 0.0) + time.perf_counter() - t0
+            self._save()
+        if self.state.pop("pending", None) is not None:
             self._save()
         path = write_report(self.out, self.state)
         self._note(f"report: {path}")
