@@ -735,3 +735,17 @@ def test_model_config_changes_the_main_model_only_and_is_checked_at_setup(tmp_pa
         parse_sets(["model_config=8"])
     with pytest.raises(ValueError, match="not a JSON object of task knobs"):
         parse_sets(["task_knobs=[6]"])
+
+
+def test_the_report_names_the_device_the_run_used(monkeypatch):
+    """A speedrun on the CPU of a machine with a GPU (`--device cpu`) says the CPU ran it, not the GPU."""
+    import torch
+
+    from r1lab.speedrun.report import hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    for device in ("cpu", torch.device("cpu")):
+        assert hardware(device).endswith("(CPU)") and "Some GPU" not in hardware(device)
+    for device in (None, "auto", "cuda", "cuda:0"):
+        assert hardware(device).startswith("Some GPU (CUDA ")

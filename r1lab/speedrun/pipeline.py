@@ -356,7 +356,7 @@ class Speedrun:
         done |= {job_name(st, part) for st, parts in self.state.get("parts", {}).items() for part in parts}
         jobs = [(st, part, needs) for st, part, needs in JOBS if st in todo and job_name(st, part) not in done]
         if jobs:  # the machine and code that ran them, for the report (a folder resumed elsewhere lists each)
-            where = {"hardware": hardware(), "commit": git_commit()}
+            where = {"hardware": hardware(self.device_name), "commit": git_commit()}
             if where not in self.state.setdefault("ran_on", []):
                 self.state["ran_on"].append(where)
         t0 = time.perf_counter()

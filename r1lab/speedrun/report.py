@@ -493,9 +493,15 @@ def _ran_on(state: dict) -> str:
     return "Ran on, in turn: " + "; ".join(f"{r['hardware']} at commit {r['commit']}" for r in ran)
 
 
-def hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+def hardware(device: str | torch.device | None = None) -> str:
+    """What a run on `device` ran on: the GPU's name for a CUDA device, else the CPU's model and cores (None or
+    "auto": the GPU where there is one, as "auto" picks)."""
+    dev = (torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto")
+           else torch.device(device))
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}), torch {torch.__version__}"
+    if dev.type != "cpu":
+        return f"{dev.type} device, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
