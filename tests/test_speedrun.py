@@ -237,6 +237,13 @@ def test_miniature_speedrun_runs_every_stage_and_resumes(tmp_path):
     report = (out / "report.md").read_text()
     assert "| 3 reasoning RL |" in report and "Hardware:" in report and "Commit:" in report
     assert "## What the models write" in report and "Response classifier" in report
+    from r1lab.speedrun.report import check_changes
+
+    for key, whose in (("base", "The base's"), ("r1-zero", "R1-Zero's")):  # how often checks change an answer
+        recs = [json.loads(ln) for ln in (out / "eval" / f"{key}.jsonl").read_text().splitlines()]
+        ch = check_changes(recs)
+        assert (f"{whose} checks: {ch['checked']} responses check their result; {ch['changed']} of the checks "
+                f"changed the answer" in report) == (ch["checked"] > 0)
     assert report.count("SE)") >= 5  # the signature's claims, each with its margin in standard errors
     samples = [json.loads(ln) for ln in (out / "1-r1-zero/samples.jsonl").read_text().splitlines()]
     mini = PRESETS["mini"]

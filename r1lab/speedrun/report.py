@@ -435,10 +435,12 @@ def write_report(out: Path, state: dict) -> Path:
         lines += ["## What the models write", "", f"Response classifier (rule-based): {CLASSIFIER_RULE}. Share of "
                   f"each type among the held-out samples, and accuracy per type (with the number of samples):", "",
                   *types, ""]
-        ch = check_changes(_samples(out, "r1-zero"))
-        if ch["checked"]:
-            lines += [f"R1-Zero's checks: {ch['checked']} responses check their result; {ch['changed']} of the "
-                      f"checks changed the answer, and {ch['changed_right']} of the changed answers are right.", ""]
+        for key, whose in (("base", "The base's"), ("r1-zero", "R1-Zero's")):  # a base whose checks change
+            ch = check_changes(_samples(out, key))  # answers teaches R1-Zero that checking costs accuracy
+            if ch["checked"]:
+                lines += [f"{whose} checks: {ch['checked']} responses check their result; {ch['changed']} of the "
+                          f"checks changed the answer, and {ch['changed_right']} of the changed answers are right.",
+                          ""]
         lines += _training_types_table(out)
         test = out / "data" / "test.jsonl"
         if s["task"] == "running-sum" and test.is_file():
