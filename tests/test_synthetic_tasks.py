@@ -283,6 +283,8 @@ def test_backward_checks_take_another_route_and_a_third_pass_settles_a_disagreem
      ["a7+b3=10 +c5=16 +d8=24. Check: 24-d8=16 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23.",
       "a7+b3=9 +c5=14 +d8=22. Check: 22-d8=14 14-c5=9 9-b3=6, not 7. Wait, the first pass slipped: 7+b3=10 +c5=15 "
       "+d8=23."]),
+    ("closed", "Check: 10-b3=7 15-c5=10 23-d8=15 15+d8=23, as before.",
+     ["a7+b3=10 +c5=16 +d8=24. Check: 10-b3=7 16-c5=11, not 10. Wait, the first pass slipped: 10+c5=15 +d8=23."]),
     ("tagged", "Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as before.",
      ["a7+b3=10 +c5=16 +d8=24. Check: b3: 10-3=7 c5: 16-5=11, not 10. Wait, the first pass slipped: 10+c5=15 "
       "+d8=23."]),

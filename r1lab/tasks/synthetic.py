@@ -477,12 +477,14 @@ class RunningSum:
     # operand it added should give the total before it), reading only what the first pass wrote; "unwind" undoes
     # them from the last step back to the first, so each check step starts from the total the one before it
     # arrived at and the answer stands right before the check; "tagged" undoes them in order as "inverse" does,
-    # each step naming its tagged operand before the total it undoes ("c5: 15-5=10"); "pairs" adds
+    # each step naming its tagged operand before the total it undoes ("c5: 15-5=10"); "closed" undoes them in
+    # order as "inverse" does, then adds the last operand back ("15+d8=23"), so that the answer after the check
+    # repeats the total just written, as it does after a plain chain; "pairs" adds
     # the question's operands two by two (a+b, c+d, ...), then the pair sums, and where its total differs from the
     # first pass's, works the sum once more the first way, whose total is the answer.
     check_route: str = "same"
     TAGS = "abcdefghijklmnopqrstuvwxyz"  # up to 26 operands
-    CHECK_ROUTES = ("same", "backward", "inverse", "unwind", "pairs", "tagged")
+    CHECK_ROUTES = ("same", "backward", "inverse", "unwind", "pairs", "tagged", "closed")
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_operands <= len(self.TAGS):
@@ -592,8 +594,9 @@ class RunningSum:
         route, digits = problem.meta.get("check_route", "same"), problem.meta.get("digits", 1)
         if route == "backward":
             return cls._checked_backward(nums, m, w, rng, digits)
-        if route in ("inverse", "unwind", "tagged"):
-            return cls._checked_inverse(nums, m, w, rng, digits, unwind=route == "unwind", tagged=route == "tagged")
+        if route in ("inverse", "unwind", "tagged", "closed"):
+            return cls._checked_inverse(nums, m, w, rng, digits, unwind=route == "unwind", tagged=route == "tagged",
+                                        closed=route == "closed")
         if route == "pairs":
             return cls._checked_pairs(nums, m, w, rng, digits)
         steps, totals = cls._forward(nums, m, w, slip=cls._slip(nums, m, rng, digits) if rng is not None else None)
@@ -626,7 +629,7 @@ class RunningSum:
 
     @classmethod
     def _checked_inverse(cls, nums: list[int], m: int, w: int, rng: random.Random | None, digits: int = 1,
-                         unwind: bool = False, tagged: bool = False) -> str:
+                         unwind: bool = False, tagged: bool = False, closed: bool = False) -> str:
         """check_route "inverse": the sum, then each step undone in turn: "10-b3=7" checks "a7+b3=10" (the total
         before it was 7). Every number a check step needs stands in the first pass's matching step, one chain
         length back, so the check looks up nothing in the question. All steps agreeing ends it ("as before"). With
@@ -644,7 +647,12 @@ class RunningSum:
         "a7+b3=10 +c5=15 +d8=23. Check: b3: 10-3=7 c5: 15-5=10 d8: 23-8=15, as before. The answer is 23." The
         total a step undoes then follows its tag as it does in the first pass ("c5=15" there, "c5: 15" here), one
         copy by the tag, where the inverse route writes it before the tag and must first work out which step
-        comes next (benchmarks/LOG.md, twenty-fourth session). """
+        comes next (benchmarks/LOG.md, twenty-fourth session).
+        `closed` (check_route "closed"): the inverse route's steps, then the last operand added back to the total
+        the last step arrived at: "a7+b3=10 +c5=15 +d8=23. Check: 10-b3=7 15-c5=10 23-d8=15 15+d8=23, as before.
+        The answer is 23." The answer then repeats the number written just before it, where after the inverse
+        route it repeats one written a step back, which a base can learn to estimate instead (benchmarks/LOG.md,
+        twenty-sixth session); a slip is caught and fixed as by the inverse route. """
         slip = cls._slip(nums, m, rng, digits) if rng is not None else None
         steps, totals = cls._forward(nums, m, w, slip=slip)
         text = " ".join(steps) + ". Check:"
@@ -663,6 +671,8 @@ class RunningSum:
                     redo.append(f"{head}+{cls.TAGS[j]}{nums[j]}={total:0{w}d}")
                 return (text + f", not {totals[i - 1]:0{w}d}. Wait, the first pass slipped: " + " ".join(redo)
                         + f". The answer is {total}.")
+        if closed:
+            text += f" {back:0{w}d}+{cls.TAGS[len(nums) - 1]}{nums[-1]}={totals[-1]:0{w}d}"
         return text + f", as before. The answer is {totals[-1]}."
 
     @classmethod
