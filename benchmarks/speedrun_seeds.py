@@ -34,6 +34,19 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, [s for s in sets.split(",") if s]
 
 
+def run_command(args, folder: Path, seed: int, sets: list[str]) -> list[str]:
+    """The speedrun command of one run. With --resume, a folder that holds a run continues it on its own
+    settings and stages (an interrupted --stages run continues those stages: passing --stages again would redo
+    them from scratch); any other folder starts a new run."""
+    cmd = [sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", args.preset, "--out", str(folder), "--device",
+           "cpu", "--quiet"]
+    if args.resume and (folder / "speedrun.json").is_file():
+        return cmd + ["--resume"]
+    for s in [f"seed={seed}", *args.set, *sets]:
+        cmd += ["--set", s]
+    return cmd + (["--stages", args.stages] if args.stages else [])
+
+
 def launch(args) -> bool:
     variants = [parse_variant(v) for v in args.variant] or [("default", [])]
     jobs = [(name, sets, seed) for name, sets in variants for seed in args.seeds]
@@ -49,15 +62,7 @@ def launch(args) -> bool:
             name, sets, seed = jobs.pop(0)
             cores = slots.pop(0)
             folder = args.out / f"{name}-s{seed}"
-            cmd = [sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", args.preset, "--out", str(folder),
-                   "--device", "cpu", "--quiet"]
-            if args.resume and (folder / "speedrun.json").is_file():
-                cmd += ["--resume"]  # its settings are the folder's
-            else:
-                for s in [f"seed={seed}", *args.set, *sets]:
-                    cmd += ["--set", s]
-            if args.stages:
-                cmd += ["--stages", args.stages]
+            cmd = run_command(args, folder, seed, sets)
             env = {**os.environ, "OMP_NUM_THREADS": str(args.cores), "MKL_NUM_THREADS": str(args.cores)}
             log = open(args.out / f"{name}-s{seed}.log", "a" if args.resume else "w")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
