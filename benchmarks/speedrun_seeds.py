@@ -10,6 +10,7 @@ OMP_NUM_THREADS set to match, so runs in parallel on a many-core host do not slo
     python benchmarks/speedrun_seeds.py --seeds 0 1 --stop-after 540     # stopped with a checkpoint after 9 min,
     python benchmarks/speedrun_seeds.py --seeds 0 1 --resume              # ... then continued
     python benchmarks/speedrun_seeds.py --summarize --runs runs/a runs/b  # any run folders, printed only
+    python benchmarks/speedrun_seeds.py --seeds 0 1 2 --device cuda      # small models: several share one GPU
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def run_command(args, folder: Path, seed: int, sets: list[str]) -> list[str]:
     settings and stages (an interrupted --stages run continues those stages: passing --stages again would redo
     them from scratch); any other folder starts a new run."""
     cmd = [sys.executable, "-m", "r1lab.cli", "speedrun", "--preset", args.preset, "--out", str(folder), "--device",
-           "cpu", "--quiet"]
+           getattr(args, "device", "cpu"), "--quiet"]
     if args.resume and (folder / "speedrun.json").is_file():
         return cmd + ["--resume"]
     for s in [f"seed={seed}", *args.set, *sets]:
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("runs/seeds"))
     ap.add_argument("--cores", type=int, default=2, help="cores (and threads) per run")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (default), or cuda: every run on the one GPU, each still pinned to its --cores")
     ap.add_argument("--parallel", type=int, default=0, help="runs at a time (default: as many as the cores allow)")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for every run (repeatable)")
     ap.add_argument("--variant", action="append", default=[],

@@ -29,3 +29,6 @@ def test_new_and_resumed_runs_get_their_own_commands(tmp_path):
     (folder / "speedrun.json").write_text("{}")
     resumed = seeds.run_command(args(resume=True), folder, 3, ["check_share=0.4"])
     assert resumed[-1] == "--resume" and "--set" not in resumed and "--stages" not in resumed
+    assert new[new.index("--device") + 1] == "cpu"
+    gpu = seeds.run_command(args(device="cuda"), tmp_path / "other", 3, [])
+    assert gpu[gpu.index("--device") + 1] == "cuda"
