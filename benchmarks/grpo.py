@@ -418,6 +418,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="r1lab: train.compile = true for the policy update")
     p.add_argument("--async", dest="async_", action="store_true", help="r1lab: grpo.async = true (the next step's "
                    "rollouts are sampled during this step's update, one step off-policy)")
+    p.add_argument("--switch-interval", type=float, default=None, metavar="S",
+                   help="sys.setswitchinterval(S) before the runs (Python's default 0.005): how long a thread "
+                        "waits for the GIL held by another, e.g. the async sampler's decode loop beside the update")
     p.add_argument("--only", choices=("r1lab", "trl"), help="run one side only")
     p.add_argument("--trl-modes", nargs="+", choices=("default", "paged"), default=["default", "paged"],
                    help="TRL generation backends, run one after the other: default (transformers' generate) and "
@@ -437,6 +440,8 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("benchmarks/grpo.py needs a CUDA GPU (or --device cpu for a dry run)")
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     cfg = get_preset(args.preset)
     tok = load_tokenizer()
     stops = stop_ids(cfg.vocab_size, args.eos, tok.eos_id, tok.bos_id) if args.eos else None
