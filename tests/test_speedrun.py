@@ -756,3 +756,41 @@ def test_the_report_names_the_device_the_run_used(monkeypatch):
         assert hardware(device).endswith("(CPU)") and "Some GPU" not in hardware(device)
     for device in (None, "auto", "cuda", "cuda:0"):
         assert hardware(device).startswith("Some GPU (CUDA ")
+
+
+def test_rollout_slips_count_what_the_checks_break(tmp_path):
+    """RL's own rollouts over the first half of its steps, plain and checked apart: a check that turns a right first
+    pass into a wrong answer counts as "other", a slip the check passes over as the first pass's own."""
+    from r1lab.speedrun.report import _rollout_slips_table, rollout_slips
+
+    prompt = "User: Add a2 b0 c8 d3. Assistant<think>\n"  # 13
+
+    def roll(step, think, answer, right):
+        return {"step": step, "prompt": prompt, "completion": f"{think}\n</think>\n\n<answer>{answer}</answer>",
+                "answer": "13", "accuracy": float(right)}
+
+    rows = [
+        roll(1, "a2+b0=2 +c8=10 +d3=13. The answer is 13.", 13, True),
+        roll(1, "a2+b0=2 +c8=11 +d3=14. The answer is 14.", 14, False),  # a wrong running total
+        roll(2, "a2+b0=2 +c9=11 +d3=14. The answer is 14.", 14, False),  # c misread
+        # a right first pass that a false alarm breaks
+        roll(1, "a2+b0=2 +c8=10 +d3=13. Check: 2-b0=2 10-c8=2 13-d3=10, not 10. Wait, the first pass slipped: "
+                "10+d3=14. The answer is 14.", 14, False),
+        # a right first pass whose check agrees
+        roll(2, "a2+b0=2 +c8=10 +d3=13. Check: 2-b0=2 10-c8=2 13-d3=10, as before. The answer is 13.", 13, True),
+        # a slip the check passes over (it copies the first pass's totals)
+        roll(2, "a2+b0=2 +c8=11 +d3=14. Check: 2-b0=2 11-c8=2 14-d3=11, as before. The answer is 14.", 14, False),
+        roll(1, "The answer is 12.", 12, False),  # answers at once: in neither
+        # the second half of the run's steps (4 steps: 3 and 4) is left out
+        roll(3, "a2+b0=2 +c8=10 +d3=13. Check: 2-b0=2 10-c8=2 13-d3=10, not 10. The answer is 12.", 12, False),
+        roll(4, "a2+b0=2 +c8=10 +d3=13. The answer is 13.", 13, True),
+    ]
+    run = tmp_path / "1-r1-zero"
+    run.mkdir()
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = rollout_slips(run)
+    assert got["worked"] == {"n": 3, "right": 1, "addition": 1, "lookup": 1, "other": 0}
+    assert got["checked"] == {"n": 3, "right": 1, "addition": 1, "lookup": 0, "other": 1}
+    table = _rollout_slips_table(tmp_path)
+    assert "| R1-Zero | works it out and checks | 3 | 33.3% | 33.3% | 0.0% | 33.3% |" in table
+    assert rollout_slips(tmp_path / "missing") == {} and _rollout_slips_table(tmp_path / "missing") == []
