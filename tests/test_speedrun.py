@@ -780,6 +780,9 @@ def test_rollout_slips_count_what_the_checks_break(tmp_path):
         roll(2, "a2+b0=2 +c8=10 +d3=13. Check: 2-b0=2 10-c8=2 13-d3=10, as before. The answer is 13.", 13, True),
         # a slip the check passes over (it copies the first pass's totals)
         roll(2, "a2+b0=2 +c8=11 +d3=14. Check: 2-b0=2 11-c8=2 14-d3=11, as before. The answer is 14.", 14, False),
+        # a slip the check catches and mends
+        roll(1, "a2+b0=2 +c8=11 +d3=14. Check: 2-b0=2 11-c8=3, not 2. Wait, the first pass slipped: 2+c8=10 +d3=13. "
+                "The answer is 13.", 13, True),
         roll(1, "The answer is 12.", 12, False),  # answers at once: in neither
         # the second half of the run's steps (4 steps: 3 and 4) is left out
         roll(3, "a2+b0=2 +c8=10 +d3=13. Check: 2-b0=2 10-c8=2 13-d3=10, not 10. The answer is 12.", 12, False),
@@ -789,8 +792,8 @@ def test_rollout_slips_count_what_the_checks_break(tmp_path):
     run.mkdir()
     (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = rollout_slips(run)
-    assert got["worked"] == {"n": 3, "right": 1, "addition": 1, "lookup": 1, "other": 0}
-    assert got["checked"] == {"n": 3, "right": 1, "addition": 1, "lookup": 0, "other": 1}
+    assert got["worked"] == {"n": 3, "right": 1, "addition": 1, "lookup": 1, "other": 0, "mended": 0}
+    assert got["checked"] == {"n": 4, "right": 2, "addition": 1, "lookup": 0, "other": 1, "mended": 1}
     table = _rollout_slips_table(tmp_path)
-    assert "| R1-Zero | works it out and checks | 3 | 33.3% | 33.3% | 0.0% | 33.3% |" in table
+    assert "| R1-Zero | works it out and checks | 4 | 50.0% | 25.0% | 0.0% | 25.0% | 25.0% |" in table
     assert rollout_slips(tmp_path / "missing") == {} and _rollout_slips_table(tmp_path / "missing") == []

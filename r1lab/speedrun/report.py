@@ -388,8 +388,9 @@ def rollout_slips(run_dir: Path) -> dict[str, dict[str, int]]:
     """A running-sum RL run's own rollouts over the first half of its steps (samples.jsonl), plain chains and
     checked ones apart: how many, how many right, and where the wrong ones first go wrong (`first_slips`). A
     check that caught the model's slips would leave its rollouts fewer wrong answers than wrong first passes;
-    "other" counts the right first passes that still ended wrong, broken by the check or the copy after it. Where
-    the checks break more than a few percent, they are right less often than plain chains and RL drops them."""
+    "mended" counts the right answers whose first pass was wrong, "other" the right first passes that still ended
+    wrong, broken by the check or the copy after it. Where the checks break more than a few percent, they are right
+    less often than plain chains and RL drops them."""
     path = run_dir / "samples.jsonl"
     recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     if not recs:
@@ -404,8 +405,11 @@ def rollout_slips(run_dir: Path) -> dict[str, dict[str, int]]:
                 rows.append({"problem_id": i, "text": r["completion"], "correct": bool(r.get("accuracy"))})
                 questions[i] = q.group(0)
         slips = first_slips(rows, questions)
+        # the right answers whose first pass was wrong: mended by the check (or right by a second slip)
+        mended = first_slips([{**r, "correct": False} for r in rows if r["correct"]], questions)
         out[kind] = {"n": len(rows), "right": len(rows) - slips["wrong"],
-                     **{k: slips[k] for k in ("addition", "lookup", "other")}}
+                     **{k: slips[k] for k in ("addition", "lookup", "other")},
+                     "mended": mended["addition"] + mended["lookup"]}
     return out
 
 
@@ -415,16 +419,15 @@ def _rollout_slips_table(out: Path) -> list[str]:
         for kind, label in (("worked", "works it out"), ("checked", "works it out and checks")):
             f = rollout_slips(out / rel).get(kind)
             if f and f["n"]:
-                pct = [f"{100 * f[k] / f['n']:.1f}%" for k in ("right", "addition", "lookup", "other")]
+                pct = [f"{100 * f[k] / f['n']:.1f}%" for k in ("right", "addition", "lookup", "other", "mended")]
                 rows.append(f"| {name} | {label} | {f['n']} | " + " | ".join(pct) + " |")
     if not rows:
         return []
     return ["RL's own rollouts over the first half of its steps, by where the wrong ones first go wrong (as above). "
-            "Checks that caught slips would leave the checked rollouts fewer wrong running totals and misreads than "
-            "the plain ones; the last column counts right first passes that the check, or the copy after it, "
-            "turned into a wrong answer:", "",
+            "The last two columns weigh what the checks do: right first passes that the check, or the copy after "
+            "it, turned into a wrong answer, and wrong first passes that ended right (mended):", "",
             "| stage | type | rollouts | right | wrong running total | misread operand | first pass right, answer "
-            "wrong |", "|---|---|---|---|---|---|---|", *rows, ""]
+            "wrong | first pass wrong, answer right |", "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def headline(state: dict) -> str:
