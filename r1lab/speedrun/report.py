@@ -321,16 +321,17 @@ def _sample_lines(out: Path) -> list[str]:
     return lines
 
 
+def _rollouts(run_dir: Path) -> list[dict]:
+    """An RL run's logged training samples (samples.jsonl), or []."""
+    path = run_dir / "samples.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
 def _rollouts_by_step(run_dir: Path) -> dict[int, list[tuple[str, float]]]:
     """An RL run's logged training samples (samples.jsonl), by step: (response type, accuracy) of each."""
     by_step: dict[int, list[tuple[str, float]]] = {}
-    path = run_dir / "samples.jsonl"
-    if path.is_file():
-        for ln in path.read_text().splitlines():
-            if ln.strip():
-                r = json.loads(ln)
-                by_step.setdefault(r["step"], []).append((classify_response(r["completion"]),
-                                                          float(r.get("accuracy") or 0.0)))
+    for r in _rollouts(run_dir):
+        by_step.setdefault(r["step"], []).append((classify_response(r["completion"]), float(r.get("accuracy") or 0.0)))
     return by_step
 
 
@@ -391,19 +392,20 @@ def rollout_slips(run_dir: Path) -> dict[str, dict[str, int]]:
     "mended" counts the right answers whose first pass was wrong, "other" the right first passes that still ended
     wrong, broken by the check or the copy after it. Where the checks break more than a few percent, they are right
     less often than plain chains and RL drops them."""
-    path = run_dir / "samples.jsonl"
-    recs = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+    recs = _rollouts(run_dir)
     if not recs:
         return {}
     half = (max(r["step"] for r in recs) + 1) // 2
+    by_kind: dict[str, list[dict]] = {"worked": [], "checked": []}
+    questions = {}
+    for i, r in enumerate(recs):
+        q = _QUESTION.search(r["prompt"])
+        kind = classify_response(r["completion"]) if r["step"] <= half and q else None
+        if kind in by_kind:
+            by_kind[kind].append({"problem_id": i, "text": r["completion"], "correct": bool(r.get("accuracy"))})
+            questions[i] = q.group(0)
     out = {}
-    for kind in ("worked", "checked"):
-        rows, questions = [], {}
-        for i, r in enumerate(recs):
-            q = _QUESTION.search(r["prompt"])
-            if r["step"] <= half and q and classify_response(r["completion"]) == kind:
-                rows.append({"problem_id": i, "text": r["completion"], "correct": bool(r.get("accuracy"))})
-                questions[i] = q.group(0)
+    for kind, rows in by_kind.items():
         slips = first_slips(rows, questions)
         # the right answers whose first pass was wrong: mended by the check (or right by a second slip)
         mended = first_slips([{**r, "correct": False} for r in rows if r["correct"]], questions)
@@ -416,8 +418,9 @@ def rollout_slips(run_dir: Path) -> dict[str, dict[str, int]]:
 def _rollout_slips_table(out: Path) -> list[str]:
     rows = []
     for name, rel in RL_RUNS:
+        slips = rollout_slips(out / rel)
         for kind, label in (("worked", "works it out"), ("checked", "works it out and checks")):
-            f = rollout_slips(out / rel).get(kind)
+            f = slips.get(kind)
             if f and f["n"]:
                 pct = [f"{100 * f[k] / f['n']:.1f}%" for k in ("right", "addition", "lookup", "other", "mended")]
                 rows.append(f"| {name} | {label} | {f['n']} | " + " | ".join(pct) + " |")
