@@ -130,10 +130,12 @@ class Preset:
     rejection_temperature: float = 0.7
     rejection_top_p: float = 0.95
     distill_steps: int = 150
-    # held-out problems: 300 rather than 200 narrow every margin's standard error by a fifth, for ~25 s of work
-    # beside the critical path (benchmarks/LOG.md, nineteenth session)
-    eval_problems: int = 300
-    eval_k: int = 4
+    # held-out problems and samples of each. A paired margin's error counts problems: at the same 1,200 samples,
+    # 600 problems x 2 narrow the margins' standard errors by 10-25% against 300 x 4, since much of a margin's
+    # variance is between problems (benchmarks/eval_power.py; benchmarks/LOG.md, nineteenth and twenty-eighth
+    # sessions)
+    eval_problems: int = 600
+    eval_k: int = 2
     seed: int = 0
 
 
@@ -159,7 +161,7 @@ PRESETS: dict[str, Preset] = {
                   prompts_per_step=32, group_size=8, rl_lr=6e-5, zero_rl_lr=1.2e-4, rl_batch=128, rl_micro_tokens=0,
                   max_tokens=600, cold_start=500, sft_steps=40, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=400,
-                  eval_problems=300, eval_k=8, cold_slip_share=0.0, lookup_share=0.0),
+                  eval_problems=1200, eval_k=2, cold_slip_share=0.0, lookup_share=0.0),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
