@@ -131,7 +131,7 @@ class Preset:
     rejection_top_p: float = 0.95
     distill_steps: int = 150
     # held-out problems and samples of each. A paired margin's error counts problems: at the same 1,200 samples,
-    # 600 problems x 2 narrow the margins' standard errors by 10-25% against 300 x 4, since much of a margin's
+    # 600 problems x 2 narrow the margins' standard errors by 11-27% against 300 x 4, since much of a margin's
     # variance is between problems (benchmarks/eval_power.py; benchmarks/LOG.md, nineteenth and twenty-eighth
     # sessions)
     eval_problems: int = 600
