@@ -124,7 +124,11 @@ def problem_seed(seed: int, problem_id: str) -> int:
 # ----- generation ------------------------------------------------------------------------------
 
 
-def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: int, compile: bool | None = None):
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: int, compile: bool | None = None,
+                 dtype: str = "auto"):
     import torch
 
     from .checkpoint import load_pretrained
@@ -132,7 +136,8 @@ def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: i
     from .tokenizer import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[dtype]
     model = load_pretrained(model_dir, device=device, dtype=dtype)
     return Engine(model, load_tokenizer(model_dir), max_batch=batch, max_seq_len=max_seq_len, compile=compile)
 
@@ -322,7 +327,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
              out: str | os.PathLike | None = None, seed: int = 0, device: str | None = None,
              batch: int = DEFAULT_BATCH, prompt_style: str = "chat", resume: bool = True, progress: bool = True,
              report: bool = True, template: str | None = None, compile: bool | None = None,
-             redo_hint: str = REDO) -> dict:
+             redo_hint: str = REDO, dtype: str = "auto") -> dict:
     """Evaluate a checkpoint on a task: k samples per problem, graded, written to JSONL, summarised.
 
     Args:
@@ -338,6 +343,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
             directory); resumed from when it exists and ``resume``, overwritten otherwise.
         seed: run seed; problem p samples with ``problem_seed(seed, p.id)``.
         device: ``cpu`` or ``cuda`` (default: cuda when available); bf16 on CUDA, fp32 on CPU.
+        dtype: the weights' dtype while sampling: ``auto`` (as above), ``float32`` or ``bfloat16``.
         batch: sequences decoded together (rounded down to a multiple of k, at least k).
         prompt_style: ``chat`` (R1 chat template) or ``plain`` (bare text, for base models).
         template: prompt text with ``{question}`` instead of a style (``render_prompt``), e.g. the format a
@@ -365,6 +371,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
         raise ValueError(f"limit must be >= 1, got {limit}")
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {prompt_style!r}: choose one of {', '.join(PROMPT_STYLES)}")
     if template is not None and "{question}" not in template:
@@ -433,7 +441,7 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
 
         slots = max(k, batch // k * k)  # a problem's k samples are admitted together, so slots come in ks
         max_seq_len = min(positions, max(len(prompts[p.id]) for p in todo) + max_tokens)
-        engine = _load_engine(model_dir, device, slots, max_seq_len, compile)
+        engine = _load_engine(model_dir, device, slots, max_seq_len, compile, dtype)
         params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, n=k,
                                  seed=problem_seed(seed, p.id)) for p in todo]
         right = total = 0

@@ -640,6 +640,33 @@ def test_dynamic_sampling_setting_reaches_both_rl_stages(tmp_path):
         assert seen == [flag, flag]
 
 
+def test_dtype_setting_reaches_every_trained_stage_and_the_evaluation(tmp_path, monkeypatch):
+    """`--set dtype=float32` becomes run.dtype of the RL and SFT stages' recipes and the evaluation's dtype ("auto":
+    bf16 on a GPU, fp32 on a CPU, as before); an unknown dtype is refused at setup, naming the setting."""
+    import r1lab.eval
+
+    assert PRESETS["cpu"].dtype == "auto"
+    for value in ("auto", "float32"):
+        run = Speedrun(tmp_path / value, "mini", device="cpu", quiet=True, overrides={"dtype": value})
+        seen = []
+        run._train = lambda module, recipe: seen.append(recipe.run.dtype) or {}
+        run.stage_r1_zero()
+        run.stage_cold_start()
+        run.stage_reasoning_rl()
+        assert seen == [value] * 3
+        (run.out / "0-pretrain/base/final").mkdir(parents=True)
+        (run.out / "0-pretrain/base/final/config.json").write_text("{}")
+        monkeypatch.setattr(r1lab.eval, "evaluate", lambda *a, **kw: seen.append(kw["dtype"]) or
+                            {"pass@1": 0.0, "cons@k": 0.0, "mean_tokens": 0.0, "truncated": 0.0})
+        run._eval("base")
+        assert seen[-1] == value
+    with pytest.raises(ValueError, match=r"speedrun setting dtype='half': choose one of auto, float32, bfloat16"):
+        Speedrun(tmp_path / "bad", "mini", device="cpu", quiet=True, overrides={"dtype": "half"})
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"unknown dtype 'half': choose one of auto, float32, bfloat16"):
+        r1lab.eval.evaluate(tmp_path, "gsm8k", dtype="half")
+
+
 def test_rl_micro_batches_by_positions_reach_both_rl_stages(tmp_path):
     """`rl_micro_tokens` becomes grpo.micro_tokens in R1-Zero and in reasoning RL (the CPU preset's 4,096; the
     GPU preset's 0 keeps rl_batch rows per micro-batch)."""

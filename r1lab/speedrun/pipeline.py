@@ -136,6 +136,10 @@ class Preset:
     # sessions)
     eval_problems: int = 600
     eval_k: int = 2
+    # the dtype of every stage's compute on a GPU (training, rollouts, sampling, evaluation): "auto" is bf16 there
+    # (fp32 on a CPU); "float32" keeps the cpu preset's small models in fp32 on a GPU, where on sums of twelve
+    # their bf16 bases learned the worked chains far worse than on a CPU (benchmarks/LOG.md, twenty-eighth session)
+    dtype: str = "auto"
     seed: int = 0
 
 
@@ -176,7 +180,7 @@ PRESETS: dict[str, Preset] = {
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
          "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0, "cold_slip_share": 0.0,
-         "rl_micro_tokens": 0, "lookup_share": 0.0, "model_config": ()}
+         "rl_micro_tokens": 0, "lookup_share": 0.0, "model_config": (), "dtype": "auto"}
 # Settings that are [name, value] pairs (a JSON object on the command line).
 PAIRS = tuple(f.name for f in dataclasses.fields(Preset) if f.type in ("tuple", tuple))
 
@@ -297,6 +301,8 @@ class Speedrun:
         self.state = state
         settings = {**SINCE, **state["settings"]}  # a run folder older than a setting keeps what it ran with
         self.p = Preset(**{k: tuple(map(tuple, v)) if k in PAIRS else v for k, v in settings.items()})
+        if self.p.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"speedrun setting dtype={self.p.dtype!r}: choose one of auto, float32, bfloat16")
         if self.p.layout not in sdata.LAYOUTS:
             raise ValueError(f"speedrun setting layout={self.p.layout!r}: choose one of {', '.join(sdata.LAYOUTS)}")
         # The shorter context of the two models bounds every stage's rows (the SFT stages pack up to twice
@@ -528,7 +534,7 @@ class Speedrun:
     # ------------------------------------------------------------------ recipes
     def _common(self, recipe, out: Path, steps: int, batch: int, lr: float) -> None:
         stage_recipe(recipe, out, self.data / "tokenizer", steps, batch, lr, self.p.seed, self.device_name,
-                     ckpt_every=max(steps // 4, 1))
+                     ckpt_every=max(steps // 4, 1), dtype=self.p.dtype)
 
     def _train(self, module, recipe) -> dict:
         """Run a trainer, continuing from its checkpoints when the stage was interrupted."""
@@ -667,7 +673,9 @@ class Speedrun:
         p = self.p
         folder = self.out / "3-reasoning-rl/final"
         device = _device(self.device_name)
-        model = load_pretrained(folder, device=device, dtype=torch.bfloat16 if device.type == "cuda" else None)
+        bf16 = p.dtype == "bfloat16" or (p.dtype == "auto" and device.type == "cuda")
+        model = load_pretrained(folder, device=device,
+                                dtype=torch.bfloat16 if bf16 else torch.float32 if p.dtype == "float32" else None)
         tok = load_tokenizer(folder)
         rows = [json.loads(ln) for ln in (self.data / "prompts.jsonl").read_text().splitlines()][:p.rejection_prompts]
         prompts = [sdata.CHAT_TEMPLATE.format(question=r["prompt"]) for r in rows]
@@ -711,6 +719,7 @@ class Speedrun:
                        max_tokens=p.max_tokens, out=self.out / "eval" / f"{key}.jsonl", seed=p.seed,
                        device=None if self.device_name == "auto" else self.device_name,
                        batch=256, template=template, progress=not self.quiet and sys.stderr.isatty(), report=False,
+                       dtype=p.dtype,
                        compile=False,  # a small model: the CUDA graph alone is fast; compiling costs more
                        redo_hint=f"redo the evaluation: r1lab speedrun --out {self.out} --stages "
                                  f"{STAGES.index('eval')}")
@@ -725,11 +734,11 @@ class Speedrun:
 
 # ---------------------------------------------------------------------- helpers
 def stage_recipe(recipe, out: Path, tokenizer: Path, steps: int, batch: int, lr: float, seed: int, device: str,
-                 ckpt_every: int) -> None:
+                 ckpt_every: int, dtype: str = "auto") -> None:
     """What every stage's recipe shares (here and in the calculator demonstration): its folder, seed and device,
     the task tokenizer, steps, batch and learning rate, one kept checkpoint every `ckpt_every` steps (0: none),
-    and ten log lines without TensorBoard."""
-    recipe.run.out, recipe.run.seed, recipe.run.device = str(out), seed, device
+    ten log lines without TensorBoard, and the compute dtype (run.dtype)."""
+    recipe.run.out, recipe.run.seed, recipe.run.device, recipe.run.dtype = str(out), seed, device, dtype
     recipe.data.tokenizer = str(tokenizer)
     recipe.train.steps, recipe.train.batch_size, recipe.optim.lr = steps, batch, lr
     recipe.ckpt.every, recipe.ckpt.keep = ckpt_every, 1
