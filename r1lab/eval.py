@@ -410,6 +410,8 @@ def evaluate(model_dir: str | os.PathLike, task: str, k: int = 8, temperature: f
     settings = {"model": _portable(model_dir, base), "task": label if task in BENCHMARKS else _portable(label, base),
                 "k": k, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed,
                 "prompt_style": prompt_style if template is None else f"template {template!r}"}
+    if dtype != "auto":  # recorded only when set, so files written before the option resume as they did
+        settings["dtype"] = dtype
     note = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
     existing: dict[str, dict[int, dict]] = {}

@@ -166,6 +166,8 @@ def test_settings_mismatch_on_resume_is_a_clear_error(ckpt, tmp_path, task_file)
         ev.evaluate(ckpt, str(task_file), **{**kw, "temperature": 1.0})
     with pytest.raises(ValueError, match=r"k 2 in the file vs 3 now"):
         ev.evaluate(ckpt, str(task_file), **{**kw, "k": 3})
+    with pytest.raises(ValueError, match=r"dtype None in the file vs 'bfloat16' now"):  # samples of other weights
+        ev.evaluate(ckpt, str(task_file), **{**kw, "dtype": "bfloat16"})
     assert out.read_bytes() == before  # refused, untouched
     res = ev.evaluate(ckpt, str(task_file), **{**kw, "temperature": 1.0, "resume": False})
     lines = read_lines(out)
