@@ -127,6 +127,14 @@ def problem_seed(seed: int, problem_id: str) -> int:
 DTYPES = ("auto", "float32", "bfloat16")
 
 
+def weights_dtype(dtype: str, device: str):
+    """The torch dtype of weights that sample on `device`: "auto" is bf16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    return {"auto": torch.bfloat16 if str(device).startswith("cuda") else torch.float32, "float32": torch.float32,
+            "bfloat16": torch.bfloat16}[dtype]
+
+
 def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: int, compile: bool | None = None,
                  dtype: str = "auto"):
     import torch
@@ -136,9 +144,7 @@ def _load_engine(model_dir: Path, device: str | None, batch: int, max_seq_len: i
     from .tokenizer import load_tokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[dtype]
-    model = load_pretrained(model_dir, device=device, dtype=dtype)
+    model = load_pretrained(model_dir, device=device, dtype=weights_dtype(dtype, device))
     return Engine(model, load_tokenizer(model_dir), max_batch=batch, max_seq_len=max_seq_len, compile=compile)
 
 

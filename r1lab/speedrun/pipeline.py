@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..eval import DTYPES, weights_dtype
 from ..model.config import get_preset
 from . import data as sdata
 from .report import git_commit, hardware, write_report
@@ -301,8 +302,8 @@ class Speedrun:
         self.state = state
         settings = {**SINCE, **state["settings"]}  # a run folder older than a setting keeps what it ran with
         self.p = Preset(**{k: tuple(map(tuple, v)) if k in PAIRS else v for k, v in settings.items()})
-        if self.p.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"speedrun setting dtype={self.p.dtype!r}: choose one of auto, float32, bfloat16")
+        if self.p.dtype not in DTYPES:
+            raise ValueError(f"speedrun setting dtype={self.p.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.p.layout not in sdata.LAYOUTS:
             raise ValueError(f"speedrun setting layout={self.p.layout!r}: choose one of {', '.join(sdata.LAYOUTS)}")
         # The shorter context of the two models bounds every stage's rows (the SFT stages pack up to twice
@@ -673,9 +674,7 @@ class Speedrun:
         p = self.p
         folder = self.out / "3-reasoning-rl/final"
         device = _device(self.device_name)
-        bf16 = p.dtype == "bfloat16" or (p.dtype == "auto" and device.type == "cuda")
-        model = load_pretrained(folder, device=device,
-                                dtype=torch.bfloat16 if bf16 else torch.float32 if p.dtype == "float32" else None)
+        model = load_pretrained(folder, device=device, dtype=weights_dtype(p.dtype, device.type))
         tok = load_tokenizer(folder)
         rows = [json.loads(ln) for ln in (self.data / "prompts.jsonl").read_text().splitlines()][:p.rejection_prompts]
         prompts = [sdata.CHAT_TEMPLATE.format(question=r["prompt"]) for r in rows]
