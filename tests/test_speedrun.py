@@ -729,6 +729,41 @@ def test_lookup_drills_recall_every_tagged_operand_in_a_random_order(tmp_path):
                          rl_prompts=1, cold_start=1, test=1, seed=0, lookup_share=0.1)
 
 
+def test_sum_drills_write_chain_steps_spread_over_the_totals_a_chain_reaches(tmp_path):
+    """sum_share: that share of the dialogues left after the lookup drills become addition drills ("Sums: 17 +c5=22
+    ..."), each step a true addition written as a chain's step, its total one that as many operands as come before
+    the tag can make; together they reach the large totals that a chain's last steps alone reach."""
+    import random
+    import re
+
+    task = sdata.make_task("running-sum", n_operands=8, check_route="inverse")
+    sdata.write_data(tmp_path, task, corpus_docs=1000, reasoning_share=0.25, rl_prompts=4, cold_start=4, test=4,
+                     seed=1, textbook_share=0.2, lookup_share=0.25, sum_share=0.5)
+    rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    drills = [r for r in rows if r.startswith("Sums: ")]
+    assert sum(" Recall: " in r for r in rows) == 200 and len(drills) == 300  # 0.5 of the 600 dialogues left
+    assert sum(r.startswith("Example: ") for r in rows) == 200
+    step = re.compile(r"(\d+) \+([a-h])(\d)=(\d+)")
+    befores = []
+    for r in drills:
+        facts = step.findall(r)
+        assert len(facts) == 7 and r == "Sums: " + " ".join(f"{a} +{t}{x}={b}" for a, t, x, b in facts) + "."
+        for before, tag, x, after in facts:
+            k = "abcdefgh".index(tag)
+            assert k >= 1 and 0 <= int(before) <= 9 * k and int(after) == int(before) + int(x)
+            befores.append(int(before))
+    # a total of 40 or more comes before ~11% of the drills' steps (evenly over steps and totals), ~2% of a chain's
+    assert max(befores) >= 55 and sum(b >= 40 for b in befores) > 0.08 * len(befores)
+    # modular and padded sums write their steps as the chain does
+    mod = sdata.make_task("running-sum", n_operands=4, modulus=10, padded=True)
+    text = mod.sum_drill(mod.problems(1, "train", 0)[0], random.Random(3))
+    for before, _, x, after in step.findall(text):
+        assert len(before) == len(after) == 1 and int(after) == (int(before) + int(x)) % 10
+    with pytest.raises(ValueError, match="has no addition drills"):
+        sdata.write_data(tmp_path / "x", sdata.make_task("addition"), corpus_docs=10, reasoning_share=0.2,
+                         rl_prompts=1, cold_start=1, test=1, seed=0, sum_share=0.1)
+
+
 def test_model_config_changes_the_main_model_only_and_is_checked_at_setup(tmp_path):
     """--set 'model_config={...}' changes the main model's config, not the student's (even where both are one
     preset, as in mini), and a field ModelConfig lacks fails when the run is set up, naming the setting."""

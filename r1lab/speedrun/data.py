@@ -157,7 +157,7 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
                check_share: float = 0.0, fix_share: float = 0.0, slip_share: float = 0.0,
                textbook_share: float = 0.0, layout: str = "chat", cold_check_share: float = 0.0,
                cold_fix_share: float = 0.0, cold_slip_share: float = 0.0,
-               lookup_share: float = 0.0) -> dict[str, int]:
+               lookup_share: float = 0.0, sum_share: float = 0.0) -> dict[str, int]:
     """Write the files of the module docstring into `folder`; returns the row count of each. A share
     `easy_share` of the corpus comes from `easy_task` (smaller instances of the task, as a real corpus holds
     problems of every size): their bare answers are the facts the worked solutions of the main task use.
@@ -171,7 +171,8 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
     as the corpus's are; the answer tag is then the wrong answer the text arrives at). A share `lookup_share` of the
     documents that are not worked examples are lookup drills instead (the task's `lookup_drill`: its question, then
     its tagged operands recalled in a random order), text that practises the copies by tag a worked solution
-    makes."""
+    makes. A share `sum_share` of the dialogues left are addition drills (the task's `sum_drill`: steps of a
+    chain, "Sums: 17 +c5=22 40 +f9=49."), practice in the additions evenly over the totals a chain reaches."""
     if layout not in LAYOUTS:
         raise ValueError(f"speedrun layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     form = LAYOUTS[layout]
@@ -192,10 +193,19 @@ def write_data(folder: Path, task, *, corpus_docs: int, reasoning_share: float, 
             raise ValueError(f"lookup_share={lookup_share}: task {task.name!r} has no lookup drills (running-sum has)")
         rest = [i for i in range(len(corpus)) if i not in textbook]
         drills = set(drill_rng.sample(rest, round(len(rest) * lookup_share)))
+    sums: set[int] = set()
+    sum_rng = random.Random(f"speedrun-sums:{seed}")  # which dialogues are addition drills, and their steps
+    if sum_share > 0:
+        if not hasattr(task, "sum_drill"):
+            raise ValueError(f"sum_share={sum_share}: task {task.name!r} has no addition drills (running-sum has)")
+        rest = [i for i in range(len(corpus)) if i not in textbook and i not in drills]
+        sums = set(sum_rng.sample(rest, round(len(rest) * sum_share)))
 
     def doc(i: int, p: Problem) -> dict:
         if i in drills:
             return {"text": task.lookup_drill(p, drill_rng)}
+        if i in sums:
+            return {"text": task.sum_drill(p, sum_rng)}
         worked = i in textbook or rng.random() < reasoning_share
         body = worked_body(task, p, rng, check_share, fix_share, slip_share) if worked else bare_body(p)
         template = form.textbook if i in textbook else form.zero

@@ -83,6 +83,10 @@ class Preset:
     # met the base targets on an AMD EPYC, against three of four without drills (seed 1's checks drifted) and two
     # of four at 0.2 (benchmarks/LOG.md, twenty-fifth session)
     lookup_share: float = 0.05
+    # share of the dialogues left that are addition drills instead ("Sums: 17 +c5=22 40 +f9=49.", the task's
+    # `sum_drill`): the chain's additions drawn evenly over the totals a chain reaches, where worked solutions
+    # reach the large totals at their last steps only
+    sum_share: float = 0.0
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
     seq_len: int = 256
@@ -181,7 +185,8 @@ PRESETS: dict[str, Preset] = {
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
 SINCE = {"textbook_share": 0.0, "rl_temperature": 1.0, "reasoning_rl_steps": 0, "layout": "newline",
          "cold_check_share": 0.0, "cold_fix_share": 0.0, "zero_rl_lr": 0.0, "cold_slip_share": 0.0,
-         "rl_micro_tokens": 0, "lookup_share": 0.0, "model_config": (), "dtype": "auto"}
+         "rl_micro_tokens": 0, "lookup_share": 0.0, "model_config": (), "dtype": "auto",
+         "sum_share": 0.0}
 # Settings that are [name, value] pairs (a JSON object on the command line).
 PAIRS = tuple(f.name for f in dataclasses.fields(Preset) if f.type in ("tuple", tuple))
 
@@ -584,7 +589,7 @@ class Speedrun:
                                   easy_task=self.easy_task, easy_share=p.easy_share, textbook_share=p.textbook_share,
                                   layout=p.layout, cold_check_share=p.cold_check_share,
                                   cold_fix_share=p.cold_fix_share, cold_slip_share=p.cold_slip_share,
-                                  lookup_share=p.lookup_share)
+                                  lookup_share=p.lookup_share, sum_share=p.sum_share)
         tok = build_task_tokenizer(self.data / "tokenizer", sdata.tokenizer_texts(self.data))
         self._note(f"data: {', '.join(f'{k} {v:,}' for k, v in counts.items())}; vocabulary {tok.vocab_size} tokens")
         return {"data": counts, "vocab_size": tok.vocab_size}

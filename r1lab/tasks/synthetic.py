@@ -741,6 +741,25 @@ class RunningSum:
         rng.shuffle(order)
         return problem.question + " Recall: " + " ".join(f"{cls.TAGS[i]}{nums[i]}" for i in order) + "."
 
+    @classmethod
+    def sum_drill(cls, problem: Problem, rng: random.Random) -> str:
+        """A document that practises the worked solution's additions alone: as many steps as the problem's chain
+        has, each written as a step of the chain ("17 +c5=22": the total before, the tagged operand, the new
+        total), drawn evenly over the steps a chain can take: a step k (tag c is the third operand), a total
+        before it that k operands can make, any operand. "Sums: 17 +c5=22 40 +f9=49 3 +b8=11." A chain of eight
+        operands reaches totals in the forties at its last steps only, so those additions are rare in worked
+        solutions, and they are where a base's running totals went wrong most (benchmarks/LOG.md,
+        twenty-ninth session)."""
+        nums, m, w = cls._meta(problem)
+        top = 10 ** problem.meta.get("digits", 1) - 1
+        facts = []
+        for _ in range(len(nums) - 1):
+            k = rng.randrange(1, len(nums))
+            before = rng.randint(0, m - 1) if m else rng.randint(0, top * k)
+            x = rng.randint(0, top)
+            after = (before + x) % m if m else before + x
+            facts.append(f"{before:0{w}d} +{cls.TAGS[k]}{x}={after:0{w}d}")
+        return "Sums: " + " ".join(facts) + "."
 
 # ====================================================================== registry
 TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation,
