@@ -369,3 +369,21 @@ def test_cache_bytes_match_r1lab_info():
         assert eng.cache_len == rows and eng.max_seq_len == max_seq_len and eng.cache_tokens == cache_tokens
         allocated = sum(c.numel() * c.element_size() for c in eng.cache)
         assert allocated == cache_tokens * per_token
+
+
+def test_experts_that_read_counts_back_turn_cuda_graphs_off_with_the_reason():
+    """host_sync names the layer whose routed experts run one matmul per expert (a count read back to the host,
+    which a CUDA graph cannot capture): impl "loop", or weights the grouped GEMM does not take (bf16 on a CPU,
+    fp32 on a GPU); an engine asked for CUDA graphs over such a model refuses with that reason."""
+    from r1lab.model.moe import MoE, host_sync
+
+    m = tiny()
+    moes = [name for name, mod in m.named_modules() if isinstance(mod, MoE)]
+    assert moes and host_sync(m) is None  # fp32 on a CPU: the grouped GEMM
+    m.get_submodule(moes[-1]).impl = "loop"
+    assert host_sync(m) == f"{moes[-1]} runs its experts one by one (impl 'loop')"
+    with pytest.raises(ValueError, match=f"cuda_graph=True: a decode step cannot be captured, since {moes[-1]}"):
+        Engine(m, max_batch=2, max_seq_len=64, compile=False, cuda_graph=True)
+    m.get_submodule(moes[-1]).impl = "auto"
+    why = host_sync(m.to(torch.bfloat16))
+    assert why.startswith(f"{moes[0]}'s experts in bfloat16 on cpu run one matmul per expert")

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.moe import host_sync
 from .pages import PAGE, PagePool, page_hashes
 from .sampling import draft_sample, sample, speculative_sample
 
@@ -128,7 +129,8 @@ class Engine:
     sequences together, one page of 64 reserved (default: on a GPU, the smaller of half the free memory and
     max_batch full-length sequences; on a CPU, the smaller of 262,144 and max_batch full-length sequences);
     prefix_cache: keep released full pages for later prompts with the same prefix (default: on, except with
-    speculation); cuda_graph: capture the decode step (default: on for CUDA models); compile: torch.compile the
+    speculation); cuda_graph: capture the decode step (default: on for CUDA models, except where the routed
+    experts read their counts back to the host, `moe.host_sync`, e.g. fp32 experts on a GPU); compile: torch.compile the
     model's decode forward first (fuses its small kernels; ~30 s per engine and sampler mode; default: on
     for CUDA models, and a failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens
     prefilled per step (fresh prompts are batched; longer ones, and those with a prefix-cache hit, are prefilled
@@ -153,6 +155,12 @@ class Engine:
         self.device = model.device
         self.eos_id = tokenizer.eos_id if tokenizer is not None else cfg.eos_token_id
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        why = host_sync(model) if self.cuda_graph else None
+        if why and cuda_graph:
+            raise ValueError(f"cuda_graph=True: a decode step cannot be captured, since {why}")
+        if why:  # e.g. a small fp32 model on a GPU: decode eagerly rather than fail at the first capture
+            warnings.warn(f"decode steps run without CUDA graphs: {why}")
+            self.cuda_graph = False
         B, dev = max_batch, self.device
         if speculate < 0 or (speculate and not len(model.mtp)):
             raise ValueError(f"speculate={speculate}: must be >= 0, and > 0 needs a model with an MTP module "

@@ -130,6 +130,22 @@ class Experts(nn.Module):
         return aligned and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
+def host_sync(model: nn.Module) -> str | None:
+    """Why a forward of `model` (on its device, in its dtype) reads a count back to the host, which a CUDA graph
+    cannot capture: routed experts that run one matmul per expert (the loop path) where the grouped GEMM does
+    not apply, e.g. fp32 weights on a GPU, or an MoE set to impl "loop". None when no layer does."""
+    for name, m in model.named_modules():
+        if not isinstance(m, MoE) or hasattr(m.experts, "_r1lab_ep"):
+            continue
+        if m.impl == "loop":
+            return f"{name} runs its experts one by one (impl 'loop')"
+        w = m.experts.gate_proj
+        if m.impl == "auto" and not m.experts.grouped_ok(torch.empty(1, w.shape[-1], dtype=w.dtype, device=w.device)):
+            return (f"{name}'s experts in {str(w.dtype).removeprefix('torch.')} on {w.device.type} run one matmul "
+                    f"per expert (the grouped GEMM runs bf16 on GPUs of compute capability 9 or more)")
+    return None
+
+
 class MoE(KeepFP32Buffers):
     fp32_buffers = ("expert_load",)
 
