@@ -524,12 +524,16 @@ def test_default_corpus_mixes_direct_worked_checked_fixed_and_worked_examples(tm
     task = sdata.make_task(p.task, **dict(p.task_knobs))
     sdata.write_data(tmp_path, task, corpus_docs=3000, reasoning_share=p.reasoning_share, rl_prompts=4, cold_start=4,
                      test=4, seed=0, check_share=p.check_share, fix_share=p.fix_share, slip_share=p.slip_share,
-                     textbook_share=p.textbook_share, lookup_share=p.lookup_share)
+                     textbook_share=p.textbook_share, lookup_share=p.lookup_share, sum_share=p.sum_share)
     rows = [json.loads(ln)["text"] for ln in (tmp_path / "corpus.jsonl").read_text().splitlines()]
     examples = [r.startswith("Example: Add a") for r in rows]
     assert sum(examples) == round(len(rows) * p.textbook_share)
-    drills = [" Recall: " in r for r in rows]  # a share of the dialogues are lookup drills (their own test)
-    assert 0 < p.lookup_share and sum(drills) == round((len(rows) - sum(examples)) * p.lookup_share)
+    lookups = sum(" Recall: " in r for r in rows)  # a share of the dialogues are lookup drills (their own test)
+    assert 0 < p.lookup_share and lookups == round((len(rows) - sum(examples)) * p.lookup_share)
+    # and a share of the dialogues left are addition drills (their own test too)
+    assert 0 < p.sum_share and sum(r.startswith("Sums: ") for r in rows) == round(
+        (len(rows) - sum(examples) - lookups) * p.sum_share)
+    drills = [" Recall: " in r or r.startswith("Sums: ") for r in rows]
     rows, examples = [r for r, d in zip(rows, drills) if not d], [e for e, d in zip(examples, drills) if not d]
     # A worked example has the R1-Zero layout with other role words, so every position after them is the same.
     ids = build_task_tokenizer(tmp_path / "tok", sdata.tokenizer_texts(tmp_path)).encode

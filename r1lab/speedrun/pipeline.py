@@ -85,8 +85,10 @@ class Preset:
     lookup_share: float = 0.05
     # share of the dialogues left that are addition drills instead ("Sums: 17 +c5=22 40 +f9=49.", the task's
     # `sum_drill`): the chain's additions drawn evenly over the totals a chain reaches, where worked solutions
-    # reach the large totals at their last steps only
-    sum_share: float = 0.0
+    # reach the large totals at their last steps only. 0.1: the bases of seeds 5, 7 and 10, which missed the gap
+    # between worked and direct answers, met it by 43-67 points, and full runs of seeds 0, 1, 2, 7 and 10 met every
+    # target (benchmarks/LOG.md, twenty-ninth session)
+    sum_share: float = 0.1
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
     seq_len: int = 256
@@ -157,7 +159,8 @@ PRESETS: dict[str, Preset] = {
     # 15% catch and fix a slip; the cold start's 200 demonstrations check (30%) and fix (10%) too, and a fifth of
     # their plain ones slip unnoticed, as the corpus's do. R1-Zero runs 50 steps at 1.2e-4, reasoning RL 60 at 6e-5,
     # both sampling at temperature 0.7. A twentieth of the dialogues are lookup drills ("Add a7 b3 c5. Recall: c5 a7
-    # b3."). What each choice does: benchmarks/LOG.md, sixth to twenty-fifth sessions.
+    # b3.") and a tenth of the rest addition drills ("Sums: 49 +h6=55 4 +b8=12."). What each choice does:
+    # benchmarks/LOG.md, sixth to twenty-ninth sessions.
     "cpu": Preset(),
     # One GPU: the cpu preset's recipe on running sums of twenty ("Add a6 b7 ... t3."), which the 54M model answers
     # at once only ~27% right but works out ~100% right, with 1,024-token rows so that a checked document fits
@@ -170,7 +173,7 @@ PRESETS: dict[str, Preset] = {
                   prompts_per_step=32, group_size=8, rl_lr=6e-5, zero_rl_lr=1.2e-4, rl_batch=128, rl_micro_tokens=0,
                   max_tokens=600, cold_start=500, sft_steps=40, sft_batch=32, sft_lr=3e-4, rejection_prompts=1024,
                   rejection_samples=4, rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=400,
-                  eval_problems=1200, eval_k=2, cold_slip_share=0.0, lookup_share=0.0),
+                  eval_problems=1200, eval_k=2, cold_slip_share=0.0, lookup_share=0.0, sum_share=0.0),
     # CI: every stage at toy sizes, in well under a minute on a CPU. The base learns enough running sums of two
     # (checks and fixed slips included) for rejection sampling to keep something; the numbers mean nothing else.
     "mini": Preset(model="speedrun-student", task="running-sum", task_knobs=(("n_operands", 2),), corpus_docs=2000,
@@ -179,7 +182,7 @@ PRESETS: dict[str, Preset] = {
                    rl_prompts=64, rl_steps=2, reasoning_rl_steps=2, prompts_per_step=2, group_size=2, rl_batch=4, max_tokens=64,
                    cold_start=64, sft_steps=60, sft_batch=8, rejection_prompts=64, rejection_samples=4,
                    rejection_temperature=1.0, rejection_top_p=1.0, distill_steps=3, eval_problems=8, eval_k=2,
-                   cold_check_share=0.0, cold_fix_share=0.0, cold_slip_share=0.0),
+                   cold_check_share=0.0, cold_fix_share=0.0, cold_slip_share=0.0, sum_share=0.0),
 }
 
 # Settings added after run folders existed, with the values those folders ran with (a resumed old run keeps them).
