@@ -56,9 +56,9 @@ OUTPUTS = {"pretrain": ("data", "0-pretrain"), "r1-zero": ("1-r1-zero",), "cold-
 
 @dataclass(frozen=True)
 class Preset:
-    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 13.1 minutes measured on an
-    idle AMD EPYC with the lookup drills, 12.9 there before them, and 11.4 on an Intel Xeon before the twenty-third
-    session's speedups; README); `gpu` one GPU (7.6 and
+    """Everything a speedrun varies. `cpu` is the default (a 2-core CPU, two lanes: 12.7-14.1 minutes measured on
+    an idle AMD EPYC with the addition drills, seeds 0-2; 13.1 there before them, and 11.4 on an Intel Xeon before
+    the twenty-third session's speedups; README); `gpu` one GPU (7.6 and
     8.7 minutes in two runs on an H100)."""
     model: str = "speedrun"  # r1lab.model.config preset of the main model (vocab_size set from the tokenizer)
     # changes to the main model's config, e.g. (("num_attention_heads", 8), ("qk_nope_head_dim", 16)); from the
