@@ -87,7 +87,7 @@ class Preset:
     # `sum_drill`): the chain's additions drawn evenly over the totals a chain reaches, where worked solutions
     # reach the large totals at their last steps only. 0.1: the bases of seeds 5, 7 and 10, which missed the gap
     # between worked and direct answers, met it by 43-67 points; full runs of seeds 0, 1, 2 and 7 met every target,
-    # and seed 5's all but the checks, which its R1-Zero dropped (benchmarks/LOG.md, twenty-ninth session)
+    # and seeds 5 and 6 all but the checks, which their R1-Zero dropped (benchmarks/LOG.md, twenty-ninth session)
     sum_share: float = 0.1
     easy_share: float = 0.0  # share of the corpus drawn from smaller instances of the task (`easy_knobs`)
     easy_knobs: tuple = ()  # task knobs of those smaller instances, e.g. (("n_operands", 4),)
