@@ -132,12 +132,12 @@ class Engine:
     speculation); cuda_graph: capture the decode step (default: on for CUDA models, except where the routed
     experts read their counts back to the host, `moe.host_sync`, e.g. fp32 experts on a GPU); compile:
     torch.compile the model's decode forward first (fuses its small kernels; ~30 s per engine and sampler mode;
-    default: on for CUDA models, and a failed compilation falls back to eager with a warning); prefill_tokens: prompt tokens
-    prefilled per step (fresh prompts are batched; longer ones, and those with a prefix-cache hit, are prefilled
-    in chunks of this size between decode steps); overlap: queue the next decode step before reading this one's
-    tokens (default: on for CUDA models; `step()` then returns each decode token one call later); speculate:
-    draft this many tokens per step with the MTP module(s) and verify them in one forward (0 = off; the model
-    needs an MTP module). `stats` counts steps, drafted and accepted tokens, pool use, prefix-cache hits and
+    default: on for CUDA models, and a failed compilation falls back to eager with a warning); prefill_tokens:
+    prompt tokens prefilled per step (fresh prompts are batched; longer ones, and those with a prefix-cache hit,
+    are prefilled in chunks of this size between decode steps); overlap: queue the next decode step before reading
+    this one's tokens (default: on for CUDA models; `step()` then returns each decode token one call later);
+    speculate: draft this many tokens per step with the MTP module(s) and verify them in one forward (0 = off; the
+    model needs an MTP module). `stats` counts steps, drafted and accepted tokens, pool use, prefix-cache hits and
     preemptions. After changing the model's weights, call `reset_prefix_cache()`.
     """
 

@@ -761,6 +761,7 @@ class RunningSum:
             facts.append(f"{before:0{w}d} +{cls.TAGS[k]}{x}={after:0{w}d}")
         return "Sums: " + " ".join(facts) + "."
 
+
 # ====================================================================== registry
 TASKS = {"addition": Addition, "arithmetic": Arithmetic, "countdown": Countdown, "linear": LinearEquation,
          "running-sum": RunningSum}
